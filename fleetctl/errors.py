@@ -1,0 +1,68 @@
+"""Every error fleetctl raises, one shallow tree.
+
+    FleetError                 one line for the user: what failed, where, what to do
+    ├── InventoryError         the inventory file is unusable (file, line or key)
+    ├── PlaybookError          the playbook file is unusable (file, key)
+    ├── MatrixError            the compatibility matrix is unusable (file, key)
+    ├── StateError             a run record, lock or journal is missing or unreadable
+    └── HostError              one host could not do what was asked
+        ├── Unreachable        could not connect, authenticate or verify the host key
+        ├── TimedOut           the host or its command outlived the deadline
+        └── CommandFailed      the command ran and exited non-zero
+
+Third-party exceptions (paramiko, socket, yaml) are translated where they enter,
+so nothing above this tree ever reaches the user as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base of every fleetctl error; ``str()`` is the one line a user sees."""
+
+    def __init__(self, message: str, *, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.fix})" if self.fix else self.message
+
+
+class InventoryError(FleetError):
+    """The inventory cannot be loaded; names the file and where."""
+
+
+class PlaybookError(FleetError):
+    """The playbook cannot be loaded; names the file and key."""
+
+
+class MatrixError(FleetError):
+    """The compatibility matrix cannot be loaded; names the file and key."""
+
+
+class StateError(FleetError):
+    """A run record, lock file or journal is missing or unreadable."""
+
+
+class HostError(FleetError):
+    """Something went wrong on one host; carries the host's name."""
+
+    status = "failed"
+
+    def __init__(self, host: str, message: str, *, fix: str | None = None):
+        super().__init__(f"{host}: {message}", fix=fix)
+        self.host = host
+        self.reason = message
+
+
+class Unreachable(HostError):
+    status = "unreachable"
+
+
+class TimedOut(HostError):
+    status = "timeout"
+
+
+class CommandFailed(HostError):
+    status = "failed"

@@ -1,0 +1,421 @@
+"""The inventory: which hosts fleetctl may touch, the groups they form, and each host's variables.
+
+Reads an Ansible YAML inventory as Ansible's ``yaml`` inventory plugin does, so a user's existing
+file loads unchanged, and answers ``--limit`` host patterns as Ansible does. Variables are merged
+once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
+(groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars.
+
+Where Ansible only warns (an unknown key in a group, one host given two addresses, a limit that
+names nothing), fleetctl refuses: an inventory that says something other than its author meant
+must not reach a fleet. Every problem is one ``InventoryError`` naming the file and line or key.
+Ansible's ``group_vars/`` and ``host_vars/`` directories are not read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import re
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+from fleetctl.errors import InventoryError
+
+__all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Unsafe", "Vaulted", "load_inventory"]
+
+# Exact spellings only: connection.py tells local from ssh by this value, so an alias such as
+# ansible.builtin.local would quietly be reached over ssh.
+CONNECTIONS = frozenset({"ssh", "paramiko", "smart", "local"})
+
+
+@dataclass(frozen=True)
+class Vaulted:
+    """A ``!vault`` value. fleetctl keeps the ciphertext and never decrypts it."""
+    ciphertext: str
+
+
+class Unsafe(str):
+    """An ``!unsafe`` string: Ansible never templates it, so it must reach the host verbatim."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine fleetctl may touch. Equal and hashed by name alone, so it can key a dict."""
+    name: str
+    vars: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    groups: tuple[str, ...] = field(default=(), compare=False, hash=False)  # in merge order, 'all' first
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named set of hosts and child groups, with the vars written on it."""
+    name: str
+    hosts: tuple[str, ...] = ()  # direct members only
+    children: tuple[str, ...] = ()
+    vars: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A loaded inventory file: its hosts in file order, its groups, and --limit selection."""
+    path: Path
+    hosts: Mapping[str, Host]
+    groups: Mapping[str, Group]
+
+    def select(self, limit: str | None) -> list[Host]:
+        """The hosts an Ansible host pattern picks, in inventory order; None picks every host."""
+        if limit is None:
+            return list(self.hosts.values())
+        # A limit that is one host's name stays whole, so an IPv6 address is not split on its colons.
+        patterns = [limit] if limit in self.hosts else _split_patterns(limit)
+        if not patterns:  # Ansible reads '' as no limit at all; from an unset shell variable, that is a fleet
+            raise _no_match(limit, limit, self.path)
+        plain = [p for p in patterns if p[0] not in "!&"] or ["all"]
+        chosen: set[str] = set()
+        # As in Ansible: plain patterns first, then &intersections, then !exclusions.
+        for pattern in plain + [p for p in patterns if p[0] == "&"] + [p for p in patterns if p[0] == "!"]:
+            found = self._match(pattern[1:] if pattern[0] in "!&" else pattern)
+            if found is None:
+                raise _no_match(limit, pattern, self.path)
+            if pattern[0] == "!":
+                chosen -= found
+            elif pattern[0] == "&":
+                chosen &= found
+            else:
+                chosen |= found
+        selected = [host for name, host in self.hosts.items() if name in chosen]
+        if not selected:
+            raise _no_match(limit, limit, self.path)
+        return selected
+
+    def to_ansible_list(self) -> dict:
+        """What ``ansible-inventory -i FILE --list`` prints, as parsed JSON."""
+        listing: dict[str, Any] = {"_meta": {"profile": "inventory_legacy", "hostvars": {
+            name: _plain(host.vars) for name, host in self.hosts.items() if host.vars}}}
+        for group in self.groups.values():
+            # Ansible never lists all's own hosts, and leaves out empty groups though parents still name them.
+            entry = {"hosts": list(group.hosts) if group.name != "all" else [], "children": list(group.children)}
+            if group.hosts and group.name != "all" or group.children:
+                listing[group.name] = {key: names for key, names in entry.items() if names}
+        return listing
+
+    def _match(self, pattern: str) -> set[str] | None:
+        """The hosts one pattern names; None when it names no group and no host (a typo, not a choice)."""
+        if pattern in self.hosts:
+            return {pattern}
+        expr, position = _split_subscript(pattern)
+        try:
+            regex = re.compile(expr[1:] if expr.startswith("~") else fnmatch.translate(expr))
+        except re.error as error:
+            raise InventoryError(f"--limit '{pattern}' is not a valid regular expression: {error}") from None
+        groups = [name for name in self.groups if regex.match(name)]
+        found = set().union(*(self._members(name) for name in groups))
+        # As in Ansible: a plain word that names a group means only that group; a glob also matches hosts.
+        if not groups or expr.startswith("~") or any(char in expr for char in ".?*["):
+            found |= {name for name in self.hosts if regex.match(name)}
+        if position is not None:
+            found = set([name for name in self.hosts if name in found][position])
+        # An empty group is a real answer; a subscript past the end or a name nothing has is a typo.
+        return found if found or (groups and position is None) else None
+
+    def _members(self, group: str) -> set[str]:
+        node = self.groups[group]
+        return set(node.hosts).union(*(self._members(child) for child in node.children))
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Read and check an Ansible YAML inventory file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError(f"{path}: no such inventory file", fix="check the path given with -i") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise InventoryError(f"{path}: cannot read the inventory: {reason}", fix="give a UTF-8 YAML file") from None
+    try:
+        loader = _Loader(text)
+        listings = list(_walk(_Source(path, loader), loader.get_single_node()))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = ", ".join(part for part in (error.context, error.problem) if part)
+        raise InventoryError(f"{where}: YAML error: {problem}", fix="check indentation and quoting there") from None
+    except yaml.YAMLError as error:
+        raise InventoryError(f"{path}: YAML error: {error}", fix="fix the YAML") from None
+    return _assemble(path, listings)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader plus the tags Ansible allows in inventories."""
+    yaml_constructors = {
+        **yaml.SafeLoader.yaml_constructors,
+        "!vault": lambda loader, node: Vaulted(loader.construct_scalar(node)),
+        "!unsafe": lambda loader, node: Unsafe(loader.construct_scalar(node)),
+    }
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The YAML file read node by node, so that every problem can name its line."""
+    path: Path
+    loader: _Loader
+
+    def error(self, node: Node, message: str, fix: str) -> InventoryError:
+        return InventoryError(f"{self.path}:{node.start_mark.line + 1}: {message}", fix=fix)
+
+    def mapping(self, node: Node | None, what: str, shorthand: bool = False) -> dict[Any, tuple[Node, Node | None]]:
+        """A mapping's entries as key -> (key node, value node); null reads as empty, as in Ansible."""
+        if node is None or node.tag == "tag:yaml.org,2002:null":
+            return {}
+        if shorthand and node.tag == "tag:yaml.org,2002:str":  # Ansible reads `hosts: gpu01` as one entry
+            return {node.value: (node, None)}
+        if isinstance(node, SequenceNode):
+            raise self.error(node, f"{what} must be a mapping, found a list", fix="write 'name:' lines, not '- name'")
+        if not isinstance(node, MappingNode):
+            raise self.error(node, f"{what} must be a mapping, found '{node.value}'",
+                             fix="indent 'key: value' lines beneath it")
+        self.loader.flatten_mapping(node)  # resolves `<<:` merge keys
+        entries = {}
+        for key_node, value_node in node.value:
+            key = self.loader.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise self.error(key_node, f"{what} has a list or mapping as a key", fix="use plain names as keys")
+            entries[key] = (key_node, value_node)
+        return entries
+
+    def values(self, node: Node | None, what: str, shorthand: bool = False) -> dict[Any, Any]:
+        return {key: None if value is None else self.loader.construct_object(value, deep=True)
+                for key, (_, value) in self.mapping(node, what, shorthand).items()}
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One place the file names a group or a host: under which group, with which vars, on which line."""
+    kind: str  # "group" or "host"
+    name: str
+    parent: str | None  # None for a top-level group
+    vars: Mapping[str, Any]
+    line: int
+
+
+def _walk(source: _Source, root: Node | None) -> Iterator[_Listing]:
+    top = source.mapping(root, "the inventory")
+    if not top:
+        raise InventoryError(f"{source.path}: the inventory is empty", fix="list hosts under 'all:' / 'hosts:'")
+    if "plugin" in top:
+        raise InventoryError(f"{source.path}: this is an inventory plugin config (key 'plugin')",
+                             fix="fleetctl reads static YAML inventories; write one with ansible-inventory -y --list")
+    for name, (key_node, node) in top.items():
+        yield from _walk_group(source, name, key_node, node, None)
+
+
+def _walk_group(source: _Source, name: Any, key_node: Node, node: Node | None,
+                parent: str | None) -> Iterator[_Listing]:
+    if not isinstance(name, str) or not name:
+        raise source.error(key_node, f"group name {name!r} is not a name", fix="quote it or rename the group")
+    what = f"group '{name}'"
+    sections = source.mapping(node, what)
+    for key, (section_key, _) in sections.items():
+        if key not in ("hosts", "children", "vars"):
+            raise source.error(section_key, f"unknown key '{key}' in {what}", fix="use 'hosts', 'children' or 'vars'")
+    group_vars = source.values(sections.get("vars", (None, None))[1], f"'vars' of {what}", shorthand=True)
+    yield _Listing("group", name, parent, group_vars, key_node.start_mark.line + 1)
+    # hosts and children in file order: it becomes the order of hosts and groups
+    for key, (_, section) in sections.items():
+        entries = {} if key == "vars" else source.mapping(section, f"'{key}' of {what}", shorthand=True)
+        for entry, (entry_key, entry_node) in entries.items():
+            walk = _walk_group if key == "children" else _walk_host
+            yield from walk(source, entry, entry_key, entry_node, name)
+
+
+_HOSTPORT = re.compile(r"^\[(.+)\]:([0-9]+)$|^((?:[^:\[\]]|\[[^\]]*\])*):([0-9]+)$")  # [v6addr]:port, name:port
+
+
+def _walk_host(source: _Source, entry: Any, key_node: Node, node: Node | None, group: str) -> Iterator[_Listing]:
+    if not isinstance(entry, str) or not entry:
+        raise source.error(key_node, f"host name {entry!r} in group '{group}' is not a name", fix="quote it")
+    host_vars = source.values(node, f"host '{entry}'")
+    match = _HOSTPORT.match(entry)
+    if match:  # a port in the key is the host's ansible_port, unless its own vars say otherwise
+        entry, host_vars = match[1] or match[3], {"ansible_port": int(match[2] or match[4]), **host_vars}
+    try:
+        hosts = _expand_range(entry)
+    except ValueError:
+        raise source.error(key_node, f"host range in '{entry}' is not valid",
+                           fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
+    for host in hosts:
+        yield _Listing("host", host, group, host_vars, key_node.start_mark.line + 1)
+
+
+def _expand_range(name: str) -> list[str]:
+    """Expand the first [start:end(:step)] in a name, ends included, then the rest, as Ansible does."""
+    if "[" not in name:
+        return [name]
+    head, _, rest = name.partition("[")
+    spec, closed, tail = rest.partition("]")
+    bounds = spec.split(":")
+    if not closed or len(bounds) not in (2, 3) or not bounds[1]:
+        raise ValueError(name)
+    start, end, step = bounds[0] or "0", bounds[1], int(bounds[2]) if len(bounds) == 3 else 1
+    if start in string.ascii_letters and end in string.ascii_letters:
+        first, last = string.ascii_letters.index(start), string.ascii_letters.index(end)
+        if first > last:
+            raise ValueError(name)
+        items = list(string.ascii_letters[first:last + 1:step])
+    else:  # numbers, zero-padded to the start's width when it has a leading zero
+        width = len(start) if start.startswith("0") and len(start) > 1 else 0
+        if width and len(end) != width:
+            raise ValueError(name)
+        items = [str(number).zfill(width) for number in range(int(start), int(end) + 1, step)]
+    return [host for item in items for host in _expand_range(head + item + tail)]
+
+
+@dataclass
+class _Draft:
+    """A group while the file is still being read."""
+    hosts: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+    vars: dict[str, Any] = field(default_factory=dict)
+
+
+def _assemble(path: Path, listings: list[_Listing]) -> Inventory:
+    """Merge each host's vars in Ansible's order, check them, and freeze the result."""
+    drafts, host_vars = _collect(path, listings)
+    parents = {name: [p for p, draft in drafts.items() if name in draft.children] for name in drafts}
+    depths = _depths(path, parents)
+    # Ansible consumes ansible_group_priority for ordering: it never becomes a host's variable.
+    priorities = {name: _priority(path, name, draft.vars.pop("ansible_group_priority", 1))
+                  for name, draft in drafts.items()}
+    hosts = {}
+    for host, own_vars in host_vars.items():
+        member_of = {name for name, draft in drafts.items() if host in draft.hosts}
+        in_order = sorted(_with_ancestors(member_of, parents), key=lambda g: (depths[g], priorities[g], g))
+        merged = {key: value for group in in_order for key, value in drafts[group].vars.items()} | own_vars
+        _check_connection(path, host, merged)
+        hosts[host] = Host(host, MappingProxyType(merged), tuple(in_order))
+    groups = {name: Group(name, tuple(draft.hosts), tuple(draft.children), MappingProxyType(draft.vars))
+              for name, draft in drafts.items()}
+    return Inventory(path, MappingProxyType(hosts), MappingProxyType(groups))
+
+
+def _collect(path: Path, listings: list[_Listing]) -> tuple[dict[str, _Draft], dict[str, dict[str, Any]]]:
+    """Fold the listings into groups and each host's own vars, then link groups as Ansible's reconcile does."""
+    drafts = {"all": _Draft(children=["ungrouped"]), "ungrouped": _Draft()}
+    host_vars: dict[str, dict[str, Any]] = {}
+    addresses: dict[tuple[str, str], tuple[str, Any]] = {}
+    for item in listings:
+        if item.kind == "group":
+            drafts.setdefault(item.name, _Draft()).vars.update(item.vars)
+            siblings = drafts[item.parent].children if item.parent else []
+        else:
+            _check_address(path, item, addresses)
+            host_vars.setdefault(item.name, {}).update(item.vars)
+            siblings = drafts[item.parent].hosts
+        if item.name not in siblings:
+            siblings.append(item.name)
+    has_parent = {child for draft in drafts.values() for child in draft.children}
+    drafts["all"].children += [name for name in drafts if name != "all" and name not in has_parent]
+    # 'ungrouped' keeps the hosts in no group but all/ungrouped: those listed under it first.
+    grouped = {host for name, draft in drafts.items() if name not in ("all", "ungrouped") for host in draft.hosts}
+    ungrouped = [host for host in [*drafts["ungrouped"].hosts, *host_vars] if host not in grouped]
+    drafts["ungrouped"].hosts = list(dict.fromkeys(ungrouped))
+    return drafts, host_vars
+
+
+def _check_address(path: Path, item: _Listing, seen: dict[tuple[str, str], tuple[str, Any]]) -> None:
+    # Ansible lets the later listing win silently; a host reached at two addresses is a mistake.
+    for key in ("ansible_host", "ansible_port"):
+        if key in item.vars:
+            group, value = seen.setdefault((item.name, key), (item.parent, item.vars[key]))
+            if str(value) != str(item.vars[key]):
+                raise InventoryError(f"{path}:{item.line}: host '{item.name}' has {key} '{item.vars[key]}' in group "
+                                     f"'{item.parent}' but '{value}' in group '{group}'", fix=f"set {key} in one group")
+
+
+def _depths(path: Path, parents: Mapping[str, list[str]]) -> dict[str, int]:
+    """Each group's depth: its longest chain of parents up to 'all', which is how Ansible ranks vars."""
+    depths: dict[str, int] = {}
+
+    def depth(name: str, below: tuple[str, ...]) -> int:
+        if name in below:
+            loop = " > ".join((*below[below.index(name):], name))
+            raise InventoryError(f"{path}: group '{name}' is inside itself ({loop})",
+                                 fix="break the loop of 'children'")
+        if name not in depths:
+            depths[name] = 1 + max((depth(parent, (*below, name)) for parent in parents[name]), default=-1)
+        return depths[name]
+
+    for name in parents:
+        depth(name, ())
+    return depths
+
+
+def _priority(path: Path, group: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InventoryError(f"{path}: group '{group}' has ansible_group_priority '{value}'",
+                             fix="make it a whole number") from None
+
+
+def _with_ancestors(groups: set[str], parents: Mapping[str, list[str]]) -> set[str]:
+    return groups.union(*(_with_ancestors(set(parents[group]), parents) for group in groups))
+
+
+def _check_connection(path: Path, host: str, host_vars: Mapping[str, Any]) -> None:
+    connection = host_vars.get("ansible_connection", "ssh")
+    if not isinstance(connection, str) or connection not in CONNECTIONS:
+        raise InventoryError(f"{path}: host '{host}' has ansible_connection '{connection}'",
+                             fix="fleetctl connects with " + ", ".join(sorted(CONNECTIONS)))
+
+
+def _split_patterns(limit: str) -> list[str]:
+    """Split on commas, or on colons and spaces for the older `a:b:!c` form, keeping [x:y] whole."""
+    # Ansible's own splitter drops an unclosed '[' without a word; this one leaves it for _match to refuse.
+    parts = limit.split(",") if "," in limit else re.split(r"[\s:]+(?![^\[]*\])", limit)
+    return [part.strip() for part in parts if part.strip()]
+
+
+_SUBSCRIPT = re.compile(r"^(.+)\[(?:(-?[0-9]+)|([0-9]+)[:-]([0-9]*))\]$")
+
+
+def _split_subscript(pattern: str) -> tuple[str, slice | None]:
+    """`gpu[0]`, `gpu[-1]`, `gpu[2:5]`, `gpu[2:]`: pick by position, both ends included, as Ansible does."""
+    match = None if pattern.startswith("~") else _SUBSCRIPT.match(pattern)
+    if not match:
+        return pattern, None
+    expr, index, start, end = match.groups()
+    if index is not None:
+        return expr, slice(int(index), int(index) + 1 or None)
+    if not end:
+        return expr, slice(int(start), None)
+    return expr, slice(int(start), (int(end) or int(start)) + 1)  # Ansible reads [n:0] as just [n]
+
+
+def _no_match(limit: str, pattern: str, path: Path) -> InventoryError:
+    where = f"'{limit}'" if pattern == limit else f"'{limit}': '{pattern}'"
+    return InventoryError(f"--limit {where} matches no host in {path}", fix="check it against the host and group names")
+
+
+def _plain(value: Any) -> Any:
+    """A variable as Ansible's ``--list`` JSON shows it."""
+    if isinstance(value, Vaulted):
+        return {"__ansible_vault": value.ciphertext}
+    if isinstance(value, Unsafe):
+        return {"__ansible_unsafe": str(value)}
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, Mapping):  # JSON object keys are strings: 1 becomes "1", True becomes "true"
+        return {key if isinstance(key, str) else json.dumps(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
