@@ -1,0 +1,259 @@
+"""How fleetctl reaches a host: an SSH connection (the only module that imports
+fabric) or a local one, both returning a :class:`Result` value per command.
+
+Connection settings come from the host's Ansible vars (``ansible_host``,
+``ansible_port``, ``ansible_user``, ``ansible_ssh_private_key_file``,
+``ansible_password``, ``ansible_host_key_checking``, ``ansible_connection``,
+``-o UserKnownHostsFile=`` in ``ansible_ssh_common_args``) and, below them,
+``~/.ssh/config``, read through fabric as OpenSSH reads it for Ansible.
+paramiko and socket errors are translated into :mod:`fleetctl.errors` here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .errors import CommandFailed, TimedOut, Unreachable
+from .inventory import Host
+
+FALSY = {"false", "no", "off", "0", "n"}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one command did on one host."""
+
+    host: str
+    command: str
+    exited: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok
+
+    def check(self, what: str | None = None) -> Result:
+        """Return self, or raise CommandFailed naming the step and stderr's last line."""
+        if self.ok:
+            return self
+        tail = (self.stderr.strip() or self.stdout.strip()).splitlines()[-1:] or [""]
+        raise CommandFailed(self.host, f"{what or self.command} exited {self.exited}: {tail[0]}")
+
+
+class Connection(Protocol):
+    name: str
+
+    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result: ...
+
+    def put(self, local: Path, remote: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def is_local(host: Host) -> bool:
+    return str(host.vars.get("ansible_connection", "ssh")) == "local"
+
+
+def connect(host: Host, *, timeout: float) -> Connection:
+    """Open a connection to *host* within *timeout* seconds, or raise Unreachable/TimedOut."""
+    if is_local(host):
+        return LocalConnection(host.name)
+    return SSHConnection.open(host, timeout=timeout)
+
+
+class LocalConnection:
+    """Commands on the controller itself (``ansible_connection: local``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+        start = time.monotonic()
+        # A new session lets a timeout kill the whole tree, not just the shell.
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s") from None
+        return Result(self.name, command, proc.returncode, out, err, time.monotonic() - start)
+
+    def put(self, local: Path, remote: str) -> None:
+        Path(remote).parent.mkdir(parents=True, exist_ok=True)
+        Path(remote).write_bytes(Path(local).read_bytes())
+
+    def close(self) -> None:
+        pass
+
+
+def _ssh_options(host: Host) -> dict[str, str]:
+    """``-o Key=Value`` pairs from ansible_ssh_common_args / ansible_ssh_extra_args."""
+    words: list[str] = []
+    for var in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        words += shlex.split(str(host.vars.get(var) or ""))
+    opts = {}
+    for i, word in enumerate(words):
+        pair = word[2:] if word.startswith("-o") and len(word) > 2 else None
+        if word == "-o" and i + 1 < len(words):
+            pair = words[i + 1]
+        if pair and "=" in pair:
+            key, value = pair.split("=", 1)
+            opts[key.strip().lower()] = value.strip()
+    return opts
+
+
+def host_key_checking(host: Host) -> bool:
+    value = host.vars.get("ansible_host_key_checking", _ssh_options(host).get("stricthostkeychecking", True))
+    return str(value).lower() not in FALSY
+
+
+def _translate(exc: Exception, name: str, conn, timeout: float, elapsed: float) -> Unreachable | TimedOut:
+    """A paramiko or socket error while connecting → the one line a user sees."""
+    import paramiko
+
+    where = f"{conn.host}:{conn.port}"
+    text = str(exc)
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return Unreachable(name, f"host key of {where} does not match known_hosts",
+                           fix="if the host was reinstalled, remove its old key with ssh-keygen -R")
+    if "not found in known_hosts" in text:
+        return Unreachable(name, f"{where} is not in known_hosts",
+                           fix="add it with ssh-keyscan, or set ansible_host_key_checking: false")
+    if isinstance(exc, paramiko.AuthenticationException):
+        return Unreachable(name, f"authentication as {conn.user} failed",
+                           fix="check ansible_user and ansible_ssh_private_key_file")
+    # A host that accepts TCP but never completes the SSH handshake ends in a banner error or
+    # a session that never came up (paramiko: "No existing session"): a hang, not a refusal.
+    hung = any(s in text for s in ("banner", "No existing session", "Negotiation"))
+    if hung or isinstance(exc, socket.timeout) or elapsed >= timeout - 0.5:
+        return TimedOut(name, f"no SSH answer from {where} within {timeout:.0f}s",
+                        fix="check the host is not hung; raise --timeout if it is just slow")
+    if isinstance(exc, OSError) and exc.strerror:
+        return Unreachable(name, f"cannot reach {where}: {exc.strerror}", fix="check the host is up and sshd runs")
+    return Unreachable(name, f"SSH to {where} failed: {text or type(exc).__name__}")
+
+
+def _killed_remotely_after(command: str, seconds: float) -> str:
+    """Wrap *command* so the host itself kills it at the deadline (where it has timeout(1)):
+    closing our end of the session does not stop a hung remote process."""
+    quoted = shlex.quote(command)
+    secs = max(1, int(seconds + 0.999))
+    return (f"if command -v timeout >/dev/null 2>&1; then exec timeout -k 2 {secs} sh -c {quoted}; "
+            f"else exec sh -c {quoted}; fi")
+
+
+class SSHConnection:
+    """One SSH session to one host, through fabric."""
+
+    def __init__(self, name: str, fabric_conn):
+        self.name = name
+        self._conn = fabric_conn
+
+    @classmethod
+    def open(cls, host: Host, *, timeout: float) -> SSHConnection:
+        import fabric
+        import paramiko
+
+        # paramiko logs connection failures with tracebacks; they reach the user as Outcomes.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
+        logging.getLogger("paramiko").propagate = False
+        v = host.vars
+        kwargs: dict = {
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+            "channel_timeout": timeout,
+        }
+        key = v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file")
+        if key:
+            kwargs.update(key_filename=os.path.expanduser(str(key)), look_for_keys=False, allow_agent=False)
+        password = v.get("ansible_password") or v.get("ansible_ssh_pass")
+        if password:
+            kwargs["password"] = str(password)
+        conn = fabric.Connection(
+            host=str(v.get("ansible_host") or host.name),
+            user=str(v["ansible_user"]) if v.get("ansible_user") else None,
+            port=int(v["ansible_port"]) if v.get("ansible_port") else None,
+            connect_timeout=timeout,
+            connect_kwargs=kwargs,
+            config=_fabric_config(),
+        )
+        client = conn.client
+        if host_key_checking(host):
+            known = _ssh_options(host).get("userknownhostsfile")
+            for path in [known] if known else ["/etc/ssh/ssh_known_hosts", "~/.ssh/known_hosts"]:
+                path = os.path.expanduser(path)
+                if os.path.exists(path):
+                    client.load_host_keys(path)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        else:
+            client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
+        started = time.monotonic()
+        try:
+            conn.open()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise _translate(exc, host.name, conn, timeout, time.monotonic() - started) from None
+        return cls(host.name, conn)
+
+    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+        import io
+
+        import invoke
+
+        start = time.monotonic()
+        try:
+            res = self._conn.run(
+                # Our own clock runs a little longer, so the host's timeout(1) normally wins
+                # and the session ends cleanly.
+                _killed_remotely_after(command, timeout), hide=True, warn=True, timeout=timeout + 3,
+                in_stream=io.StringIO(stdin) if stdin is not None else False,
+            )
+        except invoke.CommandTimedOut:
+            raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s") from None
+        except (OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"connection lost: {exc}") from None
+        if res.exited == -1:  # the channel closed without an exit status: the host went away
+            raise Unreachable(self.name, "connection lost while a command ran", fix="check the host is up")
+        if res.exited == 124 and time.monotonic() - start >= timeout - 0.5:
+            raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s")
+        return Result(self.name, command, res.exited, res.stdout, res.stderr, time.monotonic() - start)
+
+    def put(self, local: Path, remote: str) -> None:
+        try:
+            self._conn.put(str(local), remote)
+        except (OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"copy of {Path(local).name} failed: {exc}") from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@functools.cache
+def _fabric_config():
+    """One fabric Config (with ~/.ssh/config parsed once) shared by every connection."""
+    import fabric
+
+    return fabric.Config(overrides={"run": {"echo": False}})

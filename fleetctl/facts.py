@@ -1,0 +1,268 @@
+"""What a host is: one probe script run in a single round trip, and a pure parser
+per section of its output.
+
+The probe prints ``@@fleetctl <section>`` before each section and ``@@rc <n>``
+after it. GPUs come from NVML (nvidia-ml-py in the host's Python) where it
+works, else from ``nvidia-smi`` on the host's PATH; a host with neither is a
+valid host with no GPUs. Compute capability always comes from the driver,
+never from a table of GPU names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+from .connection import Connection
+from .errors import CommandFailed
+from .fanout import Deadline
+from .inventory import Host
+
+QUERY_FIELDS = ("index,name,uuid,compute_cap,driver_version,memory.total,pci.bus_id,"
+                "persistence_mode,ecc.mode.current,mig.mode.current")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    uuid: str
+    compute_capability: str | None
+    memory_mib: int | None
+    pci_bus_id: str | None
+    mig_mode: str | None = None
+
+    @property
+    def sm(self) -> int | None:
+        """``"9.0"`` → 90; None where the driver did not say."""
+        if not self.compute_capability:
+            return None
+        major, minor = self.compute_capability.split(".")
+        return int(major) * 10 + int(minor)
+
+
+@dataclass(frozen=True)
+class Facts:
+    gpus: tuple[Gpu, ...] = ()
+    gpu_source: str | None = None
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    os: dict = field(default_factory=dict)
+    kernel: str | None = None
+    arch: str | None = None
+    glibc: str | None = None
+    python: dict | None = None
+    nvcc: str | None = None
+    user: str | None = None
+    fleet_root: str | None = None
+    disk_free_gib: float | None = None
+    container_runtime: dict | None = None
+    installed: dict | None = None
+    gpu_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Facts:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["gpus"] = tuple(Gpu(**{k: v for k, v in g.items() if k in Gpu.__dataclass_fields__})
+                              for g in data.get("gpus", ()))
+        return cls(**known)
+
+    @property
+    def min_sm(self) -> int | None:
+        sms = [g.sm for g in self.gpus if g.sm is not None]
+        return min(sms) if sms else None
+
+
+# ---------------------------------------------------------------- the probe
+
+def probe_script(host: Host) -> str:
+    """The shell script that gathers every fact of *host* in one execution."""
+    template = resources.files(__package__).joinpath("remote/probe.sh").read_text()
+    python = host.vars.get("ansible_python_interpreter")
+    root = host.vars.get("fleet_root")
+    return (template
+            .replace("@PYTHON@", shlex.quote(str(python)) if python else '""')
+            .replace("@FLEET_ROOT@", shlex.quote(str(root)) if root else '""')
+            .replace("@QUERY@", QUERY_FIELDS))
+
+
+def gather(host: Host, conn: Connection, deadline: Deadline) -> Facts:
+    """Run the probe on *host* (one round trip) and parse what it printed."""
+    result = conn.run(probe_script(host), timeout=deadline.left(host.name))
+    if "@@fleetctl end" not in result.stdout:
+        raise CommandFailed(host.name, f"the fact probe stopped early (exit {result.exited}): "
+                            f"{(result.stderr.strip() or 'no error output').splitlines()[-1]}")
+    try:
+        return parse_probe(result.stdout)
+    except (ValueError, KeyError) as exc:
+        raise CommandFailed(host.name, f"unexpected probe output: {exc}",
+                            fix="run the probe by hand with fleetctl facts -vv") from None
+
+
+def split_sections(output: str) -> dict[str, tuple[str, int | None]]:
+    """``@@fleetctl name`` … ``@@rc n`` blocks → {name: (text, rc)}."""
+    sections: dict[str, tuple[str, int | None]] = {}
+    name, lines = None, []
+    for line in output.splitlines():
+        if line.startswith("@@fleetctl "):
+            name, lines = line.split(None, 1)[1].strip(), []
+        elif line.startswith("@@rc ") and name:
+            sections[name] = ("\n".join(lines), int(line[5:].strip() or -1))
+            name = None
+        elif name:
+            lines.append(line)
+    if name:  # cut off mid-section: keep what came, without an exit code
+        sections[name] = ("\n".join(lines), None)
+    return sections
+
+
+def parse_probe(output: str) -> Facts:
+    """The probe's whole output → Facts. Pure: every section has its own parser."""
+    s = split_sections(output)
+
+    def text(name: str, *, ok_only: bool = True) -> str | None:
+        body, rc = s.get(name, ("", None))
+        return body if (rc == 0 or not ok_only) and body.strip() else None
+
+    gpus, driver, cuda, source, error = (), None, None, None, None
+    if text("nvml"):
+        gpus, driver, cuda = parse_nvml(text("nvml"))
+        source = "nvml"
+    elif text("nvidia-smi-query", ok_only=False) is not None and s["nvidia-smi-query"][1] != 127:
+        body, rc = s["nvidia-smi-query"]
+        if rc == 0:
+            gpus, driver = parse_nvidia_smi_query(body)
+            cuda = parse_nvidia_smi_header(text("nvidia-smi") or "")
+            source = "nvidia-smi"
+        else:
+            error = f"nvidia-smi failed (exit {rc}): {body.strip().splitlines()[-1]}"
+    kernel, arch = parse_uname(text("uname") or "")
+    return Facts(
+        gpus=gpus, gpu_source=source, gpu_error=error,
+        driver_version=driver, cuda_driver_version=cuda,
+        os=parse_os_release(text("os-release") or ""),
+        kernel=kernel, arch=arch,
+        glibc=parse_glibc(text("glibc") or ""),
+        python=parse_python(text("python") or ""),
+        nvcc=parse_nvcc(text("nvcc") or ""),
+        user=(text("user") or "").strip() or None,
+        fleet_root=(text("fleet-root") or "").strip() or None,
+        disk_free_gib=parse_df(text("disk") or ""),
+        container_runtime=parse_container(text("container") or ""),
+        installed=parse_installed(text("installed") or ""),
+    )
+
+
+# ---------------------------------------------------------------- section parsers
+
+def parse_os_release(text: str) -> dict:
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip().strip('"').strip("'")
+    return {"id": values.get("ID"), "version_id": values.get("VERSION_ID"),
+            "pretty_name": values.get("PRETTY_NAME")}
+
+
+def parse_uname(text: str) -> tuple[str | None, str | None]:
+    """``uname -r -m`` → (kernel release, machine)."""
+    words = text.split()
+    return (words[0], words[1]) if len(words) >= 2 else (None, None)
+
+
+def parse_glibc(text: str) -> str | None:
+    """``getconf GNU_LIBC_VERSION`` ("glibc 2.39") or ``ldd --version``'s first line."""
+    m = re.search(r"(?:glibc|GLIBC|GNU libc)\D*?(\d+\.\d+)", text) or re.search(r"\b(2\.\d+)\s*$", text, re.M)
+    return m.group(1) if m else None
+
+
+def parse_python(text: str) -> dict | None:
+    lines = text.strip().splitlines()
+    return {"path": lines[0], "version": lines[1]} if len(lines) >= 2 else None
+
+
+def parse_nvcc(text: str) -> str | None:
+    """``nvcc --version`` → "13.0.88" (from "Build cuda_13.0.r13.0/compiler…" or "V13.0.88")."""
+    m = re.search(r"release \d+\.\d+, V(\d+\.\d+\.\d+)", text) or re.search(r"release (\d+\.\d+)", text)
+    return m.group(1) if m else None
+
+
+def parse_df(text: str) -> float | None:
+    """``df -Pk PATH`` → free GiB."""
+    lines = text.strip().splitlines()
+    if len(lines) < 2:
+        return None
+    fields = lines[-1].split()
+    return round(int(fields[3]) / 1024 ** 2, 1) if len(fields) >= 4 and fields[3].isdigit() else None
+
+
+def parse_container(text: str) -> dict | None:
+    """``name=…`` / ``nvidia=yes|no`` lines → {name, nvidia_runtime} or None."""
+    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if not values.get("name"):
+        return None
+    return {"name": values["name"], "nvidia_runtime": values.get("nvidia") == "yes"}
+
+
+def parse_installed(text: str) -> dict | None:
+    """The fleet environment's report (JSON) → {env, torch, torch_cuda, vllm, flashinfer} or None."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("env") else None
+
+
+def parse_nvml(text: str) -> tuple[tuple[Gpu, ...], str | None, str | None]:
+    """The probe's NVML JSON → (gpus, driver version, max CUDA "13.0")."""
+    data = json.loads(text)
+    cuda = data.get("cuda_driver")
+    gpus = tuple(Gpu(index=g["index"], name=g["name"], uuid=g["uuid"],
+                     compute_capability=f"{g['cc'][0]}.{g['cc'][1]}",
+                     memory_mib=g["memory_bytes"] // 2 ** 20, pci_bus_id=g.get("pci_bus_id"),
+                     mig_mode=g.get("mig_mode"))
+                 for g in data.get("gpus", []))
+    return gpus, data.get("driver"), f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None
+
+
+def parse_nvidia_smi_query(text: str) -> tuple[tuple[Gpu, ...], str | None]:
+    """``nvidia-smi --query-gpu=… --format=csv`` (with header) → (gpus, driver version).
+
+    Columns are found by header name: older drivers lack some fields (compute_cap,
+    mig.mode.current), and a field a GPU does not support reads ``[N/A]``.
+    """
+    rows = [[c.strip() for c in row] for row in csv.reader(text.strip().splitlines()) if row]
+    if not rows or "name" not in rows[0]:
+        raise ValueError(f"unexpected nvidia-smi output: {text.strip()[:120]!r}")
+    header = [h.split(" [")[0] for h in rows[0]]
+
+    def value(row: list[str], column: str) -> str | None:
+        v = row[header.index(column)] if column in header and header.index(column) < len(row) else None
+        return None if v in (None, "", "[N/A]", "N/A", "[Not Supported]") else v
+
+    gpus = []
+    for row in rows[1:]:
+        memory = value(row, "memory.total")
+        gpus.append(Gpu(
+            index=int(value(row, "index") or len(gpus)), name=value(row, "name") or "unknown",
+            uuid=value(row, "uuid") or "", compute_capability=value(row, "compute_cap"),
+            memory_mib=int(memory.split()[0]) if memory else None,
+            pci_bus_id=value(row, "pci.bus_id"), mig_mode=value(row, "mig.mode.current"),
+        ))
+    driver = value(rows[1], "driver_version") if len(rows) > 1 else None
+    return tuple(gpus), driver
+
+
+def parse_nvidia_smi_header(text: str) -> str | None:
+    """Plain ``nvidia-smi`` → the driver's max CUDA ("CUDA Version: 13.0"; from driver 610 on
+    "CUDA UMD Version: 13.3")."""
+    m = re.search(r"CUDA (?:UMD )?Version:\s*(\d+\.\d+)", text)
+    return m.group(1) if m else None

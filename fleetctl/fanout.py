@@ -1,0 +1,141 @@
+"""Running one task on many hosts at once: one :class:`Outcome` per host.
+
+Each host gets its own deadline, counted from when its turn starts. A host that
+fails, hangs or cannot be reached is reported as such and never delays the
+others past its deadline: a watchdog closes a connection that outlives it, and a
+replacement worker takes over the queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from .connection import Connection, connect
+from .errors import FleetError, HostError, TimedOut
+from .inventory import Host
+
+GRACE = 2.0  # seconds past a host's deadline before the watchdog steps in
+
+EXIT_OK, EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2, 4
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self, host: str = "") -> float:
+        """Seconds left; raises TimedOut once none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimedOut(host, f"did not finish within {self.seconds:.0f}s",
+                           fix="raise --timeout if the host is just slow")
+        return left
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened on one host: ok, failed, unreachable or timeout."""
+
+    host: Host
+    status: str
+    value: Any = None
+    error: str | None = None
+    fix: str | None = None
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+Task = Callable[[Host, Connection, Deadline], Any]
+
+
+def run_task(host: Host, task: Task, timeout: float, opened: list) -> Outcome:
+    """Connect, run *task*, close; every error becomes the host's Outcome."""
+    start = time.monotonic()
+    deadline = Deadline(timeout)
+    try:
+        conn = connect(host, timeout=deadline.left(host.name))
+        opened.append(conn)
+        try:
+            value = task(host, conn, deadline)
+        finally:
+            conn.close()
+        return Outcome(host, "ok", value, duration=time.monotonic() - start)
+    except HostError as exc:
+        return Outcome(host, exc.status, error=exc.reason, fix=exc.fix, duration=time.monotonic() - start)
+    except FleetError as exc:
+        return Outcome(host, "failed", error=str(exc), duration=time.monotonic() - start)
+    except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
+        return Outcome(host, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
+                       duration=time.monotonic() - start)
+
+
+def fan_out(hosts: Iterable[Host], task: Task, *, forks: int = 50, timeout: float = 60.0,
+            on_done: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
+    """Run *task* on every host, at most *forks* at a time; {host name: Outcome} in inventory order."""
+    hosts = list(hosts)
+    by_name = {h.name: h for h in hosts}
+    queue = collections.deque(hosts)
+    outcomes: dict[str, Outcome] = {}
+    running: dict[str, tuple[float, list]] = {}
+    lock = threading.Lock()
+    changed = threading.Event()
+
+    def finish(outcome: Outcome) -> None:
+        with lock:
+            if outcome.host.name in outcomes:  # the watchdog already called it
+                return
+            outcomes[outcome.host.name] = outcome
+            running.pop(outcome.host.name, None)
+        changed.set()
+        if on_done:
+            on_done(outcome)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                host = queue.popleft()
+                opened: list = []
+                running[host.name] = (time.monotonic(), opened)
+            finish(run_task(host, task, timeout, opened))
+
+    def spawn(n: int) -> None:
+        for _ in range(n):
+            threading.Thread(target=worker, daemon=True).start()
+
+    spawn(min(forks, len(hosts)))
+    while len(outcomes) < len(hosts):
+        changed.wait(0.25)
+        changed.clear()
+        now = time.monotonic()
+        with lock:
+            overdue = [(n, t, o) for n, (t, o) in running.items() if now > t + timeout + GRACE]
+        for name, started, opened in overdue:
+            finish(Outcome(by_name[name], "timeout", error=f"did not finish within {timeout:.0f}s",
+                           fix="raise --timeout if the host is just slow", duration=now - started))
+            for conn in opened:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a stuck socket is best effort
+                    pass
+            spawn(1)  # the stuck worker's replacement
+    return {h.name: outcomes[h.name] for h in hosts}
+
+
+def exit_code(outcomes: Iterable[Outcome]) -> int:
+    """ansible-playbook's: 0 all ok, 2 some host failed or timed out, 4 only unreachables."""
+    statuses = {o.status for o in outcomes}
+    if statuses & {"failed", "timeout"}:
+        return EXIT_FAILED
+    if "unreachable" in statuses:
+        return EXIT_UNREACHABLE
+    return EXIT_OK

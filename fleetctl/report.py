@@ -1,0 +1,86 @@
+"""How results look to a person: rich tables, progress bars and error lines.
+Only this module and the CLI import rich; everything else hands them values."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Callable, Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .facts import Facts
+from .fanout import Outcome
+
+STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "magenta",
+                "timeout": "red", "refused": "red", "skipped": "cyan"}
+
+
+@contextlib.contextmanager
+def progress(console: Console, total: int, what: str) -> Iterator[Callable[[Outcome], None]]:
+    """A bar that advances as hosts answer; a no-op where stdout is not a terminal."""
+    if not console.is_terminal or total == 0:
+        yield lambda outcome: None
+        return
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, transient=True)
+    with bar:
+        task = bar.add_task("", total=total)
+        yield lambda outcome: bar.update(task, advance=1, description=outcome.host.name)
+
+
+def status(text: str) -> str:
+    return f"[{STATUS_STYLE.get(text, 'white')}]{text}[/]"
+
+
+def gpu_summary(facts: Facts) -> str:
+    if not facts.gpus:
+        return facts.gpu_error or "none"
+    counts = Counter((g.name, g.compute_capability or "?") for g in facts.gpus)
+    return "\n".join(f"{n}× {name} (sm {cc})" for (name, cc), n in counts.items())
+
+
+def installed_summary(facts: Facts) -> str:
+    inst = facts.installed
+    if not inst:
+        return "-"
+    parts = [f"torch {inst['torch']}" if inst.get("torch") else None,
+             f"vllm {inst['vllm']}" if inst.get("vllm") else None,
+             f"flashinfer {inst['flashinfer']}" if inst.get("flashinfer") else None]
+    return "\n".join(p for p in parts if p) or "empty env"
+
+
+def facts_table(outcomes: Iterable[Outcome]) -> Table:
+    table = Table(title="fleet facts", show_lines=True)
+    for column in ("host", "status", "GPUs", "driver / CUDA", "OS", "arch / glibc", "Python", "nvcc", "installed"):
+        table.add_column(column)
+    for o in outcomes:
+        if not o.ok:
+            table.add_row(o.host.name, status(o.status), f"[red]{o.error}[/]", "", "", "", "", "", "")
+            continue
+        f: Facts = o.value
+        table.add_row(
+            o.host.name, status(o.status), gpu_summary(f),
+            f"{f.driver_version} / {f.cuda_driver_version}" if f.driver_version else "-",
+            f.os.get("pretty_name") or "-",
+            f"{f.arch} / {f.glibc}",
+            f.python["version"] if f.python else "[red]none[/]",
+            f.nvcc or "-",
+            installed_summary(f),
+        )
+    return table
+
+
+def print_errors(console: Console, outcomes: Iterable[Outcome]) -> None:
+    for o in outcomes:
+        if not o.ok:
+            fix = f" ({o.fix})" if o.fix else ""
+            console.print(f"{status(o.status)} {o.host.name}: {o.error}{fix}", highlight=False)
+
+
+def print_summary(console: Console, outcomes: list[Outcome]) -> None:
+    counts = Counter(o.status for o in outcomes)
+    line = ", ".join(f"{status(s)}={n}" for s, n in sorted(counts.items()))
+    console.print(f"{len(outcomes)} hosts: {line}", highlight=False)

@@ -1,0 +1,92 @@
+"""Shared fixtures: the session's lab fleet of real sshd hosts, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Lab
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+# host name → (hardware profile, os-release): one host per GPU generation, plus the odd ones.
+FLEET = {
+    "h100": ("h100-sxm-80gb", "ubuntu-24.04"),
+    "h200": ("h200-sxm-141gb", "ubuntu-24.04"),
+    "v100": ("v100-sxm2-32gb", "ubuntu-22.04"),
+    "t4": ("t4", "ubuntu-22.04"),
+    "a100": ("a100-sxm4-80gb", "ubuntu-22.04"),
+    "a100-mig": ("a100-mig", "rocky-9"),
+    "l4": ("l4", "ubuntu-22.04"),
+    "rtx4090": ("rtx4090", "ubuntu-24.04"),
+    "b200": ("b200", "ubuntu-24.04"),
+    "rtx5090": ("rtx5090", "ubuntu-24.04"),
+    "old-470": ("old-driver-470", "ubuntu-22.04"),
+    "mixed": ("mixed-a100-a10", "ubuntu-22.04"),
+    "unknown": ("unknown-gpu", "ubuntu-24.04"),
+    "cpu-01": (None, "rocky-9"),
+}
+
+
+def _sshd_available() -> bool:
+    return Path("/usr/sbin/sshd").exists() and os.geteuid() == 0
+
+
+needs_sshd = pytest.mark.skipif(not _sshd_available(), reason="the lab needs root and openssh-server")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    if not _sshd_available():
+        pytest.skip("the lab needs root and openssh-server (.ci/run installs it)")
+    lab = Lab(tmp_path_factory.mktemp("lab"), net=77)
+    for name, (hardware, os_release) in FLEET.items():
+        lab.add(name, hardware, os_release=os_release)
+    lab.start()
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture(scope="session")
+def lab_inventory(lab, tmp_path_factory) -> Path:
+    groups = {"gpu": [n for n, (hw, _) in FLEET.items() if hw], "cpu": ["cpu-01"]}
+    return lab.write_inventory(tmp_path_factory.mktemp("inv") / "lab.yml", groups)
+
+
+@pytest.fixture
+def small_lab(tmp_path):
+    """A private lab for fault tests, on its own addresses, torn down after each test."""
+    if not _sshd_available():
+        pytest.skip("the lab needs root and openssh-server")
+    labs = []
+
+    def make(*hosts, net=78):
+        lab = Lab(tmp_path / "lab", net=net)
+        for name, hardware, kwargs in hosts:
+            lab.add(name, hardware, **kwargs)
+        labs.append(lab.start())
+        return lab
+
+    yield make
+    for lab in labs:
+        lab.stop()
+
+
+def fleetctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fleetctl_json(*args: str, timeout: float = 300) -> tuple[int, dict]:
+    proc = fleetctl(*args, "--json", timeout=timeout)
+    try:
+        return proc.returncode, json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"not JSON (exit {proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

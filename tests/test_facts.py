@@ -1,0 +1,93 @@
+"""Fact parsers, each fed real recorded output (no host involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetctl.facts import (
+    Gpu, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
+    parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_probe, split_sections,
+)
+
+HW = Path(__file__).parent / "lab" / "hardware"
+DATA = Path(__file__).parent / "data" / "probe"
+
+
+def test_h100_query_capture():
+    gpus, driver = parse_nvidia_smi_query((HW / "h100-sxm-80gb" / "query.csv").read_text())
+    assert driver == "580.159.04"
+    assert gpus == (Gpu(0, "NVIDIA H100 80GB HBM3", "GPU-00000000-1111-2222-3333-555555555555", "9.0",
+                        81559, "00000000:00:06.0", "Disabled"),)
+    assert gpus[0].sm == 90
+
+
+def test_h200_capture_without_mig_column():
+    gpus, driver = parse_nvidia_smi_query((HW / "h200-sxm-141gb" / "query.csv").read_text())
+    assert (gpus[0].name, gpus[0].memory_mib, gpus[0].mig_mode, driver) == ("NVIDIA H200", 143771, None, "580.159.04")
+
+
+def test_cuda_version_from_plain_nvidia_smi():
+    assert parse_nvidia_smi_header((HW / "h100-sxm-80gb" / "nvidia-smi.txt").read_text()) == "13.0"
+    assert parse_nvidia_smi_header("no header here") is None
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in HW.iterdir() if (p / "query.csv").exists()))
+def test_every_lab_profile_parses(profile):
+    text = (HW / profile / "query.csv").read_text()
+    if "is not a valid field" in text:  # an old driver: nvidia-smi exits non-zero, handled by parse_probe
+        with pytest.raises(ValueError):
+            parse_nvidia_smi_query(text)
+        return
+    gpus, driver = parse_nvidia_smi_query(text)
+    assert gpus and driver
+    assert all(g.memory_mib and g.memory_mib > 1000 for g in gpus)
+    assert parse_nvidia_smi_header((HW / profile / "nvidia-smi.txt").read_text())
+
+
+def test_geforce_na_fields_are_none():
+    text = ("index, name, uuid, compute_cap, driver_version, memory.total [MiB], pci.bus_id, persistence_mode, "
+            "ecc.mode.current, mig.mode.current\n"
+            "0, NVIDIA GeForce RTX 4090, GPU-1, 8.9, 560.35.03, 24564 MiB, 00000000:01:00.0, Disabled, [N/A], [N/A]\n")
+    (gpu,), _ = parse_nvidia_smi_query(text)
+    assert gpu.mig_mode is None and gpu.compute_capability == "8.9"
+
+
+def test_nvml_json():
+    text = ('{"driver": "580.159.04", "cuda_driver": 13000, "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", '
+            '"uuid": "GPU-x", "cc": [9, 0], "memory_bytes": 85520809984, "pci_bus_id": "00000000:00:06.0", '
+            '"mig_mode": "Disabled"}]}')
+    gpus, driver, cuda = parse_nvml(text)
+    assert (driver, cuda) == ("580.159.04", "13.0")
+    assert (gpus[0].compute_capability, gpus[0].memory_mib) == ("9.0", 81559)
+    assert parse_nvml('{"driver": "575.57.08", "cuda_driver": 12090, "gpus": []}')[2] == "12.9"
+
+
+def test_os_release_and_friends():
+    assert parse_os_release('PRETTY_NAME="Ubuntu 24.04.3 LTS"\nID=ubuntu\nVERSION_ID="24.04"\n') == {
+        "id": "ubuntu", "version_id": "24.04", "pretty_name": "Ubuntu 24.04.3 LTS"}
+    assert parse_glibc("glibc 2.39") == "2.39"
+    assert parse_glibc("ldd (Debian GLIBC 2.36-9+deb12u14) 2.36") == "2.36"
+    assert parse_nvcc("nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+                      "Build cuda_13.0.r13.0/compiler.36424714_0") == "13.0.88"
+    assert parse_nvcc("") is None
+    df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 264091588 23000000 83886080 22% /\n"
+    assert parse_df(df) == 80.0
+    assert parse_container("name=docker\nnvidia=yes") == {"name": "docker", "nvidia_runtime": True}
+    assert parse_container("nvidia=no") is None
+
+
+def test_sections_survive_a_cut_off_probe():
+    out = "@@fleetctl user\nroot\n@@rc 0\n@@fleetctl nvidia-smi-query\nindex, name"
+    assert split_sections(out) == {"user": ("root", 0), "nvidia-smi-query": ("index, name", None)}
+
+
+@pytest.mark.parametrize("path", sorted(DATA.glob("*.txt")), ids=lambda p: p.stem)
+def test_recorded_probe_outputs(path):
+    """Whole probe outputs recorded on real machines parse without loss."""
+    facts = parse_probe(path.read_text())
+    assert facts.arch in ("x86_64", "aarch64") and facts.glibc and facts.python and facts.os["id"]
+    if "gpu" in path.stem:
+        assert facts.gpus and all(g.compute_capability for g in facts.gpus)
+        assert facts.cuda_driver_version and facts.driver_version
