@@ -71,7 +71,7 @@ def main(sizes: list[int]) -> None:
             if ansible:
                 env = {**os.environ, "ANSIBLE_PIPELINING": "1", "ANSIBLE_HOST_KEY_CHECKING": "False",
                        "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s",
-                       "ANSIBLE_PYTHON_INTERPRETER": "auto_silent"}
+                       "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3"}
                 row["ansible"], acode, _ = timed([ansible, "all", "-i", str(inventory), "-m", "shell", "-a", probe,
                                                    "-f", str(n)], env)
                 row["failures"] += acode != 0

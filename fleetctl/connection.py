@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
@@ -23,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import fabric
+import paramiko
+
 from .errors import CommandFailed, TimedOut, Unreachable
 from .inventory import Host
+
+# paramiko logs connection failures with tracebacks; they reach the user as Outcomes instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 FALSY = {"false", "no", "off", "0", "n"}
 
@@ -133,8 +141,6 @@ def host_key_checking(host: Host) -> bool:
 
 def _translate(exc: Exception, name: str, conn, timeout: float, elapsed: float) -> Unreachable | TimedOut:
     """A paramiko or socket error while connecting → the one line a user sees."""
-    import paramiko
-
     where = f"{conn.host}:{conn.port}"
     text = str(exc)
     if isinstance(exc, paramiko.BadHostKeyException):
@@ -157,6 +163,13 @@ def _translate(exc: Exception, name: str, conn, timeout: float, elapsed: float) 
     return Unreachable(name, f"SSH to {where} failed: {text or type(exc).__name__}")
 
 
+def _drain(recv) -> bytes:
+    data = bytearray()
+    while chunk := recv(65536):
+        data += chunk
+    return bytes(data)
+
+
 def _killed_remotely_after(command: str, seconds: float) -> str:
     """Wrap *command* so the host itself kills it at the deadline (where it has timeout(1)):
     closing our end of the session does not stop a hung remote process."""
@@ -175,12 +188,6 @@ class SSHConnection:
 
     @classmethod
     def open(cls, host: Host, *, timeout: float) -> SSHConnection:
-        import fabric
-        import paramiko
-
-        # paramiko logs connection failures with tracebacks; they reach the user as Outcomes.
-        logging.getLogger("paramiko").addHandler(logging.NullHandler())
-        logging.getLogger("paramiko").propagate = False
         v = host.vars
         kwargs: dict = {
             "banner_timeout": timeout,
@@ -219,27 +226,42 @@ class SSHConnection:
         return cls(host.name, conn)
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
-        import io
-
-        import invoke
-
+        # One session channel read with select(): no runner threads per command, which matters
+        # with hundreds of hosts on a few cores.
         start = time.monotonic()
+        deadline = start + timeout + 3  # the host's own timeout(1) normally wins, cleanly
+        out, err = bytearray(), bytearray()
         try:
-            res = self._conn.run(
-                # Our own clock runs a little longer, so the host's timeout(1) normally wins
-                # and the session ends cleanly.
-                _killed_remotely_after(command, timeout), hide=True, warn=True, timeout=timeout + 3,
-                in_stream=io.StringIO(stdin) if stdin is not None else False,
-            )
-        except invoke.CommandTimedOut:
-            raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s") from None
-        except (OSError, EOFError) as exc:
-            raise Unreachable(self.name, f"connection lost: {exc}") from None
-        if res.exited == -1:  # the channel closed without an exit status: the host went away
+            transport = self._conn.client.get_transport()
+            chan = transport.open_session(timeout=timeout)
+            chan.exec_command(_killed_remotely_after(command, timeout))
+            if stdin is not None:
+                chan.sendall(stdin.encode())
+            chan.shutdown_write()
+            # A closed channel also reports its exit status ready: -1 if the host went away.
+            while not (chan.exit_status_ready() and (chan.eof_received or chan.closed)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    chan.close()
+                    raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s")
+                select.select([chan], [], [], min(left, 1.0))
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+            chan.settimeout(1.0)
+            out += _drain(chan.recv)
+            err += _drain(chan.recv_stderr)
+            exited = chan.recv_exit_status()
+            chan.close()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"connection lost: {exc}", fix="check the host is up") from None
+        if exited == -1:  # the channel closed without an exit status: the host went away
             raise Unreachable(self.name, "connection lost while a command ran", fix="check the host is up")
-        if res.exited == 124 and time.monotonic() - start >= timeout - 0.5:
+        if exited == 124 and time.monotonic() - start >= timeout - 0.5:
             raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s")
-        return Result(self.name, command, res.exited, res.stdout, res.stderr, time.monotonic() - start)
+        return Result(self.name, command, exited, out.decode(errors="replace"), err.decode(errors="replace"),
+                      time.monotonic() - start)
 
     def put(self, local: Path, remote: str) -> None:
         try:
@@ -252,8 +274,6 @@ class SSHConnection:
 
 
 @functools.cache
-def _fabric_config():
+def _fabric_config() -> fabric.Config:
     """One fabric Config (with ~/.ssh/config parsed once) shared by every connection."""
-    import fabric
-
     return fabric.Config(overrides={"run": {"echo": False}})

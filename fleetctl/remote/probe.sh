@@ -2,7 +2,7 @@
 # Each section is "@@fleetctl NAME", its output, then "@@rc EXIT". Parsed by fleetctl/facts.py.
 PY=@PYTHON@
 ROOT=@FLEET_ROOT@
-[ -n "$PY" ] || PY=$(command -v python3 || command -v python || echo false)
+[ -n "$PY" ] || PY=$(command -v python3 || command -v python)
 if [ -z "$ROOT" ]; then
   if [ "$(id -u)" = 0 ]; then ROOT=/opt/fleetctl; else ROOT="$HOME/.fleetctl"; fi
 fi
@@ -14,25 +14,30 @@ s fleet-root; echo "$ROOT"; e
 s os-release; cat /etc/os-release; e
 s uname; uname -r -m; e
 s glibc; getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1; e
-s python; "$PY" -c 'import sys, platform; print(sys.executable); print(platform.python_version())' 2>&1; e
-
-s nvml
+# One Python start for both sections (interpreter shims can cost more than the rest of the probe).
+# It exits 0 only when NVML answered; otherwise nvidia-smi is asked below.
 "$PY" - 2>&1 <<'PYEOF'
 import json
-try:
-    import pynvml as nv
-except ImportError:
-    raise SystemExit("nvidia-ml-py is not installed")
-try:
-    nv.nvmlInit()
-except nv.NVMLError as exc:
-    raise SystemExit(f"NVML: {exc}")
+import platform
+import sys
+
+print("@@fleetctl python", sys.executable, platform.python_version(), "@@rc 0", "@@fleetctl nvml", sep="\n")
 
 
 def text(value):
     return value.decode() if isinstance(value, bytes) else value
 
 
+try:
+    import pynvml as nv
+except ImportError:
+    print("nvidia-ml-py is not installed\n@@rc 1")
+    raise SystemExit(1)
+try:
+    nv.nvmlInit()
+except nv.NVMLError as exc:
+    print(f"NVML: {exc}\n@@rc 1")
+    raise SystemExit(1)
 gpus = []
 for i in range(nv.nvmlDeviceGetCount()):
     h = nv.nvmlDeviceGetHandleByIndex(i)
@@ -51,8 +56,10 @@ print(json.dumps({
     "cuda_driver": nv.nvmlSystemGetCudaDriverVersion_v2(),
     "gpus": gpus,
 }))
+print("@@rc 0")
 PYEOF
-rc=$?; echo "@@rc $rc"
+rc=$?
+[ "$rc" = 127 ] && { s python; echo "@@rc 127"; }
 if [ "$rc" != 0 ]; then
   s nvidia-smi-query; nvidia-smi --query-gpu=@QUERY@ --format=csv 2>&1; e
   s nvidia-smi; nvidia-smi 2>&1; e
