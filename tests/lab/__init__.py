@@ -164,13 +164,18 @@ class Lab:
             cmd = [SSHD, "-D", "-e", "-f", str(cfg)]
             if self.namespaces:
                 # Each host sees its own /opt/fleetctl and /etc/os-release.
+                # Its root's ~/.bashrc is its own (empty) too: sshd sessions source it, and the
+                # controller's (pyenv init, rehash locks) would make a hundred logins crawl.
+                (host.dir / "bashrc").write_text("")
+                bashrc = f"mount --bind {host.dir}/bashrc /root/.bashrc && " if Path("/root/.bashrc").exists() else ""
                 script = (f"mount --bind {host.fleet_root} /opt/fleetctl && "
-                          f"mount --bind {host.dir}/os-release /etc/os-release && exec \"$@\"")
+                          f"mount --bind {host.dir}/os-release /etc/os-release && {bashrc}exec \"$@\"")
                 # and its own PID namespace, so killing its sshd (PID 1 there) ends every
                 # session on it, as a host dying does.
                 cmd = ["unshare", "-m", "-p", "-f", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
             log = open(host.dir / "sshd.log", "ab")
             host.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+            (host.dir / "lab.pgid").write_text(str(host.proc.pid))
             pub = (host.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
             known.append(f"[{host.address}]:{PORT} {' '.join(pub)}")
         self.known_hosts.write_text("\n".join(known) + "\n")
