@@ -91,3 +91,15 @@ def test_recorded_probe_outputs(path):
     if "gpu" in path.stem:
         assert facts.gpus and all(g.compute_capability for g in facts.gpus)
         assert facts.cuda_driver_version and facts.driver_version
+
+
+def test_nvml_probe_recorded_on_the_gpu_test_host():
+    """The whole probe as it ran on the H200 test host (UUID replaced); NVML answered there."""
+    facts = parse_probe((DATA / "gpu-h200-nvml.txt").read_text())
+    assert facts.gpu_source == "nvml"
+    assert (facts.driver_version, facts.cuda_driver_version, facts.nvcc) == ("580.159.04", "13.0", "13.0.88")
+    (gpu,) = facts.gpus
+    assert (gpu.name, gpu.compute_capability, gpu.memory_mib, gpu.pci_bus_id, gpu.mig_mode) == (
+        "NVIDIA H200", "9.0", 143771, "00000000:00:06.0", "Disabled")
+    assert facts.python == {"path": "/opt/torch/.venv/bin/python3", "version": "3.12.3"}
+    assert (facts.os["id"], facts.glibc) == ("ubuntu", "2.39")
