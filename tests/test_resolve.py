@@ -1,0 +1,95 @@
+"""The resolver as a table: host facts in, a stack or a refusal out (tests/data/resolve/cases.yaml)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleetctl.errors import MatrixError
+from fleetctl.facts import Facts, Gpu
+from fleetctl.matrix import covers, load_matrix
+from fleetctl.resolve import Request, resolve
+
+CASES = yaml.safe_load((Path(__file__).parent / "data" / "resolve" / "cases.yaml").read_text())
+MATRIX = load_matrix()
+
+
+def facts_of(case: dict) -> Facts:
+    gpus = []
+    for spec in case.get("gpus", []):
+        m = re.fullmatch(r"(.+) @ (\d+\.\d+)(?: x(\d+))?", spec)
+        for _ in range(int(m.group(3) or 1)):
+            gpus.append(Gpu(len(gpus), m.group(1), f"GPU-{len(gpus)}", m.group(2), 16384, None))
+    driver, cuda = case.get("driver", [None, None])
+    return Facts(gpus=tuple(gpus), driver_version=driver, cuda_driver_version=cuda, gpu_error=case.get("gpu_error"),
+                 python={"path": "/usr/bin/python3", "version": case.get("python", "3.12.3")},
+                 glibc=case.get("glibc", "2.39"), arch=case.get("arch", "x86_64"), nvcc=case.get("nvcc"),
+                 container_runtime=case.get("container_runtime"), os={"id": "ubuntu", "version_id": "24.04"})
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_case(case):
+    result = resolve(facts_of(case), Request(**case.get("request", {})), MATRIX)
+    if "refused" in case:
+        assert result.status == "refused", result.stack
+        assert case["refused"] in result.fix, result.fix
+        assert result.reasons
+        return
+    assert result.ok, (result.reasons, result.fix)
+    stack = result.stack.to_dict()
+    for key, want in case["expect"].items():
+        assert stack[key] == (str(want) if isinstance(want, (int, float)) else want), (key, result.reasons)
+    if "reason" in case:
+        assert any(case["reason"] in r for r in result.reasons)
+
+
+def test_every_choice_is_explained():
+    result = resolve(facts_of(CASES[0]), Request(), MATRIX)
+    text = "\n".join(result.reasons)
+    for fact in ("sm_90", "580.159.04", "torch 2.14.0", "flashinfer-python 0.7.2.post1", "FLASH_ATTN",
+                 "FULL_AND_PIECEWISE", "TORCH_CUDA_ARCH_LIST=9.0"):
+        assert fact in text
+
+
+def test_the_chosen_stack_really_covers_the_gpu():
+    """Across the table, what was chosen carries code for the host's SM and runs on its driver."""
+    for case in CASES:
+        result = resolve(facts_of(case), Request(**case.get("request", {})), MATRIX)
+        if not result.ok or result.stack.vllm_package != "vllm" or result.stack.container_image:
+            continue
+        facts = facts_of(case)
+        vllm = next(v for v in MATRIX.vllm if v.version == result.stack.vllm)
+        assert covers(vllm.sm, facts.min_sm, vllm.ptx), case["name"]
+        assert tuple(map(int, result.stack.cuda.split("."))) <= tuple(map(int, facts.cuda_driver_version.split("."))) \
+            or case.get("request", {}).get("cuda_compat") == "minor", case["name"]
+
+
+def test_adding_a_release_is_adding_rows(tmp_path):
+    text = (Path(MATRIX.path)).read_text().replace(
+        "\n# vLLM's CPU build",
+        '\n  - {version: "0.34.0", torch: "2.14.0", python: ">=3.11,<3.15", cuda: "13.0", sm: [75, 80, 86, 89, 90, 100, 120],'
+        ' ptx: [80, 89, 90], glibc: "2.28", aarch64: true, flashinfer: "0.7.2.post1", engine: v1, backend_option: flag,'
+        ' cudagraph_mode: true, sources: [vllm-pypi]}\n\n# vLLM\'s CPU build', 1)
+    path = tmp_path / "matrix.yaml"
+    path.write_text(text)
+    result = resolve(facts_of(CASES[0]), Request(), load_matrix(path))
+    assert result.stack.vllm == "0.34.0"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("cuda:\n  - {version", "cuda:\n  - {bogus: 1, version", 1), "unknown key(s) bogus"),
+    (lambda t: t.replace('torch: "2.14.0", python', 'torch: "2.99.0", python', 1), "pins torch 2.99.0"),
+    (lambda t: t.replace("sources: [vllm-cpu]", "sources: [nowhere]", 1), "source 'nowhere'"),
+    (lambda t: t.replace('python: ">=3.11,<3.15", cuda', 'python: ">=three", cuda', 1), "not a version range"),
+    (lambda t: t + "\n  - [oops\n", "not valid YAML"),
+    (lambda t: t.replace("\ncontainers:", "\nnot_containers:", 1), "missing section(s) containers"),
+])
+def test_malformed_matrix_is_one_clear_error(tmp_path, edit, message):
+    path = tmp_path / "matrix.yaml"
+    path.write_text(edit(Path(MATRIX.path).read_text()))
+    with pytest.raises(MatrixError) as err:
+        load_matrix(path)
+    assert message in str(err.value) and str(path) in str(err.value)
