@@ -24,15 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import fabric
-import paramiko
-
 from .errors import CommandFailed, TimedOut, Unreachable
 from .inventory import Host
-
-# paramiko logs connection failures with tracebacks; they reach the user as Outcomes instead.
-logging.getLogger("paramiko").addHandler(logging.NullHandler())
-logging.getLogger("paramiko").propagate = False
 
 FALSY = {"false", "no", "off", "0", "n"}
 
@@ -141,6 +134,7 @@ def host_key_checking(host: Host) -> bool:
 
 def _translate(exc: Exception, name: str, conn, timeout: float, elapsed: float) -> Unreachable | TimedOut:
     """A paramiko or socket error while connecting → the one line a user sees."""
+    _, paramiko = _ssh_stack()
     where = f"{conn.host}:{conn.port}"
     text = str(exc)
     if isinstance(exc, paramiko.BadHostKeyException):
@@ -180,7 +174,7 @@ def _killed_remotely_after(command: str, seconds: float) -> str:
 
 
 class SSHConnection:
-    """One SSH session to one host, through fabric."""
+    """One SSH session to one host, through fabric (imported on first use, see _ssh_stack)."""
 
     def __init__(self, name: str, fabric_conn):
         self.name = name
@@ -188,6 +182,7 @@ class SSHConnection:
 
     @classmethod
     def open(cls, host: Host, *, timeout: float) -> SSHConnection:
+        fabric, paramiko = _ssh_stack()
         v = host.vars
         kwargs: dict = {
             "banner_timeout": timeout,
@@ -226,6 +221,7 @@ class SSHConnection:
         return cls(host.name, conn)
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+        _, paramiko = _ssh_stack()
         # One session channel read with select(): no runner threads per command, which matters
         # with hundreds of hosts on a few cores.
         start = time.monotonic()
@@ -274,6 +270,20 @@ class SSHConnection:
 
 
 @functools.cache
-def _fabric_config() -> fabric.Config:
+def _ssh_stack():
+    """fabric and paramiko, imported on first SSH use: a controller that only runs local
+    connections (a GPU host provisioning itself) needs neither, and starts faster."""
+    import fabric
+    import paramiko
+
+    # paramiko logs connection failures with tracebacks; they reach the user as Outcomes instead.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    logging.getLogger("paramiko").propagate = False
+    return fabric, paramiko
+
+
+@functools.cache
+def _fabric_config():
     """One fabric Config (with ~/.ssh/config parsed once) shared by every connection."""
+    fabric, _ = _ssh_stack()
     return fabric.Config(overrides={"run": {"echo": False}})

@@ -185,8 +185,11 @@ def parse_glibc(text: str) -> str | None:
 
 
 def parse_python(text: str) -> dict | None:
-    lines = text.strip().splitlines()
-    return {"path": lines[0], "version": lines[1]} if len(lines) >= 2 else None
+    """path, version, then torch's version and CUDA in that Python (blank lines if none)."""
+    lines = text.strip("\n").splitlines() + ["", ""]
+    if len(lines) < 4 or not lines[1]:
+        return None
+    return {"path": lines[0], "version": lines[1], "torch": lines[2] or None, "torch_cuda": lines[3] or None}
 
 
 def parse_nvcc(text: str) -> str | None:

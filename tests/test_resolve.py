@@ -25,7 +25,8 @@ def facts_of(case: dict) -> Facts:
             gpus.append(Gpu(len(gpus), m.group(1), f"GPU-{len(gpus)}", m.group(2), 16384, None))
     driver, cuda = case.get("driver", [None, None])
     return Facts(gpus=tuple(gpus), driver_version=driver, cuda_driver_version=cuda, gpu_error=case.get("gpu_error"),
-                 python={"path": "/usr/bin/python3", "version": case.get("python", "3.12.3")},
+                 python={"path": "/usr/bin/python3", "version": case.get("python", "3.12.3"),
+                         "torch": case.get("python_torch", [None])[0], "torch_cuda": case.get("python_torch", [0, None])[1]},
                  glibc=case.get("glibc", "2.39"), arch=case.get("arch", "x86_64"), nvcc=case.get("nvcc"),
                  container_runtime=case.get("container_runtime"), os={"id": "ubuntu", "version_id": "24.04"})
 
@@ -41,7 +42,7 @@ def test_case(case):
     assert result.ok, (result.reasons, result.fix)
     stack = result.stack.to_dict()
     for key, want in case["expect"].items():
-        assert stack[key] == (str(want) if isinstance(want, (int, float)) else want), (key, result.reasons)
+        assert stack[key] == (str(want) if isinstance(want, (int, float)) and not isinstance(want, bool) else want), (key, result.reasons)
     if "reason" in case:
         assert any(case["reason"] in r for r in result.reasons)
 

@@ -18,10 +18,27 @@ s glibc; getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1;
 # It exits 0 only when NVML answered; otherwise nvidia-smi is asked below.
 "$PY" - 2>&1 <<'PYEOF'
 import json
+import os
 import platform
+import re
 import sys
+from importlib import metadata, util
 
-print("@@fleetctl python", sys.executable, platform.python_version(), "@@rc 0", "@@fleetctl nvml", sep="\n")
+
+def torch_of_this_python():
+    """torch's version and CUDA, read from its metadata and version.py: importing it costs seconds."""
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "", ""
+    spec = util.find_spec("torch")
+    path = os.path.join(os.path.dirname(spec.origin), "version.py") if spec and spec.origin else ""
+    m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)", open(path).read(), re.M) if os.path.exists(path) else None
+    return version, m.group(1) if m else ""
+
+
+print("@@fleetctl python", sys.executable, platform.python_version(), *torch_of_this_python(), "@@rc 0",
+      "@@fleetctl nvml", sep="\n")
 
 
 def text(value):
