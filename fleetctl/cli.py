@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import time
+from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 
-from . import report
+from . import audit, records, report, rollout
 from .errors import FleetError
 from .facts import gather
-from .fanout import EXIT_ERROR, EXIT_FAILED, exit_code, fan_out
+from .fanout import EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE, exit_code, fan_out
 from .inventory import load_inventory
 from .matrix import load_matrix
 from .plan import Lock, plan_host
+from .playbook import load_playbook
+from .provision import Options, provision_host
 
 
 def host_options() -> argparse.ArgumentParser:
@@ -35,6 +41,44 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetctl", description="Provision and keep right GPU serving fleets.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("facts", parents=[host_options()], help="gather every host's facts")
+    prov = sub.add_parser("provision", parents=[host_options()],
+                          help="facts → resolve → install → validate → smoke → activate, with a recap")
+    prov.add_argument("--playbook", help="playbook file (default: the built-in one)")
+    prov.add_argument("-C", "--check", action="store_true", help="decide everything, change nothing")
+    prov.add_argument("-D", "--diff", action="store_true", help="show what would change on each host")
+    prov.add_argument("--revalidate", action="store_true", help="run validate and smoke even where they passed before")
+    prov.add_argument("--wheelhouse", help="a directory of wheels to push to hosts and install from, with no index")
+    prov.add_argument("--cuda", help="CUDA to resolve for (default: fleet_cuda or auto)")
+    prov.add_argument("--vllm", help="vLLM policy (default: fleet_vllm or latest)")
+    prov.set_defaults(timeout=3600.0)
+    aud = sub.add_parser("audit", parents=[host_options()], help="drift of live facts against fleet.lock (read-only)")
+    aud.add_argument("--format", choices=["table", "json", "junit", "prometheus"], default="table")
+    aud.add_argument("-o", "--output", help="write the report to this file (atomically) instead of stdout")
+    aud.add_argument("--lock", help="fleet.lock to compare with (default: beside the inventory)")
+    aud.add_argument("--validate", action="store_true", help="also run the validation kernel in each current env")
+    aud.add_argument("--since", metavar="RUN_ID", help="also show what changed since that audit's snapshot")
+    aud.add_argument("--install-timer", metavar="SCHEDULE",
+                     help="write a systemd timer + service (and a cron line) running this audit, e.g. daily")
+    aud.add_argument("--timer-dir", help="where --install-timer writes (default: the systemd unit directory)")
+    roll = sub.add_parser("rollout", help="move the fleet to a new CUDA or vLLM in gated waves")
+    roll.add_argument("inventory", nargs="?", help="Ansible YAML inventory (not needed with --resume/--rollback)")
+    roll.add_argument("-l", "--limit")
+    roll.add_argument("-f", "--forks", type=int, default=50)
+    roll.add_argument("-T", "--timeout", type=float, default=3600.0)
+    roll.add_argument("--json", action="store_true")
+    roll.add_argument("--cuda", help="the CUDA to move to")
+    roll.add_argument("--vllm", help="the vLLM to move to (a version or range)")
+    roll.add_argument("--playbook")
+    roll.add_argument("--canary", type=int, default=1, help="hosts in the first wave (default 1)")
+    roll.add_argument("--batch", default="25%", help="hosts per later wave: a count or a percentage (default 25%%)")
+    roll.add_argument("--max-fail", default="10%",
+                      help="failed + timed-out + unreachable hosts tolerated before no further wave starts")
+    roll.add_argument("-C", "--check", action="store_true", help="show the plan and the waves; change nothing")
+    roll.add_argument("--resume", metavar="ROLLOUT_ID", help="carry on a rollout whose controller stopped")
+    roll.add_argument("--rollback", metavar="ROLLOUT_ID", help="return every host a rollout moved")
+    retry = sub.add_parser("retry", help="provision again only the hosts that did not succeed in a run")
+    retry.add_argument("run_id")
+    retry.add_argument("--json", action="store_true")
     plan = sub.add_parser("plan", parents=[host_options()], help="resolve each host's stack; change nothing")
     plan.add_argument("--cuda", help="what if the fleet moved to this CUDA (e.g. 12.9)")
     plan.add_argument("--vllm", help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
@@ -99,7 +143,190 @@ def cmd_plan(args, console: Console) -> int:
     return EXIT_FAILED if refused else exit_code(outcomes.values())  # a refusal counts as a failed host
 
 
-COMMANDS = {"facts": cmd_facts, "inventory": cmd_inventory, "plan": cmd_plan}
+def cmd_provision(args, console: Console) -> int:
+    inventory = load_inventory(args.inventory)
+    path, plays = load_playbook(args.playbook)
+    matrix = load_matrix()
+    limited = set(h.name for h in inventory.select(args.limit))
+    options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm})
+    record = {"run_id": records.new_run_id("provision"), "command": "provision",
+              "inventory": str(Path(args.inventory).resolve()), "playbook": str(path), "limit": args.limit,
+              "check": args.check, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": {}}
+    outcomes: dict = {}
+    for play in plays:
+        if args.wheelhouse:
+            play = replace(play, install={**play.install, "wheelhouse": str(Path(args.wheelhouse).resolve())})
+        hosts = [h for h in inventory.select(play.hosts) if h.name in limited]
+        with report.progress(console, len(hosts), f"{play.name}") as advance:
+            outcomes.update(fan_out(hosts, provision_host(play, matrix, options), forks=args.forks,
+                                    timeout=args.timeout, on_done=advance))
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["hosts"] = {name: {**o.value.to_dict(), "duration": round(o.duration, 1)} if o.ok
+                       else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
+    saved = records.save(record)
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        console.print(report.recap_table(outcomes.values(), diff=args.diff))
+        report.print_errors(console, outcomes.values())
+        report.print_failed_steps(console, outcomes.values())
+        console.print(f"run {record['run_id']} recorded in {saved}", highlight=False)
+    return provision_exit_code(record["hosts"].values())
+
+
+def provision_exit_code(hosts) -> int:
+    statuses = {h["status"] for h in hosts}
+    if statuses & {"failed", "timeout"}:
+        return EXIT_FAILED
+    return EXIT_UNREACHABLE if "unreachable" in statuses else 0
+
+
+def cmd_retry(args, console: Console) -> int:
+    record = records.load(args.run_id)
+    todo = [name for name, h in record["hosts"].items() if h["status"] not in ("ok", "changed")]
+    if not todo:
+        console.print(f"every host of {args.run_id} succeeded: nothing to retry")
+        return 0
+    again = parser().parse_args(["provision", record["inventory"], "--playbook", record["playbook"],
+                                 "--limit", ",".join(todo), *(["--check"] if record.get("check") else []),
+                                 *(["--json"] if args.json else [])])
+    return cmd_provision(again, console)
+
+
+def cmd_audit(args, console: Console) -> int:
+    inventory = load_inventory(args.inventory)
+    if args.install_timer:
+        return install_timer(args, console)
+    lock = Lock.read(Path(args.lock) if args.lock else Path(args.inventory).resolve().parent / "fleet.lock")
+    matrix = load_matrix()
+    hosts = inventory.select(args.limit)
+    old = records.load(args.since, "audits")["facts"] if args.since else None
+    with report.progress(console, len(hosts), "audit") as advance:
+        outcomes = fan_out(hosts, audit_task(args.validate), forks=args.forks, timeout=args.timeout, on_done=advance)
+    results, snapshot = {}, {}
+    for name, o in outcomes.items():
+        if not o.ok:
+            results[name] = {"status": o.status, "error": o.error}
+            continue
+        facts, verdict = o.value
+        snapshot[name] = facts.to_dict()
+        drifts = audit.drift(facts, lock.hosts.get(name), matrix)
+        if verdict is not None and verdict.get("verdict") != "pass":
+            drifts.append(audit.Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
+        results[name] = audit.host_result(drifts)
+    run_id = records.new_run_id("audit")
+    audit_report = audit.report_of(run_id, results)
+    if old is not None:
+        audit_report["since"] = {"run_id": args.since, "changes": audit.since(old, snapshot)}
+    records.save({"run_id": run_id, "time": audit_report["time"], "facts": snapshot}, "audits")
+    fmt = "json" if args.json else args.format
+    text = audit.FORMATS[fmt](audit_report) if fmt != "table" else None
+    if args.output and text is not None:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".tmp").write_text(text)
+        out.with_name(out.name + ".tmp").replace(out)  # a textfile collector never reads half a file
+    elif text is not None:
+        sys.stdout.write(text)
+    else:
+        console.print(report.audit_table(audit_report))
+        console.print(f"audit {run_id}: snapshot kept for --since {run_id}", highlight=False)
+    return audit.exit_code(audit_report)
+
+
+def audit_task(validate: bool):
+    def task(host, conn, deadline):
+        facts = gather(host, conn, deadline)
+        if not validate or not (facts.fleet or {}).get("current") or not facts.installed:
+            return facts, None
+        script = resources.files("fleetctl").joinpath("remote", "validate.py").read_text()
+        argv = ["--expect-gpus", str(len(facts.gpus)), "--backend", "none",
+                "--flashinfer" if facts.installed.get("flashinfer") and (facts.min_sm or 0) >= 75 else "--no-flashinfer"]
+        if facts.gpus:
+            argv += ["--expect-cc", ",".join(g.compute_capability for g in facts.gpus)]
+        # Fed on stdin: an audit writes nothing on the host.
+        result = conn.run(f"{shlex.quote(facts.fleet_root)}/current/bin/python - {' '.join(argv)}",
+                          timeout=deadline.left(host.name), stdin=script)
+        try:
+            return facts, json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return facts, {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
+    return task
+
+
+def install_timer(args, console: Console) -> int:
+    import os
+    import shutil
+
+    root = os.geteuid() == 0
+    where = Path(args.timer_dir or ("/etc/systemd/system" if root else "~/.config/systemd/user")).expanduser()
+    output = args.output or ("/var/lib/node_exporter/textfile_collector/fleetctl.prom" if root
+                             else str(Path("~/.local/state/fleetctl/fleetctl.prom").expanduser()))
+    files = audit.schedule_files([shutil.which("fleetctl")] if shutil.which("fleetctl") else
+                                 [sys.executable, "-m", "fleetctl.cli"],
+                                 str(Path(args.inventory).resolve()), args.install_timer, output, str(Path.cwd()))
+    where.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (where / name).write_text(text)
+    scope = "" if root else " --user"
+    console.print(f"wrote {', '.join(files)} to {where}\nenable with: systemctl{scope} daemon-reload && "
+                  f"systemctl{scope} enable --now fleetctl-audit.timer\nor add the line in fleetctl-audit.cron "
+                  "to a crontab", highlight=False)
+    return 0
+
+
+def cmd_rollout(args, console: Console) -> int:
+    if args.resume or args.rollback:
+        journal = rollout.Journal.load(args.resume or args.rollback)
+        args.inventory = journal.data["inventory"]
+    elif not args.inventory:
+        raise FleetError("rollout needs an inventory, or --resume/--rollback ROLLOUT_ID")
+    inventory = load_inventory(args.inventory)
+    hosts = {h.name: h for h in inventory.select(None)}
+    if args.rollback:
+        journal = rollout.rollback(journal, hosts, forks=args.forks, timeout=args.timeout)
+        return print_rollout(args, console, journal)
+    matrix = load_matrix()
+    if not args.resume:
+        overrides = {"cuda": args.cuda, "vllm": args.vllm}
+        selected = inventory.select(args.limit)
+        with report.progress(console, len(selected), "plan") as advance:
+            outcomes = fan_out(selected, gather, forks=args.forks, timeout=min(args.timeout, 120), on_done=advance)
+        plans = {n: plan_host(o.host, o.value, matrix, **overrides) for n, o in outcomes.items() if o.ok}
+        unreached = {n: o for n, o in outcomes.items() if not o.ok}
+        lock_file = Path(args.inventory).resolve().parent / "fleet.lock"
+        journal = rollout.Journal.start(str(Path(args.inventory).resolve()), args.playbook, overrides, plans,
+                                        args.canary, args.batch, args.max_fail,
+                                        Lock.read(lock_file) if lock_file.exists() else Lock(lock_file))
+        journal.data["left_alone"].update({n: {"reason": o.status, "why": o.error} for n, o in unreached.items()})
+        if args.check:
+            journal.data["status"] = "planned"
+        journal.save()
+        if not args.json:
+            console.print(report.rollout_plan(journal), highlight=False)
+        if args.check:
+            return print_rollout(args, console, journal)
+    _, plays = load_playbook(journal.data["playbook"])
+    overrides = journal.data["overrides"]
+    options = Options(overrides={k: v for k, v in overrides.items() if v})
+    with report.progress(console, sum(len(w) for w in journal.data["waves"]), "rollout") as advance:
+        journal = rollout.execute(journal, hosts, plays[0], matrix, options, forks=args.forks,
+                                  timeout=args.timeout, on_done=advance)
+    return print_rollout(args, console, journal)
+
+
+def print_rollout(args, console: Console, journal) -> int:
+    if args.json:
+        print(rollout.to_json(journal))
+    else:
+        console.print(report.rollout_table(journal), highlight=False)
+        console.print(f"rollout {journal.id}: {journal.data['status']} (--resume / --rollback {journal.id})",
+                      highlight=False)
+    return 0 if journal.data["status"] in ("done", "rolled_back", "planned") else EXIT_FAILED
+
+
+COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
+            "retry": cmd_retry}
 
 
 def main(argv: list[str] | None = None) -> int:

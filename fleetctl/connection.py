@@ -83,10 +83,11 @@ class LocalConnection:
 
     def __init__(self, name: str):
         self.name = name
+        self.running: set[subprocess.Popen] = set()
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
         start = time.monotonic()
-        # A new session lets a timeout kill the whole tree, not just the shell.
+        # A new session lets a timeout (or close) kill the whole tree, not just the shell.
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -95,12 +96,15 @@ class LocalConnection:
             text=True,
             start_new_session=True,
         )
+        self.running.add(proc)
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s") from None
+        finally:
+            self.running.discard(proc)
         return Result(self.name, command, proc.returncode, out, err, time.monotonic() - start)
 
     def put(self, local: Path, remote: str) -> None:
@@ -108,7 +112,15 @@ class LocalConnection:
         Path(remote).write_bytes(Path(local).read_bytes())
 
     def close(self) -> None:
-        pass
+        """End whatever still runs (fleetctl interrupted): TERM first, so scripts clean up."""
+        for proc in list(self.running):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
 
 
 def _ssh_options(host: Host) -> dict[str, str]:

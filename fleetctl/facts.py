@@ -62,6 +62,7 @@ class Facts:
     disk_free_gib: float | None = None
     container_runtime: dict | None = None
     installed: dict | None = None
+    fleet: dict | None = None
     gpu_error: str | None = None
 
     def to_dict(self) -> dict:
@@ -157,6 +158,7 @@ def parse_probe(output: str) -> Facts:
         disk_free_gib=parse_df(text("disk") or ""),
         container_runtime=parse_container(text("container") or ""),
         installed=parse_installed(text("installed") or ""),
+        fleet=parse_fleet_state(text("fleet-state") or ""),
     )
 
 
@@ -222,6 +224,18 @@ def parse_installed(text: str) -> dict | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) and data.get("env") else None
+
+
+def parse_fleet_state(text: str) -> dict:
+    """current/previous links, complete environments, the service's state under the install root."""
+    state: dict = {"current": None, "previous": None, "envs": [], "service": None}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "env":
+            state["envs"].append(value)
+        elif key in state and value:
+            state[key] = value
+    return state
 
 
 def parse_nvml(text: str) -> tuple[tuple[Gpu, ...], str | None, str | None]:

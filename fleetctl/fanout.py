@@ -80,55 +80,78 @@ def run_task(host: Host, task: Task, timeout: float, opened: list) -> Outcome:
 def fan_out(hosts: Iterable[Host], task: Task, *, forks: int = 50, timeout: float = 60.0,
             on_done: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
     """Run *task* on every host, at most *forks* at a time; {host name: Outcome} in inventory order."""
-    hosts = list(hosts)
-    by_name = {h.name: h for h in hosts}
-    queue = collections.deque(hosts)
-    outcomes: dict[str, Outcome] = {}
-    running: dict[str, tuple[float, list]] = {}
-    lock = threading.Lock()
-    changed = threading.Event()
+    return _FanOut(list(hosts), task, forks, timeout, on_done).run()
 
-    def finish(outcome: Outcome) -> None:
-        with lock:
-            if outcome.host.name in outcomes:  # the watchdog already called it
+
+class _FanOut:
+    """The state of one fan-out: a queue of hosts, workers taking from it, and a watchdog."""
+
+    def __init__(self, hosts: list[Host], task: Task, forks: int, timeout: float, on_done):
+        self.hosts, self.task, self.forks, self.timeout, self.on_done = hosts, task, forks, timeout, on_done
+        self.queue = collections.deque(hosts)
+        self.outcomes: dict[str, Outcome] = {}
+        self.running: dict[str, tuple[float, list]] = {}  # host → (started, connections it opened)
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+
+    def run(self) -> dict[str, Outcome]:
+        self.spawn(min(self.forks, len(self.hosts)))
+        try:
+            self.watch()
+        except KeyboardInterrupt:
+            with self.lock:
+                opened = [c for _, conns in self.running.values() for c in conns]
+            for conn in opened:  # stop what runs on the hosts (a smoke test's server, say) before leaving
+                _close(conn)
+            raise
+        return {h.name: self.outcomes[h.name] for h in self.hosts}
+
+    def finish(self, outcome: Outcome) -> None:
+        with self.lock:
+            if outcome.host.name in self.outcomes:  # the watchdog already called it
                 return
-            outcomes[outcome.host.name] = outcome
-            running.pop(outcome.host.name, None)
-        changed.set()
-        if on_done:
-            on_done(outcome)
+            self.outcomes[outcome.host.name] = outcome
+            self.running.pop(outcome.host.name, None)
+        self.changed.set()
+        if self.on_done:
+            self.on_done(outcome)
 
-    def worker() -> None:
+    def worker(self) -> None:
         while True:
-            with lock:
-                if not queue:
+            with self.lock:
+                if not self.queue:
                     return
-                host = queue.popleft()
+                host = self.queue.popleft()
                 opened: list = []
-                running[host.name] = (time.monotonic(), opened)
-            finish(run_task(host, task, timeout, opened))
+                self.running[host.name] = (time.monotonic(), opened)
+            self.finish(run_task(host, self.task, self.timeout, opened))
 
-    def spawn(n: int) -> None:
+    def spawn(self, n: int) -> None:
         for _ in range(n):
-            threading.Thread(target=worker, daemon=True).start()
+            threading.Thread(target=self.worker, daemon=True).start()
 
-    spawn(min(forks, len(hosts)))
-    while len(outcomes) < len(hosts):
-        changed.wait(0.25)
-        changed.clear()
-        now = time.monotonic()
-        with lock:
-            overdue = [(n, t, o) for n, (t, o) in running.items() if now > t + timeout + GRACE]
-        for name, started, opened in overdue:
-            finish(Outcome(by_name[name], "timeout", error=f"did not finish within {timeout:.0f}s",
-                           fix="raise --timeout if the host is just slow", duration=now - started))
-            for conn in opened:
-                try:
-                    conn.close()
-                except Exception:  # noqa: BLE001 - closing a stuck socket is best effort
-                    pass
-            spawn(1)  # the stuck worker's replacement
-    return {h.name: outcomes[h.name] for h in hosts}
+    def watch(self) -> None:
+        """Wait for every host, cutting off those past their deadline."""
+        by_name = {h.name: h for h in self.hosts}
+        while len(self.outcomes) < len(self.hosts):
+            self.changed.wait(0.25)
+            self.changed.clear()
+            now = time.monotonic()
+            with self.lock:
+                overdue = [(n, t, o) for n, (t, o) in self.running.items() if now > t + self.timeout + GRACE]
+            for name, started, opened in overdue:
+                self.finish(Outcome(by_name[name], "timeout", error=f"did not finish within {self.timeout:.0f}s",
+                                    fix="raise --timeout if the host is just slow", duration=now - started))
+                for conn in opened:
+                    _close(conn)
+                self.spawn(1)  # the stuck worker's replacement
+
+
+def _close(conn) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a stuck socket is best effort
+        pass
 
 
 def exit_code(outcomes: Iterable[Outcome]) -> int:

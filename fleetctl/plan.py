@@ -126,8 +126,8 @@ class LockedHost:
 class Lock:
     """``fleet.lock``: {host: LockedHost}, read and written as deterministic YAML."""
 
-    def __init__(self, path: Path, hosts: dict[str, LockedHost] | None = None, matrix: str | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, hosts: dict[str, LockedHost] | None = None, matrix: str | None = None):
+        self.path = Path(path) if path else None
         self.hosts = dict(hosts or {})
         self.matrix = matrix
 
@@ -158,6 +158,23 @@ class Lock:
         self.hosts[name] = LockedHost(name, _digest([cf, req]), cf, req, resolution.status, resolution.stack,
                                       resolution.reasons, resolution.fix)
         self.matrix = matrix
+
+    def entry(self, name: str) -> dict | None:
+        """A host's lock entry as plain data (for a rollout's journal), or None."""
+        h = self.hosts.get(name)
+        if h is None:
+            return None
+        return {"class": h.host_class, "facts": h.facts, "request": h.request, "status": h.status,
+                "stack": h.stack.to_dict() if h.stack else None, "reasons": list(h.reasons), "fix": h.fix}
+
+    def put(self, name: str, entry: dict | None) -> None:
+        """Set (or, with None, drop) a host's entry from plain data."""
+        if entry is None:
+            self.hosts.pop(name, None)
+            return
+        self.hosts[name] = LockedHost(name, entry["class"], entry["facts"], entry["request"], entry["status"],
+                                      Stack.from_dict(entry["stack"]) if entry["stack"] else None,
+                                      tuple(entry["reasons"]), entry["fix"])
 
     def text(self) -> str:
         classes = {}

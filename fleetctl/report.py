@@ -116,3 +116,79 @@ def print_refusals(console: Console, plans: Iterable[HostPlan]) -> None:
         if not p.resolution.ok:
             console.print(f"{status('refused')} {p.host.name}: {p.resolution.reasons[-1]} ({p.resolution.fix})",
                           highlight=False, soft_wrap=True)
+
+
+def recap_table(outcomes: Iterable[Outcome], diff: bool = False) -> Table:
+    """Ansible's PLAY RECAP, with the stack, the kernel verdict and time to first token."""
+    table = Table(title="recap", show_lines=diff)
+    for column in ("host", "status", "ok", "changed", "failed", "skipped", "stack", "kernel", "TTFT"):
+        table.add_column(column)
+    if diff:
+        table.add_column("changes")
+    for o in outcomes:
+        if not o.ok:
+            table.add_row(o.host.name, status(o.status), "", "", "", "", f"[red]{o.error}[/]", "", "",
+                          *([""] if diff else []))
+            continue
+        run = o.value
+        counts = run.counts()
+        kernel = next((s.status for s in run.steps if s.name == "validate"), "-")
+        ttft = run.figure("smoke", "ttft_s")
+        row = [o.host.name, status(run.status), str(counts["ok"]), str(counts["changed"]), str(counts["failed"]),
+               str(counts["skipped"]), (run.stack or {}).get("id", "-"),
+               {"ok": "pass", "failed": "[red]fail[/]"}.get(kernel, kernel), f"{ttft:.2f} s" if ttft else "-"]
+        table.add_row(*row, *(["\n".join(run.changes) or "none"] if diff else []))
+    return table
+
+
+def print_failed_steps(console: Console, outcomes: Iterable[Outcome]) -> None:
+    for o in outcomes:
+        if o.ok:
+            for step in o.value.steps:
+                if step.status == "failed":
+                    console.print(f"{status('failed')} {o.host.name} {step.name}: {step.detail}",
+                                  highlight=False, soft_wrap=True)
+                    if step.tail:
+                        console.print(step.tail, highlight=False, style="dim", soft_wrap=True)
+
+
+def audit_table(audit_report: dict) -> Table:
+    table = Table(title=f"drift against fleet.lock ({audit_report['time']})", show_lines=True)
+    for column in ("host", "status", "drift"):
+        table.add_column(column)
+    since = (audit_report.get("since") or {}).get("changes", {})
+    if "since" in audit_report:
+        table.add_column(f"since {audit_report['since']['run_id']}")
+    for name, h in audit_report["hosts"].items():
+        style = {"clean": "green", "drift": "yellow"}.get(h["status"], "red")
+        details = "\n".join(f"{d['kind']}: {d['detail']}" for d in h.get("drift", [])) or h.get("error") or "-"
+        row = [name, f"[{style}]{h['status']}[/]", details]
+        if "since" in audit_report:
+            row.append("\n".join(since.get(name, [])) or "-")
+        table.add_row(*row)
+    return table
+
+
+def rollout_plan(journal) -> str:
+    d = journal.data
+    lines = [f"rollout {d['run_id']}: {sum(len(w) for w in d['waves'])} host(s) move in {len(d['waves'])} wave(s) "
+             f"(failure budget {d['budget']})"]
+    lines += [f"  wave {i}: {', '.join(w)}" for i, w in enumerate(d["waves"], 1)]
+    lines += [f"  left alone: {n} ({a['reason']}{': ' + a['why'] if a.get('why') else ''})"
+              for n, a in d["left_alone"].items()]
+    return "\n".join(lines)
+
+
+def rollout_table(journal) -> Table:
+    d = journal.data
+    table = Table(title=f"rollout {d['run_id']}: {d['status']}")
+    for column in ("host", "wave", "state", "from", "to", "detail"):
+        table.add_column(column)
+    for name, h in d["hosts"].items():
+        style = {"done": "green", "reverted": "cyan", "rolled_back": "yellow"}.get(h["state"], "red")
+        detail = h.get("rollback") or h.get("error") or ""
+        table.add_row(name, str(h.get("wave", "-")), f"[{style}]{h['state']}[/]", h.get("from") or "-",
+                      h["to"], detail)
+    for name, a in d["left_alone"].items():
+        table.add_row(name, "-", "left alone", "-", "-", f"{a['reason']}{': ' + a['why'] if a.get('why') else ''}")
+    return table

@@ -90,3 +90,24 @@ def fleetctl_json(*args: str, timeout: float = 300) -> tuple[int, dict]:
         return proc.returncode, json.loads(proc.stdout)
     except ValueError:
         raise AssertionError(f"not JSON (exit {proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def serve_lab(tmp_path_factory):
+    """Hosts that really install and serve (the CPU build of vLLM) across the provision, audit and
+    rollout tests, which run in that order: cpu-a is provisioned once and then changed."""
+    if not _sshd_available():
+        pytest.skip("the lab needs root and openssh-server")
+    lab = Lab(tmp_path_factory.mktemp("serve-lab"), net=80)
+    # The lab's hosts share this machine's loopback: each serves on a port of its own.
+    lab.add("cpu-a", None, os_release="ubuntu-24.04", fleet_service_port=18001)
+    lab.add("cpu-b", None, os_release="ubuntu-22.04", fleet_service_port=18002)
+    lab.add("h100", "h100-sxm-80gb")
+    lab.add("old-470", "old-driver-470")
+    lab.start()
+    # torch 2.13.0+cpu comes from the wheels pip is configured with on these machines.
+    inventory = lab.write_inventory(tmp_path_factory.mktemp("inv") / "serve.yml",
+                                    {"cpu": ["cpu-a", "cpu-b"], "gpu": ["h100", "old-470"]},
+                                    fleet_torch_index="default")
+    yield lab, inventory
+    lab.stop()

@@ -101,5 +101,9 @@ def test_nvml_probe_recorded_on_the_gpu_test_host():
     (gpu,) = facts.gpus
     assert (gpu.name, gpu.compute_capability, gpu.memory_mib, gpu.pci_bus_id, gpu.mig_mode) == (
         "NVIDIA H200", "9.0", 143771, "00000000:00:06.0", "Disabled")
-    assert (facts.python["path"], facts.python["version"]) == ("/opt/torch/.venv/bin/python3", "3.12.3")
+    assert facts.python == {"path": "/opt/torch/.venv/bin/python3", "version": "3.12.3", "torch": "2.11.0",
+                            "torch_cuda": "13.0"}
     assert (facts.os["id"], facts.glibc) == ("ubuntu", "2.39")
+    # Recorded after fleetctl provisioned the host with playbooks/kernels-only.yml.
+    assert facts.fleet["current"] == facts.fleet["envs"][0] == "envs/kernels-torch-2.11.0-c3c319b121"
+    assert (facts.installed["flashinfer"], facts.installed["torch"]) == ("0.7.2.post1", "2.11.0")

