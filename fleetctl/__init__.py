@@ -10,6 +10,7 @@ from .errors import (
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, exit_code, fan_out
 from .inventory import Host, Inventory, load_inventory
+from .container import render_container
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
 from .resolve import Request, Resolution, Stack, resolve
@@ -18,5 +19,5 @@ __all__ = [
     "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
     "Resolution", "Result", "Stack", "StateError", "TimedOut", "Unreachable", "changes", "connect", "exit_code",
-    "fan_out", "gather", "load_inventory", "load_matrix", "parse_probe", "plan_host", "resolve",
+    "fan_out", "gather", "load_inventory", "load_matrix", "parse_probe", "plan_host", "render_container", "resolve",
 ]

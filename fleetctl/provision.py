@@ -95,7 +95,7 @@ class Provisioner:
                  options: Options, on_step: Callable[[str, str], None] | None = None):
         self.host, self.conn, self.deadline = host, conn, deadline
         self.play = play.for_host(host.vars)
-        self.hostvars = {**host.vars, **self.play.vars}
+        self.hostvars = play.hostvars(host.vars)
         self.matrix, self.options = matrix, options
         self.on_step = on_step or (lambda host, step: None)
         self.run = HostRun(host.name)

@@ -31,7 +31,7 @@ from .inventory import Host
 from .matrix import Matrix
 from .plan import HostPlan, Lock
 from .playbook import Play
-from .provision import ACTIVATE, Options, provision_host
+from .provision import ACTIVATE, STOP_SERVICE, Options, provision_host
 
 KIND = "rollouts"
 
@@ -215,10 +215,22 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
 
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
         entry = journal.data["hosts"][host.name]
-        root = entry["run"]["facts"]["fleet_root"]
-        result = conn.run(ACTIVATE.format(root=shlex.quote(root), target=shlex.quote(entry["from"])),
+        root = shlex.quote(entry["run"]["facts"]["fleet_root"])
+        result = conn.run(ACTIVATE.format(root=root, target=shlex.quote(entry["from"])),
                           timeout=deadline.left(host.name))
-        journal.mark(host.name, "reverted" if result.ok else "revert_failed", reverted_to=entry["from"])
+        if not result.ok:
+            journal.mark(host.name, "revert_failed", error=result.stderr[-500:])
+            return
+        # A running service still serves the stack rolled back from: restart it on current.
+        package = ((entry.get("lock_before") or {}).get("stack") or {}).get("vllm_package") or "vllm"
+        port = shlex.quote(str(host.vars.get("fleet_service_port", 8000)))
+        restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({STOP_SERVICE.format(root=root)})\n"
+                           f"{root}/current/bin/python {root}/lib/smoke.py --port {port} --work {root}/service "
+                           f"--vllm-package {shlex.quote(package)} --keep-serving {root}/service.pid >/dev/null && "
+                           f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
+                           timeout=deadline.left(host.name))
+        journal.mark(host.name, "reverted", reverted_to=entry["from"],
+                     service="restarted on the previous stack" if restart.ok else "could not be restarted")
 
     fan_out([hosts[n] for n in moved if n in hosts], task, forks=forks, timeout=timeout)
     reverted = {n: journal.data["hosts"][n]["lock_before"] for n in moved

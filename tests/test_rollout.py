@@ -10,13 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from fleetctl import rollout
 from fleetctl.errors import FleetError
 from tests.conftest import ROOT, fleetctl_json
-
-import pytest
 
 
 def current(lab, name):
@@ -64,8 +63,8 @@ def test_budget_counts_an_unreachable_host(serve_lab):
     proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "rollout", str(inventory), "--limit", "cpu",
                              "--vllm", "0.31.0", "--canary", "1", "--max-fail", "0", "--json"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    # cpu-b has nothing installed, so it moves; it is the canary (inventory order puts cpu-a first
-    # but cpu-a already has a 0.31.0 environment... both move). Kill whichever host the first wave runs on.
+    # Both hosts move (cpu-b has nothing yet); the canary is the first in inventory order.
+    # Kill it as soon as its wave starts.
     deadline = time.monotonic() + 120
     journal = None
     while journal is None:

@@ -170,8 +170,8 @@ class Lab:
                 bashrc = f"mount --bind {host.dir}/bashrc /root/.bashrc && " if Path("/root/.bashrc").exists() else ""
                 script = (f"mount --bind {host.fleet_root} /opt/fleetctl && "
                           f"mount --bind {host.dir}/os-release /etc/os-release && {bashrc}exec \"$@\"")
-                # and its own PID namespace, so killing its sshd (PID 1 there) ends every
-                # session on it, as a host dying does.
+                # Its own PID namespace (and /proc, which vLLM's CPU worker reads) means
+                # killing its sshd (PID 1 there) ends every session on it, as a host dying does.
                 cmd = ["unshare", "-m", "-p", "-f", "--mount-proc", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
             log = open(host.dir / "sshd.log", "ab")
             host.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
@@ -187,6 +187,13 @@ class Lab:
                                        + (host.dir / "sshd.log").read_text()[-500:])
                 time.sleep(0.02)
         return self
+
+    def ssh(self, name: str, command: str) -> subprocess.CompletedProcess:
+        """Run *command* on a lab host through the real OpenSSH client (inside its namespaces)."""
+        host = self.hosts[name]
+        return subprocess.run(["ssh", "-q", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+                               "-i", str(self.key), "-p", str(PORT), f"root@{host.address}", command],
+                              capture_output=True, text=True, timeout=120)
 
     def stop(self) -> None:
         for host in self.hosts.values():
