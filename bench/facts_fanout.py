@@ -6,7 +6,8 @@ Starts a lab of N real sshd hosts (tests/lab), then times, side by side in one r
 - OpenSSH, one `ssh host probe` per host all at once, curve25519 key exchange (the floor
   for a cold fan-out: one handshake per host is the physical cost), and with default kex;
 - Ansible, `ansible all -m shell -a PROBE -f N` with pipelining and ControlPersist;
-- fleetctl facts at its default --forks 50 (wall time and peak RSS), and at --forks 8.
+- fleetctl facts at its default --forks 50 (wall time and peak RSS), and at --forks 8;
+- fleetctl audit against a lock written by plan (it should cost about one facts run).
 Prints one table; fleetctl's ratios to the floor and to Ansible are the figures that matter.
 """
 
@@ -69,8 +70,14 @@ def main(sizes: list[int]) -> None:
             # Every lab "host" shares this machine's cores, so past a few forks the remote work
             # thrashes; a real fleet's remote work runs on the hosts. Shown for that reason.
             fleet8, code8, _ = timed([*facts, "--forks", "8"])
+            # An audit is one facts probe per host plus a pure comparison with the lock.
+            subprocess.run([sys.executable, "-m", "fleetctl.cli", "plan", str(inventory), "--write-lock"],
+                           capture_output=True)
+            audit_s, audit_code, _ = timed([sys.executable, "-m", "fleetctl.cli", "audit", str(inventory),
+                                            "--format", "json"])
             row = {"N": n, "openssh curve25519": floor, "openssh default kex": default, "fleetctl": fleet,
-                   "fleetctl -f 8": fleet8, "fleetctl RSS MiB": rss, "failures": f1 + f2 + (code != 0) + (code8 != 0)}
+                   "fleetctl -f 8": fleet8, "audit": audit_s, "fleetctl RSS MiB": rss,
+                   "failures": f1 + f2 + (code != 0) + (code8 != 0) + (audit_code not in (0, 2))}
             if ansible:
                 env = {**os.environ, "ANSIBLE_PIPELINING": "1", "ANSIBLE_HOST_KEY_CHECKING": "False",
                        "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s",
@@ -83,14 +90,14 @@ def main(sizes: list[int]) -> None:
             lab.stop()
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'N':>4} {'ssh c25519':>10} {'ssh default':>11} {'ansible':>8} {'fleetctl':>8} "
-          f"{'÷floor':>6} {'ansible÷':>8} {'-f 8':>6} {'÷floor':>6} {'RSS MiB':>7} {'fail':>4}")
+          f"{'÷floor':>6} {'ansible÷':>8} {'-f 8':>6} {'÷floor':>6} {'audit':>6} {'RSS MiB':>7} {'fail':>4}")
     for r in rows:
         fleet, ansible_s = r["fleetctl"], r.get("ansible")
         vs_ansible = f"{ansible_s / fleet:.1f}x" if ansible_s else "-"
         ansible_col = f"{ansible_s:.2f}" if ansible_s else "-"
         print(f"{r['N']:>4} {r['openssh curve25519']:>10.2f} {r['openssh default kex']:>11.2f} {ansible_col:>8} "
               f"{fleet:>8.2f} {fleet / r['openssh curve25519']:>6.2f} {vs_ansible:>8} "
-              f"{r['fleetctl -f 8']:>6.2f} {r['fleetctl -f 8'] / r['openssh curve25519']:>6.2f} "
+              f"{r['fleetctl -f 8']:>6.2f} {r['fleetctl -f 8'] / r['openssh curve25519']:>6.2f} {r['audit']:>6.2f} "
               f"{r['fleetctl RSS MiB']:>7} {r['failures']:>4}")
 
 if __name__ == "__main__":
