@@ -106,23 +106,29 @@ class Provisioner:
         try:
             facts = self.step("facts", self.facts)
             stack = self.step("resolve", lambda: self.resolve(facts))
-            self.root = facts.fleet_root
-            self.container = stack.container_image is not None
-            self.env_rel = f"{'containers' if self.container else 'envs'}/{stack.id}"
-            self.env = f"{self.root}/{self.env_rel}"
-            runtime = (facts.container_runtime or {}).get("name", "docker")
-            # Proofs run with the stack's own Python: the environment's, or the image's.
-            env_flags = "".join(f" -e {q(f'{k}={v}')}" for k, v in stack.env.items())
-            self.python = (f"{runtime} run --rm --gpus all --ipc=host --network host{env_flags} -v {q(self.root)}/lib:"
-                           f"{q(self.root)}/lib:ro -v {q(self.root)}/smoke:{q(self.root)}/smoke --entrypoint python3 "
-                           f"{q(stack.container_image)}" if self.container else f"{q(self.env)}/bin/python")
-            self.runtime = runtime
+            self.locate(facts, stack)
             done = self.stack_state(stack)
             for name in self.play.steps:
                 self.step(name, lambda n=name: getattr(self, n)(facts, stack, done))
         except StepFailed:
             pass  # recorded; the host's later steps do not run
         return self.run
+
+    def locate(self, facts: Facts, stack: Stack) -> None:
+        """Where the stack lives on the host, and the Python its proofs run with: the
+        environment's own, or the image's in container mode."""
+        self.root = facts.fleet_root
+        self.container = stack.container_image is not None
+        self.env_rel = f"{'containers' if self.container else 'envs'}/{stack.id}"
+        self.env = f"{self.root}/{self.env_rel}"
+        self.runtime = (facts.container_runtime or {}).get("name", "docker")
+        self.python = f"{q(self.env)}/bin/python"
+        if self.container:
+            root = q(self.root)
+            env = "".join(f" -e {q(f'{k}={v}')}" for k, v in stack.env.items())
+            self.python = (f"{self.runtime} run --rm --gpus all --ipc=host --network host{env} "
+                           f"-v {root}/lib:{root}/lib:ro -v {root}/smoke:{root}/smoke --entrypoint python3 "
+                           f"{q(stack.container_image)}")
 
     def step(self, name: str, action):
         self.on_step(self.host.name, name)
@@ -409,10 +415,10 @@ def mismatches(stack: Stack, got: dict) -> list[str]:
 
 def summary(name: str, verdict: dict) -> str:
     if name == "smoke":
-        return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s')} s, "
-                f"first token in {verdict.get('ttft_s')} s")
-    figures = [f"{k}={v}" for g in verdict.get("gpus", []) for k, v in g.items()
-               if k in ("decode_max_err", "graph_replay_us")]
+        return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s') or 0:.1f} s, "
+                f"first token in {verdict.get('ttft_s') or 0:.3f} s")
+    figures = [f"{k}={v:.3g}" for g in verdict.get("gpus", []) for k, v in g.items()
+               if k in ("decode_max_err", "graph_replay_us") and isinstance(v, (int, float))]
     return f"{verdict.get('device')}: {len(verdict.get('checks', []))} checks passed" + (
         f" ({', '.join(figures)})" if figures else "")
 
