@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -255,7 +256,6 @@ def audit_task(validate: bool):
 
 
 def install_timer(args, console: Console) -> int:
-    import os
     import shutil
 
     root = os.geteuid() == 0
@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("fleetctl: interrupted")
         return 130
+    except BrokenPipeError:  # `fleetctl … | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

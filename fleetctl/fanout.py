@@ -90,6 +90,7 @@ class _FanOut:
         self.hosts, self.task, self.forks, self.timeout, self.on_done = hosts, task, forks, timeout, on_done
         self.queue = collections.deque(hosts)
         self.outcomes: dict[str, Outcome] = {}
+        self.finishing: set[str] = set()
         self.running: dict[str, tuple[float, list]] = {}  # host → (started, connections it opened)
         self.lock = threading.Lock()
         self.changed = threading.Event()
@@ -108,13 +109,17 @@ class _FanOut:
 
     def finish(self, outcome: Outcome) -> None:
         with self.lock:
-            if outcome.host.name in self.outcomes:  # the watchdog already called it
-                return
-            self.outcomes[outcome.host.name] = outcome
+            if outcome.host.name in self.outcomes or outcome.host.name in self.finishing:
+                return  # the watchdog already called it (or the worker, just now)
+            self.finishing.add(outcome.host.name)
             self.running.pop(outcome.host.name, None)
-        self.changed.set()
-        if self.on_done:
-            self.on_done(outcome)
+        try:
+            if self.on_done:  # before the host counts as done: fan_out returns after every callback
+                self.on_done(outcome)
+        finally:
+            with self.lock:
+                self.outcomes[outcome.host.name] = outcome
+            self.changed.set()
 
     def worker(self) -> None:
         while True:

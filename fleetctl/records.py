@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def new_run_id(kind: str = "run") -> str:
 def save(record: dict, kind: str = "runs") -> Path:
     path = state_dir() / kind / f"{record['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # A name of its own per writer: two threads saving at once must not share a temporary file.
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(path)
     return path

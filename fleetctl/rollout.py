@@ -67,7 +67,7 @@ class Journal:
     """The rollout's state on disk; every change is saved before the next host step."""
 
     data: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def start(cls, inventory: str, playbook: str | None, overrides: dict, plans: dict[str, HostPlan],
@@ -109,7 +109,8 @@ class Journal:
         return self.data["run_id"]
 
     def save(self) -> None:
-        records.save(self.data, KIND)
+        with self.lock:  # hosts of a wave finish on several threads
+            records.save(self.data, KIND)
 
     def failures(self) -> int:
         return sum(h["state"] in ("failed", "rolled_back", "unreachable", "timeout") for h in self.data["hosts"].values())
@@ -119,7 +120,7 @@ class Journal:
         return [n for n in wave if self.data["hosts"][n]["state"] in ("pending", "running")]
 
     def mark(self, name: str, state: str, **extra) -> None:
-        with self.lock:  # hosts of a wave finish on several threads
+        with self.lock:
             self.data["hosts"][name].update(state=state, **extra)
             self.save()
 

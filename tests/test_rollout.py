@@ -62,7 +62,7 @@ def test_budget_counts_an_unreachable_host(serve_lab):
     lab, inventory = serve_lab
     proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "rollout", str(inventory), "--limit", "cpu",
                              "--vllm", "0.31.0", "--canary", "1", "--max-fail", "0", "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Both hosts move (cpu-b has nothing yet); the canary is the first in inventory order.
     # Kill it as soon as its wave starts.
     deadline = time.monotonic() + 120
@@ -76,7 +76,8 @@ def test_budget_counts_an_unreachable_host(serve_lab):
         time.sleep(0.2)
     canary = journal["waves"][0][0]
     lab.hosts[canary].kill()
-    out, _ = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
+    assert out, f"exit {proc.returncode}: {err[-3000:]}"
     result = json.loads(out)
     assert result["hosts"][canary]["state"] == "unreachable"
     assert result["status"] == "stopped" and proc.returncode == 2
@@ -88,12 +89,13 @@ def test_killed_controller_resumes_then_rollback(serve_lab):
     lab, inventory = serve_lab
     before = current(lab, "cpu-a")
     proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "rollout", str(inventory), "--limit", "cpu-a",
-                             "--vllm", "0.31.0", "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                             "--vllm", "0.31.0", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     smoke = lab.hosts["cpu-a"].fleet_root / "smoke" / "server.log"
     start = smoke.stat().st_mtime if smoke.exists() else 0
     deadline = time.monotonic() + 900
     while not (smoke.exists() and smoke.stat().st_mtime > start):  # the gate's server is starting
-        assert time.monotonic() < deadline and proc.poll() is None
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # the controller dies mid-wave
     proc.wait()
