@@ -34,6 +34,19 @@ FLEET = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory):
+    """Run records, audit snapshots and rollout journals of the tests go to a directory of their
+    own, not the user's ~/.local/state (fleetctl subprocesses inherit the variable)."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
 def _sshd_available() -> bool:
     return Path("/usr/sbin/sshd").exists() and os.geteuid() == 0
 
