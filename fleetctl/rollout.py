@@ -158,7 +158,7 @@ def _entry(plan: HostPlan) -> dict:
 def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix, options: Options, *,
             forks: int, timeout: float, on_done=None) -> Journal:
     """Run (or resume) the journal's waves; stop once the failure budget is spent."""
-    for number, wave in enumerate(journal.data["waves"], 1):
+    for wave in journal.data["waves"]:
         todo = journal.todo(wave)
         if not todo:
             continue

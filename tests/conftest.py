@@ -102,7 +102,7 @@ def fleetctl_json(*args: str, timeout: float = 300) -> tuple[int, dict]:
     try:
         return proc.returncode, json.loads(proc.stdout)
     except ValueError:
-        raise AssertionError(f"not JSON (exit {proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise AssertionError(f"not JSON (exit {proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}") from None
 
 
 @pytest.fixture(scope="session")

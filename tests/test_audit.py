@@ -10,7 +10,6 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-import yaml
 
 from fleetctl import audit
 from fleetctl.facts import Facts, Gpu
@@ -26,7 +25,8 @@ H100 = Facts(gpus=(Gpu(0, "NVIDIA H100 80GB HBM3", "GPU-0", "9.0", 81559, None, 
              nvcc="13.0.88")
 
 
-def locked(facts: Facts, tmp_path, request=Request()):
+def locked(facts: Facts, tmp_path, request: Request | None = None):
+    request = request or Request()
     lock = Lock(tmp_path / "fleet.lock")
     lock.record("h", facts, request, resolve(facts, request, MATRIX), MATRIX.digest)
     return lock.hosts["h"]

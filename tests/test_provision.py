@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from fleetctl import records
 from tests.conftest import ROOT, fleetctl_json
