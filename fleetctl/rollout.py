@@ -26,12 +26,15 @@ from pathlib import Path
 from . import records
 from .connection import Connection
 from .errors import FleetError, StateError
+from .facts import Facts
 from .fanout import Deadline, Outcome, fan_out
 from .inventory import Host
-from .matrix import Matrix
+from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock
 from .playbook import Play
-from .provision import ACTIVATE, STOP_SERVICE, Options, provision_host
+from .provision import ACTIVATE, MARKER, STOP_SERVICE, Options, provision_host
+from .resolve import Stack
+from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 
 KIND = "rollouts"
 
@@ -176,7 +179,7 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
                 on_done=done)
         failed = [n for n in todo if journal.data["hosts"][n]["state"] == "failed"]
         if failed:  # a failed gate: prove the host still serves what it had
-            fan_out([hosts[n] for n in failed], prove_previous(journal), forks=forks, timeout=timeout)
+            fan_out([hosts[n] for n in failed], prove_previous(journal, play, matrix), forks=forks, timeout=timeout)
         if journal.failures() > journal.data["budget"]:
             break
     stopped = journal.failures() > journal.data["budget"] or any(
@@ -189,49 +192,79 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
     return journal
 
 
-def prove_previous(journal: Journal):
+def previous_server(conn: Connection, host: Host, facts: dict, env_rel: str, hostvars: dict, matrix: Matrix,
+                    deadline: Deadline, model: str | None = None, **where) -> list[str] | str:
+    """smoke.py's arguments for serving the environment *env_rel* the way provision serves it
+    (its stack's attention backend and CUDA-graph mode, the host's serving vars), or why not."""
+    root = facts["fleet_root"]
+    marker = conn.run(f"cat {shlex.quote(root)}/{shlex.quote(env_rel)}/{MARKER}", timeout=deadline.left(host.name))
+    try:
+        stack = Stack.from_dict(json.loads(marker.stdout)["stack"])
+    except (ValueError, KeyError, TypeError):
+        return f"{env_rel} has no readable {MARKER}"
+    serve = plan_serving(Facts.from_dict(facts), stack, hostvars, model=model)
+    if not serve.ok:
+        return f"cannot serve as asked: {serve.reason} ({serve.fix})"
+    return smoke_argv(stack, serve.config, backend_option(matrix, stack.vllm),
+                      pycache=f"{root}/{env_rel}/{PYCACHE}", **where)
+
+
+def prove_previous(journal: Journal, play: Play, matrix: Matrix):
     """After a failed gate: the host's current environment (untouched) must still generate tokens."""
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
         entry = journal.data["hosts"][host.name]
-        root = entry["run"]["facts"]["fleet_root"] if entry.get("run") else None
-        if not entry.get("from") or not root:
+        facts = entry["run"]["facts"] if entry.get("run") else None
+        if not entry.get("from") or not facts:
             journal.mark(host.name, "failed", serving_again=None, rollback="no previous environment to return to")
             return
-        package = (entry.get("lock_before") or {}).get("stack", {}).get("vllm_package") or "vllm"
-        q = shlex.quote
-        result = conn.run(f"{q(root)}/current/bin/python {q(root)}/lib/smoke.py --port 0 --work {q(root)}/smoke "
-                          f"--max-tokens 8 --vllm-package {q(package)}", timeout=deadline.left(host.name))
-        try:
-            verdict = json.loads(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            verdict = {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
+        root = shlex.quote(facts["fleet_root"])
+        argv = previous_server(conn, host, facts, entry["from"], play.hostvars(host.vars), matrix, deadline,
+                               model=str(play.for_host(host.vars).smoke["model"] or "") or None,
+                               port=0, work=f"{facts['fleet_root']}/smoke", max_tokens=8)
+        if isinstance(argv, str):
+            verdict = {"verdict": "fail", "error": argv}
+        else:
+            result = conn.run(f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))}",
+                              timeout=deadline.left(host.name))
+            try:
+                verdict = json.loads(result.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                verdict = {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
         journal.mark(host.name, "rolled_back", serving_again=verdict.get("verdict") == "pass",
-                     rollback=f"kept {entry['from']}; smoke test there: {verdict.get('verdict')}")
+                     rollback=f"kept {entry['from']}; smoke test there: {verdict.get('verdict')}"
+                     + (f" ({verdict['error']})" if verdict.get("error") else ""))
     return task
 
 
-def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: float) -> Journal:
+def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: float,
+             matrix: Matrix | None = None) -> Journal:
     """Return every host the rollout moved to the environment it had before."""
     moved = [n for n, h in journal.data["hosts"].items() if h["state"] == "done" and h.get("from")]
+    matrix = matrix or load_matrix()
 
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
         entry = journal.data["hosts"][host.name]
-        root = shlex.quote(entry["run"]["facts"]["fleet_root"])
+        facts = entry["run"]["facts"]
+        root = shlex.quote(facts["fleet_root"])
         result = conn.run(ACTIVATE.format(root=root, target=shlex.quote(entry["from"])),
                           timeout=deadline.left(host.name))
         if not result.ok:
             journal.mark(host.name, "revert_failed", error=result.stderr[-500:])
             return
         # A running service still serves the stack rolled back from: restart it on current.
-        package = ((entry.get("lock_before") or {}).get("stack") or {}).get("vllm_package") or "vllm"
-        port = shlex.quote(str(host.vars.get("fleet_service_port", 8000)))
-        restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({STOP_SERVICE.format(root=root)})\n"
-                           f"{root}/current/bin/python {root}/lib/smoke.py --port {port} --work {root}/service "
-                           f"--vllm-package {shlex.quote(package)} --keep-serving {root}/service.pid >/dev/null && "
-                           f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
-                           timeout=deadline.left(host.name))
+        argv = previous_server(conn, host, facts, entry["from"], dict(host.vars), matrix, deadline,
+                               port=host.vars.get("fleet_service_port", 8000), work=f"{facts['fleet_root']}/service",
+                               keep_serving=f"{facts['fleet_root']}/service.pid")
+        restarted = False
+        if not isinstance(argv, str):
+            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({STOP_SERVICE.format(root=root)})\n"
+                               f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))} "
+                               f">/dev/null && readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
+                               timeout=deadline.left(host.name))
+            restarted = restart.ok
         journal.mark(host.name, "reverted", reverted_to=entry["from"],
-                     service="restarted on the previous stack" if restart.ok else "could not be restarted")
+                     service="restarted on the previous stack" if restarted else "could not be restarted"
+                     + (f": {argv}" if isinstance(argv, str) else ""))
 
     fan_out([hosts[n] for n in moved if n in hosts], task, forks=forks, timeout=timeout)
     reverted = {n: journal.data["hosts"][n]["lock_before"] for n in moved
