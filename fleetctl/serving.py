@@ -16,6 +16,7 @@ The vars (inventory or play vars; all optional):
     fleet_max_model_len          tokens (default: 256 for the tiny model, else the model's own)
     fleet_gpu_memory_utilization a fraction (default: vLLM's own; 0.3 on CPU hosts)
     fleet_vllm_args              further vLLM arguments: a list, or one string split like a shell
+    fleet_vllm_env               further environment of the server: a mapping
     fleet_nvlink_multicast       true (default) or false: keep NCCL, torch, NVSHMEM and vLLM's
                                  all-reduce fusion off NVLink multicast (NVLS)
 """
@@ -101,6 +102,7 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
         max_len = _optional(hostvars, "fleet_max_model_len", int)
         mem = _optional(hostvars, "fleet_gpu_memory_utilization", float)
         extra = _args(hostvars.get("fleet_vllm_args"))
+        extra_env = _env(hostvars.get("fleet_vllm_env"))
         multicast = _flag(hostvars.get("fleet_nvlink_multicast", True), "fleet_nvlink_multicast")
     except ValueError as exc:
         return refuse(str(exc), "fix the fleet_* serving variables in the inventory or playbook")
@@ -145,9 +147,9 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
     if model_config and (problem := split_problem(model_config, tp)):
         return refuse(problem, "pick a fleet_tensor_parallel_size that divides the model's attention heads")
 
-    env, pass_config = (), ()
+    env, pass_config = tuple(extra_env.items()), ()
     if not multicast:
-        env = tuple(NO_MULTICAST_ENV.items())
+        env = tuple({**extra_env, **NO_MULTICAST_ENV}.items())
         if tp > 1:
             pass_config = tuple(NO_MULTICAST_PASS_CONFIG.items())
         reasons.append("NVLink multicast off (fleet_nvlink_multicast: false)")
@@ -250,6 +252,14 @@ def _args(value) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
     raise ValueError(f"fleet_vllm_args {value!r} is neither a list nor a string of arguments")
+
+
+def _env(value) -> dict[str, str]:
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"fleet_vllm_env {value!r} is not a mapping of names to values")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _flag(value, name: str) -> bool:

@@ -102,6 +102,9 @@ def test_nvlink_multicast_off_sets_the_environment_and_turns_off_the_fusion_unde
     one = config(host("NVIDIA H200"), fleet_nvlink_multicast="false")
     assert dict(one.env) == NO_MULTICAST_ENV and one.pass_config == (), "no all-reduce fusion with one GPU"
     assert config(host("NVIDIA H200", count=2), fleet_nvlink_multicast="true").env == ()
+    both = config(host("NVIDIA H200", count=2), fleet_nvlink_multicast=False,
+                  fleet_vllm_env={"VLLM_USE_FLASHINFER_SAMPLER": 0, "NCCL_NVLS_ENABLE": "1"})
+    assert dict(both.env) == {"VLLM_USE_FLASHINFER_SAMPLER": "0", **NO_MULTICAST_ENV}, "multicast off wins"
 
 
 def test_the_other_vars_and_their_refusals():
@@ -117,7 +120,8 @@ def test_the_other_vars_and_their_refusals():
                            ({"fleet_data_parallel_size": 0}, "or per_gpu"),
                            ({"fleet_gpu_memory_utilization": 1.5}, "is not a fraction"),
                            ({"fleet_max_model_len": "long"}, "is not a whole number"),
-                           ({"fleet_nvlink_multicast": "maybe"}, "neither true nor false")):
+                           ({"fleet_nvlink_multicast": "maybe"}, "neither true nor false"),
+                           ({"fleet_vllm_env": ["A=1"]}, "is not a mapping")):
         assert said in refusal(host("NVIDIA H200"), **hostvars)
 
 
