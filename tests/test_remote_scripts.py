@@ -189,6 +189,18 @@ def test_observed_settings_of_a_real_vllm_cpu_log():
     assert error is None and notes == ["attention backend: not named in vLLM's log"]
 
 
+def test_observed_settings_of_a_real_tensor_parallel_gpu_log():
+    text = (LOGS / "gpu-0.26.0-tp2-2xh100.log").read_text()
+    seen = smoke.observed_settings(text.splitlines())
+    assert seen == {"attention_backend": "FLASH_ATTN", "cudagraph_mode": "FULL_AND_PIECEWISE"}
+    assert smoke.check_observed("FLASH_ATTN", "FULL_AND_PIECEWISE", seen) == (None, [])
+    assert smoke.check_observed("FLASHINFER", "PIECEWISE", seen)[0] == (
+        "vLLM used attention backend FLASH_ATTN, resolved FLASHINFER; "
+        "vLLM used CUDA-graph mode FULL_AND_PIECEWISE, resolved PIECEWISE")
+    # what the serving settings asked of it: two ranks, and the multicast-calling fusion off
+    assert "tensor_parallel_size=2," in text and "'fuse_allreduce_rms': False" in text
+
+
 def public_lines():
     for line in (LOGS / "public-lines.txt").read_text().splitlines():
         if line and not line.startswith("#"):
