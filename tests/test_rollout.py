@@ -23,6 +23,50 @@ def current(lab, name):
     return link.resolve().name if link.exists() else None
 
 
+class MarkerConnection:
+    """A recorded connection: answers `cat …/fleetctl-stack.json` with a stack marker, as a host would."""
+
+    def __init__(self, stack: dict | None):
+        self.stack, self.commands = stack, []
+
+    def run(self, command, timeout=None, stdin=None):
+        from fleetctl.connection import Result
+        self.commands.append(command)
+        if self.stack is None:
+            return Result("gpu-01", command, 1, "", "No such file or directory", 0.0)
+        return Result("gpu-01", command, 0, json.dumps({"id": "x", "stack": self.stack}), "", 0.0)
+
+
+def test_rollout_serves_the_previous_environment_as_provision_would():
+    """The re-proof after a failed gate and the rollback restart pass the old stack's attention backend
+    and CUDA-graph mode and the host's serving settings: the same builder as provision's."""
+    from fleetctl.facts import Facts, Gpu
+    from fleetctl.fanout import Deadline
+    from fleetctl.inventory import Host
+    from fleetctl.matrix import load_matrix
+    from fleetctl.resolve import Stack
+    stack = Stack(python="3.12", torch="2.11.0", cuda="13.0", torch_index=None, vllm="0.26.0", vllm_package="vllm",
+                  flashinfer="0.6.14", flashinfer_index=None, container_image=None, attention_backend="FLASH_ATTN",
+                  cudagraph_mode="FULL_AND_PIECEWISE", torch_cuda_arch_list="9.0")
+    facts = Facts(gpus=tuple(Gpu(i, "NVIDIA H100 80GB HBM3", f"GPU-{i}", "9.0", 81559, None) for i in range(2)),
+                  fleet_root="/opt/fleetctl").to_dict()
+    host, conn = Host("gpu-01"), MarkerConnection(stack.to_dict())
+    argv = rollout.previous_server(conn, host, facts, "envs/vllm-0.26.0-abc", {"fleet_nvlink_multicast": False},
+                                   load_matrix(), Deadline(60), port=0, work="/opt/fleetctl/smoke", max_tokens=8)
+    assert conn.commands == ["cat /opt/fleetctl/envs/vllm-0.26.0-abc/fleetctl-stack.json"]
+    assert argv[argv.index("--attention-backend") + 1] == "FLASH_ATTN"
+    assert argv[argv.index("--cudagraph-mode") + 1] == "FULL_AND_PIECEWISE"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--pycache") + 1] == "/opt/fleetctl/envs/vllm-0.26.0-abc/.pycache"
+    assert json.loads(argv[argv.index("--env") + 1])["NCCL_NVLS_ENABLE"] == "0"
+    refused = rollout.previous_server(conn, host, facts, "envs/x", {"fleet_tensor_parallel_size": 4}, load_matrix(),
+                                      Deadline(60), port=0, work="/w")
+    assert refused == ("cannot serve as asked: tensor parallel 4 needs 4 GPUs, the host has 2 "
+                       "(set fleet_tensor_parallel_size to at most 2)")
+    assert rollout.previous_server(MarkerConnection(None), host, facts, "envs/x", {}, load_matrix(), Deadline(60),
+                                   port=0, work="/w") == "envs/x has no readable fleetctl-stack.json"
+
+
 def test_waves_and_budget():
     hosts = [f"h{i}" for i in range(10)]
     assert rollout.waves(hosts, 1, "25%") == [["h0"], ["h1", "h2"], ["h3", "h4"], ["h5", "h6"], ["h7", "h8"], ["h9"]]
