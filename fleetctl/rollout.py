@@ -218,8 +218,8 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
             journal.mark(host.name, "failed", serving_again=None, rollback="no previous environment to return to")
             return
         root = shlex.quote(facts["fleet_root"])
+        # The host's serving vars, not the play's smoke model: that model may be what failed the gate.
         argv = previous_server(conn, host, facts, entry["from"], play.hostvars(host.vars), matrix, deadline,
-                               model=str(play.for_host(host.vars).smoke["model"] or "") or None,
                                port=0, work=f"{facts['fleet_root']}/smoke", max_tokens=8)
         if isinstance(argv, str):
             verdict = {"verdict": "fail", "error": argv}
