@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--cuda", help="what if the fleet moved to this CUDA (e.g. 12.9)")
     plan.add_argument("--vllm", help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
     plan.add_argument("--mode", choices=["venv", "container"], help="install mode (default: fleet_mode or venv)")
+    plan.add_argument("--cuda-compat", choices=["minor", "strict"],
+                      help="minor: NVIDIA minor-version compatibility, strict: the driver's own CUDA caps "
+                           "(default: fleet_cuda_compat or minor)")
     plan.add_argument("--matrix", help="another compatibility matrix file")
     plan.add_argument("--write-lock", nargs="?", const="", metavar="PATH",
                       help="write fleet.lock (default: beside the inventory)")
@@ -119,7 +122,8 @@ def cmd_plan(args, console: Console) -> int:
     hosts = load_inventory(args.inventory).select(args.limit)
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
-    plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode)
+    plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode,
+                             cuda_compat=args.cuda_compat)
              for name, o in outcomes.items() if o.ok}
     if args.write_lock is not None:
         path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
