@@ -265,7 +265,10 @@ def _runtime(vllm: Vllm, variant: Variant, facts: Facts, request: Request, sm: i
         reasons.append(f"flashinfer-python {fi.version} pinned by vLLM {vllm.version}; sm_{sm} ≥ sm_{fi.min_sm}")
         if fi.jit:
             label = f"cu{Version(variant.cuda).major}{Version(variant.cuda).minor}"
-            nvcc_ok = facts.nvcc and Version(".".join(facts.nvcc.split(".")[:2])) >= Version(_nvcc_for(sm, matrix))
+            nvcc = Version(".".join(facts.nvcc.split(".")[:2])) if facts.nvcc else None
+            # It must target the SM, and its cubins must be of a CUDA major the driver loads.
+            nvcc_ok = nvcc and nvcc >= Version(_nvcc_for(sm, matrix)) \
+                and nvcc.major <= Version(facts.cuda_driver_version).major
             if nvcc_ok:
                 reasons.append(f"nvcc {facts.nvcc} on the host can JIT FlashInfer kernels for sm_{sm}")
             elif fi.jit_cache_index and label in fi.jit_cache_cuda:
