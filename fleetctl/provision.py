@@ -34,7 +34,7 @@ from .inventory import Host
 from .matrix import Matrix
 from .plan import changes
 from .playbook import Play
-from .resolve import Request, Stack, resolve
+from .resolve import Request, Stack, flashinfer_in_use, resolve
 
 MARKER = "fleetctl-stack.json"
 
@@ -267,7 +267,9 @@ class Provisioner:
         gpus = len(facts.gpus)
         argv = ["--expect-gpus", str(gpus), "--tolerance", str(self.play.validate["tolerance"]),
                 "--backend", stack.attention_backend or "none",
-                "--flashinfer" if stack.flashinfer and (facts.min_sm or 0) >= 75 else "--no-flashinfer"]
+                "--flashinfer" if flashinfer_in_use(stack) else "--no-flashinfer"]
+        if flashinfer_in_use(stack) and stack.vllm_package == "vllm":
+            argv.append("--sampler")  # also JIT-builds vLLM's sampler here, not in the smoke test's start-up
         if gpus:
             argv += ["--expect-cc", ",".join(g.compute_capability for g in facts.gpus)]
         return self.run_proof("validate", script, argv, float(self.play.validate["timeout"]), stack)
@@ -418,7 +420,7 @@ def summary(name: str, verdict: dict) -> str:
         return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s') or 0:.1f} s, "
                 f"first token in {verdict.get('ttft_s') or 0:.3f} s")
     figures = [f"{k}={v:.3g}" for g in verdict.get("gpus", []) for k, v in g.items()
-               if k in ("decode_max_err", "graph_replay_us") and isinstance(v, (int, float))]
+               if k in ("decode_max_err", "graph_replay_us", "sampler_first_call_s") and isinstance(v, (int, float))]
     return f"{verdict.get('device')}: {len(verdict.get('checks', []))} checks passed" + (
         f" ({', '.join(figures)})" if figures else "")
 
@@ -439,7 +441,7 @@ if command -v uv >/dev/null 2>&1; then
   set -- uv pip install -q --python {env}/bin/python
 else
   {python} -m venv {ssp} {env}
-  set -- {env}/bin/python -m pip install -q --disable-pip-version-check
+  set -- {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile
 fi
 if [ -n "{ssp}" ]; then
   # A venv sees its base interpreter's site-packages, not those of a venv it was made from
@@ -449,6 +451,12 @@ if [ -n "{ssp}" ]; then
 fi
 "$@" {args} {pins}
 if [ -n "{uninstall}" ]; then {env}/bin/python -m pip uninstall -q -y {uninstall}; fi
+# Bytecode for everything the environment imports, its own packages and any host site it sees, into
+# a cache of its own: servers run with PYTHONPYCACHEPREFIX there, so no start compiles vLLM again
+# (images that set PYTHONDONTWRITEBYTECODE would otherwise compile it on every start) and nothing
+# is written into the host's or an image's own site-packages.
+{env}/bin/python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' |
+  PYTHONPYCACHEPREFIX={env}/.pycache xargs {env}/bin/python -m compileall -q -j0 >/dev/null 2>&1 || true
 printf '%s\\n' {marker} > {marker_path}.tmp && mv {marker_path}.tmp {marker_path}
 """
 

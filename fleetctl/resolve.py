@@ -120,6 +120,13 @@ class Resolution:
         return self.status == "ok"
 
 
+def flashinfer_in_use(stack: Stack) -> bool:
+    """Does this stack run FlashInfer's kernels? Where it does, the validation proves them, and for vLLM also
+    the top-k/top-p sampler vLLM takes from FlashInfer on CUDA unless VLLM_USE_FLASHINFER_SAMPLER=0
+    (vllm/v1/sample/ops/topk_topp_sampler.py), which the resolver sets wherever FlashInfer is not used."""
+    return bool(stack.flashinfer) and stack.env.get("VLLM_USE_FLASHINFER_SAMPLER") != "0"
+
+
 def refused(reasons: list[str], fix: str) -> Resolution:
     return Resolution("refused", tuple(reasons), fix=fix)
 
@@ -280,6 +287,7 @@ def _runtime(vllm: Vllm, variant: Variant, facts: Facts, request: Request, sm: i
                 reasons.append(f"{'no nvcc' if not facts.nvcc else f'nvcc {facts.nvcc} too old'} on the host and no "
                                f"jit-cache for {label}: FlashInfer kernels would fail to build, so it is not used")
                 fi_usable = False
+                env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     backend, graph, why = _attention(vllm, sm, fi_usable, matrix)
     reasons += why
     arch_list = _arch_list(facts)
