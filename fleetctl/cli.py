@@ -217,6 +217,8 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
     tags = plan.platform.tags
     console.print(f"  platform: cp{plan.platform.python.replace('.', '')}, {tags[0]} … {tags[-1]} "
                   f"({len(tags)} tags)", highlight=False)
+    if result.note:
+        console.print(f"  note: {result.note}", highlight=False)
     if not result.ok:
         return
     entry = result.entry

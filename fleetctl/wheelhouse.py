@@ -23,15 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.tags import Tag, compatible_tags, cpython_tags, parse_tag
+from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
@@ -252,6 +253,7 @@ class ClassResult:
     entry: dict | None = None  # the manifest entry; None when the class failed
     error: str | None = None
     new_files: tuple[str, ...] = ()
+    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -267,11 +269,27 @@ def pip_runner(python: str = sys.executable) -> Runner:
     return run
 
 
+def controller_python(version: str) -> str:
+    """A Python of the hosts' version on the controller if one runs pip, else fleetctl's own.
+    pip evaluates environment markers (python_version < "3.12") with the interpreter it runs
+    in, whatever --python-version says: the host's version gets them right."""
+    found = shutil.which(f"python{version}")
+    if found and subprocess.run([found, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+        return found
+    return sys.executable
+
+
 def build(plans: Iterable[ClassPlan], dest: Path, runner: Runner | None = None) -> list[ClassResult]:
     """Fetch every class's wheels into *dest* and write its manifest; one result per class."""
     dest.mkdir(parents=True, exist_ok=True)
-    runner = runner or pip_runner()
-    results = [build_class(plan, dest, runner) for plan in plans]
+    results = []
+    for plan in plans:
+        python = controller_python(plan.platform.python)
+        result = build_class(plan, dest, runner or pip_runner(python))
+        if runner is None and python == sys.executable and f"{sys.version_info.major}.{sys.version_info.minor}" != plan.platform.python:
+            result = replace(result, note=f"no python{plan.platform.python} with pip on this machine: pip evaluated "
+                                          f"environment markers for Python {sys.version_info.major}.{sys.version_info.minor}")
+        results.append(result)
     write_manifest(dest, merge_manifest(read_manifest(dest), results))
     return results
 
@@ -424,8 +442,11 @@ def merge_manifest(old: dict | None, results: Iterable[ClassResult]) -> dict:
 
 def write_manifest(dest: Path, manifest: dict) -> Path:
     path = Path(dest) / MANIFEST
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() == text:
+        return path  # unchanged: not even its mtime moves
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)  # a reader (or a provision) never sees half a manifest
     return path
 
