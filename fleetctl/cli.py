@@ -232,6 +232,8 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
         console.print("  left out by no_deps (the host must provide): " + (
             " ".join(left) or "nothing" if left is not None else entry.get("left_out_error", "unknown")),
             highlight=False)
+        if entry.get("left_out_note"):
+            console.print(f"  ({entry['left_out_note']})", highlight=False)
 
 
 def provision_exit_code(hosts) -> int:

@@ -107,6 +107,7 @@ class ClassPlan:
     indexes: tuple[str, ...] = ()  # extra index URLs; none: the installer's default index
     no_deps: bool = False
     host_packages: tuple[tuple[str, str], ...] = ()  # (name, version) the host provides: reused torch only
+    stack_requirements: tuple[str, ...] = ()  # the stack's own, without the play's extra_packages
 
     @property
     def constraints(self) -> list[str]:
@@ -155,6 +156,7 @@ class HostInput:
 
 def plan_classes(inputs: Iterable[HostInput]) -> list[ClassPlan]:
     """Hosts grouped into classes, each with its requirements, indexes and platform. Pure."""
+    inputs = list(inputs)
     groups: dict[tuple, list[str]] = {}
     for i in inputs:
         if not i.facts.glibc:
@@ -173,8 +175,9 @@ def plan_classes(inputs: Iterable[HostInput]) -> list[ClassPlan]:
         names[base] = names.get(base, 0) + 1
         # Same stack and platform, other packages or settings (host vars differ): a class of its own.
         name = base if names[base] == 1 else f"{base}-{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
+        stack = next(i.stack for i in inputs if i.stack.id == stack_id)
         plans.append(ClassPlan(name, tuple(sorted(hosts)), stack_id, platform, reqs,
-                               tuple(dict.fromkeys(indexes)), no_deps, packages))
+                               tuple(dict.fromkeys(indexes)), no_deps, packages, tuple(requirements(stack, {}))))
     return plans
 
 
@@ -303,13 +306,19 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
             constraints = os.path.join(tmp, "host-constraints.txt")
             Path(constraints).write_text("\n".join(plan.constraints) + "\n")
         chosen, why = resolve_closure(plan, tmp, constraints, runner)
+        note = None
+        if chosen is None and plan.no_deps and plan.stack_requirements and plan.stack_requirements != plan.requirements:
+            # Hand-picked extra packages may contradict the stack's own pins (that is why no_deps is
+            # used): what the stack alone needs still says what the host must provide.
+            chosen, again = resolve_closure(plan, tmp, constraints, runner, plan.stack_requirements)
+            note = f"closure of the stack's own pins only; with the extra packages pip says: {why}"
+            why = again or why
         if chosen is None and not plan.no_deps:
             return ClassResult(plan, error=f"{where}: pip cannot resolve {' '.join(plan.requirements)} for "
                                f"{describe(plan.platform)}: {why} (pin versions that have wheels for this "
                                "platform, or check the index URLs)")
-        if plan.no_deps:  # the listed packages alone, at the versions the closure chose where it resolved
-            pins = [f"{requirement_name(r)}=={chosen[requirement_name(r)]['version']}"
-                    if chosen and requirement_name(r) in chosen else r for r in plan.requirements]
+        if plan.no_deps:  # the listed packages alone, at the versions the closure chose where they fit
+            pins = [closure_pin(r, chosen) for r in plan.requirements]
         else:
             pins = [f"{n}=={c['version']}" for n, c in sorted(chosen.items())]
         pins = [p for p in pins if not host_has(p, host)]
@@ -341,7 +350,22 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
     }
     if chosen is None:
         entry["left_out_error"] = f"the full dependency closure could not be resolved: {why}"
+    elif note:
+        entry["left_out_note"] = note
     return ClassResult(plan, entry, new_files=tuple(sorted(set(files) - before)))
+
+
+def closure_pin(requirement: str, chosen: Mapping[str, dict] | None) -> str:
+    """``apache-tvm-ffi`` → ``apache-tvm-ffi==0.1.11`` where the closure chose a version the
+    requirement admits; the requirement as written otherwise."""
+    name = requirement_name(requirement)
+    if not chosen or name not in chosen:
+        return requirement
+    try:
+        fits = Requirement(requirement).specifier.contains(chosen[name]["version"], prereleases=True)
+    except (InvalidRequirement, InvalidVersion):
+        return requirement
+    return f"{name}=={chosen[name]['version']}" if fits else requirement
 
 
 def exact_version(text: str) -> str | None:
@@ -359,10 +383,13 @@ def host_has(pin: str, host: Mapping[str, str]) -> bool:
     return version is not None and name in host and same_release(version, host[name])
 
 
-def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: Runner):
+def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: Runner,
+                    requirements: Iterable[str] | None = None):
     """({name: chosen}, None) from pip's metadata-only resolution, or (None, pip's reason)."""
     report = os.path.join(tmp, "report.json")
-    done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints))
+    if os.path.exists(report):
+        os.unlink(report)
+    done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints, requirements))
     if done.returncode != 0 or not os.path.exists(report):
         return None, pip_error(done)
     return closure(json.loads(Path(report).read_text())), None

@@ -136,6 +136,28 @@ def test_closure_what_the_host_has_and_what_no_deps_leaves_out():
     assert out == sorted(out) and len(out) == len(chosen) - 5
 
 
+def test_extra_packages_that_contradict_the_stack_still_get_a_left_out_list(tmp_path):
+    """no_deps exists for hand-picked sets pip would refuse (xgrammar 0.2.7 beside a vLLM that pins
+    0.2.8): the stack's own closure still says what the host must provide."""
+    report = json.loads(REPORT.read_text())
+    (plan,) = plan_classes([HostInput("gpu", facts(packages={"torch": "2.11.0+cu130"}, torch="2.11.0+cu130"),
+                                      KERNELS, {"no_deps": True, "extra_packages": ["apache-tvm-ffi==0.1.10"]})])
+    assert plan.stack_requirements == ("flashinfer-python==0.7.2.post1",)
+    calls, fake = [], fake_pip(report, [])
+
+    def refuse_extras(args):
+        calls.append(args)
+        if args[0] == "install" and "apache-tvm-ffi==0.1.10" in args:
+            return subprocess.CompletedProcess(args, 1, "", "ERROR: ResolutionImpossible: conflicting apache-tvm-ffi\n")
+        return fake(args)
+    (result,) = build([plan], tmp_path, runner=refuse_extras)
+    assert [c[0] for c in calls] == ["install", "install", "download"]
+    assert calls[2][-2:] == ["flashinfer-python==0.7.2.post1", "apache-tvm-ffi==0.1.10"]
+    entry = result.entry
+    assert "numpy==2.4.6" in entry["left_out"] and not any(p.startswith("apache-tvm-ffi") for p in entry["left_out"])
+    assert entry["left_out_note"].endswith("ResolutionImpossible: conflicting apache-tvm-ffi")
+
+
 def fake_pip(report: dict, calls: list, fail_download: str | None = None):
     """pip as a seam: the install --dry-run writes the recorded report, download writes each
     pinned file the report names (bytes of the pin, so sha256s are checkable)."""
@@ -150,8 +172,10 @@ def fake_pip(report: dict, calls: list, fail_download: str | None = None):
             return subprocess.CompletedProcess(args, 1, "", f"ERROR: {fail_download}\n")
         dest = Path(args[args.index("--dest") + 1])
         for pin in (a for a in args if "==" in a):
-            name = pin.split("==")[0]
-            (dest / chosen[name]["file"]).write_bytes(pin.encode())
+            name, version = pin.split("==")
+            file = chosen[name]["file"] if chosen[name]["version"] == version else \
+                f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+            (dest / file).write_bytes(pin.encode())
         return subprocess.CompletedProcess(args, 0, "", "")
     return run
 
