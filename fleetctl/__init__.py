@@ -6,6 +6,7 @@ inventory → connection → facts → resolve → plan → execute → report, 
 from .connection import Connection, LocalConnection, Result, connect
 from .errors import (
     CommandFailed, FleetError, HostError, InventoryError, MatrixError, PlaybookError, StateError, TimedOut, Unreachable,
+    WheelhouseError,
 )
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, exit_code, fan_out
@@ -20,4 +21,5 @@ __all__ = [
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
     "Resolution", "Result", "Stack", "StateError", "TimedOut", "Unreachable", "changes", "connect", "exit_code",
     "fan_out", "gather", "load_inventory", "load_matrix", "parse_probe", "plan_host", "render_container", "resolve",
+    "WheelhouseError",
 ]
