@@ -238,6 +238,10 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
             highlight=False)
         if entry.get("left_out_note"):
             console.print(f"  ({entry['left_out_note']})", highlight=False)
+    for conflict in entry.get("host_conflicts") or ():
+        console.print(f"  conflicts with the host: {conflict}"
+                      + (" — no_deps keeps the host's" if plan.no_deps else " — the environment gets the stack's"),
+                      highlight=False)
 
 
 def provision_exit_code(hosts) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def pip_resolve_args(plan: ClassPlan, report: str, target: str, constraints: str
                      requirements: Iterable[str] | None = None) -> list[str]:
     """``pip install`` arguments that resolve the class's closure from metadata alone (the target
     directory is required by pip with --platform, and never written to with --dry-run)."""
-    return ["install", "--dry-run", "--ignore-installed", "--quiet", "--disable-pip-version-check",
+    return ["install", "--dry-run", "--ignore-installed", "--disable-pip-version-check",
             "--target", target, "--report", report, *plan.platform.pip_args(), *index_args(plan),
             *(["-c", constraints] if constraints else []), *(requirements or plan.requirements)]
 
@@ -305,12 +306,13 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
         if plan.constraints:
             constraints = os.path.join(tmp, "host-constraints.txt")
             Path(constraints).write_text("\n".join(plan.constraints) + "\n")
-        chosen, why = resolve_closure(plan, tmp, constraints, runner)
+        conflicts: list[str] = []
+        chosen, why = resolve_closure(plan, tmp, constraints, runner, conflicts=conflicts)
         note = None
         if chosen is None and plan.no_deps and plan.stack_requirements and plan.stack_requirements != plan.requirements:
             # Hand-picked extra packages may contradict the stack's own pins (that is why no_deps is
             # used): what the stack alone needs still says what the host must provide.
-            chosen, again = resolve_closure(plan, tmp, constraints, runner, plan.stack_requirements)
+            chosen, again = resolve_closure(plan, tmp, constraints, runner, plan.stack_requirements, conflicts)
             note = f"closure of the stack's own pins only; with the extra packages pip says: {why}"
             why = again or why
         if chosen is None and not plan.no_deps:
@@ -345,6 +347,7 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
         "files": [{"name": f, "sha256": sha256(dest / f), "size": (dest / f).stat().st_size}
                   for f in sorted(set(files))],
         "provided_by_host": provided_by_host(chosen or {}, host),
+        "host_conflicts": conflicts,
         "left_out": (left_out(chosen, map(requirement_name, plan.requirements), host) if plan.no_deps else [])
         if chosen is not None else None,
     }
@@ -384,15 +387,45 @@ def host_has(pin: str, host: Mapping[str, str]) -> bool:
 
 
 def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: Runner,
-                    requirements: Iterable[str] | None = None):
-    """({name: chosen}, None) from pip's metadata-only resolution, or (None, pip's reason)."""
+                    requirements: Iterable[str] | None = None, conflicts: list[str] | None = None):
+    """({name: chosen}, None) from pip's metadata-only resolution, or (None, pip's reason).
+    A host package the stack needs at another version (vLLM 0.26.0 pins numba 0.65.0, an image
+    has 0.68.0) is let go from the constraints and named in *conflicts*: the environment then
+    gets the stack's version, shadowing the host's."""
     report = os.path.join(tmp, "report.json")
-    if os.path.exists(report):
-        os.unlink(report)
-    done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints, requirements))
-    if done.returncode != 0 or not os.path.exists(report):
-        return None, pip_error(done)
-    return closure(json.loads(Path(report).read_text())), None
+    requirements = list(requirements or plan.requirements)
+    for _ in range(MAX_CONFLICTS):
+        if os.path.exists(report):
+            os.unlink(report)
+        done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints, requirements))
+        if done.returncode == 0 and os.path.exists(report):
+            return closure(json.loads(Path(report).read_text())), None
+        clash = host_conflicts(done.stdout + "\n" + done.stderr)
+        if not clash or constraints is None:
+            return None, pip_error(done)
+        pinned = Path(constraints).read_text().splitlines()
+        Path(constraints).write_text("".join(f"{line}\n" for line in pinned
+                                             if requirement_name(line) not in clash))
+        if conflicts is not None:
+            conflicts += [f"{why} (the host has {name} {dict(plan.host_packages).get(name)})"
+                          for name, why in sorted(clash.items())]
+    return None, pip_error(done)
+
+
+MAX_CONFLICTS = 10
+_CAUSE = re.compile(r"^\s*(?P<who>\S+ \S+) depends on (?P<need>\S.*?)\s*$")
+_CONSTRAINT = re.compile(r"The user requested \(constraint\) (?P<pin>\S+)")
+
+
+def host_conflicts(pip_output: str) -> dict[str, str]:
+    """{package: "vllm 0.26.0 depends on numba==0.65.0"} for each host constraint pip's
+    ResolutionImpossible names as the cause of the conflict."""
+    constrained = {requirement_name(m["pin"]) for m in _CONSTRAINT.finditer(pip_output)}
+    out: dict[str, list[str]] = {}
+    for line in pip_output.splitlines():
+        if (m := _CAUSE.match(line)) and (name := requirement_name(m["need"])) in constrained:
+            out.setdefault(name, []).append(f"{m['who']} depends on {m['need']}")
+    return {name: "; ".join(out.get(name, [f"the stack needs another {name}"])) for name in constrained}
 
 
 def drop_corrupt(dest: Path, chosen: Mapping[str, dict]) -> None:

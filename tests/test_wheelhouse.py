@@ -356,3 +356,23 @@ def test_wheelhouse_then_an_offline_provision_on_the_lab(small_lab, tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count(", 0 new") == 2 and "left out by no_deps" in again.stdout
     assert snapshot(dest) == before and (dest / "manifest.json").read_bytes() == text
+
+
+PIP_CONFLICT = """ERROR: Cannot install vllm==0.26.0 because these package versions have conflicting dependencies.
+
+The conflict is caused by:
+    vllm 0.26.0 depends on numba==0.65.0
+    The user requested (constraint) numba==0.68.0
+
+To fix this you could try to:
+1. loosen the range of package versions you've specified
+2. remove package versions to allow pip attempt to solve the dependency conflict
+"""
+
+
+def test_a_host_package_the_stack_needs_at_another_version_is_named():
+    """pip's own words (vLLM 0.26.0 against the GPU test host's image, recorded): the constraint is
+    let go and the conflict reported, not the whole closure lost."""
+    from fleetctl.wheelhouse import host_conflicts
+    assert host_conflicts(PIP_CONFLICT) == {"numba": "vllm 0.26.0 depends on numba==0.65.0"}
+    assert host_conflicts("ERROR: No matching distribution found for vllm==9.9") == {}
