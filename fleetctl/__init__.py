@@ -6,6 +6,7 @@ inventory → connection → facts → resolve → plan → execute → report, 
 from .connection import Connection, LocalConnection, Result, connect
 from .errors import (
     CommandFailed, FleetError, HostError, InventoryError, MatrixError, PlaybookError, StateError, TimedOut, Unreachable,
+    WheelhouseError,
 )
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, exit_code, fan_out
@@ -19,7 +20,7 @@ from .serving import ServeConfig, ServePlan, plan_serving, smoke_argv
 __all__ = [
     "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
-    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "TimedOut", "Unreachable", "changes",
-    "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix", "parse_probe", "plan_host",
-    "plan_serving", "render_container", "resolve", "smoke_argv",
+    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "TimedOut", "Unreachable",
+    "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
+    "parse_probe", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
 ]

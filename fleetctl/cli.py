@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import audit, records, report, rollout
+from . import audit, records, report, rollout, wheelhouse
 from .errors import FleetError
 from .facts import gather
 from .fanout import EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE, exit_code, fan_out
@@ -84,9 +84,18 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--cuda", help="what if the fleet moved to this CUDA (e.g. 12.9)")
     plan.add_argument("--vllm", help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
     plan.add_argument("--mode", choices=["venv", "container"], help="install mode (default: fleet_mode or venv)")
+    plan.add_argument("--cuda-compat", choices=["minor", "strict"],
+                      help="minor: NVIDIA minor-version compatibility, strict: the driver's own CUDA caps "
+                           "(default: fleet_cuda_compat or minor)")
     plan.add_argument("--matrix", help="another compatibility matrix file")
     plan.add_argument("--write-lock", nargs="?", const="", metavar="PATH",
                       help="write fleet.lock (default: beside the inventory)")
+    wh = sub.add_parser("wheelhouse", parents=[host_options()],
+                        help="download each host class's wheels for its platform, for an offline provision")
+    wh.add_argument("dir", help="directory for the wheels and manifest.json")
+    wh.add_argument("--playbook", help="playbook whose vars and install settings apply (default: the built-in one)")
+    wh.add_argument("--facts", metavar="FILE",
+                    help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
     inv.add_argument("inventory")
     inv.add_argument("--list", action="store_true", required=True, help="JSON, as ansible-inventory --list")
@@ -119,7 +128,8 @@ def cmd_plan(args, console: Console) -> int:
     hosts = load_inventory(args.inventory).select(args.limit)
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
-    plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode)
+    plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode,
+                             cuda_compat=args.cuda_compat)
              for name, o in outcomes.items() if o.ok}
     if args.write_lock is not None:
         path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
@@ -169,6 +179,69 @@ def cmd_provision(args, console: Console) -> int:
         report.print_failed_steps(console, outcomes.values())
         console.print(f"run {record['run_id']} recorded in {saved}", highlight=False)
     return provision_exit_code(record["hosts"].values())
+
+
+def cmd_wheelhouse(args, console: Console) -> int:
+    inventory = load_inventory(args.inventory)
+    _, plays = load_playbook(args.playbook)
+    matrix = load_matrix()
+    hosts = inventory.select(args.limit)
+    if args.facts:
+        facts, problems = wheelhouse.facts_from_json(args.facts, [h.name for h in hosts])
+        unreached = set()
+    else:
+        with report.progress(console, len(hosts), "facts") as advance:
+            outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
+        facts = {n: o.value for n, o in outcomes.items() if o.ok}
+        problems = {n: f"{n}: {o.error}" for n, o in outcomes.items() if not o.ok}
+        unreached = {n for n, o in outcomes.items() if o.status == "unreachable"}
+    inputs, refused = wheelhouse.host_inputs(plays, inventory, [h.name for h in hosts], facts, matrix)
+    problems.update(refused)
+    dest = Path(args.dir)
+    results = wheelhouse.build(wheelhouse.plan_classes(inputs), dest)
+    if args.json:
+        print(json.dumps({"manifest": str(dest / wheelhouse.MANIFEST),
+                          "classes": {r.plan.name: r.entry if r.ok else {"hosts": list(r.plan.hosts), "error": r.error}
+                                      for r in results},
+                          "errors": sorted(problems.values())}, indent=2))
+    else:
+        for r in results:
+            print_wheelhouse_class(console, r, dest)
+        for line in sorted(problems.values()) + [r.error for r in results if not r.ok]:
+            console.print(f"[red]failed:[/] {line}", highlight=False, soft_wrap=True)
+        console.print(f"manifest: {dest / wheelhouse.MANIFEST}", highlight=False)
+    if problems.keys() - unreached or not all(r.ok for r in results):
+        return EXIT_FAILED  # as provision's: a failed host (or class) wins over an unreachable one
+    return EXIT_UNREACHABLE if unreached else 0
+
+
+def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
+    plan = result.plan
+    console.print(f"[bold]{plan.name}[/]: {', '.join(plan.hosts)}", highlight=False)
+    tags = plan.platform.tags
+    console.print(f"  platform: cp{plan.platform.python.replace('.', '')}, {tags[0]} … {tags[-1]} "
+                  f"({len(tags)} tags)", highlight=False)
+    if result.note:
+        console.print(f"  note: {result.note}", highlight=False)
+    if not result.ok:
+        return
+    entry = result.entry
+    mib = sum(f["size"] for f in entry["files"]) / 2 ** 20
+    console.print(f"  files: {len(entry['files'])} ({mib:.1f} MiB), {len(result.new_files)} new"
+                  + (" (no_deps: the listed packages only)" if plan.no_deps else ""), highlight=False)
+    if entry["provided_by_host"]:
+        console.print(f"  skipped, the host has: {' '.join(entry['provided_by_host'])}", highlight=False)
+    if plan.no_deps:
+        left = entry["left_out"]
+        console.print("  left out by no_deps (the host must provide): " + (
+            " ".join(left) or "nothing" if left is not None else entry.get("left_out_error", "unknown")),
+            highlight=False)
+        if entry.get("left_out_note"):
+            console.print(f"  ({entry['left_out_note']})", highlight=False)
+    for conflict in entry.get("host_conflicts") or ():
+        console.print(f"  conflicts with the host: {conflict}"
+                      + (" — no_deps keeps the host's" if plan.no_deps else " — the environment gets the stack's"),
+                      highlight=False)
 
 
 def provision_exit_code(hosts) -> int:
@@ -321,7 +394,7 @@ def print_rollout(args, console: Console, journal) -> int:
 
 
 COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
-            "retry": cmd_retry}
+            "retry": cmd_retry, "wheelhouse": cmd_wheelhouse}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@
     ├── PlaybookError          the playbook file is unusable (file, key)
     ├── MatrixError            the compatibility matrix is unusable (file, key)
     ├── StateError             a run record, lock or journal is missing or unreadable
+    ├── WheelhouseError        a wheelhouse cannot be built or has nothing for a host
     └── HostError              one host could not do what was asked
         ├── Unreachable        could not connect, authenticate or verify the host key
         ├── TimedOut           the host or its command outlived the deadline
@@ -43,6 +44,10 @@ class MatrixError(FleetError):
 
 class StateError(FleetError):
     """A run record, lock file or journal is missing or unreadable."""
+
+
+class WheelhouseError(FleetError):
+    """A wheelhouse cannot be built (pip's reason, for which hosts) or has no wheels for a host."""
 
 
 class HostError(FleetError):

@@ -187,11 +187,28 @@ def parse_glibc(text: str) -> str | None:
 
 
 def parse_python(text: str) -> dict | None:
-    """path, version, then torch's version and CUDA in that Python (blank lines if none)."""
-    lines = text.strip("\n").splitlines() + ["", ""]
-    if len(lines) < 4 or not lines[1]:
+    """path, version, then torch's version and CUDA in that Python (blank lines if none), then
+    the distributions it sees as one line of ``name==version`` (a probe before that line: {})."""
+    lines = text.strip("\n").splitlines() + ["", "", ""]
+    if len(lines) < 5 or not lines[1]:
         return None
-    return {"path": lines[0], "version": lines[1], "torch": lines[2] or None, "torch_cuda": lines[3] or None}
+    return {"path": lines[0], "version": lines[1], "torch": lines[2] or None, "torch_cuda": lines[3] or None,
+            "packages": parse_packages(lines[4])}
+
+
+def parse_packages(text: str) -> dict[str, str]:
+    """``name==version …`` → {PEP 503 name: version}; the first of a name wins, as on sys.path."""
+    packages: dict[str, str] = {}
+    for word in text.split():
+        name, sep, version = word.partition("==")
+        if sep and name and version:
+            packages.setdefault(canonical_name(name), version)
+    return packages
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503: ``Typing_Extensions`` and ``typing-extensions`` are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def parse_nvcc(text: str) -> str | None:

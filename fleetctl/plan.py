@@ -65,7 +65,8 @@ def changes(stack: Stack, installed: dict | None) -> list[str]:
     for name in dict.fromkeys([*want, *have]):
         new, old = want.get(name), have.get(name)
         if new and not old:
-            out.append(f"install {name} {new}")
+            out.append(f"{'reuse the host Python’s' if name == 'torch' and stack.system_site_packages else 'install'} "
+                       f"{name} {new}")
         elif old and not new:
             out.append(f"remove {name} {old}")
         elif new != old:
@@ -74,7 +75,8 @@ def changes(stack: Stack, installed: dict | None) -> list[str]:
 
 
 def _installs(stack: Stack) -> list[str]:
-    return [f"install {name} {version}" for name, version in
+    return [f"{'reuse the host Python’s' if name == 'torch' and stack.system_site_packages else 'install'} "
+            f"{name} {version}" for name, version in
             (("torch", _torch_label(stack)), (stack.vllm_package, stack.vllm), ("flashinfer-python", stack.flashinfer))
             if version]
 

@@ -27,15 +27,16 @@ from typing import Callable
 
 from .connection import Connection
 from .container import render_container
-from .errors import HostError
+from .errors import HostError, WheelhouseError
 from .facts import Facts, gather
 from .fanout import Deadline
 from .inventory import Host
 from .matrix import Matrix
 from .plan import changes
 from .playbook import Play
-from .resolve import Request, Stack, resolve
+from .resolve import Request, Stack, flashinfer_in_use, resolve
 from .serving import PYCACHE, ServePlan, backend_option, plan_serving, smoke_argv
+from .wheelhouse import class_for, read_manifest
 
 MARKER = "fleetctl-stack.json"
 
@@ -212,12 +213,21 @@ class Provisioner:
         if self.container:
             return self.install_container(facts, stack)
         settings = self.play.install
-        args, notes = [], []
+        args, notes, data = [], [], {}
         wheelhouse = settings["wheelhouse"]
         if wheelhouse:
-            pushed = self.push_wheelhouse(Path(wheelhouse))
-            args += ["--no-index", "--find-links", f"{self.root}/wheelhouse"]
-            notes.append(f"from the wheelhouse ({pushed} new file(s) pushed)")
+            try:
+                chosen = wheelhouse_class(Path(wheelhouse), self.host.name, stack, facts)
+            except WheelhouseError as exc:
+                return self.failed("install", str(exc))
+            remote = f"{self.root}/wheelhouse" + (f"/{chosen[0]}" if chosen else "")
+            pushed = self.push_wheelhouse(Path(wheelhouse), remote, chosen and [f["name"] for f in chosen[1]["files"]])
+            args += ["--no-index", "--find-links", remote]
+            notes.append(f"from the wheelhouse{f' class {chosen[0]}' if chosen else ''} ({pushed} new file(s) pushed)")
+            if chosen:
+                data = {"wheelhouse_class": chosen[0], "left_out": chosen[1].get("left_out")}
+                if settings["no_deps"] and chosen[1].get("left_out"):
+                    notes.append(f"no_deps left out (the host must provide): {' '.join(chosen[1]['left_out'])}")
         else:
             args += [a for url in (stack.torch_index, stack.flashinfer_index) if url for a in ("--extra-index-url", url)]
         if settings["no_deps"]:
@@ -227,6 +237,8 @@ class Provisioner:
         python = facts.python["path"] if facts.python["version"].startswith(stack.python + ".") else f"python{stack.python}"
         script = INSTALL.format(
             env=q(self.env), python=q(python), ssp="--system-site-packages" if stack.system_site_packages else "",
+            # From a wheelhouse only: no pip.conf or uv.toml on the host adds an index or find-links.
+            uv_config="--no-config" if wheelhouse else "", pip_config="PIP_CONFIG_FILE=/dev/null" if wheelhouse else "",
             args=" ".join(map(q, args)), pins=" ".join(map(q, pins)),
             uninstall=" ".join(map(q, stack.uninstall)),
             marker=q(json.dumps({"id": stack.id, "stack": stack.to_dict(), "validated": False})),
@@ -235,7 +247,7 @@ class Provisioner:
         if result.failed:
             return self.failed("install", f"installing {stack.id} failed (exit {result.exited})", result)
         return Step("install", "changed", f"installed {' '.join(pins)} into {self.env}"
-                    + (f"; {'; '.join(notes)}" if notes else ""), data={"pins": pins, "notes": notes})
+                    + (f"; {'; '.join(notes)}" if notes else ""), data={"pins": pins, "notes": notes, **data})
 
     def install_container(self, facts: Facts, stack: Stack) -> Step:
         """Container mode: the compose file and unit for the image, and the image itself."""
@@ -271,7 +283,9 @@ class Provisioner:
         gpus = len(facts.gpus)
         argv = ["--expect-gpus", str(gpus), "--tolerance", str(self.play.validate["tolerance"]),
                 "--backend", stack.attention_backend or "none",
-                "--flashinfer" if stack.flashinfer and (facts.min_sm or 0) >= 75 else "--no-flashinfer"]
+                "--flashinfer" if flashinfer_in_use(stack) else "--no-flashinfer"]
+        if flashinfer_in_use(stack) and stack.vllm_package == "vllm":
+            argv.append("--sampler")  # also JIT-builds vLLM's sampler here, not in the smoke test's start-up
         if gpus:
             argv += ["--expect-cc", ",".join(g.compute_capability for g in facts.gpus)]
         return self.run_proof("validate", script, argv, float(self.play.validate["timeout"]), stack)
@@ -394,17 +408,24 @@ class Provisioner:
                         tail=verdict.get("server_log_tail") or result.stderr[-3000:] or None)
         return Step(name, "ok", summary(name, verdict), data=verdict)
 
-    def push_wheelhouse(self, local: Path) -> int:
-        """Send the wheelhouse files the host lacks (by sha256); return how many were sent."""
-        remote = f"{self.root}/wheelhouse"
+    def push_wheelhouse(self, local: Path, remote: str, names: list[str] | None = None) -> int:
+        """Send the wheelhouse files (*names*, or every file) the host lacks (by sha256) to *remote*;
+        return how many were sent."""
         listing = self.sh(f"mkdir -p {q(remote)} && cd {q(remote)} && sha256sum -- * 2>/dev/null || true").stdout
         have = {line.split(None, 1)[1].strip(): line.split()[0] for line in listing.splitlines() if "  " in line}
         sent = 0
-        for path in sorted(p for p in local.iterdir() if p.is_file()):
+        files = [local / n for n in names] if names is not None else [p for p in local.iterdir() if p.is_file()]
+        for path in sorted(files):
             if have.get(path.name) != hashlib.sha256(path.read_bytes()).hexdigest():
                 self.conn.put(path, f"{remote}/{path.name}")
                 sent += 1
         return sent
+
+
+def wheelhouse_class(local: Path, host: str, stack: Stack, facts: Facts) -> tuple[str, dict] | None:
+    """The manifest class of *local* this host installs from; None for a plain directory of wheels."""
+    manifest = read_manifest(local)
+    return class_for(manifest, host, stack, facts) if manifest else None
 
 
 def q(value) -> str:
@@ -441,7 +462,7 @@ def summary(name: str, verdict: dict) -> str:
         return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s') or 0:.1f} s, "
                 f"first token in {verdict.get('ttft_s') or 0:.3f} s; {observed_text(verdict)}")
     figures = [f"{k}={v:.3g}" for g in verdict.get("gpus", []) for k, v in g.items()
-               if k in ("decode_max_err", "graph_replay_us") and isinstance(v, (int, float))]
+               if k in ("decode_max_err", "graph_replay_us", "sampler_first_call_s") and isinstance(v, (int, float))]
     return f"{verdict.get('device')}: {len(verdict.get('checks', []))} checks passed" + (
         f" ({', '.join(figures)})" if figures else "")
 
@@ -467,10 +488,10 @@ rm -rf {env}
 mkdir -p "$(dirname {env})"
 if command -v uv >/dev/null 2>&1; then
   uv venv -q --python {python} {ssp} {env}
-  set -- uv pip install -q --python {env}/bin/python
+  set -- uv pip install -q {uv_config} --python {env}/bin/python
 else
   {python} -m venv {ssp} {env}
-  set -- {env}/bin/python -m pip install -q --disable-pip-version-check
+  set -- env {pip_config} {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile
 fi
 if [ -n "{ssp}" ]; then
   # A venv sees its base interpreter's site-packages, not those of a venv it was made from
@@ -480,6 +501,12 @@ if [ -n "{ssp}" ]; then
 fi
 "$@" {args} {pins}
 if [ -n "{uninstall}" ]; then {env}/bin/python -m pip uninstall -q -y {uninstall}; fi
+# Bytecode for everything the environment imports, its own packages and any host site it sees, into
+# a cache of its own: servers run with PYTHONPYCACHEPREFIX there, so no start compiles vLLM again
+# (images that set PYTHONDONTWRITEBYTECODE would otherwise compile it on every start) and nothing
+# is written into the host's or an image's own site-packages.
+{env}/bin/python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' |
+  PYTHONPYCACHEPREFIX={env}/.pycache xargs {env}/bin/python -m compileall -q -j0 >/dev/null 2>&1 || true
 printf '%s\\n' {marker} > {marker_path}.tmp && mv {marker_path}.tmp {marker_path}
 """
 

@@ -5,11 +5,15 @@ choice, or a refusal with every reason no stack fits and what would make one fit
 Decisions use the device's runtime facts (compute capability and CUDA version
 reported by the driver), never the arch flags something was compiled with.
 
-The rules, in order: the lowest SM of the host's GPUs decides; the driver's CUDA
-version caps the CUDA of torch and vLLM (``cuda_compat: minor`` also admits a newer
-minor of the same major, as NVIDIA's minor-version compatibility allows); vLLM,
-then torch's CUDA variant, must carry code for that SM; Python, glibc and arch
-must match the wheels; the newest vLLM the request's policy admits wins.
+The rules, in order: the lowest SM of the host's GPUs decides; the driver runs the
+CUDA it reports and, under NVIDIA's minor-version compatibility (the default,
+``cuda_compat: minor``), any newer minor of the same major once it is at least that
+major's floor (12.x from 525.60.13, 13.x from 580.65.06); ``cuda_compat: strict``
+caps at the driver's own CUDA. vLLM, then torch's CUDA variant, must carry code for
+that SM (SASS only where a stack relies on minor-version compatibility, which has no
+PTX JIT); Python, glibc and arch must match the wheels; the newest vLLM the
+request's policy admits wins. With ``system_site_packages`` the host Python's torch
+is reused where it is exactly the torch the stack pins.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class Request:
     cuda: str = "auto"  # "auto" or a CUDA version ("12.9")
     mode: str = "venv"  # "venv" or "container"
     python: str = "auto"  # "auto" (the host's python3) or "3.12"
-    cuda_compat: str = "strict"  # "strict" or "minor" (minor-version compatibility)
+    cuda_compat: str = "minor"  # "minor" (NVIDIA minor-version compatibility) or "strict"
     torch_index: str = "auto"  # "auto" (the matrix's), "default" (the installer's own) or a mirror's URL
     system_site_packages: str = "false"  # "true": the environment sees, and reuses, the host Python's torch
 
@@ -116,6 +120,13 @@ class Resolution:
         return self.status == "ok"
 
 
+def flashinfer_in_use(stack: Stack) -> bool:
+    """Does this stack run FlashInfer's kernels? Where it does, the validation proves them, and for vLLM also
+    the top-k/top-p sampler vLLM takes from FlashInfer on CUDA unless VLLM_USE_FLASHINFER_SAMPLER=0
+    (vllm/v1/sample/ops/topk_topp_sampler.py), which the resolver sets wherever FlashInfer is not used."""
+    return bool(stack.flashinfer) and stack.env.get("VLLM_USE_FLASHINFER_SAMPLER") != "0"
+
+
 def refused(reasons: list[str], fix: str) -> Resolution:
     return Resolution("refused", tuple(reasons), fix=fix)
 
@@ -161,10 +172,7 @@ def _with_index(result: Resolution, request: Request) -> Resolution:
 
 def _resolve_gpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
     sm, reasons = _lowest_sm(facts)
-    driver_cuda = facts.cuda_driver_version
-    reasons.append(f"driver {facts.driver_version} supports CUDA ≤ {driver_cuda}"
-                   + (" (minor-version compatibility admits newer 12.x/13.x minors)"
-                      if request.cuda_compat == "minor" else ""))
+    reasons.append(f"driver {facts.driver_version} supports CUDA ≤ {facts.cuda_driver_version}")
     candidates = _vllm_candidates(request, matrix)
     if not candidates:
         return refused([f"no vLLM release in the matrix matches fleet_vllm {request.vllm!r}"],
@@ -179,11 +187,12 @@ def _resolve_gpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
         if why_not:
             reasons.append(f"newer vLLM ruled out: {why_not[0]}" + (f" (and {len(why_not) - 1} more)"
                                                                     if len(why_not) > 1 else ""))
-        stack, runtime_reasons = _runtime(vllm, variant, facts, sm, python, matrix)
-        return Resolution("ok", tuple(reasons + torch_reasons + runtime_reasons), stack=stack)
+        stack, runtime_reasons = _runtime(vllm, variant, facts, request, sm, python, matrix)
+        return Resolution("ok", tuple(reasons + torch_reasons + _mvc_reasons(stack, vllm, facts, sm, matrix)
+                                      + runtime_reasons), stack=stack)
     if len(why_not) > 2:  # the newest and the oldest say it; the ones between add only length
         why_not[1:-1] = [f"… {len(why_not) - 2} releases between them ruled out as well"]
-    return refused(reasons + why_not, _fix(candidates, facts, request, python, sm, matrix))
+    return refused(reasons + why_not, _ways_out(candidates, facts, request, python, sm, matrix))
 
 
 def _fit(vllm: Vllm, facts: Facts, request: Request, python: str, sm: int, matrix: Matrix):
@@ -201,15 +210,21 @@ def _fit(vllm: Vllm, facts: Facts, request: Request, python: str, sm: int, matri
         no.append("no aarch64 wheel")
     elif arch not in ("x86_64", "aarch64"):
         no.append(f"no wheels for {arch}")
-    if not covers(vllm.sm, sm, vllm.ptx):
-        no.append(f"its kernels carry no code for sm_{sm} (SASS {_sms(vllm.sm)}, PTX {_sms(vllm.ptx) or 'none'})")
-    if not _cuda_runs(vllm.cuda, facts.cuda_driver_version, request, matrix):
-        no.append(f"built with CUDA {vllm.cuda}, newer than the driver's {facts.cuda_driver_version}")
+    compat = _compat(vllm.cuda, facts, request, matrix)
+    ptx = () if compat == "minor" else vllm.ptx  # minor-version compatibility has no PTX JIT
+    if not covers(vllm.sm, sm, ptx):
+        no.append(f"its kernels carry no code for sm_{sm} (SASS {_sms(vllm.sm)}, PTX {_sms(vllm.ptx) or 'none'}"
+                  + (", and PTX does not load under minor-version compatibility" if vllm.ptx and not ptx else "")
+                  + ")")
+    if compat is None:
+        no.append(f"built with CUDA {vllm.cuda}, which driver {facts.driver_version} (CUDA "
+                  f"{facts.cuda_driver_version}) does not run" + ("" if request.cuda_compat == "minor"
+                                                                  else " with fleet_cuda_compat: strict"))
     variants = torch.aarch64 if arch == "aarch64" else torch.variants
     fitting = [v for v in variants
                if Version(v.cuda).major == Version(vllm.cuda).major
                and covers(v.sm, sm)
-               and _cuda_runs(v.cuda, facts.cuda_driver_version, request, matrix)
+               and _compat(v.cuda, facts, request, matrix)
                and (request.cuda == "auto" or max(v.cuda, vllm.cuda, key=Version) == _norm(request.cuda))]
     if not fitting:
         no.append(f"no torch {torch.version} CUDA {Version(vllm.cuda).major}.x build for sm_{sm} that the driver "
@@ -224,11 +239,26 @@ def _fit(vllm: Vllm, facts: Facts, request: Request, python: str, sm: int, matri
     return variant, [reason]
 
 
-def _runtime(vllm: Vllm, variant: Variant, facts: Facts, sm: int, python: str,
+def _mvc_reasons(stack: Stack, vllm: Vllm, facts: Facts, sm: int, matrix: Matrix) -> list[str]:
+    """Say so where a stack relies on minor-version compatibility, and what that means on this host."""
+    if Version(stack.cuda) <= Version(facts.cuda_driver_version):
+        return [f"CUDA {stack.cuda} ≤ the driver's {facts.cuda_driver_version}: runs natively"]
+    major = Version(stack.cuda).major
+    return [f"driver {facts.driver_version} runs CUDA {major}.x builds under NVIDIA minor-version compatibility "
+            f"(≥ {_mvc_floor(major, matrix)}); built with {stack.cuda}",
+            f"minor-version compatibility has no PTX JIT: vLLM {vllm.version} and torch {stack.torch} carry sm_{sm} "
+            "SASS, which is what runs; Triton and FlashInfer's JIT compile to SASS on the host (their own ptxas, "
+            "or nvcc), which the driver loads, but a kernel shipped only as newer PTX would fail with "
+            "'the provided PTX was compiled with an unsupported toolchain'"]
+
+
+def _runtime(vllm: Vllm, variant: Variant, facts: Facts, request: Request, sm: int, python: str,
              matrix: Matrix) -> tuple[Stack, list[str]]:
     """The Stack for this vLLM and torch build: FlashInfer, attention backend, CUDA-graph mode, arch list."""
     reasons, env, packages = [], {}, []
     torch = matrix.torch_row(vllm.torch)
+    reuse, why = _reuse_host_torch(torch.version, variant, facts, request, python)
+    reasons += why
     fi = matrix.flashinfer_row(vllm.flashinfer)
     fi_index = None
     fi_usable = fi is not None and sm >= fi.min_sm
@@ -242,7 +272,10 @@ def _runtime(vllm: Vllm, variant: Variant, facts: Facts, sm: int, python: str,
         reasons.append(f"flashinfer-python {fi.version} pinned by vLLM {vllm.version}; sm_{sm} ≥ sm_{fi.min_sm}")
         if fi.jit:
             label = f"cu{Version(variant.cuda).major}{Version(variant.cuda).minor}"
-            nvcc_ok = facts.nvcc and Version(".".join(facts.nvcc.split(".")[:2])) >= Version(_nvcc_for(sm, matrix))
+            nvcc = Version(".".join(facts.nvcc.split(".")[:2])) if facts.nvcc else None
+            # It must target the SM, and its cubins must be of a CUDA major the driver loads.
+            nvcc_ok = nvcc and nvcc >= Version(_nvcc_for(sm, matrix)) \
+                and nvcc.major <= Version(facts.cuda_driver_version).major
             if nvcc_ok:
                 reasons.append(f"nvcc {facts.nvcc} on the host can JIT FlashInfer kernels for sm_{sm}")
             elif fi.jit_cache_index and label in fi.jit_cache_cuda:
@@ -254,20 +287,44 @@ def _runtime(vllm: Vllm, variant: Variant, facts: Facts, sm: int, python: str,
                 reasons.append(f"{'no nvcc' if not facts.nvcc else f'nvcc {facts.nvcc} too old'} on the host and no "
                                f"jit-cache for {label}: FlashInfer kernels would fail to build, so it is not used")
                 fi_usable = False
+                env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     backend, graph, why = _attention(vllm, sm, fi_usable, matrix)
     reasons += why
     arch_list = _arch_list(facts)
     reasons.append(f"TORCH_CUDA_ARCH_LIST={arch_list}: this host's GPUs only (a list reaching below sm_75 trips "
                    "FlashInfer's arch check, seed 002)")
     stack = Stack(
-        python=python, torch=torch.version, cuda=max(variant.cuda, vllm.cuda, key=Version),
-        torch_index=PYPI if variant.name == torch.default and (facts.arch or "x86_64") == "x86_64"
+        python=python, torch=reuse or torch.version, cuda=max(variant.cuda, vllm.cuda, key=Version),
+        torch_index=PYPI if reuse or (variant.name == torch.default and (facts.arch or "x86_64") == "x86_64")
         else TORCH_INDEX.format(variant=variant.name),
         vllm=vllm.version, vllm_package="vllm", flashinfer=vllm.flashinfer, flashinfer_index=fi_index,
         container_image=None, attention_backend=backend, cudagraph_mode=graph, torch_cuda_arch_list=arch_list,
-        env=env, packages=tuple(packages),
+        env=env, packages=tuple(packages), system_site_packages=bool(reuse),
     )
     return stack, reasons
+
+
+def _reuse_host_torch(pin: str, variant: Variant, facts: Facts, request: Request,
+                      python: str) -> tuple[str | None, list[str]]:
+    """The host Python's torch version where fleet_system_site_packages asks to reuse it and it is exactly the
+    pinned torch, built for the CUDA major of the chosen variant; else None, with the reason torch is installed."""
+    if not request.reuse_system_torch:
+        return None, []
+    host = facts.python or {}
+    have, cuda = host.get("torch"), host.get("torch_cuda")
+    if not have:
+        return None, [f"fleet_system_site_packages: the host Python has no torch, so torch {pin} is installed"]
+    if have.split("+")[0] != pin:
+        return None, [f"fleet_system_site_packages: the host Python's torch {have} is not the {pin} vLLM pins, so "
+                      f"torch {pin} is installed into an environment of its own (host packages not shared)"]
+    if not cuda or Version(cuda).major != Version(variant.cuda).major:
+        return None, [f"fleet_system_site_packages: the host Python's torch {have} is built for CUDA {cuda}, not "
+                      f"{Version(variant.cuda).major}.x, so torch {pin} {variant.name} is installed"]
+    if not python or not host.get("version", "").startswith(python + "."):
+        return None, [f"fleet_system_site_packages: the host's torch is in Python {host.get('version')}, the stack "
+                      f"uses {python}, so torch {pin} is installed"]
+    return have, [f"reusing the host Python's torch {have} (CUDA {cuda}, {host.get('path')}) through system site "
+                  f"packages: it is the torch {pin} vLLM pins"]
 
 
 def _attention(vllm: Vllm, sm: int, flashinfer: bool, matrix: Matrix) -> tuple[str | None, str | None, list[str]]:
@@ -295,27 +352,69 @@ def _attention(vllm: Vllm, sm: int, flashinfer: bool, matrix: Matrix) -> tuple[s
         + (" for decode batches" if chosen.cudagraph == "uniform" else "")]
 
 
-def _fix(candidates: list[Vllm], facts: Facts, request: Request, python: str, sm: int, matrix: Matrix) -> str:
-    """What would let the newest admissible vLLM with kernels for this SM fit: a driver, a Python, an OS."""
+def _ways_out(candidates: list[Vllm], facts: Facts, request: Request, python: str, sm: int, matrix: Matrix) -> str:
+    """Every way out that exists: what would let the newest admissible vLLM with kernels for this SM (and the
+    requested CUDA) fit — a driver, a Python, an OS — the smallest driver upgrade that fits an older release,
+    and the policy changes that would fit a stack as things are."""
     arch = facts.arch or "x86_64"
-    target = next((v for v in candidates if covers(v.sm, sm, v.ptx) and (arch != "aarch64" or v.aarch64)), None)
-    if target is None:
-        return (f"no vLLM release{'' if request.vllm == 'latest' else ' admitted by fleet_vllm'} has kernels for "
-                f"sm_{sm} on {arch}" + ("; widen fleet_vllm" if request.vllm != "latest" else ""))
-    fixes = []
-    need_cuda = target.cuda if request.cuda == "auto" else _norm(request.cuda)
-    if not _cuda_runs(need_cuda, facts.cuda_driver_version, request, matrix):
-        row = matrix.cuda_row(need_cuda)
-        fixes.append(f"upgrade the driver to ≥ {row.driver} for CUDA {need_cuda}" if row
-                     else f"upgrade the driver to one that supports CUDA {need_cuda}")
-    torch = matrix.torch_row(target.torch)
-    if not (_in(python, target.python) and _in(python, torch.python)):
-        fixes.append(f"install a Python in {target.python} and set fleet_python")
-    glibc_needed = max(target.glibc, torch.glibc, key=Version)
-    if facts.glibc and Version(facts.glibc) < Version(glibc_needed):
-        fixes.append(f"move to an OS with glibc ≥ {glibc_needed}")
-    fix = "; ".join(fixes) or "pin another vLLM with fleet_vllm"
-    return f"{fix} (for vLLM {target.version}, the newest with sm_{sm} kernels)"
+    targets = [v for v in candidates if covers(v.sm, sm, v.ptx) and (arch != "aarch64" or v.aarch64)
+               and (request.cuda == "auto" or _can_build(v, _norm(request.cuda), matrix))]
+    ways = []
+    if not targets:
+        ways.append(f"no vLLM release{'' if request.vllm == 'latest' else ' admitted by fleet_vllm'} has kernels for "
+                    f"sm_{sm} on {arch}" + (f" at CUDA {request.cuda}" if request.cuda != "auto" else ""))
+    else:
+        def cuda_of(v: Vllm) -> str:
+            return v.cuda if request.cuda == "auto" else _norm(request.cuda)
+        # The newest release, and the newest of those the smallest driver upgrade would run.
+        smallest = min(targets, key=lambda v: _driver(_driver_for(cuda_of(v), request, matrix) or "0"))
+        for i, target in enumerate(dict.fromkeys((targets[0], smallest))):
+            fixes, need = [], cuda_of(target)
+            if not _compat(need, facts, request, matrix):
+                fixes.append(_driver_fix(need, request, matrix))
+            torch = matrix.torch_row(target.torch)
+            if not (_in(python, target.python) and _in(python, torch.python)):
+                fixes.append(f"install a Python in {target.python} and set fleet_python")
+            glibc_needed = max(target.glibc, torch.glibc, key=Version)
+            if facts.glibc and Version(facts.glibc) < Version(glibc_needed):
+                fixes.append(f"move to an OS with glibc ≥ {glibc_needed}")
+            if fixes:
+                ways.append(f"{' and '.join(fixes)} (for vLLM {target.version}"
+                            + (f", the newest with sm_{sm} kernels" if i == 0 else "")
+                            + (f" at CUDA {need}" if request.cuda != "auto" else "") + ")")
+    for change, looser in (("set fleet_cuda_compat: minor (NVIDIA minor-version compatibility)",
+                            replace(request, cuda_compat="minor")),
+                           ("leave fleet_cuda / --cuda at auto", replace(request, cuda="auto")),
+                           ("widen fleet_vllm", replace(request, vllm="latest"))):
+        if looser != request and (fit := _resolve_gpu(facts, looser, python, matrix)).ok:
+            ways.append(f"{change}: vLLM {fit.stack.vllm} (CUDA {fit.stack.cuda}) fits as things are")
+    return "; or ".join(ways) or "pin another vLLM with fleet_vllm"
+
+
+def _can_build(vllm: Vllm, cuda: str, matrix: Matrix) -> bool:
+    """Can this vLLM make a stack whose CUDA is exactly *cuda* with one of its torch's builds?"""
+    return any(Version(v.cuda).major == Version(vllm.cuda).major and max(v.cuda, vllm.cuda, key=Version) == cuda
+               for v in matrix.torch_row(vllm.torch).variants)
+
+
+def _driver_for(cuda: str, request: Request, matrix: Matrix) -> str | None:
+    """The lowest driver that runs a *cuda* runtime under the request's policy (None: the matrix doesn't say)."""
+    row, floor = matrix.cuda_row(cuda), _mvc_floor(Version(cuda).major, matrix)
+    if row is None:
+        return None
+    if request.cuda_compat == "minor" and floor and _driver(floor) < _driver(row.driver):
+        return floor
+    return row.driver
+
+
+def _driver_fix(cuda: str, request: Request, matrix: Matrix) -> str:
+    row, need = matrix.cuda_row(cuda), _driver_for(cuda, request, matrix)
+    if need is None:
+        return f"upgrade the driver to one that supports CUDA {cuda}"
+    if need != row.driver:
+        return (f"upgrade the driver to ≥ {need} for CUDA {Version(cuda).major}.x under minor-version compatibility "
+                f"(≥ {row.driver} runs CUDA {cuda} natively)")
+    return f"upgrade the driver to ≥ {row.driver} for CUDA {cuda}"
 
 
 # ---------------------------------------------------------------- kernels only (fleet_vllm: none)
@@ -327,7 +426,7 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
     system = facts.python or {}
     if request.reuse_system_torch and system.get("torch"):
         cuda = system.get("torch_cuda")
-        if not cuda or not _cuda_runs(cuda, facts.cuda_driver_version, request, matrix):
+        if not cuda or not _compat(cuda, facts, request, matrix):
             return refused(reasons + [f"the host Python's torch {system['torch']} is built for CUDA {cuda}, "
                                       f"the driver runs ≤ {facts.cuda_driver_version}"],
                            "set fleet_system_site_packages: false to install a matching torch")
@@ -337,7 +436,7 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
         fits = [(t, v) for t in sorted(matrix.torch, key=lambda t: Version(t.version), reverse=True)
                 if _in(python, t.python) and (not facts.glibc or Version(facts.glibc) >= Version(t.glibc))
                 for v in (t.aarch64 if facts.arch == "aarch64" else t.variants)
-                if covers(v.sm, sm) and _cuda_runs(v.cuda, facts.cuda_driver_version, request, matrix)]
+                if covers(v.sm, sm) and _compat(v.cuda, facts, request, matrix)]
         if not fits:
             return refused(reasons + [f"no torch build in the matrix runs sm_{sm} on CUDA ≤ {facts.cuda_driver_version}"],
                            "upgrade the NVIDIA driver")
@@ -392,11 +491,12 @@ def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolu
                                   f"({'none found' if not runtime else runtime['name'] + ' has no NVIDIA runtime'})"],
                        "install nvidia-container-toolkit and configure it (nvidia-ctk runtime configure)")
     why_not = []
+    strict = replace(request, cuda_compat="strict")  # images check NVIDIA_REQUIRE_CUDA against the driver
     for image in sorted(matrix.containers, key=lambda c: Version(c.vllm), reverse=True):
         vllm = next((v for v in matrix.vllm if v.version == image.vllm), None)
         if vllm is None or not (request.vllm == "latest" or _in(image.vllm, request.vllm)):
             continue
-        if not _cuda_runs(image.cuda, facts.cuda_driver_version, request, matrix):
+        if not _compat(image.cuda, facts, strict, matrix):
             why_not.append(f"{image.image} needs CUDA {image.cuda} (NVIDIA_REQUIRE_CUDA), driver has "
                            f"{facts.cuda_driver_version}")
             continue
@@ -404,7 +504,8 @@ def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolu
         if not covers(archs, sm):
             why_not.append(f"{image.image} is built for {image.arch_list}, not sm_{sm}")
             continue
-        stack, runtime_reasons = _runtime(vllm, Variant("image", image.cuda, archs), facts, sm, image.python, matrix)
+        stack, runtime_reasons = _runtime(vllm, Variant("image", image.cuda, archs), facts, strict, sm, image.python,
+                                          matrix)
         stack = replace(stack, container_image=image.image, torch_index=None)
         reasons.append(f"{image.image}: CUDA {image.cuda} ≤ driver's {facts.cuda_driver_version}, "
                        f"built for {image.arch_list}")
@@ -428,12 +529,26 @@ def _arch_list(facts: Facts) -> str:
     return " ".join(sorted({g.compute_capability for g in facts.gpus}, key=Version))
 
 
-def _cuda_runs(cuda: str, driver_cuda: str, request: Request, matrix: Matrix) -> bool:
-    """Can a driver whose newest CUDA is *driver_cuda* run a *cuda* runtime?"""
-    need, have = Version(cuda), Version(driver_cuda)
+def _compat(cuda: str, facts: Facts, request: Request, matrix: Matrix) -> str | None:
+    """How this host's driver runs a *cuda* runtime: "native" (up to its own CUDA version), "minor" (a newer
+    minor of the same major, under NVIDIA's minor-version compatibility, from that major's driver floor), or None."""
+    need, have = Version(cuda), Version(facts.cuda_driver_version)
     if need <= have:
-        return True
-    return request.cuda_compat == "minor" and need.major == have.major and need.major >= 12
+        return "native"
+    floor = _mvc_floor(need.major, matrix)
+    if request.cuda_compat != "minor" or need.major != have.major or floor is None or not facts.driver_version:
+        return None
+    return "minor" if _driver(facts.driver_version) >= _driver(floor) else None
+
+
+def _mvc_floor(major: int, matrix: Matrix) -> str | None:
+    """The lowest driver that runs every CUDA *major*.x runtime under minor-version compatibility."""
+    floors = [c.major_driver for c in matrix.cuda if Version(c.version).major == major]
+    return min(floors, key=_driver) if floors else None
+
+
+def _driver(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
 
 
 def _nvcc_for(sm: int, matrix: Matrix) -> str:

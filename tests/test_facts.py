@@ -8,7 +8,8 @@ import pytest
 
 from fleetctl.facts import (
     Gpu, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
-    parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_probe, split_sections,
+    parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_packages, parse_probe, split_sections,
+    canonical_name,
 )
 
 HW = Path(__file__).parent / "lab" / "hardware"
@@ -102,8 +103,28 @@ def test_nvml_probe_recorded_on_the_gpu_test_host():
     assert (gpu.name, gpu.compute_capability, gpu.memory_mib, gpu.pci_bus_id, gpu.mig_mode) == (
         "NVIDIA H200", "9.0", 143771, "00000000:00:06.0", "Disabled")
     assert facts.python == {"path": "/opt/torch/.venv/bin/python3", "version": "3.12.3", "torch": "2.11.0",
-                            "torch_cuda": "13.0"}
+                            "torch_cuda": "13.0", "packages": {}}  # recorded before the probe listed distributions
     assert (facts.os["id"], facts.glibc) == ("ubuntu", "2.39")
     # Recorded after fleetctl provisioned the host with playbooks/kernels-only.yml.
     assert facts.fleet["current"] == facts.fleet["envs"][0] == "envs/kernels-torch-2.11.0-c3c319b121"
     assert (facts.installed["flashinfer"], facts.installed["torch"]) == ("0.7.2.post1", "2.11.0")
+
+
+def test_probe_lists_the_host_pythons_distributions():
+    """Recorded on the CI machine with fleetctl's own venv as the host Python (no torch there):
+    every distribution it sees, PEP 503 names, versions as installed."""
+    facts = parse_probe((DATA / "cpu-venv-packages.txt").read_text())
+    python = facts.python
+    assert (python["path"], python["version"], python["torch"], python["torch_cuda"]) == (
+        "/work/main/.venv/bin/python", "3.11.7", None, None)
+    packages = python["packages"]
+    assert packages["fabric"] == "3.2.3" and packages["pip"] == "23.2.1" and packages["nvidia-ml-py"] == "13.615.71"
+    assert "markupsafe" in packages and "MarkupSafe" not in packages
+    assert all(name == canonical_name(name) for name in packages)
+    assert (facts.glibc, facts.arch) == ("2.36", "x86_64")
+
+
+def test_packages_line_normalises_names_and_keeps_the_first():
+    assert parse_packages("Typing_Extensions==4.12.2 torch==2.11.0+cu130 typing.extensions==4.0 junk ==1 x==") == {
+        "typing-extensions": "4.12.2", "torch": "2.11.0+cu130"}
+    assert parse_packages("") == {}

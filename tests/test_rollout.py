@@ -80,9 +80,11 @@ def test_gpu_lab_what_if(lab, lab_inventory):
     code, out = fleetctl_json("rollout", lab_inventory, "--cuda", "12.9", "--check")
     assert code == 0 and out["status"] == "planned"
     moving = {n for w in out["waves"] for n in w}
-    assert {"h100", "h200", "b200"} <= moving and out["waves"][0] == ["h100"]
-    assert "575.51.03" in out["left_alone"]["a100"]["why"]  # R570 cannot run CUDA 12.9
+    # R580 runs CUDA 12.9 natively, R525–R575 under minor-version compatibility.
+    assert {"h100", "h200", "b200", "a100", "a100-mig", "v100", "t4"} <= moving and out["waves"][0] == ["h100"]
     assert out["left_alone"]["cpu-01"]["reason"].startswith("no GPU")
+    code, out = fleetctl_json("rollout", lab_inventory, "--cuda", "13.0", "--check", "--limit", "h100,a100")
+    assert "580.65.06" in out["left_alone"]["a100"]["why"]  # R570 cannot run CUDA 13
     assert not any((h.fleet_root / "envs").exists() for h in lab.hosts.values())
 
 

@@ -37,8 +37,24 @@ def torch_of_this_python():
     return version, m.group(1) if m else ""
 
 
-print("@@fleetctl python", sys.executable, platform.python_version(), *torch_of_this_python(), "@@rc 0",
-      "@@fleetctl nvml", sep="\n")
+def distributions():
+    """name==version of every distribution this Python sees, first on sys.path wins (as importlib's),
+    from the .dist-info/.egg-info directory names: reading each METADATA costs far more."""
+    seen = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            m = re.match(r"^(.+?)-([^-]+?)(?:-py\d[^-]*)?\.(?:dist|egg)-info$", name)
+            if m:
+                seen.setdefault(re.sub(r"[-_.]+", "-", m.group(1)).lower(), m.group(2))
+    return " ".join(f"{n}=={v}" for n, v in sorted(seen.items()))
+
+
+print("@@fleetctl python", sys.executable, platform.python_version(), *torch_of_this_python(), distributions(),
+      "@@rc 0", "@@fleetctl nvml", sep="\n")
 
 
 def text(value):

@@ -2,10 +2,13 @@
 
 Run with the new environment's Python, alone (it never imports fleetctl or vllm):
     python validate.py --expect-gpus N --expect-cc 9.0[,8.6] --backend NAME|none
-                       [--flashinfer|--no-flashinfer] [--tolerance 0.02]
+                       [--flashinfer|--no-flashinfer] [--sampler] [--tolerance 0.02]
 It owns one verdict: does torch see the GPUs the facts promised, and does the attention kernel
 (FlashInfer decode + prefill and a CUDA-graph replay of the decode, or torch SDPA where FlashInfer
-does not apply, or SDPA on the CPU) match a higher-precision reference within the tolerance.
+does not apply, or SDPA on the CPU) match a higher-precision reference within the tolerance; with
+--sampler, FlashInfer's top-k/top-p sampler (vLLM's sampler on CUDA) must keep every draw inside
+its row's top k. Its first calls JIT-build those modules into FlashInfer's cache, so the server
+that the smoke test starts next finds them built.
 It prints exactly one JSON line on stdout and exits 0 on pass, 1 on fail; anything the kernels
 print (FlashInfer's JIT build) is sent to stderr so the last stdout line is always the JSON.
 """
@@ -31,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="none", help="the vLLM attention backend the plan chose, or none")
     p.add_argument("--flashinfer", action=argparse.BooleanOptionalAction, default=None,
                    help="validate FlashInfer's kernels (default: only when --backend is FLASHINFER)")
+    p.add_argument("--sampler", action="store_true", help="also prove FlashInfer's top-k/top-p sampler")
     p.add_argument("--tolerance", type=float, default=0.02)
     return p.parse_args(argv)
 
@@ -166,6 +170,24 @@ def validate_gpu(torch, index: int, use_flashinfer: bool, tol: float) -> tuple[d
     return gpu, checks
 
 
+def sampler_check(torch, index: int) -> tuple[dict, dict]:
+    """FlashInfer's top-k/top-p sampling from logits, as vLLM calls it: every draw within its row's top k."""
+    import flashinfer
+    batch, vocab, top_k = 8, 32000, 20
+    gen = torch.Generator(device=f"cuda:{index}").manual_seed(index)
+    logits = torch.randn(batch, vocab, device=f"cuda:{index}", generator=gen, dtype=torch.float32) * 4
+    k = torch.full((batch,), top_k, device=logits.device, dtype=torch.int32)
+    p = torch.full((batch,), 0.9, device=logits.device, dtype=torch.float32)
+    draws, seconds = timed(lambda: flashinfer.sampling.top_k_top_p_sampling_from_logits(
+        logits.contiguous(), k, p, deterministic=True), torch.cuda.synchronize)
+    allowed = logits.topk(top_k, dim=-1).indices
+    inside = bool((allowed == draws.view(-1, 1).long()).any(dim=-1).all())
+    figures = {"sampler_first_call_s": seconds}
+    return figures, check(f"gpu{index} flashinfer sampler", inside,
+                          f"{batch} draws from top-{top_k}/top-p 0.9 {'all' if inside else 'NOT all'} inside the top k "
+                          f"(first call {seconds:.1f} s)")
+
+
 def run_gpu(torch, args) -> tuple[list[dict], list[dict]]:
     count = torch.cuda.device_count()
     ccs = ["{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(count)]
@@ -183,6 +205,10 @@ def run_gpu(torch, args) -> tuple[list[dict], list[dict]]:
             checks.append(check(f"gpu{i} flashinfer", False, "backend FLASHINFER but FlashInfer not validated"))
         try:
             gpu, gpu_checks = validate_gpu(torch, i, use_fi, args.tolerance)
+            if args.sampler and use_fi:
+                figures, sampled = sampler_check(torch, i)
+                gpu.update(figures)
+                gpu_checks.append(sampled)
         except Exception as exc:  # one GPU's failure is its own check; the others still run
             gpu, gpu_checks = {"index": i, "cc": cc}, [check(f"gpu{i} kernels", False, f"{type(exc).__name__}: {exc}")]
         gpus.append(gpu)

@@ -65,6 +65,7 @@ class LabHost:
     hardware: str | None = None
     os_release: str = "ubuntu-24.04"
     vars: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # set in every session on the host (sshd SetEnv)
     proc: subprocess.Popen | None = None
 
     @property
@@ -114,10 +115,10 @@ class Lab:
         self.known_hosts = self.root / "known_hosts"
 
     def add(self, name: str, hardware: str | None = None, *, os_release: str = "ubuntu-24.04",
-            authorized: bool = True, **vars) -> LabHost:
+            authorized: bool = True, env: dict | None = None, **vars) -> LabHost:
         n = len(self.hosts) + 1
         host = LabHost(name, f"127.{self.net}.{n // 250}.{n % 250 + 1}", self.root / "hosts" / name,
-                       os_release=os_release, vars=vars)
+                       os_release=os_release, vars=vars, env=dict(env or {}))
         shutil.rmtree(host.dir, ignore_errors=True)
         (host.dir / "bin").mkdir(parents=True)
         host.fleet_root.mkdir()
@@ -146,7 +147,7 @@ class Lab:
             "UseDNS no",
             "MaxStartups 400:30:800",
             "LogLevel ERROR",
-            f"SetEnv PATH={path}",
+            f"SetEnv PATH={path}" + "".join(f" {k}={v}" for k, v in host.env.items()),
             "Subsystem sftp internal-sftp",
             "",
         ])
