@@ -344,8 +344,9 @@ class Provisioner:
         if self.options.check:
             return Step("service", "changed", f"would (re)start the vLLM service on port {s['port']}")
         self.sh(STOP_SERVICE.format(root=root))
-        step = self.run_proof("service", self.ship("smoke.py"), argv, float(s["timeout"]) + 60, stack,
-                              python=f"{q(self.root)}/current/bin/python")
+        # current points here now (activate ran); the environment's own path keeps the source paths
+        # those of the install, whose bytecode the install compiled.
+        step = self.run_proof("service", self.ship("smoke.py"), argv, float(s["timeout"]) + 60, stack)
         if step.status == "ok":
             self.sh(f"echo {q(serving)} > {root}/service.stack")
             return Step("service", "changed", f"serving {stack.id} on port {s['port']} (pid "
