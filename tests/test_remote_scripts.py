@@ -387,3 +387,10 @@ def test_smoke_killed_mid_wait_leaves_no_server(tmp_path):
     left = subprocess.run(["pgrep", "-f", f"api_server --model .* --port {report['port']} "],
                           capture_output=True, text=True).stdout
     assert not left.strip(), "the server outlived smoke.py"
+
+
+def test_observed_settings_of_the_gpu_proofs_smoke_log():
+    """The smoke test's server log of the GPU proof (tests/gpu/runs/2026-11-27-h100): one H100."""
+    path = Path(__file__).parent / "gpu" / "runs" / "2026-11-27-h100" / "smoke-server.log"
+    seen = smoke.observed_settings(path.read_text().splitlines())
+    assert seen == {"attention_backend": "FLASH_ATTN", "cudagraph_mode": "FULL_AND_PIECEWISE"}

@@ -56,13 +56,24 @@ again)
   fleet provision "$inv" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-2.json"
   echo "rc=$?"; figures "$out/provision-2.json"
   stamp "warm restart: stop the service, provision starts it again"
-  pid=$(cat /opt/fleetctl/service.pid)
-  kill -TERM -- "-$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+  # The service leads its own process group; dash's kill cannot signal a group ("Illegal number").
+  python3 - "$(cat /opt/fleetctl/service.pid)" <<'PY'
+import os, signal, sys, time
+pid = int(sys.argv[1])
+os.killpg(pid, signal.SIGTERM)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.5)
+PY
   fleet provision "$inv" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-3.json"
   echo "rc=$?"; figures "$out/provision-3.json"
   stamp "plan --write-lock, audit --validate"
   fleet plan "$inv" --write-lock "$out/fleet.lock" > /dev/null; echo "rc=$?"
-  fleet audit "$inv" --lock "$out/fleet.lock" --validate --format json > "$out/audit.json"; echo "audit rc=$?"
+  fleet audit "$inv" --lock "$out/fleet.lock" --validate --format json -T 300 > "$out/audit.json"; echo "audit rc=$?"
   python3 -c "import json,sys; a=json.load(open(sys.argv[1])); print(json.dumps(a)[:1500])" "$out/audit.json"
   curl -s localhost:8000/v1/models | head -c 300; echo
   ;;
