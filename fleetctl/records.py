@@ -23,14 +23,26 @@ def new_run_id(kind: str = "run") -> str:
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
+    """Write *text* to *path* so that a reader sees the old file or the new one, never half of one.
+    The temporary file is the writer's own (process and thread): two writers at once must not share
+    one (a rollout journal saved from two threads lost its rename that way)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        if mode is not None:
+            tmp.chmod(mode)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save(record: dict, kind: str = "runs") -> Path:
     path = state_dir() / kind / f"{record['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per writer: two threads saving at once must not share a temporary file.
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
 def load(run_id: str, kind: str = "runs") -> dict:
