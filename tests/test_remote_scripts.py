@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetctl.status import parse_verdict
 from tests.conftest import wait_until
 
 REMOTE = Path(__file__).resolve().parent.parent / "fleetctl" / "remote"
@@ -93,7 +94,7 @@ def test_validate_without_torch_reports_instead_of_raising():
     proc = subprocess.run([sys.executable, str(REMOTE / "validate.py"), "--expect-gpus", "0", "--backend", "none"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = parse_verdict(proc.stdout)
     assert report["verdict"] == "fail" and "torch" in report["error"]
     assert set(report) >= {"verdict", "device", "checks", "gpus", "error"}
     assert "Traceback" not in proc.stdout
@@ -334,7 +335,9 @@ def start_smoke(tmp_path, mode, *extra, log=""):
 
 def finish(proc) -> dict:
     out, _ = proc.communicate(timeout=60)
-    return json.loads(out.strip().splitlines()[-1])
+    report = parse_verdict(out)
+    assert report is not None, f"no verdict on the last stdout line: {out[-500:]}"
+    return report
 
 
 def test_smoke_passes_against_a_server_that_generates(tmp_path):
