@@ -304,7 +304,9 @@ def schedule_files(fleetctl: list[str], inventory: str, schedule: str, output: s
             raise FleetError(f"cannot schedule the audit: the {what} {value!r} holds a control character",
                              fix="run it from, and name, paths without one")
     return {
-        "fleetctl-audit.service": SERVICE.format(inventory=systemd.quote(inventory), workdir=workdir.replace("%", "%%"),
+        # Description= and WorkingDirectory= are taken as written, but for their % specifiers.
+        "fleetctl-audit.service": SERVICE.format(inventory=inventory.replace("%", "%%"),
+                                                 workdir=workdir.replace("%", "%%"),
                                                  command=" ".join(map(systemd.quote, argv))),
         "fleetctl-audit.timer": TIMER.format(schedule=schedule),
         "fleetctl-audit.cron": f"{CRON_TIMES.get(schedule, '17 3 * * *')} cd {_cron_word(workdir)} && "
