@@ -9,18 +9,19 @@ from .errors import (
     WheelhouseError,
 )
 from .facts import Facts, Gpu, gather, parse_probe
-from .fanout import Outcome, exit_code, fan_out
+from .fanout import Outcome, fan_out
 from .inventory import Host, Inventory, load_inventory
 from .container import render_container
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
 from .resolve import Request, Resolution, Stack, resolve
 from .serving import ServeConfig, ServePlan, plan_serving, smoke_argv
+from .status import Exit, Status, exit_code, parse_verdict
 
 __all__ = [
-    "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
+    "CommandFailed", "Connection", "Exit", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
-    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "TimedOut", "Unreachable",
+    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "Status", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
-    "parse_probe", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
+    "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
 ]

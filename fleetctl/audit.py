@@ -1,28 +1,42 @@
 """Drift: how a host's live facts differ from what fleet.lock says was resolved and installed.
 
 ``drift(facts, locked, matrix)`` is pure: facts and a lock entry in, a list of
-:class:`Drift` out. The output formats monitoring already reads (JSON, JUnit XML,
-Prometheus text) and the systemd timer that runs an audit on a schedule are
-rendered here too, as text. An audit only reads: it gathers facts (and, with
---validate, runs the validation kernel in the current environment).
+:class:`Drift` out. ``audit_fleet`` runs an audit: each host's facts gathered and
+compared (and, with --validate, the validation kernel run in its current
+environment), the snapshot kept for a later ``--since``. The output formats
+monitoring already reads (JSON, JUnit XML, Prometheus text) are rendered here
+too, as text, and ``install_timer`` writes the systemd timer (and cron line) that
+runs an audit on a schedule. An audit only reads the hosts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
 from xml.sax.saxutils import quoteattr
 
-from .facts import Facts
+from . import records, systemd
+from .connection import Connection
+from .errors import FleetError
+from .facts import Facts, gather
+from .fanout import Deadline, Outcome, fan_out
+from .inventory import Host
 from .matrix import Matrix
-from .plan import LockedHost, class_facts
-from .resolve import Request, resolve
+from .plan import Lock, LockedHost, class_facts
+from .resolve import Request, flashinfer_in_use, resolve
+from .status import Status, parse_verdict
 
 KINDS = ("unlocked", "driver", "cuda_driver", "gpus", "python", "platform", "environment", "current",
          "package", "service", "validation", "stack_outdated", "incompatible")
-EXIT_DRIFT, EXIT_UNREACHABLE = 2, 4
+AUDITED = (Status.CLEAN, Status.DRIFT)  # the host answered; anything else is why it could not be read
 
 
 @dataclass(frozen=True)
@@ -85,12 +99,6 @@ def _short(value) -> str:
     return value.get("pretty_name") or str(value) if isinstance(value, dict) else str(value)
 
 
-def exit_code(report: dict) -> int:
-    """Puppet/Terraform-style: 0 clean, 2 drift, 4 unreachable hosts; the bits combine."""
-    statuses = {h["status"] for h in report["hosts"].values()}
-    return (EXIT_DRIFT if "drift" in statuses else 0) | (EXIT_UNREACHABLE if statuses - {"clean", "drift"} else 0)
-
-
 def since(old: dict, new: dict) -> dict[str, list[str]]:
     """What changed per host between two audit snapshots ({host: facts dict})."""
     changes = {}
@@ -108,6 +116,71 @@ def since(old: dict, new: dict) -> dict[str, list[str]]:
     return changes
 
 
+# ---------------------------------------------------------------- running an audit
+
+@dataclass(frozen=True)
+class HostAudit:
+    """One host's audit: its facts and every drift found; its status is the host's in the fan-out."""
+
+    facts: Facts
+    drifts: tuple[Drift, ...]
+
+    @property
+    def status(self) -> Status:
+        return Status.DRIFT if self.drifts else Status.CLEAN
+
+
+def audit_fleet(hosts: list[Host], lock: Lock, matrix: Matrix, *, validate: bool = False,
+                since_id: str | None = None, forks: int = 50, timeout: float = 60.0,
+                on_done: Callable[[Outcome], None] | None = None) -> dict:
+    """Audit *hosts* against *lock*: the report (each host clean, drifted, or why it could not be
+    read), with what changed since the audit *since_id* where one is named. The facts are kept
+    as this audit's snapshot, for a later ``--since``."""
+    old = records.load(since_id, "audits")["facts"] if since_id else None  # a wrong id fails before any host is asked
+    outcomes = fan_out(hosts, audit_task(lock, matrix, validate), forks=forks, timeout=timeout, on_done=on_done)
+    results = {name: host_result(o.value.drifts) if o.ok else {"status": o.status, "error": o.error}
+               for name, o in outcomes.items()}
+    snapshot = {name: o.value.facts.to_dict() for name, o in outcomes.items() if o.ok}
+    run_id = records.new_run_id("audit")
+    report = report_of(run_id, results)
+    if old is not None:
+        report["since"] = {"run_id": since_id, "changes": since(old, snapshot)}
+    records.save({"run_id": run_id, "time": report["time"], "facts": snapshot}, "audits")
+    return report
+
+
+def audit_task(lock: Lock, matrix: Matrix, validate: bool):
+    """The fan-out task of an audit: a host's facts against its lock entry, and with *validate*
+    the validation kernel, run read-only in the host's current environment."""
+    def task(host: Host, conn: Connection, deadline: Deadline) -> HostAudit:
+        facts = gather(host, conn, deadline)
+        locked = lock.hosts.get(host.name)
+        found = drift(facts, locked, matrix)
+        if validate and (facts.fleet or {}).get("current") and facts.installed:
+            verdict = _validate(host, conn, deadline, facts, locked)
+            if verdict.get("verdict") != "pass":
+                found.append(Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
+        return HostAudit(facts, tuple(found))
+    return task
+
+
+def _validate(host: Host, conn: Connection, deadline: Deadline, facts: Facts, locked: LockedHost | None) -> dict:
+    # FlashInfer is proven where the environment's stack uses it, as provision decides it: the
+    # lock has the stack, and it is the current environment's when its id is the one installed.
+    stack = locked.stack if locked else None
+    flashinfer = bool(stack and stack.id == facts.installed.get("stack_id") and flashinfer_in_use(stack)
+                      and facts.installed.get("flashinfer"))
+    argv = ["--expect-gpus", str(len(facts.gpus)), "--backend", "none",
+            "--flashinfer" if flashinfer else "--no-flashinfer"]
+    if facts.gpus:
+        argv += ["--expect-cc", ",".join(g.compute_capability for g in facts.gpus)]
+    script = resources.files("fleetctl").joinpath("remote", "validate.py").read_text()
+    # Fed on stdin: an audit writes nothing on the host.
+    result = conn.run(f"{shlex.quote(facts.fleet_root)}/current/bin/python - {' '.join(argv)}",
+                      timeout=deadline.left(host.name), stdin=script)
+    return parse_verdict(result.stdout) or {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
+
+
 # ---------------------------------------------------------------- output formats
 
 def to_json(report: dict) -> str:
@@ -117,8 +190,8 @@ def to_json(report: dict) -> str:
 def to_junit(report: dict) -> str:
     """One testcase per host: a failure per drift, an error where the host could not be audited."""
     hosts = report["hosts"]
-    failures = sum(h["status"] == "drift" for h in hosts.values())
-    errors = sum(h["status"] not in ("clean", "drift") for h in hosts.values())
+    failures = sum(h["status"] == Status.DRIFT for h in hosts.values())
+    errors = sum(h["status"] not in AUDITED for h in hosts.values())
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              f'<testsuite name="fleetctl-audit" tests="{len(hosts)}" failures="{failures}" errors="{errors}" '
              f'timestamp={quoteattr(report["time"])}>']
@@ -126,7 +199,7 @@ def to_junit(report: dict) -> str:
         lines.append(f'  <testcase classname="fleet" name={quoteattr(name)}>')
         for d in h.get("drift", []):
             lines.append(f'    <failure type={quoteattr(d["kind"])} message={quoteattr(d["detail"])}/>')
-        if h["status"] not in ("clean", "drift"):
+        if h["status"] not in AUDITED:
             lines.append(f'    <error type={quoteattr(h["status"])} message={quoteattr(h.get("error") or "")}/>')
         lines.append("  </testcase>")
     lines.append("</testsuite>")
@@ -146,7 +219,7 @@ def to_prometheus(report: dict) -> str:
             out.append(f'fleetctl_drift{{host="{label(name)}",kind="{kind}"}} {int(kind in found)}')
     out += ["# HELP fleetctl_host_audited 1 if the host answered the audit, else 0.",
             "# TYPE fleetctl_host_audited gauge"]
-    out += [f'fleetctl_host_audited{{host="{label(n)}"}} {int(h["status"] in ("clean", "drift"))}'
+    out += [f'fleetctl_host_audited{{host="{label(n)}"}} {int(h["status"] in AUDITED)}'
             for n, h in report["hosts"].items()]
     out += ["# HELP fleetctl_audit_last_run_timestamp_seconds When this audit ran.",
             "# TYPE fleetctl_audit_last_run_timestamp_seconds gauge",
@@ -158,12 +231,12 @@ FORMATS = {"json": to_json, "junit": to_junit, "prometheus": to_prometheus}
 
 
 def report_of(run_id: str, results: dict[str, dict]) -> dict:
-    return {"run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timestamp": time.time(),
-            "hosts": results}
+    return {"run_id": run_id, "time": records.now(), "timestamp": time.time(), "hosts": results}
 
 
-def host_result(drifts: list[Drift]) -> dict:
-    return {"status": "drift" if drifts else "clean", "drift": [asdict(d) for d in drifts]}
+def host_result(drifts: Iterable[Drift]) -> dict:
+    drifts = list(drifts)
+    return {"status": Status.DRIFT if drifts else Status.CLEAN, "drift": [asdict(d) for d in drifts]}
 
 
 # ---------------------------------------------------------------- the schedule
@@ -192,23 +265,56 @@ ExecStart={command}
 # 0 clean, 2 drift, 4 unreachable, 6 both: findings, not failures of the unit.
 SuccessExitStatus=2 4 6
 """
+CRON_TIMES = {"hourly": "0 * * * *", "daily": "17 3 * * *", "weekly": "17 3 * * 1"}
+
+
+@dataclass(frozen=True)
+class TimerFiles:
+    """Where ``install_timer`` wrote, and whether as the user's own systemd units (``--user``)."""
+
+    where: Path
+    names: tuple[str, ...]
+    user: bool
+
+
+def install_timer(inventory: str, schedule: str, *, output: str | None = None, where: str | None = None) -> TimerFiles:
+    """Write the service, timer and cron line that audit *inventory* on *schedule* into Prometheus
+    text at *output*: the system's units and node_exporter's textfile directory as root, else the
+    user's."""
+    root = os.geteuid() == 0
+    where_to = Path(where or ("/etc/systemd/system" if root else "~/.config/systemd/user")).expanduser()
+    output = output or ("/var/lib/node_exporter/textfile_collector/fleetctl.prom" if root
+                        else str(Path("~/.local/state/fleetctl/fleetctl.prom").expanduser()))
+    fleetctl = shutil.which("fleetctl")
+    files = schedule_files([fleetctl] if fleetctl else [sys.executable, "-m", "fleetctl.cli"],
+                           str(Path(inventory).resolve()), schedule, output, str(Path.cwd()))
+    where_to.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        records.atomic_write(where_to / name, text)
+    return TimerFiles(where_to, tuple(files), user=not root)
 
 
 def schedule_files(fleetctl: list[str], inventory: str, schedule: str, output: str, workdir: str) -> dict[str, str]:
     """A systemd service + timer pair, and the equivalent cron line, that run the audit on *schedule*.
     *fleetctl* is the command that runs fleetctl (its path, or python -m fleetctl.cli)."""
     argv = [*fleetctl, "audit", inventory, "--format", "prometheus", "-o", output]
-    command = " ".join(_systemd_word(a) for a in argv)
-    cron_times = {"hourly": "0 * * * *", "daily": "17 3 * * *", "weekly": "17 3 * * 1"}
+    for what, value in (("schedule", schedule), ("working directory", workdir), *(("path", a) for a in argv)):
+        # A crontab line, WorkingDirectory= and OnCalendar= have no escape for a newline.
+        if any(ord(c) < 32 or c == "\x7f" for c in value):
+            raise FleetError(f"cannot schedule the audit: the {what} {value!r} holds a control character",
+                             fix="run it from, and name, paths without one")
     return {
-        "fleetctl-audit.service": SERVICE.format(inventory=inventory, workdir=workdir.replace("%", "%%"),
-                                                 command=command),
+        # Description= and WorkingDirectory= are taken as written, but for their % specifiers.
+        "fleetctl-audit.service": SERVICE.format(inventory=inventory.replace("%", "%%"),
+                                                 workdir=workdir.replace("%", "%%"),
+                                                 command=" ".join(map(systemd.quote, argv))),
         "fleetctl-audit.timer": TIMER.format(schedule=schedule),
-        "fleetctl-audit.cron": f"{cron_times.get(schedule, '17 3 * * *')} cd {shlex.quote(workdir)} && "
-                               f"{' '.join(map(shlex.quote, argv))}\n",
+        "fleetctl-audit.cron": f"{CRON_TIMES.get(schedule, '17 3 * * *')} cd {_cron_word(workdir)} && "
+                               f"{' '.join(map(_cron_word, argv))}\n",
     }
 
 
-def _systemd_word(word: str) -> str:
-    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-    return f'"{escaped}"'
+def _cron_word(word: str) -> str:
+    """One shell word on a crontab line: cron reads an unescaped % as a newline, even in quotes."""
+    return shlex.quote(word).replace("%", "\\%")
+

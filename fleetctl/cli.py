@@ -1,18 +1,17 @@
 """The ``fleetctl`` command line: parses arguments, calls the library, prints with
-rich (through :mod:`fleetctl.report`), and returns an exit status:
-0 all ok, 2 some host failed or timed out, 4 some host unreachable and none
-failed, 1 fleetctl's own error (bad input; nothing contacted)."""
+rich (through :mod:`fleetctl.report`), and returns the exit status
+:func:`fleetctl.status.exit_code` makes of the hosts' statuses: 0 all ok, 2 some
+host failed or timed out, 4 some host unreachable and none failed (an audit's
+bits combine: 2 drift, 4 unreachable, 6 both), 1 fleetctl's own error (bad
+input; nothing contacted)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
 import sys
-import time
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -20,12 +19,13 @@ from rich.console import Console
 from . import audit, records, report, rollout, wheelhouse
 from .errors import FleetError
 from .facts import gather
-from .fanout import EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE, exit_code, fan_out
+from .fanout import fan_out
 from .inventory import load_inventory
 from .matrix import load_matrix
 from .plan import Lock, plan_host
 from .playbook import load_playbook
 from .provision import Options, provision_host
+from .status import Exit, Status, exit_code
 
 
 def host_options() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_inventory(args, console: Console) -> int:
     print(json.dumps(load_inventory(args.inventory).to_ansible_list(), indent=4, sort_keys=True))
-    return 0
+    return Exit.OK
 
 
 def cmd_facts(args, console: Console) -> int:
@@ -113,14 +113,14 @@ def cmd_facts(args, console: Console) -> int:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     if args.json:
         print(json.dumps({"hosts": {
-            name: {"status": "ok", "facts": o.value.to_dict()} if o.ok else {"status": o.status, "error": o.error}
+            name: {"status": o.status, "facts": o.value.to_dict()} if o.ok else {"status": o.status, "error": o.error}
             for name, o in outcomes.items()
         }}, indent=2))
     else:
         console.print(report.facts_table(outcomes.values()))
         report.print_errors(console, outcomes.values())
         report.print_summary(console, list(outcomes.values()))
-    return exit_code(outcomes.values())
+    return exit_code(o.status for o in outcomes.values())
 
 
 def cmd_plan(args, console: Console) -> int:
@@ -146,8 +146,7 @@ def cmd_plan(args, console: Console) -> int:
         console.print(report.plan_table(plans.values(), args.cuda))
         report.print_errors(console, outcomes.values())
         report.print_refusals(console, plans.values())
-    refused = any(not p.resolution.ok for p in plans.values())
-    return EXIT_FAILED if refused else exit_code(outcomes.values())  # a refusal counts as a failed host
+    return exit_code(plans[name].status if name in plans else o.status for name, o in outcomes.items())
 
 
 def cmd_provision(args, console: Console) -> int:
@@ -156,9 +155,7 @@ def cmd_provision(args, console: Console) -> int:
     matrix = load_matrix()
     limited = set(h.name for h in inventory.select(args.limit))
     options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm})
-    record = {"run_id": records.new_run_id("provision"), "command": "provision",
-              "inventory": str(Path(args.inventory).resolve()), "playbook": str(path), "limit": args.limit,
-              "check": args.check, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hosts": {}}
+    run_id, started = records.new_run_id("provision"), records.now()
     outcomes: dict = {}
     for play in plays:
         if args.wheelhouse:
@@ -167,9 +164,8 @@ def cmd_provision(args, console: Console) -> int:
         with report.progress(console, len(hosts), f"{play.name}") as advance:
             outcomes.update(fan_out(hosts, provision_host(play, matrix, options), forks=args.forks,
                                     timeout=args.timeout, on_done=advance))
-    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    record["hosts"] = {name: {**o.value.to_dict(), "duration": round(o.duration, 1)} if o.ok
-                       else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
+    record = records.provision_record(run_id, started, outcomes, inventory=str(Path(args.inventory).resolve()),
+                                      playbook=str(path), limit=args.limit, check=args.check)
     saved = records.save(record)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
@@ -178,7 +174,7 @@ def cmd_provision(args, console: Console) -> int:
         report.print_errors(console, outcomes.values())
         report.print_failed_steps(console, outcomes.values())
         console.print(f"run {record['run_id']} recorded in {saved}", highlight=False)
-    return provision_exit_code(record["hosts"].values())
+    return exit_code(o.status for o in outcomes.values())
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
@@ -194,7 +190,7 @@ def cmd_wheelhouse(args, console: Console) -> int:
             outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
         facts = {n: o.value for n, o in outcomes.items() if o.ok}
         problems = {n: f"{n}: {o.error}" for n, o in outcomes.items() if not o.ok}
-        unreached = {n for n, o in outcomes.items() if o.status == "unreachable"}
+        unreached = {n for n, o in outcomes.items() if o.status == Status.UNREACHABLE}
     inputs, refused = wheelhouse.host_inputs(plays, inventory, [h.name for h in hosts], facts, matrix)
     problems.update(refused)
     dest = Path(args.dir)
@@ -210,9 +206,8 @@ def cmd_wheelhouse(args, console: Console) -> int:
         for line in sorted(problems.values()) + [r.error for r in results if not r.ok]:
             console.print(f"[red]failed:[/] {line}", highlight=False, soft_wrap=True)
         console.print(f"manifest: {dest / wheelhouse.MANIFEST}", highlight=False)
-    if problems.keys() - unreached or not all(r.ok for r in results):
-        return EXIT_FAILED  # as provision's: a failed host (or class) wins over an unreachable one
-    return EXIT_UNREACHABLE if unreached else 0
+    return exit_code([Status.UNREACHABLE if name in unreached else Status.FAILED for name in problems]
+                     + [Status.OK if r.ok else Status.FAILED for r in results])
 
 
 def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
@@ -244,19 +239,12 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
                       highlight=False)
 
 
-def provision_exit_code(hosts) -> int:
-    statuses = {h["status"] for h in hosts}
-    if statuses & {"failed", "timeout"}:
-        return EXIT_FAILED
-    return EXIT_UNREACHABLE if "unreachable" in statuses else 0
-
-
 def cmd_retry(args, console: Console) -> int:
     record = records.load(args.run_id)
-    todo = [name for name, h in record["hosts"].items() if h["status"] not in ("ok", "changed")]
+    todo = [name for name, h in record["hosts"].items() if h["status"] not in (Status.OK, Status.CHANGED)]
     if not todo:
         console.print(f"every host of {args.run_id} succeeded: nothing to retry")
-        return 0
+        return Exit.OK
     again = parser().parse_args(["provision", record["inventory"], "--playbook", record["playbook"],
                                  "--limit", ",".join(todo), *(["--check"] if record.get("check") else []),
                                  *(["--json"] if args.json else [])])
@@ -266,82 +254,29 @@ def cmd_retry(args, console: Console) -> int:
 def cmd_audit(args, console: Console) -> int:
     inventory = load_inventory(args.inventory)
     if args.install_timer:
-        return install_timer(args, console)
+        timer = audit.install_timer(args.inventory, args.install_timer, output=args.output, where=args.timer_dir)
+        scope = " --user" if timer.user else ""
+        console.print(f"wrote {', '.join(timer.names)} to {timer.where}\nenable with: systemctl{scope} daemon-reload && "
+                      f"systemctl{scope} enable --now fleetctl-audit.timer\nor add the line in fleetctl-audit.cron "
+                      "to a crontab", highlight=False)
+        return Exit.OK
     lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
-    matrix = load_matrix()
     hosts = inventory.select(args.limit)
-    old = records.load(args.since, "audits")["facts"] if args.since else None
     with report.progress(console, len(hosts), "audit") as advance:
-        outcomes = fan_out(hosts, audit_task(args.validate), forks=args.forks, timeout=args.timeout, on_done=advance)
-    results, snapshot = {}, {}
-    for name, o in outcomes.items():
-        if not o.ok:
-            results[name] = {"status": o.status, "error": o.error}
-            continue
-        facts, verdict = o.value
-        snapshot[name] = facts.to_dict()
-        drifts = audit.drift(facts, lock.hosts.get(name), matrix)
-        if verdict is not None and verdict.get("verdict") != "pass":
-            drifts.append(audit.Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
-        results[name] = audit.host_result(drifts)
-    run_id = records.new_run_id("audit")
-    audit_report = audit.report_of(run_id, results)
-    if old is not None:
-        audit_report["since"] = {"run_id": args.since, "changes": audit.since(old, snapshot)}
-    records.save({"run_id": run_id, "time": audit_report["time"], "facts": snapshot}, "audits")
+        audit_report = audit.audit_fleet(hosts, lock, load_matrix(), validate=args.validate, since_id=args.since,
+                                         forks=args.forks, timeout=args.timeout, on_done=advance)
     fmt = "json" if args.json else args.format
-    text = audit.FORMATS[fmt](audit_report) if fmt != "table" else None
-    if args.output and text is not None:
+    if fmt == "table":
+        console.print(report.audit_table(audit_report))
+        console.print(f"audit {audit_report['run_id']}: snapshot kept for --since {audit_report['run_id']}",
+                      highlight=False)
+    elif args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".tmp").write_text(text)
-        out.with_name(out.name + ".tmp").replace(out)  # a textfile collector never reads half a file
-    elif text is not None:
-        sys.stdout.write(text)
+        records.atomic_write(out, audit.FORMATS[fmt](audit_report))  # a textfile collector never reads half a file
     else:
-        console.print(report.audit_table(audit_report))
-        console.print(f"audit {run_id}: snapshot kept for --since {run_id}", highlight=False)
-    return audit.exit_code(audit_report)
-
-
-def audit_task(validate: bool):
-    def task(host, conn, deadline):
-        facts = gather(host, conn, deadline)
-        if not validate or not (facts.fleet or {}).get("current") or not facts.installed:
-            return facts, None
-        script = resources.files("fleetctl").joinpath("remote", "validate.py").read_text()
-        argv = ["--expect-gpus", str(len(facts.gpus)), "--backend", "none",
-                "--flashinfer" if facts.installed.get("flashinfer") and (facts.min_sm or 0) >= 75 else "--no-flashinfer"]
-        if facts.gpus:
-            argv += ["--expect-cc", ",".join(g.compute_capability for g in facts.gpus)]
-        # Fed on stdin: an audit writes nothing on the host.
-        result = conn.run(f"{shlex.quote(facts.fleet_root)}/current/bin/python - {' '.join(argv)}",
-                          timeout=deadline.left(host.name), stdin=script)
-        try:
-            return facts, json.loads(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return facts, {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
-    return task
-
-
-def install_timer(args, console: Console) -> int:
-    import shutil
-
-    root = os.geteuid() == 0
-    where = Path(args.timer_dir or ("/etc/systemd/system" if root else "~/.config/systemd/user")).expanduser()
-    output = args.output or ("/var/lib/node_exporter/textfile_collector/fleetctl.prom" if root
-                             else str(Path("~/.local/state/fleetctl/fleetctl.prom").expanduser()))
-    files = audit.schedule_files([shutil.which("fleetctl")] if shutil.which("fleetctl") else
-                                 [sys.executable, "-m", "fleetctl.cli"],
-                                 str(Path(args.inventory).resolve()), args.install_timer, output, str(Path.cwd()))
-    where.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (where / name).write_text(text)
-    scope = "" if root else " --user"
-    console.print(f"wrote {', '.join(files)} to {where}\nenable with: systemctl{scope} daemon-reload && "
-                  f"systemctl{scope} enable --now fleetctl-audit.timer\nor add the line in fleetctl-audit.cron "
-                  "to a crontab", highlight=False)
-    return 0
+        sys.stdout.write(audit.FORMATS[fmt](audit_report))
+    return exit_code((h["status"] for h in audit_report["hosts"].values()), combine=True)
 
 
 def cmd_rollout(args, console: Console) -> int:
@@ -390,7 +325,7 @@ def print_rollout(args, console: Console, journal) -> int:
         console.print(report.rollout_table(journal), highlight=False)
         console.print(f"rollout {journal.id}: {journal.data['status']} (--resume / --rollback {journal.id})",
                       highlight=False)
-    return 0 if journal.data["status"] in ("done", "rolled_back", "planned") else EXIT_FAILED
+    return Exit.OK if journal.data["status"] in ("done", "rolled_back", "planned") else Exit.FAILED
 
 
 COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
@@ -407,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, console)
     except FleetError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {exc}", highlight=False)
-        return EXIT_ERROR
+        return Exit.ERROR
     except KeyboardInterrupt:
         Console(stderr=True).print("fleetctl: interrupted")
         return 130

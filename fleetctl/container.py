@@ -7,8 +7,8 @@ Nothing is written or run here; the caller decides where the files go.
 
 Every value from a stack, an inventory or the caller is escaped for the file it lands
 in: compose strings are JSON-quoted with ``$`` doubled (compose interpolates ``$``),
-ExecStart words take systemd's own quoting (ExecStart is no shell, and expands ``%``
-and ``$`` even inside quotes), Dockerfile RUN words take shlex.quote.
+ExecStart words take systemd's own quoting (:func:`fleetctl.systemd.quote`: ExecStart is no
+shell, and expands ``%`` and ``$`` even inside quotes), Dockerfile RUN words take shlex.quote.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from importlib import resources
 
 import jinja2
 
+from . import systemd
 from .errors import FleetError
 from .resolve import Stack
 
@@ -108,12 +109,6 @@ def _compose(value) -> str:
     return json.dumps(str(value).replace("$", "$$"))
 
 
-def _systemd(value) -> str:
-    """One ExecStart word: quoted whole, C-escaped, with %-specifiers and $-expansion disarmed."""
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-    return '"' + _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) + '"'
-
-
 def _sh(value) -> str:
     """One shell word for a Dockerfile RUN line, where a newline would end the instruction."""
     if _CONTROL.search(str(value)):
@@ -125,5 +120,5 @@ def _render(name: str, context: dict) -> str:
     text = resources.files("fleetctl").joinpath("templates", name).read_text(encoding="utf-8")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(compose=_compose, systemd=_systemd, sh=_sh)
+    env.filters.update(compose=_compose, systemd=systemd.quote, sh=_sh)
     return env.from_string(text).render(context)

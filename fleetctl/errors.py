@@ -17,6 +17,8 @@ so nothing above this tree ever reaches the user as a traceback.
 
 from __future__ import annotations
 
+from .status import Status
+
 
 class FleetError(Exception):
     """Base of every fleetctl error; ``str()`` is the one line a user sees."""
@@ -53,7 +55,7 @@ class WheelhouseError(FleetError):
 class HostError(FleetError):
     """Something went wrong on one host; carries the host's name."""
 
-    status = "failed"
+    status = Status.FAILED
 
     def __init__(self, host: str, message: str, *, fix: str | None = None):
         super().__init__(f"{host}: {message}", fix=fix)
@@ -62,12 +64,12 @@ class HostError(FleetError):
 
 
 class Unreachable(HostError):
-    status = "unreachable"
+    status = Status.UNREACHABLE
 
 
 class TimedOut(HostError):
-    status = "timeout"
+    status = Status.TIMEOUT
 
 
 class CommandFailed(HostError):
-    status = "failed"
+    status = Status.FAILED

@@ -17,10 +17,9 @@ from typing import Any, Callable, Iterable
 from .connection import Connection, connect
 from .errors import FleetError, HostError, TimedOut
 from .inventory import Host
+from .status import Status
 
 GRACE = 2.0  # seconds past a host's deadline before the watchdog steps in
-
-EXIT_OK, EXIT_ERROR, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2, 4
 
 
 class Deadline:
@@ -39,10 +38,13 @@ class Deadline:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened on one host: ok, failed, unreachable or timeout."""
+    """What happened on one host. Where the task did not finish, *status* says why (unreachable,
+    timeout, failed) and *error* what happened. Where it finished, *value* is what it returned, and
+    *status* is the value's own where it has one (a provision run's ok, changed or failed), else ok:
+    the one place a host's status is decided, so no caller works it out again."""
 
     host: Host
-    status: str
+    status: Status
     value: Any = None
     error: str | None = None
     fix: str | None = None
@@ -50,7 +52,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """The task finished and *value* holds what it returned (which may itself report a failure)."""
+        return self.error is None
 
 
 Task = Callable[[Host, Connection, Deadline], Any]
@@ -67,13 +70,15 @@ def run_task(host: Host, task: Task, timeout: float, opened: list) -> Outcome:
             value = task(host, conn, deadline)
         finally:
             conn.close()
-        return Outcome(host, "ok", value, duration=time.monotonic() - start)
+        # A task's value may say how the host fared (a provision run that failed a step); a
+        # status that is not one of fleetctl's words is a bug, reported as one below.
+        return Outcome(host, Status(getattr(value, "status", Status.OK)), value, duration=time.monotonic() - start)
     except HostError as exc:
         return Outcome(host, exc.status, error=exc.reason, fix=exc.fix, duration=time.monotonic() - start)
     except FleetError as exc:
-        return Outcome(host, "failed", error=str(exc), duration=time.monotonic() - start)
+        return Outcome(host, Status.FAILED, error=str(exc), duration=time.monotonic() - start)
     except Exception as exc:  # noqa: BLE001 - one host's bug must not hide the others
-        return Outcome(host, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
+        return Outcome(host, Status.FAILED, error=f"internal error: {type(exc).__name__}: {exc}",
                        duration=time.monotonic() - start)
 
 
@@ -145,7 +150,7 @@ class _FanOut:
             with self.lock:
                 overdue = [(n, t, o) for n, (t, o) in self.running.items() if now > t + self.timeout + GRACE]
             for name, started, opened in overdue:
-                self.finish(Outcome(by_name[name], "timeout", error=f"did not finish within {self.timeout:.0f}s",
+                self.finish(Outcome(by_name[name], Status.TIMEOUT, error=f"did not finish within {self.timeout:.0f}s",
                                     fix="raise --timeout if the host is just slow", duration=now - started))
                 for conn in opened:
                     _close(conn)
@@ -158,12 +163,3 @@ def _close(conn) -> None:
     except Exception:  # noqa: BLE001 - closing a stuck socket is best effort
         pass
 
-
-def exit_code(outcomes: Iterable[Outcome]) -> int:
-    """ansible-playbook's: 0 all ok, 2 some host failed or timed out, 4 only unreachables."""
-    statuses = {o.status for o in outcomes}
-    if statuses & {"failed", "timeout"}:
-        return EXIT_FAILED
-    if "unreachable" in statuses:
-        return EXIT_UNREACHABLE
-    return EXIT_OK

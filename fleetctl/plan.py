@@ -20,7 +20,9 @@ from .errors import StateError
 from .facts import Facts
 from .inventory import Host
 from .matrix import Matrix
+from .records import atomic_write
 from .resolve import Request, Resolution, Stack, resolve
+from .status import Status
 
 LOCK_VERSION = 1
 
@@ -35,11 +37,15 @@ class HostPlan:
     resolution: Resolution
     changes: tuple[str, ...]
 
+    @property
+    def status(self) -> Status:
+        return Status.OK if self.resolution.ok else Status.REFUSED
+
     def to_json(self) -> dict:
         r = self.resolution
         if not r.ok:
-            return {"status": "refused", "reasons": list(r.reasons), "fix": r.fix}
-        return {"status": "ok", "stack": {**r.stack.to_dict(), "id": r.stack.id}, "reasons": list(r.reasons),
+            return {"status": self.status, "reasons": list(r.reasons), "fix": r.fix}
+        return {"status": self.status, "stack": {**r.stack.to_dict(), "id": r.stack.id}, "reasons": list(r.reasons),
                 "changes": list(self.changes)}
 
 
@@ -204,7 +210,4 @@ class Lock:
         return "# fleet.lock: written by `fleetctl plan --write-lock`; re-run plan rather than editing it.\n" + body
 
     def write(self) -> Path:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(self.text())
-        tmp.replace(self.path)  # readers never see half a lock
-        return self.path
+        return atomic_write(self.path, self.text())  # readers never see half a lock

@@ -1,6 +1,7 @@
 """Run records: one JSON file per provision or rollout run under the user's state directory
 ($XDG_STATE_HOME/fleetctl, else ~/.local/state/fleetctl), so `fleetctl retry RUN_ID` can rerun
-a run's failed hosts and a person can read what happened on each."""
+a run's failed hosts and a person can read what happened on each. ``atomic_write`` is how every
+file fleetctl writes is written (records, fleet.lock, a wheelhouse manifest, audit output, units)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def state_dir() -> Path:
 
 def new_run_id(kind: str = "run") -> str:
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def now() -> str:
+    """The local time as records write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def provision_record(run_id: str, started: str, outcomes: dict, **asked) -> dict:
+    """A provision run's record: what was *asked* (inventory, playbook, limit, check), and per host
+    its run (steps, facts, stack) with how long it took, or why there is none."""
+    hosts = {name: {**o.value.to_dict(), "status": o.status, "duration": round(o.duration, 1)} if o.ok
+             else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
+    return {"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts, "finished": now()}
 
 
 def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:

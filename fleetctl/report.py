@@ -14,9 +14,11 @@ from rich.table import Table
 from .facts import Facts
 from .fanout import Outcome
 from .plan import HostPlan
+from .status import Status
 
-STATUS_STYLE = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "magenta",
-                "timeout": "red", "refused": "red", "skipped": "cyan"}
+STATUS_STYLE = {Status.OK: "green", Status.CHANGED: "yellow", Status.FAILED: "red", Status.UNREACHABLE: "magenta",
+                Status.TIMEOUT: "red", Status.REFUSED: "red", Status.SKIPPED: "cyan", Status.CLEAN: "green",
+                Status.DRIFT: "yellow"}
 
 
 @contextlib.contextmanager
@@ -95,7 +97,7 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
     for p in plans:
         r = p.resolution
         if not r.ok:
-            table.add_row(p.host.name, status("refused"), f"[red]{r.fix}[/]", "", "\n".join(r.reasons), "")
+            table.add_row(p.host.name, status(p.status), f"[red]{r.fix}[/]", "", "\n".join(r.reasons), "")
             continue
         s = r.stack
         stack = "\n".join(x for x in (
@@ -106,7 +108,7 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
             s.container_image) if x)
         runtime = "\n".join(x for x in (s.attention_backend, s.cudagraph_mode,
                                          f"arch {s.torch_cuda_arch_list}" if s.torch_cuda_arch_list else None) if x)
-        table.add_row(p.host.name, status("ok"), stack, runtime or "-", "\n".join(r.reasons),
+        table.add_row(p.host.name, status(p.status), stack, runtime or "-", "\n".join(r.reasons),
                       "\n".join(p.changes) or "none")
     return table
 
@@ -114,7 +116,7 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
 def print_refusals(console: Console, plans: Iterable[HostPlan]) -> None:
     for p in plans:
         if not p.resolution.ok:
-            console.print(f"{status('refused')} {p.host.name}: {p.resolution.reasons[-1]} ({p.resolution.fix})",
+            console.print(f"{status(p.status)} {p.host.name}: {p.resolution.reasons[-1]} ({p.resolution.fix})",
                           highlight=False, soft_wrap=True)
 
 
@@ -134,9 +136,10 @@ def recap_table(outcomes: Iterable[Outcome], diff: bool = False) -> Table:
         counts = run.counts()
         kernel = next((s.status for s in run.steps if s.name == "validate"), "-")
         ttft = run.figure("smoke", "ttft_s")
-        row = [o.host.name, status(run.status), str(counts["ok"]), str(counts["changed"]), str(counts["failed"]),
-               str(counts["skipped"]), (run.stack or {}).get("id", "-"),
-               {"ok": "pass", "failed": "[red]fail[/]"}.get(kernel, kernel), f"{ttft:.2f} s" if ttft else "-"]
+        row = [o.host.name, status(o.status),
+               *(str(counts[s]) for s in (Status.OK, Status.CHANGED, Status.FAILED, Status.SKIPPED)),
+               (run.stack or {}).get("id", "-"), {Status.OK: "pass", Status.FAILED: "[red]fail[/]"}.get(kernel, kernel),
+               f"{ttft:.2f} s" if ttft else "-"]
         table.add_row(*row, *(["\n".join(run.changes) or "none"] if diff else []))
     return table
 
@@ -145,8 +148,8 @@ def print_failed_steps(console: Console, outcomes: Iterable[Outcome]) -> None:
     for o in outcomes:
         if o.ok:
             for step in o.value.steps:
-                if step.status == "failed":
-                    console.print(f"{status('failed')} {o.host.name} {step.name}: {step.detail}",
+                if step.status == Status.FAILED:
+                    console.print(f"{status(step.status)} {o.host.name} {step.name}: {step.detail}",
                                   highlight=False, soft_wrap=True)
                     if step.tail:
                         console.print(step.tail, highlight=False, style="dim", soft_wrap=True)
@@ -160,9 +163,10 @@ def audit_table(audit_report: dict) -> Table:
     if "since" in audit_report:
         table.add_column(f"since {audit_report['since']['run_id']}")
     for name, h in audit_report["hosts"].items():
-        style = {"clean": "green", "drift": "yellow"}.get(h["status"], "red")
         details = "\n".join(f"{d['kind']}: {d['detail']}" for d in h.get("drift", [])) or h.get("error") or "-"
-        row = [name, f"[{style}]{h['status']}[/]", details]
+        # a host the audit could not read is red, however it failed
+        row = [name, status(h["status"]) if h["status"] in (Status.CLEAN, Status.DRIFT) else f"[red]{h['status']}[/]",
+               details]
         if "since" in audit_report:
             row.append("\n".join(since.get(name, [])) or "-")
         table.add_row(*row)

@@ -40,12 +40,15 @@ FAILING = {Status.FAILED, Status.TIMEOUT, Status.REFUSED}
 
 def exit_code(statuses: Iterable[str], *, combine: bool = False) -> Exit | int:
     """The run's exit code from its hosts' statuses. A failure wins over an unreachable host, as
-    in ansible-playbook; with *combine* (audits) drift and unreachable add up to 6."""
+    in ansible-playbook. With *combine* (audits, as Puppet's and Terraform's detailed exit codes)
+    the bits add up to 6: drift is 2, and a host the audit could not read (unreachable, timed out
+    or failed) is 4, since an audit's findings are about the hosts that answered."""
     seen = set(statuses)
+    if combine:
+        unread = seen - {Status.CLEAN, Status.DRIFT}
+        return (Exit.FAILED if Status.DRIFT in seen else 0) | (Exit.UNREACHABLE if unread else 0)
     failed = bool(seen & FAILING) or Status.DRIFT in seen
     unreachable = Status.UNREACHABLE in seen
-    if combine:
-        return (Exit.FAILED if failed else 0) | (Exit.UNREACHABLE if unreachable else 0)
     return Exit.FAILED if failed else Exit.UNREACHABLE if unreachable else Exit.OK
 
 

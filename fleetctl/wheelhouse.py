@@ -39,7 +39,9 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import WheelhouseError
 from .facts import Facts
+from .records import atomic_write
 from .resolve import Request, Stack, resolve
+from .status import Status
 
 MANIFEST = "manifest.json"
 LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
@@ -505,10 +507,7 @@ def write_manifest(dest: Path, manifest: dict) -> Path:
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() == text:
         return path  # unchanged: not even its mtime moves
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # a reader (or a provision) never sees half a manifest
-    return path
+    return atomic_write(path, text)  # a reader (or a provision) never sees half a manifest
 
 
 def class_for(manifest: Mapping, host: str, stack: Stack, facts: Facts) -> tuple[str, dict]:
@@ -559,7 +558,7 @@ def facts_from_json(path: str | Path, names: Iterable[str]) -> tuple[dict[str, F
         entry = hosts.get(name)
         if entry is None:
             problems[name] = f"{name}: no facts for it in {path} (gather them with fleetctl facts INVENTORY --json)"
-        elif entry.get("status") != "ok":
+        elif entry.get("status") != Status.OK:
             problems[name] = f"{name}: its facts in {path} are {entry.get('status')}: {entry.get('error')}"
         else:
             facts[name] = Facts.from_dict(entry["facts"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,27 @@ def small_lab(tmp_path):
     yield make
     for lab in labs:
         lab.stop()
+
+
+def wait_until(condition, timeout: float, what: str):
+    """Poll *condition* until it returns something true (returned), or fail naming *what* after
+    *timeout* seconds: tests wait for the state they need, never for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.05)
+    return value
+
+
+def exec_words(command: str) -> list[str]:
+    """A command line as systemd splits it (systemd.syntax(7): whole-word quotes, C escapes; %% and $$)."""
+    words = []
+    for quoted, bare in re.findall(r'"((?:[^"\\]|\\.)*)"|(\S+)', command.replace("\\\n", " ")):
+        word = re.sub(r"\\x([0-9a-f]{2})|\\([\\\"])", lambda m: chr(int(m[1], 16)) if m[1] else m[2],
+                      quoted) if quoted or not bare else bare
+        words.append(word.replace("%%", "%").replace("$$", "$"))
+    return words
 
 
 def fleetctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import configparser
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import pytest
 
 from fleetctl import audit
+from fleetctl.connection import Result
+from fleetctl.errors import FleetError
 from fleetctl.facts import Facts, Gpu
+from fleetctl.inventory import Host
 from fleetctl.matrix import load_matrix
 from fleetctl.plan import Lock
 from fleetctl.resolve import Request, resolve
-from tests.conftest import fleetctl, fleetctl_json
+from fleetctl.status import exit_code
+from tests.conftest import exec_words, fleetctl, fleetctl_json
 
 MATRIX = load_matrix()
 H100 = Facts(gpus=(Gpu(0, "NVIDIA H100 80GB HBM3", "GPU-0", "9.0", 81559, None, "Disabled"),),
@@ -85,10 +92,17 @@ def sample_report():
     })
 
 
+def audit_exit(report: dict) -> int:
+    return exit_code((h["status"] for h in report["hosts"].values()), combine=True)
+
+
 def test_exit_codes_combine():
-    assert audit.exit_code(audit.report_of("x", {"a": audit.host_result([])})) == 0
-    assert audit.exit_code(sample_report()) == 6
-    assert audit.exit_code(audit.report_of("x", {"a": {"status": "timeout", "error": "x"}})) == 4
+    assert audit_exit(audit.report_of("x", {"a": audit.host_result([])})) == 0
+    assert audit_exit(audit.report_of("x", {"a": audit.host_result([audit.Drift("driver", "d")])})) == 2
+    assert audit_exit(sample_report()) == 6
+    # A host the audit could not read, however it failed, is 4: drift is a finding about hosts that answered.
+    assert audit_exit(audit.report_of("x", {"a": {"status": "timeout", "error": "x"}})) == 4
+    assert audit_exit(audit.report_of("x", {"a": {"status": "failed", "error": "x"}})) == 4
 
 
 def test_formats_parse():
@@ -111,17 +125,81 @@ def test_timer_files(tmp_path):
                                  "/var/lib/node_exporter/textfile_collector/fleetctl.prom", "/srv/fleet")
     service = configparser.ConfigParser(strict=False, interpolation=None)
     service.read_string(files["fleetctl-audit.service"])
-    assert "audit" in service["Service"]["ExecStart"] and service["Service"]["SuccessExitStatus"] == "2 4 6"
+    assert exec_words(service["Service"]["ExecStart"]) == [
+        "/usr/local/bin/fleetctl", "audit", "/srv/fleet/inventory.yml", "--format", "prometheus", "-o",
+        "/var/lib/node_exporter/textfile_collector/fleetctl.prom"]
+    assert service["Service"]["SuccessExitStatus"] == "2 4 6"
     assert "OnCalendar=daily" in files["fleetctl-audit.timer"]
     assert files["fleetctl-audit.cron"].startswith("17 3 * * * cd /srv/fleet && /usr/local/bin/fleetctl audit")
+    verify(tmp_path, files)
+
+
+def verify(tmp_path, files: dict[str, str]) -> None:
+    """systemd-analyze's verdict on the service and timer, fleetctl's path swapped for /bin/true."""
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed here")
     for name, text in files.items():
         if name.endswith((".service", ".timer")):
             (tmp_path / name).write_text(text.replace("/usr/local/bin/fleetctl", "/bin/true"))
-    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "fleetctl-audit.service"),
-                           str(tmp_path / "fleetctl-audit.timer")], capture_output=True, text=True)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no",
+                           str(tmp_path / "fleetctl-audit.service"), str(tmp_path / "fleetctl-audit.timer")],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "fleetctl-audit.service:" not in proc.stderr, proc.stderr  # a bad escape is a warning naming its line
+
+
+def test_timer_files_quote_awkward_paths(tmp_path):
+    fleet = "/srv/my \"odd\" fleet's 100%n ${HOME}"
+    files = audit.schedule_files(["/usr/local/bin/fleetctl"], f"{fleet}/inventory.yml", "daily", f"{fleet}/a.prom",
+                                 "/srv/100%h dir")
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string(files["fleetctl-audit.service"])
+    words = exec_words(service["Service"]["ExecStart"])
+    assert words[2] == f"{fleet}/inventory.yml" and words[-1] == f"{fleet}/a.prom"
+    assert service["Service"]["WorkingDirectory"] == "/srv/100%%h dir"
+    # cron hands the line after its time fields to sh, each unescaped % made a newline, each \\% a %.
+    command = files["fleetctl-audit.cron"].split(" ", 5)[5].rstrip("\n")
+    assert re.search(r"(?<!\\)%", command) is None
+    assert shlex.split(command.replace("\\%", "%")) == [
+        "cd", "/srv/100%h dir", "&&", "/usr/local/bin/fleetctl", "audit", f"{fleet}/inventory.yml", "--format",
+        "prometheus", "-o", f"{fleet}/a.prom"]
+    verify(tmp_path, files)
+
+
+def test_timer_refuses_what_no_unit_or_crontab_line_can_hold():
+    with pytest.raises(FleetError, match="control character"):
+        audit.schedule_files(["/usr/local/bin/fleetctl"], "/srv/fleet\n/inventory.yml", "daily", "/a.prom", "/srv")
+
+
+class Recorded:
+    """A connection that records what it is asked to run, and answers with a passing verdict."""
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+        self.commands.append(command)
+        return Result("h", command, 0, '{"verdict": "pass"}\n', "", 0.1)
+
+
+class Deadline:
+    def left(self, host: str = "") -> float:
+        return 60.0
+
+
+@pytest.mark.parametrize("sampler, current, flag", [(None, True, "--flashinfer"), ("0", True, "--no-flashinfer"),
+                                                    (None, False, "--no-flashinfer")])
+def test_validate_proves_flashinfer_where_the_locked_stack_uses_it(tmp_path, sampler, current, flag):
+    entry = locked(H100, tmp_path)
+    if sampler:  # the resolver's way of saying FlashInfer is not used: its sampler is off
+        entry = replace(entry, stack=replace(entry.stack, env={**entry.stack.env, "VLLM_USE_FLASHINFER_SAMPLER": sampler}))
+    facts = installed(H100, entry)
+    if not current:  # the environment is not the locked stack's: what it runs, the lock does not say
+        facts = Facts.from_dict({**facts.to_dict(), "installed": {**facts.installed, "stack_id": "other"}})
+    conn = Recorded()
+    verdict = audit._validate(Host("h"), conn, Deadline(), facts, entry)
+    assert verdict == {"verdict": "pass"}
+    assert flag in conn.commands[0].split() and "--expect-cc 9.0" in conn.commands[0]
 
 
 def test_audit_the_lab_gpu_hosts(small_lab, tmp_path):
@@ -150,10 +228,12 @@ def test_audit_the_lab_gpu_hosts(small_lab, tmp_path):
     junit = fleetctl("audit", inventory, "--limit", "h100", "--format", "junit")
     assert ET.fromstring(junit.stdout).find("testcase").get("name") == "h100"
     table = fleetctl("audit", inventory, "--limit", "h100,b200")
-    assert "drift" in table.stdout and "gpus" in table.stdout
+    assert "gpus: " in table.stdout and "driver: " in table.stdout and "clean" not in table.stdout
 
 
-def test_no_lock_is_one_line(tmp_path, lab_inventory):
-    proc = fleetctl("audit", lab_inventory, "--lock", tmp_path / "missing.lock")
+def test_no_lock_is_one_line(tmp_path):
+    inventory = tmp_path / "inv.yml"
+    inventory.write_text("all:\n  hosts:\n    h1:\n      ansible_host: 192.0.2.1\n")  # never contacted
+    proc = fleetctl("audit", inventory, "--lock", tmp_path / "missing.lock")
     assert proc.returncode == 1 and "no lock file" in proc.stderr and "plan" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

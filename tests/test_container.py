@@ -26,6 +26,7 @@ from fleetctl.errors import FleetError
 from fleetctl.facts import Facts, Gpu
 from fleetctl.matrix import load_matrix
 from fleetctl.resolve import Request, Stack, resolve
+from tests.conftest import exec_words
 
 H100 = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm="0.33.0", vllm_package="vllm",
              flashinfer="0.7.2.post1", flashinfer_index=None, container_image="vllm/vllm-openai:v0.33.0",
@@ -59,16 +60,6 @@ def unit(files: dict[str, str]) -> configparser.ConfigParser:
     parser.optionxform = str  # unit keys are case-sensitive
     parser.read_string(files["fleetctl-vllm.service"])
     return parser
-
-
-def exec_words(command: str) -> list[str]:
-    """A command line as systemd splits it (systemd.syntax(7): whole-word quotes, C escapes; %% and $$)."""
-    words = []
-    for quoted, bare in re.findall(r'"((?:[^"\\]|\\.)*)"|(\S+)', command.replace("\\\n", " ")):
-        word = re.sub(r"\\x([0-9a-f]{2})|\\([\\\"])", lambda m: chr(int(m[1], 16)) if m[1] else m[2],
-                      quoted) if quoted or not bare else bare
-        words.append(word.replace("%%", "%").replace("$$", "$"))
-    return words
 
 
 def uncompose(value: str) -> str:
@@ -163,8 +154,8 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path, runtime, model, extra
     assert swapped == 3
     path = tmp_path / "fleetctl-vllm.service"
     path.write_text(text)
-    # The unit Requires= docker.service, which a machine without Docker lacks: a stand-in unit on
-    # the search path (the trailing colon keeps the default directories) lets verify check the rest.
+    # verify loads what the unit Requires=; where Docker is not installed a stand-in docker.service,
+    # first on the unit path, is what it finds.
     (tmp_path / "docker.service").write_text("[Service]\nExecStart=/bin/true\n")
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", "--generators=no", str(path)],
                           capture_output=True, text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})

@@ -1,13 +1,14 @@
-"""Faults on real sshd hosts: one host's trouble never hides or delays the others."""
+"""Faults on real sshd hosts: one host's trouble never hides or delays the others. And the
+outcome's status: a task's value that reports a failure of its own makes the host's status."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
+from dataclasses import dataclass
 
-from fleetctl import exit_code, fan_out, gather, load_inventory
-from tests.conftest import fleetctl_json
+from fleetctl import Host, Status, exit_code, fan_out, gather, load_inventory
+from tests.conftest import fleetctl_json, wait_until
 
 
 def facts_run(lab, tmp_path, *, timeout=5.0, **extra_vars):
@@ -15,6 +16,10 @@ def facts_run(lab, tmp_path, *, timeout=5.0, **extra_vars):
     start = time.monotonic()
     outcomes = fan_out(inventory.select(None), gather, timeout=timeout)
     return outcomes, time.monotonic() - start
+
+
+def statuses(outcomes) -> list[str]:
+    return [o.status for o in outcomes.values()]
 
 
 def test_dead_frozen_and_hung_hosts(small_lab, tmp_path):
@@ -29,24 +34,30 @@ def test_dead_frozen_and_hung_hosts(small_lab, tmp_path):
     assert "cannot reach" in outcomes["dead"].error
     assert elapsed < 4 + 3, "a hanging host delayed the run past its deadline"
     assert outcomes["good"].value.gpus[0].name == "NVIDIA H100 80GB HBM3"
-    assert exit_code(outcomes.values()) == 2
-    # The host killed the hung command itself: nothing of the probe lingers there.
-    time.sleep(3)
-    left = subprocess.run(["pgrep", "-f", "sleep 3600"], capture_output=True, text=True).stdout
-    assert not left.strip(), "the hung nvidia-smi outlived its deadline"
+    assert exit_code(statuses(outcomes)) == 2
+    # The host kills the hung command itself (its timeout(1)): nothing of the probe lingers there.
+    hung = lab.hosts["hung"]
+    wait_until(lambda: not [c for c in hung.processes().values() if c == "sleep 3600"], 10,
+               "the hung nvidia-smi outlived its deadline on the host")
     lab.hosts["frozen"].thaw()
 
 
 def test_host_killed_mid_run(small_lab, tmp_path):
     lab = small_lab(("steady", "a100-sxm4-80gb", {}), ("doomed", "b200", {}))
-    lab.hosts["doomed"].set_hardware("b200", delay=3)
-    killer = threading.Timer(1.0, lab.hosts["doomed"].kill)
+    doomed = lab.hosts["doomed"]
+    doomed.set_hardware("b200", delay=3)
+
+    def kill_mid_probe():  # once the probe waits on the slow nvidia-smi, the host dies
+        wait_until(lambda: "sleep 3" in doomed.processes().values(), 10, "the probe reached nvidia-smi")
+        doomed.kill()
+
+    killer = threading.Thread(target=kill_mid_probe)
     killer.start()
     outcomes, _ = facts_run(lab, tmp_path, timeout=10)
     killer.join()
-    assert outcomes["steady"].ok
+    assert outcomes["steady"].ok and outcomes["steady"].status == "ok"
     assert outcomes["doomed"].status == "unreachable", outcomes["doomed"]
-    assert exit_code(outcomes.values()) == 4
+    assert exit_code(statuses(outcomes)) == 4
 
 
 def test_refused_key_and_unknown_host_key(small_lab, tmp_path):
@@ -69,5 +80,32 @@ def test_cli_exit_code_for_unreachable_only(small_lab, tmp_path):
     lab.hosts["down"].kill()
     code, out = fleetctl_json("facts", lab.write_inventory(tmp_path / "inv.yml"), "--timeout", "5")
     assert code == 4
-    assert out["hosts"]["down"] == {"status": "unreachable", "error": out["hosts"]["down"]["error"]}
+    down = out["hosts"]["down"]
+    assert set(down) == {"status", "error"} and down["status"] == "unreachable"
+    assert "cannot reach" in down["error"]
     assert out["hosts"]["up"]["status"] == "ok"
+
+
+@dataclass
+class Run:
+    """A task's value that reports how its host fared, as a provision run does."""
+
+    status: str
+
+
+def test_a_value_that_failed_makes_the_host_failed():
+    local = [Host(name, {"ansible_connection": "local"}) for name in ("a", "b", "c")]
+    says = {"a": "ok", "b": "changed", "c": "failed"}
+    outcomes = fan_out(local, lambda host, conn, deadline: Run(says[host.name]), timeout=10)
+    assert {n: o.status for n, o in outcomes.items()} == says
+    assert all(o.ok and o.error is None for o in outcomes.values()), "each task finished: its value is there"
+    assert outcomes["c"].value == Run("failed")
+    assert exit_code(statuses(outcomes)) == 2
+    assert exit_code(statuses(outcomes)[:2]) == 0
+
+
+def test_a_value_with_an_unknown_status_is_a_bug_not_a_success():
+    outcomes = fan_out([Host("a", {"ansible_connection": "local"})], lambda host, conn, deadline: Run("fine"),
+                       timeout=10)
+    assert outcomes["a"].status == Status.FAILED and not outcomes["a"].ok
+    assert "internal error" in outcomes["a"].error

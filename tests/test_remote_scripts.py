@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from fleetctl.status import parse_verdict
+from tests.conftest import wait_until
 
 REMOTE = Path(__file__).resolve().parent.parent / "fleetctl" / "remote"
 
@@ -92,7 +94,7 @@ def test_validate_without_torch_reports_instead_of_raising():
     proc = subprocess.run([sys.executable, str(REMOTE / "validate.py"), "--expect-gpus", "0", "--backend", "none"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = parse_verdict(proc.stdout)
     assert report["verdict"] == "fail" and "torch" in report["error"]
     assert set(report) >= {"verdict", "device", "checks", "gpus", "error"}
     assert "Traceback" not in proc.stdout
@@ -284,7 +286,8 @@ def test_pick_port():
                                                  ("trap '' TERM; sleep 60 & sleep 60", "SIGKILL")])
 def test_stop_server_takes_the_whole_group(script, last_signal):
     proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
-    time.sleep(0.3)
+    # Both sleeps running means the script is in its last state (its trap, if any, set before them).
+    wait_until(lambda: commands(smoke.live_members(proc.pid)).count("sleep 60") == 2, 10, "the group's two sleeps")
     result = smoke.stop_server(proc, grace=1.0)
     assert result["last_signal"] == last_signal and result["left"] == [] == smoke.live_members(proc.pid)
     for sig in smoke.STOP_SIGNALS:  # stop_server ignores them while it works; give pytest its own back
@@ -332,7 +335,9 @@ def start_smoke(tmp_path, mode, *extra, log=""):
 
 def finish(proc) -> dict:
     out, _ = proc.communicate(timeout=60)
-    return json.loads(out.strip().splitlines()[-1])
+    report = parse_verdict(out)
+    assert report is not None, f"no verdict on the last stdout line: {out[-500:]}"
+    return report
 
 
 def test_smoke_passes_against_a_server_that_generates(tmp_path):
@@ -376,17 +381,32 @@ def test_smoke_fails_when_health_is_200_but_completions_fail(tmp_path):
 
 def test_smoke_killed_mid_wait_leaves_no_server(tmp_path):
     proc = start_smoke(tmp_path, "hang", "--timeout", "60")
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "work" / "server.log").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
+    log = tmp_path / "work" / "server.log"
+    # The stand-in server has started (it logs first, then hangs): smoke.py is waiting for its health.
+    wait_until(lambda: log.exists() and "bytecode:" in log.read_text(), 30, "the stand-in server started")
+    assert servers_of(tmp_path), "the server to be stopped is running"
     proc.send_signal(signal.SIGTERM)
     report = finish(proc)
     assert proc.returncode == 1 and report["error"] == "Stopped: stopped by signal SIGTERM"
     assert report["stop"]["last_signal"] == "SIGTERM"
-    left = subprocess.run(["pgrep", "-f", f"api_server --model .* --port {report['port']} "],
-                          capture_output=True, text=True).stdout
-    assert not left.strip(), "the server outlived smoke.py"
+    assert not servers_of(tmp_path), "the server outlived smoke.py"
+
+
+def commands(pids) -> list[str]:
+    """The command lines of *pids* that still exist."""
+    out = []
+    for pid in pids:
+        try:
+            out.append((Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            pass
+    return out
+
+
+def servers_of(tmp_path) -> list[str]:
+    """This test's stand-in servers: api_server processes serving its own model directory."""
+    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [c for c in commands(pids) if "api_server" in c and f"--model {tmp_path} " in c]
 
 
 def test_observed_settings_of_the_gpu_proofs_smoke_log():

@@ -85,6 +85,26 @@ class LabHost:
     def thaw(self) -> None:
         os.killpg(self.proc.pid, signal.SIGCONT)
 
+    def processes(self) -> dict[int, str]:
+        """{pid: command line} of every process running on the host: its sshd and what that started,
+        found by parentage (a machine-wide pgrep would also see other labs' hosts, or the tests')."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+        found, todo = {}, [self.proc.pid] if self.proc else []
+        while todo:
+            pid = todo.pop()
+            try:
+                found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            todo += children.get(pid, [])
+        return found
+
     def set_hardware(self, profile: str | None, *, delay: float = 0) -> None:
         """Swap the host's GPUs (the fake nvidia-smi) for another capture, or none;
         *delay* makes it as slow as a driver without persistence mode."""
