@@ -26,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 from . import records, systemd
 from .connection import Connection
 from .errors import FleetError
-from .facts import Facts, gather
+from .facts import Facts, FleetState, gather
 from .fanout import Deadline, Outcome, fan_out
 from .inventory import Host
 from .matrix import Matrix
@@ -63,19 +63,19 @@ def drift(facts: Facts, locked: LockedHost | None, matrix: Matrix) -> list[Drift
     stack = locked.stack
     if stack is None:
         return out  # the lock recorded a refusal: nothing was installed to drift from
-    fleet = facts.fleet or {}
+    fleet = facts.fleet or FleetState()
     wanted = f"{'containers' if stack.container_image else 'envs'}/{stack.id}"
-    if wanted not in fleet.get("envs", []):
+    if wanted not in fleet.envs:
         out.append(Drift("environment", f"{wanted} is missing under {facts.fleet_root}"))
-    if fleet.get("current") != wanted:
-        out.append(Drift("current", f"current → {fleet.get('current') or 'nothing'}, locked {wanted}"))
-    inst = facts.installed or {}
-    if fleet.get("current") == wanted and inst:
-        for name, want, got in (("torch", stack.torch, inst.get("torch")), (stack.vllm_package, stack.vllm,
-                                 inst.get("vllm")), ("flashinfer-python", stack.flashinfer, inst.get("flashinfer"))):
+    if fleet.current != wanted:
+        out.append(Drift("current", f"current → {fleet.current or 'nothing'}, locked {wanted}"))
+    inst = facts.installed
+    if fleet.current == wanted and inst:
+        for name, want, got in (("torch", stack.torch, inst.torch), (stack.vllm_package, stack.vllm, inst.vllm),
+                                ("flashinfer-python", stack.flashinfer, inst.flashinfer)):
             if want and got != want and (got or "").split("+")[0] != want:
                 out.append(Drift("package", f"{name} {got} in the environment, locked {want}"))
-    if fleet.get("service") == "dead":
+    if fleet.service == "dead":
         out.append(Drift("service", "the vLLM service is not running (its pid is gone)"))
     again = resolve(facts, Request(**locked.request), matrix)
     if not again.ok:
@@ -156,7 +156,7 @@ def audit_task(lock: Lock, matrix: Matrix, validate: bool):
         facts = gather(host, conn, deadline)
         locked = lock.hosts.get(host.name)
         found = drift(facts, locked, matrix)
-        if validate and (facts.fleet or {}).get("current") and facts.installed:
+        if validate and facts.fleet and facts.fleet.current and facts.installed:
             verdict = _validate(host, conn, deadline, facts, locked)
             if verdict.get("verdict") != "pass":
                 found.append(Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
@@ -168,8 +168,8 @@ def _validate(host: Host, conn: Connection, deadline: Deadline, facts: Facts, lo
     # FlashInfer is proven where the environment's stack uses it, as provision decides it: the
     # lock has the stack, and it is the current environment's when its id is the one installed.
     stack = locked.stack if locked else None
-    flashinfer = bool(stack and stack.id == facts.installed.get("stack_id") and flashinfer_in_use(stack)
-                      and facts.installed.get("flashinfer"))
+    flashinfer = bool(stack and stack.id == facts.installed.stack_id and flashinfer_in_use(stack)
+                      and facts.installed.flashinfer)
     argv = ["--expect-gpus", str(len(facts.gpus)), "--backend", "none",
             "--flashinfer" if flashinfer else "--no-flashinfer"]
     if facts.gpus:

@@ -14,7 +14,7 @@ import csv
 import json
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 from .connection import Connection
@@ -45,28 +45,102 @@ class Gpu:
         return int(major) * 10 + int(minor)
 
 
+def _record(cls, value):
+    """A sub-record from its JSON form (a dict), as recorded facts, locks and snapshots hold it."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**{k: v for k, v in value.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class PythonInfo:
+    """The host's python3 (or ansible_python_interpreter) and the torch it sees, from metadata."""
+
+    path: str
+    version: str  # "3.12.3"
+    torch: str | None = None
+    torch_cuda: str | None = None
+    packages: dict = field(default_factory=dict)  # {PEP 503 name: version} of what that Python sees
+
+    @property
+    def minor(self) -> str:
+        """"3.12.3" → "3.12"."""
+        return ".".join(self.version.split(".")[:2])
+
+
+@dataclass(frozen=True)
+class OsRelease:
+    id: str | None = None
+    version_id: str | None = None
+    pretty_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerRuntime:
+    name: str  # docker or podman
+    nvidia_runtime: bool = False
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the host's current fleet environment holds, read there (not what was meant to be)."""
+
+    env: str
+    python: str | None = None
+    torch: str | None = None
+    torch_cuda: str | None = None
+    vllm: str | None = None
+    vllm_package: str | None = None
+    flashinfer: str | None = None
+    stack_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """The install root: where current and previous point, the complete environments, the service."""
+
+    current: str | None = None
+    previous: str | None = None
+    envs: tuple[str, ...] = ()
+    service: str | None = None
+
+
+RECORDS = {"python": PythonInfo, "os": OsRelease, "container_runtime": ContainerRuntime,
+           "installed": Installed, "fleet": FleetState}
+
+
 @dataclass(frozen=True)
 class Facts:
     gpus: tuple[Gpu, ...] = ()
     gpu_source: str | None = None
     driver_version: str | None = None
     cuda_driver_version: str | None = None
-    os: dict = field(default_factory=dict)
+    os: OsRelease = field(default_factory=OsRelease)
     kernel: str | None = None
     arch: str | None = None
     glibc: str | None = None
-    python: dict | None = None
+    python: PythonInfo | None = None
     nvcc: str | None = None
     user: str | None = None
     fleet_root: str | None = None
     disk_free_gib: float | None = None
-    container_runtime: dict | None = None
-    installed: dict | None = None
-    fleet: dict | None = None
+    container_runtime: ContainerRuntime | None = None
+    installed: Installed | None = None
+    fleet: FleetState | None = None
     gpu_error: str | None = None
 
+    def __post_init__(self):
+        # Sub-records given in their JSON form (recorded facts, a lock, a test's table) become records.
+        for name, cls in RECORDS.items():
+            object.__setattr__(self, name, _record(cls, getattr(self, name)))
+        if self.fleet is not None and not isinstance(self.fleet.envs, tuple):
+            object.__setattr__(self, "fleet", replace(self.fleet, envs=tuple(self.fleet.envs)))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["fleet"] is not None:
+            data["fleet"]["envs"] = list(data["fleet"]["envs"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Facts:
@@ -164,14 +238,13 @@ def parse_probe(output: str) -> Facts:
 
 # ---------------------------------------------------------------- section parsers
 
-def parse_os_release(text: str) -> dict:
+def parse_os_release(text: str) -> OsRelease:
     values = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
             values[key.strip()] = value.strip().strip('"').strip("'")
-    return {"id": values.get("ID"), "version_id": values.get("VERSION_ID"),
-            "pretty_name": values.get("PRETTY_NAME")}
+    return OsRelease(values.get("ID"), values.get("VERSION_ID"), values.get("PRETTY_NAME"))
 
 
 def parse_uname(text: str) -> tuple[str | None, str | None]:
@@ -186,14 +259,14 @@ def parse_glibc(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def parse_python(text: str) -> dict | None:
+def parse_python(text: str) -> PythonInfo | None:
     """path, version, then torch's version and CUDA in that Python (blank lines if none), then
     the distributions it sees as one line of ``name==version`` (a probe before that line: {})."""
     lines = text.strip("\n").splitlines() + ["", "", ""]
     if len(lines) < 5 or not lines[1]:
         return None
-    return {"path": lines[0], "version": lines[1], "torch": lines[2] or None, "torch_cuda": lines[3] or None,
-            "packages": parse_packages(lines[4])}
+    return PythonInfo(path=lines[0], version=lines[1], torch=lines[2] or None, torch_cuda=lines[3] or None,
+                      packages=parse_packages(lines[4]))
 
 
 def parse_packages(text: str) -> dict[str, str]:
@@ -226,33 +299,34 @@ def parse_df(text: str) -> float | None:
     return round(int(fields[3]) / 1024 ** 2, 1) if len(fields) >= 4 and fields[3].isdigit() else None
 
 
-def parse_container(text: str) -> dict | None:
-    """``name=…`` / ``nvidia=yes|no`` lines → {name, nvidia_runtime} or None."""
+def parse_container(text: str) -> ContainerRuntime | None:
+    """``name=…`` / ``nvidia=yes|no`` lines → the runtime, or None."""
     values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     if not values.get("name"):
         return None
-    return {"name": values["name"], "nvidia_runtime": values.get("nvidia") == "yes"}
+    return ContainerRuntime(values["name"], values.get("nvidia") == "yes")
 
 
-def parse_installed(text: str) -> dict | None:
-    """The fleet environment's report (JSON) → {env, torch, torch_cuda, vllm, flashinfer} or None."""
+def parse_installed(text: str) -> Installed | None:
+    """The fleet environment's report (JSON) → what it holds, or None."""
     try:
         data = json.loads(text)
     except ValueError:
         return None
-    return data if isinstance(data, dict) and data.get("env") else None
+    return _record(Installed, data) if isinstance(data, dict) and data.get("env") else None
 
 
-def parse_fleet_state(text: str) -> dict:
+def parse_fleet_state(text: str) -> FleetState:
     """current/previous links, complete environments, the service's state under the install root."""
-    state: dict = {"current": None, "previous": None, "envs": [], "service": None}
+    state: dict = {"current": None, "previous": None, "service": None}
+    envs = []
     for line in text.splitlines():
         key, _, value = line.partition("=")
         if key == "env":
-            state["envs"].append(value)
+            envs.append(value)
         elif key in state and value:
             state[key] = value
-    return state
+    return FleetState(envs=tuple(envs), **state)
 
 
 def parse_nvml(text: str) -> tuple[tuple[Gpu, ...], str | None, str | None]:

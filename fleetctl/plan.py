@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import StateError
-from .facts import Facts
+from .facts import Facts, Installed
 from .inventory import Host
 from .matrix import Matrix
 from .records import atomic_write
@@ -57,17 +57,17 @@ def plan_host(host: Host, facts: Facts, matrix: Matrix, **overrides) -> HostPlan
                     tuple(changes(resolution.stack, facts.installed)) if resolution.ok else ())
 
 
-def changes(stack: Stack, installed: dict | None) -> list[str]:
+def changes(stack: Stack, installed: Installed | None) -> list[str]:
     """What installing *stack* changes on a host whose fleet environment is *installed*."""
     if not installed:
         return [f"create environment {stack.id}", *_installs(stack)]
-    if installed.get("stack_id") == stack.id:
+    if installed.stack_id == stack.id:
         return []
-    out = [f"create environment {stack.id}; the current one ({installed.get('stack_id') or installed['env']}) "
+    out = [f"create environment {stack.id}; the current one ({installed.stack_id or installed.env}) "
            "is kept for rollback"]
     want = {"torch": _torch_label(stack), stack.vllm_package: stack.vllm, "flashinfer-python": stack.flashinfer}
-    have = {"torch": _installed_torch(installed), installed.get("vllm_package") or stack.vllm_package:
-            installed.get("vllm"), "flashinfer-python": installed.get("flashinfer")}
+    have = {"torch": _installed_torch(installed), installed.vllm_package or stack.vllm_package: installed.vllm,
+            "flashinfer-python": installed.flashinfer}
     for name in dict.fromkeys([*want, *have]):
         new, old = want.get(name), have.get(name)
         if new and not old:
@@ -91,11 +91,11 @@ def _torch_label(stack: Stack) -> str:
     return stack.torch if "+" in stack.torch or not stack.cuda else f"{stack.torch} (CUDA {stack.cuda})"
 
 
-def _installed_torch(installed: dict) -> str | None:
-    torch = installed.get("torch")
-    if not torch or "+" in torch or not installed.get("torch_cuda"):
+def _installed_torch(installed: Installed) -> str | None:
+    torch = installed.torch
+    if not torch or "+" in torch or not installed.torch_cuda:
         return torch
-    return f"{torch} (CUDA {installed['torch_cuda']})"
+    return f"{torch} (CUDA {installed.torch_cuda})"
 
 
 # ---------------------------------------------------------------- the lock
@@ -106,12 +106,12 @@ def class_facts(facts: Facts) -> dict:
         "gpus": sorted(([g.name, g.compute_capability, g.memory_mib, g.mig_mode] for g in facts.gpus), key=str),
         "driver_version": facts.driver_version,
         "cuda_driver_version": facts.cuda_driver_version,
-        "os": facts.os,
+        "os": asdict(facts.os),
         "arch": facts.arch,
         "glibc": facts.glibc,
-        "python": facts.python["version"] if facts.python else None,
+        "python": facts.python.version if facts.python else None,
         "nvcc": facts.nvcc,
-        "container_runtime": facts.container_runtime,
+        "container_runtime": asdict(facts.container_runtime) if facts.container_runtime else None,
     }
 
 

@@ -124,7 +124,7 @@ class Provisioner:
         self.container = stack.container_image is not None
         self.env_rel = f"{'containers' if self.container else 'envs'}/{stack.id}"
         self.env = f"{self.root}/{self.env_rel}"
-        self.runtime = (facts.container_runtime or {}).get("name", "docker")
+        self.runtime = facts.container_runtime.name if facts.container_runtime else "docker"
         self.python = f"{q(self.env)}/bin/python"
         if self.container:
             root = q(self.root)
@@ -203,7 +203,7 @@ class Provisioner:
         if facts.disk_free_gib is not None and facts.disk_free_gib < need:
             return self.failed("check", f"{facts.disk_free_gib} GiB free under {self.root}, the stack needs "
                                         f"about {need:g} GiB: free some space or set fleet_root elsewhere")
-        return Step("check", "ok", f"{facts.disk_free_gib} GiB free, {need:g} GiB needed; Python {facts.python['version']}")
+        return Step("check", "ok", f"{facts.disk_free_gib} GiB free, {need:g} GiB needed; Python {facts.python.version}")
 
     def install(self, facts: Facts, stack: Stack, done: dict) -> Step:
         if done:
@@ -234,7 +234,7 @@ class Provisioner:
             args.append("--no-deps")
             notes.append("--no-deps: dependencies are NOT checked, the host must provide them (install.no_deps)")
         pins = [*install_pins(stack), *stack.packages, *settings["extra_packages"]]
-        python = facts.python["path"] if facts.python["version"].startswith(stack.python + ".") else f"python{stack.python}"
+        python = facts.python.path if facts.python.minor == stack.python else f"python{stack.python}"
         script = INSTALL.format(
             env=q(self.env), python=q(python), ssp="--system-site-packages" if stack.system_site_packages else "",
             # From a wheelhouse only: no pip.conf or uv.toml on the host adds an index or find-links.

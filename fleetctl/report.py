@@ -49,9 +49,8 @@ def installed_summary(facts: Facts) -> str:
     inst = facts.installed
     if not inst:
         return "-"
-    parts = [f"torch {inst['torch']}" if inst.get("torch") else None,
-             f"vllm {inst['vllm']}" if inst.get("vllm") else None,
-             f"flashinfer {inst['flashinfer']}" if inst.get("flashinfer") else None]
+    parts = [f"torch {inst.torch}" if inst.torch else None, f"vllm {inst.vllm}" if inst.vllm else None,
+             f"flashinfer {inst.flashinfer}" if inst.flashinfer else None]
     return "\n".join(p for p in parts if p) or "empty env"
 
 
@@ -67,9 +66,9 @@ def facts_table(outcomes: Iterable[Outcome]) -> Table:
         table.add_row(
             o.host.name, status(o.status), gpu_summary(f),
             f"{f.driver_version} / {f.cuda_driver_version}" if f.driver_version else "-",
-            f.os.get("pretty_name") or "-",
+            f.os.pretty_name or "-",
             f"{f.arch} / {f.glibc}",
-            f.python["version"] if f.python else "[red]none[/]",
+            f.python.version if f.python else "[red]none[/]",
             f.nvcc or "-",
             installed_summary(f),
         )

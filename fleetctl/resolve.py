@@ -310,8 +310,8 @@ def _reuse_host_torch(pin: str, variant: Variant, facts: Facts, request: Request
     pinned torch, built for the CUDA major of the chosen variant; else None, with the reason torch is installed."""
     if not request.reuse_system_torch:
         return None, []
-    host = facts.python or {}
-    have, cuda = host.get("torch"), host.get("torch_cuda")
+    host = facts.python
+    have, cuda = (host.torch, host.torch_cuda) if host else (None, None)
     if not have:
         return None, [f"fleet_system_site_packages: the host Python has no torch, so torch {pin} is installed"]
     if have.split("+")[0] != pin:
@@ -320,10 +320,10 @@ def _reuse_host_torch(pin: str, variant: Variant, facts: Facts, request: Request
     if not cuda or Version(cuda).major != Version(variant.cuda).major:
         return None, [f"fleet_system_site_packages: the host Python's torch {have} is built for CUDA {cuda}, not "
                       f"{Version(variant.cuda).major}.x, so torch {pin} {variant.name} is installed"]
-    if not python or not host.get("version", "").startswith(python + "."):
-        return None, [f"fleet_system_site_packages: the host's torch is in Python {host.get('version')}, the stack "
+    if not python or host.minor != python:
+        return None, [f"fleet_system_site_packages: the host's torch is in Python {host.version}, the stack "
                       f"uses {python}, so torch {pin} is installed"]
-    return have, [f"reusing the host Python's torch {have} (CUDA {cuda}, {host.get('path')}) through system site "
+    return have, [f"reusing the host Python's torch {have} (CUDA {cuda}, {host.path}) through system site "
                   f"packages: it is the torch {pin} vLLM pins"]
 
 
@@ -423,14 +423,14 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
     """torch and FlashInfer without vLLM: for hosts that serve some other way, or a kernel check."""
     sm, reasons = _lowest_sm(facts)
     reasons.append("fleet_vllm: none: torch and FlashInfer only")
-    system = facts.python or {}
-    if request.reuse_system_torch and system.get("torch"):
-        cuda = system.get("torch_cuda")
+    system = facts.python
+    if request.reuse_system_torch and system and system.torch:
+        cuda = system.torch_cuda
         if not cuda or not _compat(cuda, facts, request, matrix):
-            return refused(reasons + [f"the host Python's torch {system['torch']} is built for CUDA {cuda}, "
+            return refused(reasons + [f"the host Python's torch {system.torch} is built for CUDA {cuda}, "
                                       f"the driver runs ≤ {facts.cuda_driver_version}"],
                            "set fleet_system_site_packages: false to install a matching torch")
-        torch, index = system["torch"], None
+        torch, index = system.torch, None
         reasons.append(f"reusing the host Python's torch {torch} (CUDA {cuda}) through system site packages")
     else:
         fits = [(t, v) for t in sorted(matrix.torch, key=lambda t: Version(t.version), reverse=True)
@@ -486,9 +486,9 @@ def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
 def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
     sm, reasons = _lowest_sm(facts)
     runtime = facts.container_runtime
-    if not runtime or not runtime["nvidia_runtime"]:
+    if not runtime or not runtime.nvidia_runtime:
         return refused(reasons + ["container mode needs docker or podman with the NVIDIA runtime "
-                                  f"({'none found' if not runtime else runtime['name'] + ' has no NVIDIA runtime'})"],
+                                  f"({'none found' if not runtime else runtime.name + ' has no NVIDIA runtime'})"],
                        "install nvidia-container-toolkit and configure it (nvidia-ctk runtime configure)")
     why_not = []
     strict = replace(request, cuda_compat="strict")  # images check NVIDIA_REQUIRE_CUDA against the driver
@@ -562,7 +562,7 @@ def _vllm_candidates(request: Request, matrix: Matrix) -> list[Vllm]:
 
 
 def _python_of(facts: Facts) -> str | None:
-    return ".".join(facts.python["version"].split(".")[:2]) if facts.python else None
+    return facts.python.minor if facts.python else None
 
 
 def _spec(text: str) -> SpecifierSet | None:

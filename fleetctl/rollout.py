@@ -89,7 +89,7 @@ class Journal:
                if p.resolution.ok and not p.changes}
             | {n: {"reason": "no GPU: a CUDA move does not apply"} for n in no_gpu},
             "hosts": {n: {"state": "pending", "to": plans[n].resolution.stack.id,
-                          "from": (plans[n].facts.fleet or {}).get("current"),
+                          "from": (plans[n].facts.fleet.current if plans[n].facts.fleet else None),
                           "lock_before": fleet_lock.entry(n), "lock_after": _entry(plans[n])} for n in movable},
             "lock": str(fleet_lock.path),
         }

@@ -165,7 +165,7 @@ def plan_classes(inputs: Iterable[HostInput]) -> list[ClassPlan]:
         if not i.facts.glibc:
             raise WheelhouseError(f"{i.host}: its facts have no glibc version, so no manylinux tag can be chosen",
                                   fix="gather its facts again (fleetctl facts) from a host with getconf or ldd")
-        packages = tuple(sorted(((i.facts.python or {}).get("packages") or {}).items())) \
+        packages = tuple(sorted((i.facts.python.packages if i.facts.python else {}).items())) \
             if i.stack.system_site_packages else ()
         key = (i.stack.id, platform_of(i.facts, i.stack), tuple(requirements(i.stack, i.install)),
                tuple(u for u in (i.stack.torch_index, i.stack.flashinfer_index) if u),

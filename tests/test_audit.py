@@ -72,13 +72,13 @@ def test_each_drift_kind(tmp_path):
     assert "added Tesla V100 sm 7.0" in drift["gpus"] and "stack_outdated" in drift
     assert "python" in kinds(Facts.from_dict({**clean.to_dict(), "python": {"version": "3.13.1", "path": "/p"}}), entry)
     # pip swapped torch under vLLM.
-    swapped = Facts.from_dict({**clean.to_dict(), "installed": {**clean.installed, "torch": "2.13.0"}})
+    swapped = Facts.from_dict({**clean.to_dict(), "installed": {**clean.to_dict()["installed"], "torch": "2.13.0"}})
     assert kinds(swapped, entry) == {"package"}
     # The current link removed, the environment deleted, the service dead.
-    assert kinds(installed(H100, entry, fleet={**clean.fleet, "current": None}), entry) == {"current"}
-    assert kinds(installed(H100, entry, fleet={**clean.fleet, "envs": [], "current": None}), entry) == {
+    assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "current": None}), entry) == {"current"}
+    assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "envs": [], "current": None}), entry) == {
         "environment", "current"}
-    assert kinds(installed(H100, entry, fleet={**clean.fleet, "service": "dead"}), entry) == {"service"}
+    assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "service": "dead"}), entry) == {"service"}
     # A host whose driver fell below anything: incompatible.
     old = Facts.from_dict({**clean.to_dict(), "driver_version": "470.182.03", "cuda_driver_version": "11.4"})
     assert "incompatible" in kinds(old, entry)
@@ -195,7 +195,7 @@ def test_validate_proves_flashinfer_where_the_locked_stack_uses_it(tmp_path, sam
         entry = replace(entry, stack=replace(entry.stack, env={**entry.stack.env, "VLLM_USE_FLASHINFER_SAMPLER": sampler}))
     facts = installed(H100, entry)
     if not current:  # the environment is not the locked stack's: what it runs, the lock does not say
-        facts = Facts.from_dict({**facts.to_dict(), "installed": {**facts.installed, "stack_id": "other"}})
+        facts = Facts.from_dict({**facts.to_dict(), "installed": {**facts.to_dict()["installed"], "stack_id": "other"}})
     conn = Recorded()
     verdict = audit._validate(Host("h"), conn, Deadline(), facts, entry)
     assert verdict == {"verdict": "pass"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fleetctl.facts import (
-    Gpu, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
+    ContainerRuntime, Gpu, OsRelease, PythonInfo, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
     parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_packages, parse_probe, split_sections,
     canonical_name,
 )
@@ -66,8 +66,8 @@ def test_nvml_json():
 
 
 def test_os_release_and_friends():
-    assert parse_os_release('PRETTY_NAME="Ubuntu 24.04.3 LTS"\nID=ubuntu\nVERSION_ID="24.04"\n') == {
-        "id": "ubuntu", "version_id": "24.04", "pretty_name": "Ubuntu 24.04.3 LTS"}
+    assert parse_os_release('PRETTY_NAME="Ubuntu 24.04.3 LTS"\nID=ubuntu\nVERSION_ID="24.04"\n') == OsRelease(
+        id="ubuntu", version_id="24.04", pretty_name="Ubuntu 24.04.3 LTS")
     assert parse_glibc("glibc 2.39") == "2.39"
     assert parse_glibc("ldd (Debian GLIBC 2.36-9+deb12u14) 2.36") == "2.36"
     assert parse_nvcc("nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
@@ -75,7 +75,7 @@ def test_os_release_and_friends():
     assert parse_nvcc("") is None
     df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 264091588 23000000 83886080 22% /\n"
     assert parse_df(df) == 80.0
-    assert parse_container("name=docker\nnvidia=yes") == {"name": "docker", "nvidia_runtime": True}
+    assert parse_container("name=docker\nnvidia=yes") == ContainerRuntime("docker", nvidia_runtime=True)
     assert parse_container("nvidia=no") is None
 
 
@@ -88,7 +88,7 @@ def test_sections_survive_a_cut_off_probe():
 def test_recorded_probe_outputs(path):
     """Whole probe outputs recorded on real machines parse without loss."""
     facts = parse_probe(path.read_text())
-    assert facts.arch in ("x86_64", "aarch64") and facts.glibc and facts.python and facts.os["id"]
+    assert facts.arch in ("x86_64", "aarch64") and facts.glibc and facts.python and facts.os.id
     if "gpu" in path.stem:
         assert facts.gpus and all(g.compute_capability for g in facts.gpus)
         assert facts.cuda_driver_version and facts.driver_version
@@ -102,12 +102,12 @@ def test_nvml_probe_recorded_on_the_gpu_test_host():
     (gpu,) = facts.gpus
     assert (gpu.name, gpu.compute_capability, gpu.memory_mib, gpu.pci_bus_id, gpu.mig_mode) == (
         "NVIDIA H200", "9.0", 143771, "00000000:00:06.0", "Disabled")
-    assert facts.python == {"path": "/opt/torch/.venv/bin/python3", "version": "3.12.3", "torch": "2.11.0",
-                            "torch_cuda": "13.0", "packages": {}}  # recorded before the probe listed distributions
-    assert (facts.os["id"], facts.glibc) == ("ubuntu", "2.39")
+    assert facts.python == PythonInfo(path="/opt/torch/.venv/bin/python3", version="3.12.3", torch="2.11.0",
+                                      torch_cuda="13.0", packages={})  # recorded before the probe listed distributions
+    assert (facts.os.id, facts.glibc) == ("ubuntu", "2.39")
     # Recorded after fleetctl provisioned the host with playbooks/kernels-only.yml.
-    assert facts.fleet["current"] == facts.fleet["envs"][0] == "envs/kernels-torch-2.11.0-c3c319b121"
-    assert (facts.installed["flashinfer"], facts.installed["torch"]) == ("0.7.2.post1", "2.11.0")
+    assert facts.fleet.current == facts.fleet.envs[0] == "envs/kernels-torch-2.11.0-c3c319b121"
+    assert (facts.installed.flashinfer, facts.installed.torch) == ("0.7.2.post1", "2.11.0")
 
 
 def test_probe_lists_the_host_pythons_distributions():
@@ -115,9 +115,9 @@ def test_probe_lists_the_host_pythons_distributions():
     every distribution it sees, PEP 503 names, versions as installed."""
     facts = parse_probe((DATA / "cpu-venv-packages.txt").read_text())
     python = facts.python
-    assert (python["path"], python["version"], python["torch"], python["torch_cuda"]) == (
+    assert (python.path, python.version, python.torch, python.torch_cuda) == (
         "/work/main/.venv/bin/python", "3.11.7", None, None)
-    packages = python["packages"]
+    packages = python.packages
     assert packages["fabric"] == "3.2.3" and packages["pip"] == "23.2.1" and packages["nvidia-ml-py"] == "13.615.71"
     assert "markupsafe" in packages and "MarkupSafe" not in packages
     assert all(name == canonical_name(name) for name in packages)

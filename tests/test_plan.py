@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from fleetctl.facts import Installed
 from fleetctl.plan import changes
 from fleetctl.resolve import Stack
 from tests.conftest import fleetctl, fleetctl_json
@@ -16,10 +17,10 @@ STACK = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm
 def test_changes_against_installed_facts():
     assert changes(STACK, None) == [f"create environment {STACK.id}", "install torch 2.14.0 (CUDA 13.0)",
                                     "install vllm 0.33.0", "install flashinfer-python 0.7.2.post1"]
-    same = {"env": "/opt/fleetctl/envs/x", "stack_id": STACK.id}
+    same = Installed(env="/opt/fleetctl/envs/x", stack_id=STACK.id)
     assert changes(STACK, same) == []
-    older = {"env": "/opt/fleetctl/envs/old", "stack_id": "vllm-0.32.0-abc", "torch": "2.13.0", "torch_cuda": "13.0",
-             "vllm": "0.32.0", "vllm_package": "vllm", "flashinfer": None}
+    older = Installed(env="/opt/fleetctl/envs/old", stack_id="vllm-0.32.0-abc", torch="2.13.0", torch_cuda="13.0",
+                      vllm="0.32.0", vllm_package="vllm", flashinfer=None)
     assert changes(STACK, older)[1:] == ["torch 2.13.0 (CUDA 13.0) → 2.14.0 (CUDA 13.0)", "vllm 0.32.0 → 0.33.0",
                                          "install flashinfer-python 0.7.2.post1"]
     assert "kept for rollback" in changes(STACK, older)[0]
@@ -102,4 +103,4 @@ def test_a_reused_torch_is_not_installed():
                       "system_site_packages": True, "packages": (), "uninstall": ()})
     assert changes(reused, None)[1:] == ["reuse the host Python’s torch 2.11.0+cu130", "install vllm 0.26.0",
                                          "install flashinfer-python 0.6.14"]
-    assert not any(c.startswith("install torch") for c in changes(reused, {"env": "/opt/fleetctl/envs/x"}))
+    assert not any(c.startswith("install torch") for c in changes(reused, Installed(env="/opt/fleetctl/envs/x")))
