@@ -14,13 +14,14 @@ from .inventory import Host, Inventory, load_inventory
 from .container import render_container
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
+from .recorded import RecordedConnection, Reply
 from .resolve import Request, Resolution, Stack, resolve
 from .serving import ServeConfig, ServePlan, plan_serving, smoke_argv
 
 __all__ = [
     "CommandFailed", "Connection", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
-    "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
-    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "TimedOut", "Unreachable",
+    "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError",
+    "RecordedConnection", "Reply", "Request", "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
     "parse_probe", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
 ]
