@@ -15,7 +15,7 @@ import time
 
 
 from fleetctl import records
-from tests.conftest import ROOT, fleetctl_json
+from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
 
 
 def host_root(lab, name):
@@ -80,7 +80,7 @@ def test_provision_serves_then_changes_nothing(serve_lab, provisioned):
     import urllib.request
     body = json.dumps({"model": s["service"]["data"]["model"], "prompt": "hi", "max_tokens": 4,
                        "ignore_eos": True}).encode()
-    req = urllib.request.Request("http://127.0.0.1:18001/v1/completions", body, {"Content-Type": "application/json"})
+    req = urllib.request.Request(f"http://127.0.0.1:{SERVICE_PORT}/v1/completions", body, {"Content-Type": "application/json"})
     assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 4
 
     code, facts = fleetctl_json("facts", inventory, "--limit", "cpu-a")
