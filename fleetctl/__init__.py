@@ -14,14 +14,16 @@ from .inventory import Host, Inventory, load_inventory
 from .container import render_container
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
+from .recorded import RecordedConnection, Reply
 from .resolve import Request, Resolution, Stack, resolve
 from .serving import ServeConfig, ServePlan, plan_serving, smoke_argv
 from .status import Exit, Status, exit_code, parse_verdict
 
 __all__ = [
     "CommandFailed", "Connection", "Exit", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
-    "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError", "Request",
-    "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError", "Status", "TimedOut", "Unreachable",
+    "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError",
+    "RecordedConnection", "Reply", "Request", "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError",
+    "Status", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
     "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
 ]

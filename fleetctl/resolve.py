@@ -127,6 +127,21 @@ def flashinfer_in_use(stack: Stack) -> bool:
     return bool(stack.flashinfer) and stack.env.get("VLLM_USE_FLASHINFER_SAMPLER") != "0"
 
 
+@dataclass(frozen=True)
+class Proofs:
+    """Which proofs a stack gets, decided here with the stack rather than in the steps."""
+
+    flashinfer: bool  # validate runs FlashInfer's decode and prefill (else torch's SDPA)
+    sampler: bool  # validate also JIT-builds and checks vLLM's FlashInfer sampler (not in the smoke test's start-up)
+    serve: bool  # a vLLM server to smoke-test and keep running (no vLLM: smoke and service are skipped)
+
+
+def proofs(stack: Stack) -> Proofs:
+    """What validate and smoke prove for *stack*."""
+    fi = flashinfer_in_use(stack)
+    return Proofs(flashinfer=fi, sampler=fi and stack.vllm_package == "vllm", serve=stack.vllm is not None)
+
+
 def refused(reasons: list[str], fix: str) -> Resolution:
     return Resolution("refused", tuple(reasons), fix=fix)
 

@@ -8,9 +8,12 @@ environment (``current`` only moves after the gate passes) and the previous
 environment is proven serving again. A failure budget counts failed, timed-out
 *and unreachable* hosts; past it no further wave starts.
 
-The rollout's state is a journal, written after every host finishes, so a
-controller killed mid-wave resumes without redoing finished hosts; a rollback
-returns every host the rollout moved to the environment it had before.
+The rollout's state is a journal, written (atomically) after every host finishes,
+so a controller killed mid-wave resumes without redoing finished hosts; a rollback
+returns every host the rollout moved to the environment it had before. The
+decisions — the waves, the budget, whether a wave may start — are pure functions
+of the journal's data; hosts are reached only through fan_out's connections (in
+unit tests, fleetctl's RecordedConnection).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import shlex
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import records
@@ -32,11 +35,16 @@ from .inventory import Host
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock
 from .playbook import Play
-from .provision import ACTIVATE, MARKER, STOP_SERVICE, Options, provision_host
+from .provision import provision_host
 from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
+from .status import Status, parse_verdict
+from .steps import ACTIVATE, STOP_SERVICE, Options
+from .target import MARKER
 
 KIND = "rollouts"
+# A host in one of these states counts against the failure budget.
+SPENT = {Status.FAILED, "rolled_back", Status.UNREACHABLE, Status.TIMEOUT}
 
 
 def waves(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
@@ -116,7 +124,11 @@ class Journal:
             records.save(self.data, KIND)
 
     def failures(self) -> int:
-        return sum(h["state"] in ("failed", "rolled_back", "unreachable", "timeout") for h in self.data["hosts"].values())
+        return sum(h["state"] in SPENT for h in self.data["hosts"].values())
+
+    def over_budget(self) -> bool:
+        """Past the failure budget no further wave starts."""
+        return self.failures() > self.data["budget"]
 
     def todo(self, wave: list[str]) -> list[str]:
         """Hosts of *wave* not finished yet: pending, or started when the controller died."""
@@ -134,9 +146,9 @@ class Journal:
             self.mark(name, outcome.status, error=outcome.error)
             return
         run = outcome.value
-        if run.status == "failed":
-            failed = next(s for s in run.steps if s.status == "failed")
-            self.mark(name, "failed", step=failed.name, error=failed.detail, run=run.to_dict())
+        if run.status == Status.FAILED:
+            failed = next(s for s in run.steps if s.status == Status.FAILED)
+            self.mark(name, Status.FAILED, step=failed.name, error=failed.detail, run=run.to_dict())
         else:
             self.mark(name, "done", run=run.to_dict())
 
@@ -165,7 +177,7 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
         todo = journal.todo(wave)
         if not todo:
             continue
-        if journal.failures() > journal.data["budget"]:
+        if journal.over_budget():
             break
         for name in todo:
             journal.mark(name, "running")
@@ -175,14 +187,16 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
             if on_done:
                 on_done(outcome)
 
-        fan_out([hosts[n] for n in todo], provision_host(play, matrix, options), forks=forks, timeout=timeout,
+        # The gate is the proofs: they run even where this stack passed on the host before.
+        gate = replace(options, revalidate=True)
+        fan_out([hosts[n] for n in todo], provision_host(play, matrix, gate), forks=forks, timeout=timeout,
                 on_done=done)
-        failed = [n for n in todo if journal.data["hosts"][n]["state"] == "failed"]
+        failed = [n for n in todo if journal.data["hosts"][n]["state"] == Status.FAILED]
         if failed:  # a failed gate: prove the host still serves what it had
             fan_out([hosts[n] for n in failed], prove_previous(journal, play, matrix), forks=forks, timeout=timeout)
-        if journal.failures() > journal.data["budget"]:
+        if journal.over_budget():
             break
-    stopped = journal.failures() > journal.data["budget"] or any(
+    stopped = journal.over_budget() or any(
         h["state"] in ("pending", "running") for h in journal.data["hosts"].values())
     journal.data["status"] = "stopped" if stopped else "done"
     journal.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -215,7 +229,7 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
         entry = journal.data["hosts"][host.name]
         facts = entry["run"]["facts"] if entry.get("run") else None
         if not entry.get("from") or not facts:
-            journal.mark(host.name, "failed", serving_again=None, rollback="no previous environment to return to")
+            journal.mark(host.name, Status.FAILED, serving_again=None, rollback="no previous environment to return to")
             return
         root = shlex.quote(facts["fleet_root"])
         # The host's serving vars, not the play's smoke model: that model may be what failed the gate.
@@ -226,10 +240,7 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
         else:
             result = conn.run(f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))}",
                               timeout=deadline.left(host.name))
-            try:
-                verdict = json.loads(result.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                verdict = {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
+            verdict = parse_verdict(result.stdout) or {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
         journal.mark(host.name, "rolled_back", serving_again=verdict.get("verdict") == "pass",
                      rollback=f"kept {entry['from']}; smoke test there: {verdict.get('verdict')}"
                      + (f" ({verdict['error']})" if verdict.get("error") else ""))

