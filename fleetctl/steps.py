@@ -96,7 +96,7 @@ def check(c: Context) -> Step:
     if free is not None and free < need:
         return failed("check", f"{free} GiB free under {c.target.root}, the stack needs about {need:g} GiB: "
                                "free some space or set fleet_root elsewhere")
-    return Step("check", Status.OK, f"{free} GiB free, {need:g} GiB needed; Python {c.facts.python['version']}")
+    return Step("check", Status.OK, f"{free} GiB free, {need:g} GiB needed; Python {c.facts.python.version}")
 
 
 def install(c: Context) -> Step | Planned:
@@ -150,7 +150,7 @@ def wheel_pushes(c: Context) -> tuple[list[Action], list[str], list[str], dict]:
 
 def install_script(c: Context, args: list[str], pins: list[str]) -> str:
     stack, env, offline = c.stack, c.target.env, bool(c.wheels)
-    python = c.facts.python["path"] if c.facts.python["version"].startswith(stack.python + ".") else f"python{stack.python}"
+    python = c.facts.python.path if c.facts.python.minor == stack.python else f"python{stack.python}"
     return INSTALL.format(
         env=q(env), python=q(python), ssp="--system-site-packages" if stack.system_site_packages else "",
         # From a wheelhouse only: no pip.conf or uv.toml on the host adds an index or find-links.

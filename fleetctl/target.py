@@ -70,7 +70,7 @@ def target_for(facts: Facts, stack: Stack) -> Target:
     if stack.container_image is None:
         env_rel = f"envs/{stack.id}"
         return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()))
-    runtime = (facts.container_runtime or {}).get("name", "docker")
+    runtime = facts.container_runtime.name if facts.container_runtime else "docker"
     env = [w for k, v in stack.env.items() for w in ("-e", f"{k}={v}")]
     python = (runtime, "run", "--rm", "--gpus", "all", "--ipc=host", "--network", "host", *env,
               "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
