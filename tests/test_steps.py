@@ -235,3 +235,14 @@ def test_a_refused_host_and_a_host_that_goes_away():
     gone = fake_host().answer(r"uv venv", Unreachable("cpu-01", "connection lost"))
     with pytest.raises(Unreachable):
         run(gone)
+
+
+def test_the_service_stop_ends_the_servers_whole_group_under_dash(tmp_path):
+    """/bin/sh is dash on the lab's and most hosts: it refuses "kill -TERM -- -PGID", which once left the old
+    server running and the restarted service without its port."""
+    import subprocess
+    server = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+    (tmp_path / "service.pid").write_text(f"{server.pid}\n")
+    stop = subprocess.run(["/bin/sh", "-c", steps.STOP_SERVICE.format(root=shlex.quote(str(tmp_path)))], timeout=60)
+    assert stop.returncode == 0 and server.wait(timeout=10) is not None
+    assert subprocess.run(["/bin/sh", "-c", f"kill -0 -{server.pid}"], capture_output=True).returncode != 0
