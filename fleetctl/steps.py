@@ -413,10 +413,14 @@ if [ -n "$old" ]; then ln -sfn "$old" .previous.new && mv -T .previous.new previ
 ln -sfn {target} .current.new && mv -T .current.new current
 """
 
+# Signals the server's process group as "kill -SIG -PGID", without "--": dash (/bin/sh on Debian and
+# Ubuntu, where remote commands run) refuses "kill -TERM -- -PGID", which left the old server running
+# and the restarted one without its port. Waits for the whole group, not just its leader: vLLM's
+# engine process holds the inherited listening socket a moment longer.
 STOP_SERVICE = """pid=$(cat {root}/service.pid 2>/dev/null) || exit 0
-kill -TERM -- -"$pid" 2>/dev/null || exit 0
-for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 1; done
-kill -KILL -- -"$pid" 2>/dev/null; true
+kill -TERM -"$pid" 2>/dev/null || exit 0
+for _ in $(seq 150); do kill -0 -"$pid" 2>/dev/null || exit 0; sleep 0.2; done
+kill -KILL -"$pid" 2>/dev/null; true
 """
 
 MARK_VALIDATED = """python3 - {marker} <<'EOF' 2>/dev/null || true

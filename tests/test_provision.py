@@ -99,6 +99,8 @@ def audit_kinds(inventory, code_expected=None) -> set[str]:
 def test_audit_a_provisioned_host(serve_lab, provisioned):
     """Each drift kind on a host that really runs the stack, then back to clean."""
     lab, inventory = serve_lab
+    # Serving as provisioned: a test before may have killed the host (and its service) or moved it.
+    assert fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=900)[0] == 0
     assert fleetctl_json("plan", inventory, "--limit", "cpu-a", "--write-lock")[0] == 0
     assert audit_kinds(inventory, 0) == set()
     root = host_root(lab, "cpu-a")

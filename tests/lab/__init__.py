@@ -197,6 +197,9 @@ class Lab:
             log = open(host.dir / "sshd.log", "ab")
             host.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
             (host.dir / "lab.pgid").write_text(str(host.proc.pid))
+        # Every host's key, not just those (re)started now: restarting a killed host must not make the
+        # others unknown.
+        for host in self.hosts.values():
             pub = (host.dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
             known.append(f"[{host.address}]:{PORT} {' '.join(pub)}")
         self.known_hosts.write_text("\n".join(known) + "\n")
