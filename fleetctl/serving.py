@@ -113,9 +113,29 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
         return refuse(f"fleet_max_model_len {max_len} is not a positive number of tokens",
                       "set fleet_max_model_len to e.g. 4096, or leave it out")
 
-    gpus = len(facts.gpus)
-    models = sorted({g.name for g in facts.gpus})
-    reasons = []
+    tp, dp, reasons = _layout(facts, tp_given, dp_given)
+    if refusal := _layout_refusal(facts, tp, dp, model_config):
+        return refusal
+
+    env, pass_config = tuple(extra_env.items()), ()
+    if not multicast:
+        env = tuple({**extra_env, **NO_MULTICAST_ENV}.items())
+        if tp > 1:
+            pass_config = tuple(NO_MULTICAST_PASS_CONFIG.items())
+        reasons.append("NVLink multicast off (fleet_nvlink_multicast: false)")
+
+    chosen = str(hostvars.get("fleet_model") or model or "") or None
+    if max_len is None and chosen is None:
+        max_len = TINY_MAX_MODEL_LEN
+    if mem is None and not facts.gpus:
+        mem = CPU_GPU_MEMORY_UTILIZATION
+    name = str(hostvars.get("fleet_served_model_name") or "") or None
+    return ServePlan(ServeConfig(chosen, name, tp, dp, max_len, mem, extra, env, pass_config, tuple(reasons)))
+
+
+def _layout(facts: Facts, tp_given: int | None, dp_given: int | None) -> tuple[int, int, list[str]]:
+    """Tensor and data parallel sizes: as given, else every GPU of one model in one TP group."""
+    gpus, models, reasons = len(facts.gpus), sorted({g.name for g in facts.gpus}), []
     if tp_given is not None:
         tp = tp_given
     elif dp_given is None:  # one replica per GPU: each replica a single GPU unless TP is given
@@ -131,7 +151,12 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
     dp = dp_given if dp_given is not None else max(gpus // tp, 1)
     if dp_given is None:
         reasons.append(f"one replica per {'GPU' if tp == 1 else f'{tp} GPUs'}: data parallel {dp}")
+    return tp, dp, reasons
 
+
+def _layout_refusal(facts: Facts, tp: int, dp: int, model_config: Mapping[str, Any] | None) -> ServePlan | None:
+    """Why the host's GPUs (or the model's heads) cannot hold this layout; None where they can."""
+    gpus, models = len(facts.gpus), sorted({g.name for g in facts.gpus})
     if not gpus and tp * dp > 1:
         return refuse(f"tensor parallel {tp} x data parallel {dp} asks for {tp * dp} GPUs, and the host has none",
                       "set fleet_tensor_parallel_size and fleet_data_parallel_size to 1 on CPU hosts")
@@ -146,21 +171,7 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
                       "smallest would pace and size every shard", "set fleet_tensor_parallel_size: 1")
     if model_config and (problem := split_problem(model_config, tp)):
         return refuse(problem, "pick a fleet_tensor_parallel_size that divides the model's attention heads")
-
-    env, pass_config = tuple(extra_env.items()), ()
-    if not multicast:
-        env = tuple({**extra_env, **NO_MULTICAST_ENV}.items())
-        if tp > 1:
-            pass_config = tuple(NO_MULTICAST_PASS_CONFIG.items())
-        reasons.append("NVLink multicast off (fleet_nvlink_multicast: false)")
-
-    chosen = str(hostvars.get("fleet_model") or model or "") or None
-    if max_len is None and chosen is None:
-        max_len = TINY_MAX_MODEL_LEN
-    if mem is None and not gpus:
-        mem = CPU_GPU_MEMORY_UTILIZATION
-    name = str(hostvars.get("fleet_served_model_name") or "") or None
-    return ServePlan(ServeConfig(chosen, name, tp, dp, max_len, mem, extra, env, pass_config, tuple(reasons)))
+    return None
 
 
 def split_problem(config: Mapping[str, Any], tp: int) -> str | None:
