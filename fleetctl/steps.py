@@ -390,7 +390,7 @@ if [ -n "{uninstall}" ]; then {env}/bin/python -m pip uninstall -q -y {uninstall
 # a cache of its own: servers run with PYTHONPYCACHEPREFIX there, so no start compiles vLLM again
 # (images that set PYTHONDONTWRITEBYTECODE would otherwise compile it on every start) and nothing
 # is written into the host's or an image's own site-packages.
-{env}/bin/python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' |
+{env}/bin/python -c 'import sys; print("\\n".join(p for p in sys.path if p.endswith("-packages")))' |
   PYTHONPYCACHEPREFIX={env}/.pycache xargs {env}/bin/python -m compileall -q -j0 >/dev/null 2>&1 || true
 printf '%s\\n' {marker} > {marker_path}.tmp && mv {marker_path}.tmp {marker_path}
 """

@@ -254,3 +254,13 @@ def test_the_service_stop_ends_the_servers_whole_group_under_dash(tmp_path):
     stop = subprocess.run(["/bin/sh", "-c", steps.STOP_SERVICE.format(root=shlex.quote(str(tmp_path)))], timeout=60)
     assert stop.returncode == 0
     assert subprocess.run(["/bin/sh", "-c", f"kill -0 -{group}"], capture_output=True).returncode != 0
+
+
+def test_the_install_scripts_python_snippets_are_valid_python():
+    """The install script is a Python string: an unescaped \\n in its `python -c '…'` would reach the
+    host as a line break, a syntax error that `|| true` hid (bytecode was never precompiled)."""
+    import re
+    import shlex
+    from fleetctl.steps import INSTALL
+    for snippet in re.findall(r"python -c ('[^']*')", INSTALL):
+        compile(shlex.split(snippet)[0], "<install>", "exec")
