@@ -17,8 +17,10 @@ from tests.lab import Lab
 ROOT = Path(__file__).resolve().parent.parent
 # The labs' loopback networks (127.N.0.x) and the serving hosts' ports, movable so that two checkouts can
 # run their suites at once on one machine without sharing a host address or a port.
-LAB_NET = int(os.environ.get("FLEETCTL_LAB_NET", 77))
-SERVE_NET = int(os.environ.get("FLEETCTL_SERVE_LAB_NET", 80))
+# FLEETCTL_NET_OFFSET moves every lab at once, the tests' own small labs (78, 81, 83, 85, …) included.
+NET_OFFSET = int(os.environ.get("FLEETCTL_NET_OFFSET", 0))
+LAB_NET = int(os.environ.get("FLEETCTL_LAB_NET", 77)) + NET_OFFSET
+SERVE_NET = int(os.environ.get("FLEETCTL_SERVE_LAB_NET", 80)) + NET_OFFSET
 SERVICE_PORT = 18001 + 10 * (SERVE_NET - 80)  # cpu-a's; cpu-b's is the next
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
@@ -87,7 +89,7 @@ def small_lab(tmp_path):
     labs = []
 
     def make(*hosts, net=78):
-        lab = Lab(tmp_path / "lab", net=net)
+        lab = Lab(tmp_path / "lab", net=net + NET_OFFSET)
         for name, hardware, kwargs in hosts:
             lab.add(name, hardware, **kwargs)
         labs.append(lab.start())
