@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 
 from . import records, systemd
 from .connection import Connection
-from .errors import FleetError
+from .errors import FleetError, StateError
 from .facts import Facts, FleetState, gather
 from .fanout import Deadline, Outcome, fan_out
 from .inventory import Host
@@ -136,7 +136,7 @@ def audit_fleet(hosts: list[Host], lock: Lock, matrix: Matrix, *, validate: bool
     """Audit *hosts* against *lock*: the report (each host clean, drifted, or why it could not be
     read), with what changed since the audit *since_id* where one is named. The facts are kept
     as this audit's snapshot, for a later ``--since``."""
-    old = records.load(since_id, "audits")["facts"] if since_id else None  # a wrong id fails before any host is asked
+    old = snapshot_facts(since_id) if since_id else None  # a wrong id fails before any host is asked
     outcomes = fan_out(hosts, audit_task(lock, matrix, validate), forks=forks, timeout=timeout, on_done=on_done)
     results = {name: host_result(o.value.drifts) if o.ok else {"status": o.status, "error": o.error}
                for name, o in outcomes.items()}
@@ -147,6 +147,18 @@ def audit_fleet(hosts: list[Host], lock: Lock, matrix: Matrix, *, validate: bool
         report["since"] = {"run_id": since_id, "changes": since(old, snapshot)}
     records.save({"run_id": run_id, "time": report["time"], "facts": snapshot}, "audits")
     return report
+
+
+def snapshot_facts(run_id: str) -> dict[str, dict]:
+    """The facts an earlier audit kept ({host: facts}), each checked to read as Facts."""
+    facts = records.load(run_id, "audits")["facts"]
+    for host, data in facts.items():
+        try:
+            Facts.from_dict(data)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            raise StateError(f"{records.state_dir() / 'audits' / run_id}.json: the facts of {host} are malformed, "
+                             "not a usable audit snapshot", fix="name another audit with --since") from None
+    return facts
 
 
 def audit_task(lock: Lock, matrix: Matrix, validate: bool):

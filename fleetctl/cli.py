@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import audit, records, report, rollout, wheelhouse
 from .errors import FleetError
@@ -25,21 +27,89 @@ from .matrix import load_matrix
 from .plan import Lock, plan_host
 from .playbook import load_playbook
 from .provision import Options, provision_host
+from .resolve import Request
 from .status import Exit, Status, exit_code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is fleetctl's own error: one line on stderr and exit 1 (2 means a
+    host failed), before any host is contacted."""
+
+    def error(self, message: str):
+        Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {escape(message)} "
+                                                   f"(see {escape(self.prog)} --help)", highlight=False)
+        sys.exit(Exit.ERROR)
+
+
+# Option values, checked as argparse reads them: a value the run could not use never reaches a host.
+
+def forks(text: str) -> int:
+    value = _number(int, text, "a whole number of hosts")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 host at a time")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = _number(float, text, "a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number of seconds above 0")
+    return value
+
+
+def canary(text: str) -> int:
+    value = _number(int, text, "a whole number of hosts")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: 0 or more hosts")
+    return value
+
+
+def share(minimum: int):
+    """A count of hosts (at least *minimum*) or a percentage of them (above 0 where *minimum* is 1)."""
+    def check(text: str) -> str:
+        word = text.strip()
+        if word.endswith("%"):
+            value = _number(float, word[:-1], "a count or a percentage (e.g. 5 or 25%)")
+            if not math.isfinite(value) or value < 0 or (minimum and value == 0) or value > 100:
+                raise argparse.ArgumentTypeError(f"{text!r}: a percentage {'above' if minimum else 'from'} 0 "
+                                                 "up to 100%")
+        elif _number(int, word, "a count or a percentage (e.g. 5 or 25%)") < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least {minimum} host{'s' if minimum != 1 else ''}")
+        return word
+    return check
+
+
+def cuda_version(text: str) -> str:
+    if Request(cuda=text).problems():
+        raise argparse.ArgumentTypeError(f"{text!r}: auto or a CUDA version such as 12.9")
+    return text
+
+
+def vllm_policy(text: str) -> str:
+    if Request(vllm=text).problems():
+        raise argparse.ArgumentTypeError(f"{text!r}: latest, none, a version (0.33.0) or a range (>=0.20,<0.30)")
+    return text
+
+
+def _number(kind, text: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
 def host_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("inventory", help="Ansible YAML inventory")
     common.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit")
-    common.add_argument("-f", "--forks", type=int, default=50, help="hosts at a time (default 50)")
-    common.add_argument("-T", "--timeout", type=float, default=60.0, help="seconds per host (default 60)")
+    common.add_argument("-f", "--forks", type=forks, default=50, help="hosts at a time (default 50)")
+    common.add_argument("-T", "--timeout", type=seconds, default=60.0, help="seconds per host (default 60)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return common
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleetctl", description="Provision and keep right GPU serving fleets.")
+    p = Parser(prog="fleetctl", description="Provision and keep right GPU serving fleets.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("facts", parents=[host_options()], help="gather every host's facts")
     prov = sub.add_parser("provision", parents=[host_options()],
@@ -49,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
     prov.add_argument("-D", "--diff", action="store_true", help="show what would change on each host")
     prov.add_argument("--revalidate", action="store_true", help="run validate and smoke even where they passed before")
     prov.add_argument("--wheelhouse", help="a directory of wheels to push to hosts and install from, with no index")
-    prov.add_argument("--cuda", help="CUDA to resolve for (default: fleet_cuda or auto)")
-    prov.add_argument("--vllm", help="vLLM policy (default: fleet_vllm or latest)")
+    prov.add_argument("--cuda", type=cuda_version, help="CUDA to resolve for (default: fleet_cuda or auto)")
+    prov.add_argument("--vllm", type=vllm_policy, help="vLLM policy (default: fleet_vllm or latest)")
     prov.set_defaults(timeout=3600.0)
     aud = sub.add_parser("audit", parents=[host_options()], help="drift of live facts against fleet.lock (read-only)")
     aud.add_argument("--format", choices=["table", "json", "junit", "prometheus"], default="table")
@@ -64,15 +134,16 @@ def parser() -> argparse.ArgumentParser:
     roll = sub.add_parser("rollout", help="move the fleet to a new CUDA or vLLM in gated waves")
     roll.add_argument("inventory", nargs="?", help="Ansible YAML inventory (not needed with --resume/--rollback)")
     roll.add_argument("-l", "--limit")
-    roll.add_argument("-f", "--forks", type=int, default=50)
-    roll.add_argument("-T", "--timeout", type=float, default=3600.0)
+    roll.add_argument("-f", "--forks", type=forks, default=50)
+    roll.add_argument("-T", "--timeout", type=seconds, default=3600.0)
     roll.add_argument("--json", action="store_true")
-    roll.add_argument("--cuda", help="the CUDA to move to")
-    roll.add_argument("--vllm", help="the vLLM to move to (a version or range)")
+    roll.add_argument("--cuda", type=cuda_version, help="the CUDA to move to")
+    roll.add_argument("--vllm", type=vllm_policy, help="the vLLM to move to (a version or range)")
     roll.add_argument("--playbook")
-    roll.add_argument("--canary", type=int, default=1, help="hosts in the first wave (default 1)")
-    roll.add_argument("--batch", default="25%", help="hosts per later wave: a count or a percentage (default 25%%)")
-    roll.add_argument("--max-fail", default="10%",
+    roll.add_argument("--canary", type=canary, default=1, help="hosts in the first wave (default 1)")
+    roll.add_argument("--batch", type=share(1), default="25%",
+                      help="hosts per later wave: a count or a percentage (default 25%%)")
+    roll.add_argument("--max-fail", type=share(0), default="10%",
                       help="failed + timed-out + unreachable hosts tolerated before no further wave starts")
     roll.add_argument("-C", "--check", action="store_true", help="show the plan and the waves; change nothing")
     roll.add_argument("--resume", metavar="ROLLOUT_ID", help="carry on a rollout whose controller stopped")
@@ -81,8 +152,8 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("run_id")
     retry.add_argument("--json", action="store_true")
     plan = sub.add_parser("plan", parents=[host_options()], help="resolve each host's stack; change nothing")
-    plan.add_argument("--cuda", help="what if the fleet moved to this CUDA (e.g. 12.9)")
-    plan.add_argument("--vllm", help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
+    plan.add_argument("--cuda", type=cuda_version, help="what if the fleet moved to this CUDA (e.g. 12.9)")
+    plan.add_argument("--vllm", type=vllm_policy, help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
     plan.add_argument("--mode", choices=["venv", "container"], help="install mode (default: fleet_mode or venv)")
     plan.add_argument("--cuda-compat", choices=["minor", "strict"],
                       help="minor: NVIDIA minor-version compatibility, strict: the driver's own CUDA caps "
@@ -126,18 +197,20 @@ def cmd_facts(args, console: Console) -> int:
 def cmd_plan(args, console: Console) -> int:
     matrix = load_matrix(args.matrix)
     hosts = load_inventory(args.inventory).select(args.limit)
+    lock_path = None
+    if args.write_lock is not None:
+        lock_path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
+        writable(lock_path, "--write-lock")
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode,
                              cuda_compat=args.cuda_compat)
              for name, o in outcomes.items() if o.ok}
-    if args.write_lock is not None:
-        path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
-        lock = Lock.read_or_new(path)
-        for name, p in plans.items():
-            lock.record(name, p.facts, p.request, p.resolution, matrix.digest)
-        lock.write()
-        console.print(f"wrote {path}", highlight=False)
+    if lock_path is not None:
+        with Lock.updating(lock_path) as lock:  # a run at once with another --limit keeps both runs' hosts
+            for name, p in plans.items():
+                lock.record(name, p.facts, p.request, p.resolution, matrix.digest)
+        console.print(f"wrote {escape(str(lock_path))}", highlight=False)
     if args.json:
         print(json.dumps({"hosts": {name: plans[name].to_json() if name in plans
                                     else {"status": o.status, "error": o.error}
@@ -149,11 +222,22 @@ def cmd_plan(args, console: Console) -> int:
     return exit_code(plans[name].status if name in plans else o.status for name, o in outcomes.items())
 
 
+def writable(path: Path, option: str) -> None:
+    """Refuse, before any host is contacted, a file that could not be written once the hosts answered."""
+    if path.is_dir():
+        raise FleetError(f"{option} {path}: is a directory", fix="name a file")
+    if not path.parent.is_dir():
+        raise FleetError(f"{option} {path}: no directory {path.parent}", fix="create it first")
+
+
 def cmd_provision(args, console: Console) -> int:
     inventory = load_inventory(args.inventory)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     limited = set(h.name for h in inventory.select(args.limit))
+    lock_path = Lock.beside(args.inventory)
+    if not args.check:
+        writable(lock_path, "fleet.lock")
     options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm})
     run_id, started = records.new_run_id("provision"), records.now()
     outcomes: dict = {}
@@ -164,8 +248,12 @@ def cmd_provision(args, console: Console) -> int:
         with report.progress(console, len(hosts), f"{play.name}") as advance:
             outcomes.update(fan_out(hosts, provision_host(play, matrix, options), forks=args.forks,
                                     timeout=args.timeout, on_done=advance))
+    if not args.check:
+        record_lock(lock_path, outcomes, matrix.digest)
+    wheels = str(Path(args.wheelhouse).resolve()) if args.wheelhouse else None
     record = records.provision_record(run_id, started, outcomes, inventory=str(Path(args.inventory).resolve()),
-                                      playbook=str(path), limit=args.limit, check=args.check)
+                                      playbook=str(path), limit=args.limit, check=args.check, cuda=args.cuda,
+                                      vllm=args.vllm, wheelhouse=wheels, revalidate=args.revalidate)
     saved = records.save(record)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
@@ -173,8 +261,20 @@ def cmd_provision(args, console: Console) -> int:
         console.print(report.recap_table(outcomes.values(), diff=args.diff))
         report.print_errors(console, outcomes.values())
         report.print_failed_steps(console, outcomes.values())
-        console.print(f"run {record['run_id']} recorded in {saved}", highlight=False)
+        console.print(f"run {record['run_id']} recorded in {escape(str(saved))}", highlight=False)
     return exit_code(o.status for o in outcomes.values())
+
+
+def record_lock(path: Path, outcomes: dict, matrix_digest: str) -> None:
+    """What provision resolved and installed, in fleet.lock, for each host that succeeded: an audit
+    right after a provision compares against it. Merged under the lock, as plan's writes are."""
+    done = {name: o.value for name, o in outcomes.items()
+            if o.ok and o.status in (Status.OK, Status.CHANGED) and o.value.stack and o.value.request}
+    if not done:
+        return
+    with Lock.updating(path) as lock:
+        for name, run in done.items():
+            lock.record_run(name, run.facts, run.request, run.stack, run.reasons, matrix_digest)
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
@@ -204,20 +304,20 @@ def cmd_wheelhouse(args, console: Console) -> int:
         for r in results:
             print_wheelhouse_class(console, r, dest)
         for line in sorted(problems.values()) + [r.error for r in results if not r.ok]:
-            console.print(f"[red]failed:[/] {line}", highlight=False, soft_wrap=True)
-        console.print(f"manifest: {dest / wheelhouse.MANIFEST}", highlight=False)
+            console.print(f"[red]failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        console.print(f"manifest: {escape(str(dest / wheelhouse.MANIFEST))}", highlight=False)
     return exit_code([Status.UNREACHABLE if name in unreached else Status.FAILED for name in problems]
                      + [Status.OK if r.ok else Status.FAILED for r in results])
 
 
 def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
     plan = result.plan
-    console.print(f"[bold]{plan.name}[/]: {', '.join(plan.hosts)}", highlight=False)
+    console.print(f"[bold]{escape(plan.name)}[/]: {escape(', '.join(plan.hosts))}", highlight=False)
     tags = plan.platform.tags
     console.print(f"  platform: cp{plan.platform.python.replace('.', '')}, {tags[0]} … {tags[-1]} "
                   f"({len(tags)} tags)", highlight=False)
     if result.note:
-        console.print(f"  note: {result.note}", highlight=False)
+        console.print(f"  note: {escape(result.note)}", highlight=False)
     if not result.ok:
         return
     entry = result.entry
@@ -225,28 +325,34 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
     console.print(f"  files: {len(entry['files'])} ({mib:.1f} MiB), {len(result.new_files)} new"
                   + (" (no_deps: the listed packages only)" if plan.no_deps else ""), highlight=False)
     if entry["provided_by_host"]:
-        console.print(f"  skipped, the host has: {' '.join(entry['provided_by_host'])}", highlight=False)
+        console.print(f"  skipped, the host has: {escape(' '.join(entry['provided_by_host']))}", highlight=False)
     if plan.no_deps:
         left = entry["left_out"]
-        console.print("  left out by no_deps (the host must provide): " + (
+        console.print("  left out by no_deps (the host must provide): " + escape(
             " ".join(left) or "nothing" if left is not None else entry.get("left_out_error", "unknown")),
             highlight=False)
         if entry.get("left_out_note"):
-            console.print(f"  ({entry['left_out_note']})", highlight=False)
+            console.print(f"  ({escape(entry['left_out_note'])})", highlight=False)
     for conflict in entry.get("host_conflicts") or ():
-        console.print(f"  conflicts with the host: {conflict}"
+        console.print(f"  conflicts with the host: {escape(conflict)}"
                       + (" — no_deps keeps the host's" if plan.no_deps else " — the environment gets the stack's"),
                       highlight=False)
 
 
 def cmd_retry(args, console: Console) -> int:
     record = records.load(args.run_id)
-    todo = [name for name, h in record["hosts"].items() if h["status"] not in (Status.OK, Status.CHANGED)]
+    todo = [name for name, h in record["hosts"].items()
+            if not isinstance(h, dict) or h.get("status") not in (Status.OK, Status.CHANGED)]
     if not todo:
-        console.print(f"every host of {args.run_id} succeeded: nothing to retry")
+        console.print(f"every host of {escape(args.run_id)} succeeded: nothing to retry", highlight=False)
         return Exit.OK
+    # The run's own choices, not today's defaults: a retry installs what the run was asked to.
+    repeated = [word for option in ("cuda", "vllm", "wheelhouse") if record.get(option)
+                for word in (f"--{option}", str(record[option]))]
     again = parser().parse_args(["provision", record["inventory"], "--playbook", record["playbook"],
-                                 "--limit", ",".join(todo), *(["--check"] if record.get("check") else []),
+                                 "--limit", ",".join(todo), *repeated,
+                                 *(["--revalidate"] if record.get("revalidate") else []),
+                                 *(["--check"] if record.get("check") else []),
                                  *(["--json"] if args.json else [])])
     return cmd_provision(again, console)
 
@@ -256,12 +362,14 @@ def cmd_audit(args, console: Console) -> int:
     if args.install_timer:
         timer = audit.install_timer(args.inventory, args.install_timer, output=args.output, where=args.timer_dir)
         scope = " --user" if timer.user else ""
-        console.print(f"wrote {', '.join(timer.names)} to {timer.where}\nenable with: systemctl{scope} daemon-reload && "
+        console.print(f"wrote {', '.join(timer.names)} to {escape(str(timer.where))}\nenable with: systemctl{scope} daemon-reload && "
                       f"systemctl{scope} enable --now fleetctl-audit.timer\nor add the line in fleetctl-audit.cron "
                       "to a crontab", highlight=False)
         return Exit.OK
     lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
     hosts = inventory.select(args.limit)
+    if args.output and Path(args.output).is_dir():
+        raise FleetError(f"-o {args.output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
     with report.progress(console, len(hosts), "audit") as advance:
         audit_report = audit.audit_fleet(hosts, lock, load_matrix(), validate=args.validate, since_id=args.since,
                                          forks=args.forks, timeout=args.timeout, on_done=advance)
@@ -341,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except FleetError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {escape(str(exc))}", highlight=False)
         return Exit.ERROR
     except KeyboardInterrupt:
         Console(stderr=True).print("fleetctl: interrupted")

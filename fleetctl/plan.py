@@ -9,10 +9,13 @@ byte-identical lock.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -20,7 +23,7 @@ from .errors import StateError
 from .facts import Facts, Installed
 from .inventory import Host
 from .matrix import Matrix
-from .records import atomic_write
+from .records import atomic_write, read_state, safe_load_yaml
 from .resolve import Request, Resolution, Stack, resolve
 from .status import Status
 
@@ -151,30 +154,54 @@ class Lock:
 
     @classmethod
     def read(cls, path: Path) -> Lock:
+        """The lock at *path*; anything wrong with it is one StateError naming the file and the fault."""
         path = Path(path)
+        remake = "re-create it with fleetctl plan INVENTORY --write-lock"
+        data = read_state(path, "lock file", lambda text: safe_load_yaml(text, str(path)),
+                          fix=remake if path.exists() else "write one with fleetctl plan INVENTORY --write-lock")
+        if data.get("version") != LOCK_VERSION:
+            raise StateError(f"{path}: not a version {LOCK_VERSION} fleet.lock", fix=remake)
         try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise StateError(f"{path}: no lock file", fix="write one with fleetctl plan INVENTORY --write-lock") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise StateError(f"{path}: unreadable lock file ({type(exc).__name__})",
-                             fix="re-create it with fleetctl plan INVENTORY --write-lock") from None
-        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
-            raise StateError(f"{path}: not a version {LOCK_VERSION} fleet.lock", fix="re-create it with fleetctl plan")
-        classes = data.get("classes") or {}
-        hosts = {}
-        for name, entry in (data.get("hosts") or {}).items():
-            c = classes[entry["class"]]
-            hosts[name] = LockedHost(name, entry["class"], c["facts"], c["request"], c["status"],
-                                     Stack.from_dict(c["stack"]) if c.get("stack") else None,
-                                     tuple(c.get("reasons", ())), c.get("fix"))
-        return cls(path, hosts, data.get("matrix"))
+            return cls(path, _locked_hosts(data), data.get("matrix"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            fault = f"host '{exc.args[0]}' names a class the file does not have" if isinstance(exc, _Dangling) \
+                else f"an entry is malformed ({type(exc).__name__}: {exc})"
+            raise StateError(f"{path}: {fault}, not a usable fleet.lock", fix=remake) from None
+
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, path: Path) -> Iterator[Lock]:
+        """The lock at *path* (or a new one), held against every other fleetctl that writes it, and
+        written when the block ends: writers that each change some hosts merge rather than one
+        losing the other's. The lock is ``fcntl.flock`` on a sibling file, ``.fleet.lock.lock``;
+        the kernel releases it if the writer dies."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise StateError(f"cannot write {path}: no directory {path.parent}",
+                             fix="create the directory first, or name a lock file in one that exists")
+        try:
+            guard = open(path.with_name(f".{path.name}.lock"), "a")
+        except OSError as exc:
+            raise StateError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        with guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # waits for the other writer: they finish in seconds
+            lock = cls.read_or_new(path)
+            yield lock
+            lock.write()
 
     def record(self, name: str, facts: Facts, request: Request, resolution: Resolution, matrix: str) -> None:
         cf = class_facts(facts)
         req = asdict(request)
         self.hosts[name] = LockedHost(name, _digest([cf, req]), cf, req, resolution.status, resolution.stack,
                                       resolution.reasons, resolution.fix)
+        self.matrix = matrix
+
+    def record_run(self, name: str, facts: dict, request: dict, stack: dict, reasons, matrix: str) -> None:
+        """Record what a provision run resolved and installed on *name* (its run's facts, request and
+        stack as plain data), as plan would have recorded it."""
+        cf = class_facts(Facts.from_dict(facts))
+        self.hosts[name] = LockedHost(name, _digest([cf, request]), cf, dict(request), "ok", Stack.from_dict(stack),
+                                      tuple(reasons), None)
         self.matrix = matrix
 
     def entry(self, name: str) -> dict | None:
@@ -211,3 +238,21 @@ class Lock:
 
     def write(self) -> Path:
         return atomic_write(self.path, self.text())  # readers never see half a lock
+
+
+class _Dangling(KeyError):
+    """A host entry names a class the lock does not have."""
+
+
+def _locked_hosts(data: dict) -> dict[str, LockedHost]:
+    """fleet.lock's hosts from its parsed YAML; a malformed entry raises KeyError, TypeError or ValueError."""
+    classes = data.get("classes") or {}
+    hosts = {}
+    for name, entry in (data.get("hosts") or {}).items():
+        if entry["class"] not in classes:
+            raise _Dangling(name)
+        c = classes[entry["class"]]
+        hosts[name] = LockedHost(str(name), entry["class"], dict(c["facts"]), dict(c["request"]), c["status"],
+                                 Stack.from_dict(c["stack"]) if c.get("stack") else None,
+                                 tuple(c.get("reasons", ())), c.get("fix"))
+    return hosts

@@ -49,6 +49,7 @@ class HostRun:
     host: str
     facts: dict | None = None
     stack: dict | None = None
+    request: dict | None = None  # what was asked (fleet_* vars and options): fleet.lock records it beside the stack
     reasons: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
@@ -116,7 +117,9 @@ def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
 
 
 def _resolve(run: HostRun, facts: Facts, hostvars: dict, matrix: Matrix, options: Options) -> Stack | Step:
-    result = resolve(facts, Request.from_vars(hostvars, **options.overrides), matrix)
+    request = Request.from_vars(hostvars, **options.overrides)
+    result = resolve(facts, request, matrix)
+    run.request = asdict(request)
     run.reasons = list(result.reasons)
     if not result.ok:
         return failed("resolve", f"no stack fits: {result.reasons[-1]} ({result.fix})")

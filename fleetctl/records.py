@@ -1,7 +1,11 @@
 """Run records: one JSON file per provision or rollout run under the user's state directory
 ($XDG_STATE_HOME/fleetctl, else ~/.local/state/fleetctl), so `fleetctl retry RUN_ID` can rerun
 a run's failed hosts and a person can read what happened on each. ``atomic_write`` is how every
-file fleetctl writes is written (records, fleet.lock, a wheelhouse manifest, audit output, units)."""
+file fleetctl writes is written (records, fleet.lock, a wheelhouse manifest, audit output, units);
+``read_state`` is how every state file it reads back is read (run records, rollout journals,
+audit snapshots, fleet.lock): a file that is missing, unreadable or not the shape it should be is
+one StateError naming the file and what is wrong, never a traceback. ``check_yaml_expansion`` is
+the limit on YAML aliases every YAML fleetctl reads goes through."""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
-from .errors import StateError
+import yaml
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+from .errors import FleetError, StateError
+
+# A document whose aliases expand past this many nodes is refused: a few lines of nested anchors
+# ("billion laughs") would otherwise expand to more objects than the controller has memory for.
+MAX_YAML_NODES = 1_000_000
 
 
 def state_dir() -> Path:
@@ -30,8 +42,9 @@ def now() -> str:
 
 
 def provision_record(run_id: str, started: str, outcomes: dict, **asked) -> dict:
-    """A provision run's record: what was *asked* (inventory, playbook, limit, check), and per host
-    its run (steps, facts, stack) with how long it took, or why there is none."""
+    """A provision run's record: what was *asked* (inventory, playbook, limit, check, and the options
+    a retry must repeat), and per host its run (steps, facts, stack) with how long it took, or why
+    there is none."""
     hosts = {name: {**o.value.to_dict(), "status": o.status, "duration": round(o.duration, 1)} if o.ok
              else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
     return {"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts, "finished": now()}
@@ -40,14 +53,22 @@ def provision_record(run_id: str, started: str, outcomes: dict, **asked) -> dict
 def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
     """Write *text* to *path* so that a reader sees the old file or the new one, never half of one.
     The temporary file is the writer's own (process and thread): two writers at once must not share
-    one (a rollout journal saved from two threads lost its rename that way)."""
+    one (a rollout journal saved from two threads lost its rename that way). A file that cannot be
+    written is a StateError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise StateError(f"cannot write {path}: it is a directory", fix="name a file, not a directory")
+    if not path.parent.is_dir():
+        raise StateError(f"cannot write {path}: no directory {path.parent}",
+                         fix="create the directory first, or name a file in one that exists")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         tmp.write_text(text)
         if mode is not None:
             tmp.chmod(mode)
         tmp.replace(path)
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -59,13 +80,103 @@ def save(record: dict, kind: str = "runs") -> Path:
     return atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
+# What each kind of record must hold to be used: key → type.
+SHAPES = {
+    "runs": {"run_id": str, "hosts": dict, "inventory": str, "playbook": str},
+    "rollouts": {"run_id": str, "inventory": str, "overrides": dict, "status": str, "waves": list, "hosts": dict,
+                 "left_alone": dict, "budget": int, "lock": str},
+    "audits": {"run_id": str, "facts": dict},
+}
+NOUNS = {"runs": "run", "rollouts": "rollout", "audits": "audit"}
+
+
 def load(run_id: str, kind: str = "runs") -> dict:
+    """The record *run_id* of *kind* (runs, rollouts, audits), checked for the keys its readers use."""
     path = state_dir() / kind / f"{run_id}.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    noun = NOUNS.get(kind, "record")
+    if "/" in run_id or run_id.startswith(".") or not path.is_file():
         known = sorted(p.stem for p in (state_dir() / kind).glob("*.json"))[-3:]
-        raise StateError(f"no run {run_id!r} in {path.parent}",
-                         fix=f"recent runs: {', '.join(known)}" if known else "nothing has run yet") from None
-    except ValueError:
-        raise StateError(f"{path}: unreadable run record") from None
+        raise StateError(f"no {noun} {run_id!r} in {path.parent}",
+                         fix=f"recent: {', '.join(known)}" if known else "nothing has run yet")
+    return read_state(path, f"{noun} record", json.loads, shape=SHAPES.get(kind, {}))
+
+
+def read_state(path: Path, what: str, parse: Callable[[str], Any], *, shape: dict[str, type] | None = None,
+               fix: str | None = None) -> Any:
+    """The state file *path* parsed by *parse*: a mapping holding each key of *shape* with its type.
+    Whatever is wrong (missing, not text, not JSON or YAML, a list, a key missing) is one
+    StateError naming the file, *what* it should be and the fault."""
+    path = Path(path)
+
+    def bad(fault: str) -> StateError:
+        return StateError(f"{path}: {fault}, not a usable {what}", fix=fix or "remove or restore it")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StateError(f"{path}: no {what}", fix=fix) from None
+    except IsADirectoryError:
+        raise bad("a directory") from None
+    except UnicodeDecodeError:
+        raise bad("binary data") from None
+    except OSError as exc:
+        raise bad(f"unreadable ({exc.strerror or exc})") from None
+    try:
+        data = parse(text)
+    except FleetError as exc:
+        raise bad(exc.message) from None
+    except (ValueError, yaml.YAMLError) as exc:
+        reason = "truncated or not JSON" if isinstance(exc, ValueError) else "not valid YAML"
+        raise bad(reason) from None
+    if not isinstance(data, dict):
+        raise bad(f"a {type(data).__name__ if data is not None else 'empty file'} where a mapping belongs")
+    for key, kind in (shape or {}).items():
+        if not isinstance(data.get(key), kind):
+            found = "missing" if key not in data else f"a {type(data[key]).__name__}"
+            raise bad(f"'{key}' is {found} (a {kind.__name__} belongs there)")
+    return data
+
+
+# ---------------------------------------------------------------- YAML limits
+
+def check_yaml_expansion(root: Node | None, where: str, error: type[FleetError] = StateError) -> None:
+    """Refuse a YAML document whose aliases expand past MAX_YAML_NODES nodes (or into themselves).
+    Counted on the composed node graph, where an alias is the anchored node itself, so the count
+    costs one visit per distinct node however far the aliases would expand."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise error(f"{where}: a YAML alias refers to itself", fix="remove the recursive anchor")
+        busy.add(key)
+        if isinstance(node, MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        total = 1 + sum(size(child) for child in children)
+        busy.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_NODES:
+            raise error(f"{where}: YAML aliases expand to more than {MAX_YAML_NODES:,} values",
+                        fix="write the repeated parts out, or use fewer nested aliases")
+        return total
+
+    if root is not None:
+        size(root)
+
+
+def safe_load_yaml(text: str, where: str, error: type[FleetError] = StateError) -> Any:
+    """``yaml.safe_load`` with the alias limit: the document is composed, checked, then built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        check_yaml_expansion(root, where, error)
+        return loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()

@@ -1,5 +1,10 @@
 """How results look to a person: rich tables, progress bars and error lines.
-Only this module and the CLI import rich; everything else hands them values."""
+Only this module and the CLI import rich; everything else hands them values.
+
+Every text that comes from a host, an inventory or the user (host names, errors, a command's
+output, reasons, paths) goes through ``lit`` before rich sees it: rich reads ``[word]`` as markup,
+so a stderr line holding ``[/x]`` would otherwise end the recap in a traceback, and ``[a:b]`` in
+an error message would vanish."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,18 +37,23 @@ def progress(console: Console, total: int, what: str) -> Iterator[Callable[[Outc
                    TextColumn("{task.description}"), console=console, transient=True)
     with bar:
         task = bar.add_task("", total=total)
-        yield lambda outcome: bar.update(task, advance=1, description=outcome.host.name)
+        yield lambda outcome: bar.update(task, advance=1, description=lit(outcome.host.name))
+
+
+def lit(text) -> str:
+    """*text* as rich prints it literally (None as '-')."""
+    return "-" if text is None else escape(str(text))
 
 
 def status(text: str) -> str:
-    return f"[{STATUS_STYLE.get(text, 'white')}]{text}[/]"
+    return f"[{STATUS_STYLE.get(text, 'white')}]{lit(text)}[/]"
 
 
 def gpu_summary(facts: Facts) -> str:
     if not facts.gpus:
-        return facts.gpu_error or "none"
+        return lit(facts.gpu_error or "none")
     counts = Counter((g.name, g.compute_capability or "?") for g in facts.gpus)
-    return "\n".join(f"{n}× {name} (sm {cc})" for (name, cc), n in counts.items())
+    return lit("\n".join(f"{n}× {name} (sm {cc})" for (name, cc), n in counts.items()))
 
 
 def installed_summary(facts: Facts) -> str:
@@ -51,7 +62,7 @@ def installed_summary(facts: Facts) -> str:
         return "-"
     parts = [f"torch {inst.torch}" if inst.torch else None, f"vllm {inst.vllm}" if inst.vllm else None,
              f"flashinfer {inst.flashinfer}" if inst.flashinfer else None]
-    return "\n".join(p for p in parts if p) or "empty env"
+    return lit("\n".join(p for p in parts if p) or "empty env")
 
 
 def facts_table(outcomes: Iterable[Outcome]) -> Table:
@@ -60,16 +71,16 @@ def facts_table(outcomes: Iterable[Outcome]) -> Table:
         table.add_column(column)
     for o in outcomes:
         if not o.ok:
-            table.add_row(o.host.name, status(o.status), f"[red]{o.error}[/]", "", "", "", "", "", "")
+            table.add_row(lit(o.host.name), status(o.status), f"[red]{lit(o.error)}[/]", "", "", "", "", "", "")
             continue
         f: Facts = o.value
         table.add_row(
-            o.host.name, status(o.status), gpu_summary(f),
-            f"{f.driver_version} / {f.cuda_driver_version}" if f.driver_version else "-",
-            f.os.pretty_name or "-",
-            f"{f.arch} / {f.glibc}",
-            f.python.version if f.python else "[red]none[/]",
-            f.nvcc or "-",
+            lit(o.host.name), status(o.status), gpu_summary(f),
+            lit(f"{f.driver_version} / {f.cuda_driver_version}" if f.driver_version else "-"),
+            lit(f.os.pretty_name or "-"),
+            lit(f"{f.arch} / {f.glibc}"),
+            lit(f.python.version) if f.python else "[red]none[/]",
+            lit(f.nvcc or "-"),
             installed_summary(f),
         )
     return table
@@ -79,7 +90,7 @@ def print_errors(console: Console, outcomes: Iterable[Outcome]) -> None:
     for o in outcomes:
         if not o.ok:
             fix = f" ({o.fix})" if o.fix else ""
-            console.print(f"{status(o.status)} {o.host.name}: {o.error}{fix}", highlight=False)
+            console.print(f"{status(o.status)} {lit(o.host.name)}: {lit(o.error)}{lit(fix)}", highlight=False)
 
 
 def print_summary(console: Console, outcomes: list[Outcome]) -> None:
@@ -89,14 +100,14 @@ def print_summary(console: Console, outcomes: list[Outcome]) -> None:
 
 
 def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Table:
-    title = f"plan: what if the fleet moved to CUDA {what_if_cuda}" if what_if_cuda else "plan"
+    title = f"plan: what if the fleet moved to CUDA {lit(what_if_cuda)}" if what_if_cuda else "plan"
     table = Table(title=title, show_lines=True)
     for column in ("host", "status", "stack", "runtime", "why", "changes"):
         table.add_column(column)
     for p in plans:
         r = p.resolution
         if not r.ok:
-            table.add_row(p.host.name, status(p.status), f"[red]{r.fix}[/]", "", "\n".join(r.reasons), "")
+            table.add_row(lit(p.host.name), status(p.status), f"[red]{lit(r.fix)}[/]", "", lit("\n".join(r.reasons)), "")
             continue
         s = r.stack
         stack = "\n".join(x for x in (
@@ -107,15 +118,16 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
             s.container_image) if x)
         runtime = "\n".join(x for x in (s.attention_backend, s.cudagraph_mode,
                                          f"arch {s.torch_cuda_arch_list}" if s.torch_cuda_arch_list else None) if x)
-        table.add_row(p.host.name, status(p.status), stack, runtime or "-", "\n".join(r.reasons),
-                      "\n".join(p.changes) or "none")
+        table.add_row(lit(p.host.name), status(p.status), lit(stack), lit(runtime or "-"), lit("\n".join(r.reasons)),
+                      lit("\n".join(p.changes) or "none"))
     return table
 
 
 def print_refusals(console: Console, plans: Iterable[HostPlan]) -> None:
     for p in plans:
         if not p.resolution.ok:
-            console.print(f"{status(p.status)} {p.host.name}: {p.resolution.reasons[-1]} ({p.resolution.fix})",
+            console.print(f"{status(p.status)} {lit(p.host.name)}: {lit(p.resolution.reasons[-1])} "
+                          f"({lit(p.resolution.fix)})",
                           highlight=False, soft_wrap=True)
 
 
@@ -128,18 +140,19 @@ def recap_table(outcomes: Iterable[Outcome], diff: bool = False) -> Table:
         table.add_column("changes")
     for o in outcomes:
         if not o.ok:
-            table.add_row(o.host.name, status(o.status), "", "", "", "", f"[red]{o.error}[/]", "", "",
+            table.add_row(lit(o.host.name), status(o.status), "", "", "", "", f"[red]{lit(o.error)}[/]", "", "",
                           *([""] if diff else []))
             continue
         run = o.value
         counts = run.counts()
         kernel = next((s.status for s in run.steps if s.name == "validate"), "-")
         ttft = run.figure("smoke", "ttft_s")
-        row = [o.host.name, status(o.status),
+        row = [lit(o.host.name), status(o.status),
                *(str(counts[s]) for s in (Status.OK, Status.CHANGED, Status.FAILED, Status.SKIPPED)),
-               (run.stack or {}).get("id", "-"), {Status.OK: "pass", Status.FAILED: "[red]fail[/]"}.get(kernel, kernel),
+               lit((run.stack or {}).get("id", "-")),
+               {Status.OK: "pass", Status.FAILED: "[red]fail[/]"}.get(kernel, lit(kernel)),
                f"{ttft:.2f} s" if ttft else "-"]
-        table.add_row(*row, *(["\n".join(run.changes) or "none"] if diff else []))
+        table.add_row(*row, *([lit("\n".join(run.changes) or "none")] if diff else []))
     return table
 
 
@@ -148,50 +161,52 @@ def print_failed_steps(console: Console, outcomes: Iterable[Outcome]) -> None:
         if o.ok:
             for step in o.value.steps:
                 if step.status == Status.FAILED:
-                    console.print(f"{status(step.status)} {o.host.name} {step.name}: {step.detail}",
+                    console.print(f"{status(step.status)} {lit(o.host.name)} {lit(step.name)}: {lit(step.detail)}",
                                   highlight=False, soft_wrap=True)
-                    if step.tail:
-                        console.print(step.tail, highlight=False, style="dim", soft_wrap=True)
+                    if step.tail:  # a command's own output: printed as it came, never read as markup
+                        console.print(step.tail, highlight=False, style="dim", soft_wrap=True, markup=False)
 
 
 def audit_table(audit_report: dict) -> Table:
-    table = Table(title=f"drift against fleet.lock ({audit_report['time']})", show_lines=True)
+    table = Table(title=f"drift against fleet.lock ({lit(audit_report['time'])})", show_lines=True)
     for column in ("host", "status", "drift"):
         table.add_column(column)
     since = (audit_report.get("since") or {}).get("changes", {})
     if "since" in audit_report:
-        table.add_column(f"since {audit_report['since']['run_id']}")
+        table.add_column(f"since {lit(audit_report['since']['run_id'])}")
     for name, h in audit_report["hosts"].items():
         details = "\n".join(f"{d['kind']}: {d['detail']}" for d in h.get("drift", [])) or h.get("error") or "-"
         # a host the audit could not read is red, however it failed
-        row = [name, status(h["status"]) if h["status"] in (Status.CLEAN, Status.DRIFT) else f"[red]{h['status']}[/]",
-               details]
+        row = [lit(name), status(h["status"]) if h["status"] in (Status.CLEAN, Status.DRIFT)
+               else f"[red]{lit(h['status'])}[/]", lit(details)]
         if "since" in audit_report:
-            row.append("\n".join(since.get(name, [])) or "-")
+            row.append(lit("\n".join(since.get(name, [])) or "-"))
         table.add_row(*row)
     return table
 
 
 def rollout_plan(journal) -> str:
+    """The rollout's waves as lines of rich markup (every name and reason escaped)."""
     d = journal.data
-    lines = [f"rollout {d['run_id']}: {sum(len(w) for w in d['waves'])} host(s) move in {len(d['waves'])} wave(s) "
-             f"(failure budget {d['budget']})"]
-    lines += [f"  wave {i}: {', '.join(w)}" for i, w in enumerate(d["waves"], 1)]
-    lines += [f"  left alone: {n} ({a['reason']}{': ' + a['why'] if a.get('why') else ''})"
+    lines = [f"rollout {lit(d['run_id'])}: {sum(len(w) for w in d['waves'])} host(s) move in {len(d['waves'])} "
+             f"wave(s) (failure budget {d['budget']})"]
+    lines += [f"  wave {i}: {lit(', '.join(w))}" for i, w in enumerate(d["waves"], 1)]
+    lines += [f"  left alone: {lit(n)} ({lit(a['reason'])}{': ' + lit(a['why']) if a.get('why') else ''})"
               for n, a in d["left_alone"].items()]
     return "\n".join(lines)
 
 
 def rollout_table(journal) -> Table:
     d = journal.data
-    table = Table(title=f"rollout {d['run_id']}: {d['status']}")
+    table = Table(title=f"rollout {lit(d['run_id'])}: {lit(d['status'])}")
     for column in ("host", "wave", "state", "from", "to", "detail"):
         table.add_column(column)
     for name, h in d["hosts"].items():
         style = {"done": "green", "reverted": "cyan", "rolled_back": "yellow"}.get(h["state"], "red")
         detail = h.get("rollback") or h.get("error") or ""
-        table.add_row(name, str(h.get("wave", "-")), f"[{style}]{h['state']}[/]", h.get("from") or "-",
-                      h["to"], detail)
+        table.add_row(lit(name), str(h.get("wave", "-")), f"[{style}]{lit(h['state'])}[/]", lit(h.get("from") or "-"),
+                      lit(h["to"]), lit(detail))
     for name, a in d["left_alone"].items():
-        table.add_row(name, "-", "left alone", "-", "-", f"{a['reason']}{': ' + a['why'] if a.get('why') else ''}")
+        table.add_row(lit(name), "-", "left alone", "-", "-",
+                      lit(f"{a['reason']}{': ' + a['why'] if a.get('why') else ''}"))
     return table

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import records
 from .connection import Connection
-from .errors import FleetError, StateError
+from .errors import FleetError
 from .facts import Facts
 from .fanout import Deadline, Outcome, fan_out
 from .inventory import Host
@@ -110,10 +110,7 @@ class Journal:
 
     @classmethod
     def load(cls, run_id: str) -> Journal:
-        try:
-            return cls(records.load(run_id, KIND))
-        except StateError:
-            raise StateError(f"no rollout {run_id!r}", fix="fleetctl rollout INVENTORY starts one") from None
+        return cls(records.load(run_id, KIND))  # missing, truncated or the wrong shape: a StateError naming the file
 
     @property
     def id(self) -> str:
@@ -290,7 +287,6 @@ def _update_lock(journal: Journal, entries: dict[str, dict | None]) -> None:
     """fleet.lock changes only for the hosts that moved (or moved back)."""
     if not entries:
         return
-    lock = Lock.read_or_new(Path(journal.data["lock"]))
-    for name, entry in entries.items():
-        lock.put(name, entry)
-    lock.write()
+    with Lock.updating(Path(journal.data["lock"])) as lock:
+        for name, entry in entries.items():
+            lock.put(name, entry)
