@@ -28,6 +28,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from fleetctl.errors import InventoryError
+from fleetctl.records import check_yaml_expansion
 
 __all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Unsafe", "Vaulted", "load_inventory"]
 
@@ -143,7 +144,9 @@ def load_inventory(path: str | Path) -> Inventory:
         raise InventoryError(f"{path}: cannot read the inventory: {reason}", fix="give a UTF-8 YAML file") from None
     try:
         loader = _Loader(text)
-        listings = list(_walk(_Source(path, loader), loader.get_single_node()))
+        root = loader.get_single_node()
+        check_yaml_expansion(root, str(path), InventoryError)
+        listings = list(_walk(_Source(path, loader), root))
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -247,6 +250,10 @@ def _walk_host(source: _Source, entry: Any, key_node: Node, node: Node | None, g
     match = _HOSTPORT.match(entry)
     if match:  # a port in the key is the host's ansible_port, unless its own vars say otherwise
         entry, host_vars = match[1] or match[3], {"ansible_port": int(match[2] or match[4]), **host_vars}
+    count = _range_size(entry)
+    if count > MAX_RANGE_HOSTS:
+        raise source.error(key_node, f"host range '{entry}' names {count:,} hosts, more than the {MAX_RANGE_HOSTS:,} "
+                           "one entry may", fix=f"split it into entries of at most {MAX_RANGE_HOSTS:,} hosts each")
     try:
         hosts = _expand_range(entry)
     except ValueError:
@@ -254,6 +261,31 @@ def _walk_host(source: _Source, entry: Any, key_node: Node, node: Node | None, g
                            fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
     for host in hosts:
         yield _Listing("host", host, group, host_vars, key_node.start_mark.line + 1)
+
+
+# One inventory entry expands to at most this many hosts: gpu[0:999999] would otherwise take hours
+# to load (and every --limit after it), for what is surely a typo.
+MAX_RANGE_HOSTS = 10_000
+
+
+def _range_size(name: str) -> int:
+    """How many hosts *name* expands to, counted without expanding it (0 where a range is not valid:
+    _expand_range says why)."""
+    total = 1
+    while "[" in name:
+        _, _, rest = name.partition("[")
+        spec, closed, name = rest.partition("]")
+        bounds = spec.split(":")
+        try:
+            start, end, step = bounds[0] or "0", bounds[1], int(bounds[2]) if len(bounds) == 3 else 1
+            if start in string.ascii_letters and end in string.ascii_letters:
+                first, last = string.ascii_letters.index(start), string.ascii_letters.index(end)
+                total *= len(string.ascii_letters[first:last + 1:step])
+            else:
+                total *= len(range(int(start), int(end) + 1, step))
+        except (IndexError, ValueError):
+            return 0
+    return total
 
 
 def _expand_range(name: str) -> list[str]:

@@ -18,6 +18,7 @@ import jinja2
 import yaml
 
 from .errors import PlaybookError
+from .records import safe_load_yaml
 
 STEPS = ("check", "install", "verify", "validate", "smoke", "activate", "service")
 PLAY_KEYS = {"name", "hosts", "vars", "steps", "validate", "smoke", "install", "service"}
@@ -76,9 +77,11 @@ def load_playbook(path: str | Path | None = None) -> tuple[Path, list[Play]]:
     """The plays of *path*, or of the built-in default playbook."""
     path = Path(path) if path else Path(str(resources.files(__package__).joinpath("playbooks", DEFAULT)))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text(), str(path), PlaybookError)
     except OSError as exc:
         raise PlaybookError(f"{path}: cannot read the playbook: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PlaybookError(f"{path}: cannot read the playbook: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise PlaybookError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML",

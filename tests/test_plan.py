@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import yaml
 
 from fleetctl.facts import Installed
 from fleetctl.plan import changes
 from fleetctl.resolve import Stack
-from tests.conftest import fleetctl, fleetctl_json
+from tests.conftest import ROOT, fleetctl, fleetctl_json
 
 STACK = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm="0.33.0", vllm_package="vllm",
               flashinfer="0.7.2.post1", flashinfer_index=None, container_image=None, attention_backend="FLASH_ATTN",
@@ -95,7 +98,23 @@ def test_bad_input_is_one_line(tmp_path, lab_inventory):
     proc = fleetctl("plan", lab_inventory, "--matrix", bad)
     assert proc.returncode == 1 and "missing section(s)" in proc.stderr and "Traceback" not in proc.stderr
     proc = fleetctl("plan", lab_inventory, "--vllm", "not-a-version", "--limit", "h100", "--json")
-    assert '"status": "refused"' in proc.stdout and "fleet_vllm" in proc.stdout
+    assert proc.returncode == 1 and "--vllm" in proc.stderr and not proc.stdout  # refused before any host
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_limited_write_locks_at_once_keep_every_host(lab, lab_inventory, tmp_path):
+    """`plan --write-lock --limit …` runs at once: each host's entry survives (one was lost every
+    time, and one run crashed on a shared temporary file)."""
+    lock = tmp_path / "fleet.lock"
+    limits = ["h100", "h200", "v100", "t4", "a100", "l4", "rtx4090", "b200"]
+    for _ in range(2):
+        lock.unlink(missing_ok=True)
+        runs = [subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "plan", str(lab_inventory), "--write-lock",
+                                  str(lock), "--limit", limit], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for limit in limits]
+        outputs = [run.communicate(timeout=300) for run in runs]
+        assert [run.returncode for run in runs] == [0] * len(limits), outputs
+        assert set(yaml.safe_load(lock.read_text())["hosts"]) == set(limits)
 
 
 def test_a_reused_torch_is_not_installed():
