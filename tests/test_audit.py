@@ -171,6 +171,21 @@ def test_timer_refuses_what_no_unit_or_crontab_line_can_hold():
         audit.schedule_files(["/usr/local/bin/fleetctl"], "/srv/fleet\n/inventory.yml", "daily", "/a.prom", "/srv")
 
 
+def test_install_timer_from_the_cli_refuses_a_newline_in_the_inventory_path(tmp_path):
+    inventory = tmp_path / "fleet\nExecStartPre=/bin/touch /tmp/pwned\n" / "inv.yml"
+    inventory.parent.mkdir(parents=True)
+    inventory.write_text("all:\n  hosts:\n    h1:\n      ansible_host: 192.0.2.1\n")
+    proc = fleetctl("audit", inventory, "--install-timer", "daily", "--timer-dir", tmp_path / "units")
+    assert proc.returncode == 1 and "control character" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "units").exists() or not any((tmp_path / "units").iterdir())
+    odd = tmp_path / "100%d" / "inv.yml"  # % in the cron line: escaped, or cron cuts the line there
+    odd.parent.mkdir()
+    odd.write_text(inventory.read_text())
+    assert fleetctl("audit", odd, "--install-timer", "daily", "--timer-dir", tmp_path / "units").returncode == 0
+    cron = (tmp_path / "units" / "fleetctl-audit.cron").read_text()
+    assert "100\\%d" in cron and re.search(r"(?<!\\)%", cron) is None
+
+
 class Recorded:
     """A connection that records what it is asked to run, and answers with a passing verdict."""
 

@@ -25,7 +25,7 @@ from fleetctl.plan import Lock
 from fleetctl.playbook import load_playbook
 from fleetctl.provision import HostRun
 from fleetctl.status import Status
-from tests.conftest import ROOT, fleetctl
+from tests.conftest import ROOT, fleetctl, fleetctl_json
 
 UNREACHED = "all:\n  hosts:\n    h1:\n      ansible_host: 192.0.2.1\n"  # TEST-NET-1: never answers
 
@@ -256,3 +256,24 @@ def test_retry_repeats_the_runs_options(tmp_path):
     for key, value in (("vllm", "0.32.0"), ("cuda", "12.9"), ("wheelhouse", str(wheels)), ("playbook", str(play)),
                        ("revalidate", True), ("check", True)):
         assert again.get(key) == value, (key, again.get(key))
+
+
+# ---------------------------------------------------------------- 10. provision records fleet.lock
+
+def test_a_provisioned_host_can_be_audited_at_once(serve_lab, provisioned):
+    """`fleetctl audit` right after `fleetctl provision` stopped with "no lock file": provision now
+    records what it resolved and installed in fleet.lock (--check records nothing)."""
+    lab, inventory = serve_lab
+    lock = Lock.beside(inventory)
+    lock.unlink(missing_ok=True)
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", "--check")
+    assert code == 0 and not lock.exists()
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=900)
+    assert code == 0, out["hosts"]["cpu-a"]
+    written = yaml.safe_load(lock.read_text())
+    assert written["hosts"]["cpu-a"]["stack_id"] == out["hosts"]["cpu-a"]["stack"]["id"]
+    code, audited = fleetctl_json("audit", inventory, "--limit", "cpu-a")
+    assert code == 0 and audited["hosts"]["cpu-a"]["status"] == "clean", audited["hosts"]["cpu-a"]
+    # plan writes the same entry provision did: one class, the same stack
+    assert fleetctl_json("plan", inventory, "--limit", "cpu-a", "--write-lock")[0] == 0
+    assert yaml.safe_load(lock.read_text())["hosts"]["cpu-a"] == written["hosts"]["cpu-a"]
