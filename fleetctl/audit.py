@@ -300,7 +300,11 @@ def install_timer(inventory: str, schedule: str, *, output: str | None = None, w
     fleetctl = shutil.which("fleetctl")
     files = schedule_files([fleetctl] if fleetctl else [sys.executable, "-m", "fleetctl.cli"],
                            str(Path(inventory).resolve()), schedule, output, str(Path.cwd()))
-    where_to.mkdir(parents=True, exist_ok=True)
+    try:
+        where_to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FleetError(f"cannot write the timer to {where_to}: {exc.strerror or exc}",
+                         fix="name a directory with --timer-dir") from None
     for name, text in files.items():
         records.atomic_write(where_to / name, text)
     return TimerFiles(where_to, tuple(files), user=not root)

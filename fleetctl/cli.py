@@ -431,7 +431,8 @@ def print_rollout(args, console: Console, journal) -> int:
         print(rollout.to_json(journal))
     else:
         console.print(report.rollout_table(journal), highlight=False)
-        console.print(f"rollout {journal.id}: {journal.data['status']} (--resume / --rollback {journal.id})",
+        console.print(f"rollout {escape(journal.id)}: {escape(journal.data['status'])} "
+                      f"(--resume / --rollback {escape(journal.id)})",
                       highlight=False)
     return Exit.OK if journal.data["status"] in ("done", "rolled_back", "planned") else Exit.FAILED
 

@@ -96,7 +96,7 @@ def load(run_id: str, kind: str = "runs") -> dict:
     noun = NOUNS.get(kind, "record")
     if "/" in run_id or run_id.startswith(".") or not path.is_file():
         known = sorted(p.stem for p in (state_dir() / kind).glob("*.json"))[-3:]
-        raise StateError(f"no {noun} {run_id!r} in {path.parent}",
+        raise StateError(f"no {noun} {run_id!r} in {state_dir() / kind}",
                          fix=f"recent: {', '.join(known)}" if known else "nothing has run yet")
     return read_state(path, f"{noun} record", json.loads, shape=SHAPES.get(kind, {}))
 
@@ -129,7 +129,7 @@ def read_state(path: Path, what: str, parse: Callable[[str], Any], *, shape: dic
         reason = "truncated or not JSON" if isinstance(exc, ValueError) else "not valid YAML"
         raise bad(reason) from None
     if not isinstance(data, dict):
-        raise bad(f"a {type(data).__name__ if data is not None else 'empty file'} where a mapping belongs")
+        raise bad(f"a {type(data).__name__} where a mapping belongs" if data is not None else "an empty file")
     for key, kind in (shape or {}).items():
         if not isinstance(data.get(key), kind):
             found = "missing" if key not in data else f"a {type(data[key]).__name__}"

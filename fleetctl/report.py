@@ -33,7 +33,7 @@ def progress(console: Console, total: int, what: str) -> Iterator[Callable[[Outc
     if not console.is_terminal or total == 0:
         yield lambda outcome: None
         return
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn(lit(what)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console, transient=True)
     with bar:
         task = bar.add_task("", total=total)
