@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import StateError
+from .redact import redact_data
 
 
 def state_dir() -> Path:
@@ -34,7 +35,8 @@ def provision_record(run_id: str, started: str, outcomes: dict, **asked) -> dict
     its run (steps, facts, stack) with how long it took, or why there is none."""
     hosts = {name: {**o.value.to_dict(), "status": o.status, "duration": round(o.duration, 1)} if o.ok
              else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
-    return {"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts, "finished": now()}
+    return redact_data({"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts,
+                        "finished": now()})
 
 
 def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
@@ -56,7 +58,7 @@ def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
 def save(record: dict, kind: str = "runs") -> Path:
     path = state_dir() / kind / f"{record['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, json.dumps(record, indent=2, default=str))
+    return atomic_write(path, json.dumps(redact_data(record), indent=2, default=str))
 
 
 def load(run_id: str, kind: str = "runs") -> dict:

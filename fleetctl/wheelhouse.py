@@ -40,6 +40,7 @@ from packaging.version import InvalidVersion, Version
 from .errors import WheelhouseError
 from .facts import Facts
 from .records import atomic_write
+from .redact import redact
 from .resolve import Request, Stack, resolve
 from .status import Status
 
@@ -345,7 +346,7 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
                            f"{describe(plan.platform)} is in {dest} (remove stale files there and run again)")
     entry = {
         "hosts": list(plan.hosts), "stack_id": plan.stack_id, "platform": plan.platform.to_dict(),
-        "requirements": list(plan.requirements), "indexes": list(plan.indexes), "no_deps": plan.no_deps,
+        "requirements": list(plan.requirements), "indexes": [redact(u) for u in plan.indexes], "no_deps": plan.no_deps,
         "files": [{"name": f, "sha256": sha256(dest / f), "size": (dest / f).stat().st_size}
                   for f in sorted(set(files))],
         "provided_by_host": provided_by_host(chosen or {}, host),
@@ -456,7 +457,7 @@ def newest(files: Iterable[str], name: str, platform: Platform) -> str | None:
 def pip_error(done: subprocess.CompletedProcess) -> str:
     lines = [l.strip() for l in (done.stderr + "\n" + done.stdout).splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith("ERROR:")]
-    return (errors or lines or [f"pip exited {done.returncode}"])[-1].removeprefix("ERROR: ")
+    return redact((errors or lines or [f"pip exited {done.returncode}"])[-1].removeprefix("ERROR: "))
 
 
 def describe(platform: Platform) -> str:
