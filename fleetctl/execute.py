@@ -7,7 +7,9 @@ that turns the result of its reading action (a proof's verdict, the installed ve
 the step. :func:`execute` runs them in order over the host's connection and records them in
 the step; with ``check`` it runs nothing and reports what it would do, so ``--check --diff``
 shows exactly the planned actions. A command that fails where its action says it must not
-ends the step as failed, with the tail of its output.
+ends the step as failed, with the tail of its output; so does a copy the host refuses (a full
+disk, a read-only root: the connection names the cause). Details, tails and actions as recorded
+have every URL credential redacted (:mod:`fleetctl.redact`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ The probe prints ``@@fleetctl <section>`` before each section and ``@@rc <n>``
 after it. GPUs come from NVML (nvidia-ml-py in the host's Python) where it
 works, else from ``nvidia-smi`` on the host's PATH; a host with neither is a
 valid host with no GPUs. Compute capability always comes from the driver,
-never from a table of GPU names.
+never from a table of GPU names. The fleet environment's own Python runs only where
+this user or root owns the install root and the environment; otherwise (another user
+could plant code there, run as root) its versions are read from its metadata files.
+Every inventory value in the probe is quoted, and substituted in one pass.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ host's platform, fetched on a connected controller: the offline half of an air-g
 A host class is the hosts whose resolved stack and platform (Python, glibc, arch) are equal
 (and whose packages are equal, where the stack reuses the host Python's). pip matches
 ``--platform`` exactly, so a class's platform is every manylinux tag its glibc admits.
+``provision --wheelhouse`` trusts the manifest's sha256s, not the files: a file that differs on
+the controller is refused before anything is pushed, and the host checks every pushed file again
+before installing from a private copy of them (:data:`fleetctl.steps.INSTALL`).
 
 Planning is pure (:func:`plan_classes`, :func:`platform_tags`, :func:`pip_resolve_args`,
 :func:`closure`, :func:`left_out`); :func:`build` runs pip on the controller, per class:

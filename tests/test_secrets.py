@@ -106,7 +106,7 @@ def test_an_index_credential_is_never_written_shown_or_on_a_command_line(small_l
     playbook.write_text("- name: install only\n  hosts: all\n  steps: [check, install]\n")
     lock = tmp_path / "fleet.lock"
     outputs = [fleetctl("plan", inventory, "--json"), fleetctl("plan", inventory, "--write-lock", lock),
-               fleetctl("provision", inventory, "--playbook", playbook, "--check", "--diff")]
+               fleetctl("provision", inventory, "--playbook", playbook, "--check", "--diff"), fleetctl("plan", inventory)]
 
     seen_cmdlines: list[str] = []
 
@@ -130,7 +130,7 @@ def test_an_index_credential_is_never_written_shown_or_on_a_command_line(small_l
     shown = [o.stdout + o.stderr for o in outputs] + [json.dumps(record)]
     written = [lock, *Path(os.environ["XDG_STATE_HOME"]).rglob("*.json")]
     written += [p for p in host.fleet_root.rglob("*") if p.is_file()]
-    assert all(o.returncode == 0 for o in outputs[:3]), [o.stdout + o.stderr for o in outputs]
+    assert all(o.returncode == 0 for o in outputs[:4]), [o.stdout + o.stderr for o in outputs]
     assert "fleet:***@127.0.0.1" in shown[0] and "fleet:***@127.0.0.1" in lock.read_text()
     assert "fleet:***@127.0.0.1" in json.dumps(record["hosts"]["cpu-s"]["stack"])
     leaks = [w for w in shown if TOKEN in w] + [str(p) for p in written if TOKEN.encode() in p.read_bytes()]
