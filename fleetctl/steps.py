@@ -29,7 +29,7 @@ from .resolve import Stack, proofs
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
 from .target import HostState, Target, q
-from .wheelhouse import class_for, read_manifest
+from .wheelhouse import class_for, read_manifest, sha256 as file_sha256
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,6 @@ def wheels_for(directory: str, host: str, stack: Stack, facts: Facts, root: str)
         files.append(path)
         hashes.append(got)
     return Wheels(local, f"{root}/wheelhouse/{name}", tuple(files), name, entry, tuple(hashes))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
