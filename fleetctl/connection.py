@@ -117,7 +117,8 @@ class LocalConnection:
         except OSError as exc:
             if target.is_file():
                 target.unlink()  # no partial copy is left behind
-            raise CommandFailed(self.name, f"{(exc.strerror or str(exc)).lower()} on {self.name} writing {remote}") from None
+            cause = (exc.strerror or str(exc)).lower()
+            raise CommandFailed(self.name, f"{cause} on {self.name} writing {remote}") from None
 
     def close(self) -> None:
         """End whatever still runs (fleetctl interrupted): TERM first, so scripts clean up."""

@@ -414,7 +414,9 @@ trap 'exit 1' HUP INT TERM
 (umask 077 && cat > "$work/index.env")
 wheelhouse={wheelhouse}
 if [ -n "$wheelhouse" ]; then
-  for v in $(env | sed -n -e 's/^\\(PIP_[A-Za-z0-9_]*\\)=.*/\\1/p' -e 's/^\\(UV_[A-Za-z0-9_]*\\)=.*/\\1/p'); do unset "$v"; done
+  for v in $(env | sed -n -e 's/^\\(PIP_[A-Za-z0-9_]*\\)=.*/\\1/p' -e 's/^\\(UV_[A-Za-z0-9_]*\\)=.*/\\1/p'); do
+    unset "$v"
+  done
   export PIP_CONFIG_FILE=/dev/null UV_NO_CONFIG=1
   mkdir "$work/wheels"
   printf '%s\\n' {hashes} | while read -r sha name; do

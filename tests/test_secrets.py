@@ -40,7 +40,8 @@ TOKEN = "s3cr3t-T0KEN-4711"
                                                                           "(fleet_torch_index)"),
     ("https://h/simple?token=abc&x=1", "https://h/simple?token=***&x=1"),
     ("https://h/s?X-Amz-Signature=abc&api_key=k", "https://h/s?X-Amz-Signature=***&api_key=***"),
-    ("PIP_EXTRA_INDEX_URL='https://a:b@h/s https://c:d@i/t'", "PIP_EXTRA_INDEX_URL='https://a:***@h/s https://c:***@i/t'"),
+    ("PIP_EXTRA_INDEX_URL='https://a:b@h/s https://c:d@i/t'",
+     "PIP_EXTRA_INDEX_URL='https://a:***@h/s https://c:***@i/t'"),
     ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cpu"),
     ("torch==2.13.0+cpu x=1 user@host", "torch==2.13.0+cpu x=1 user@host"),
 ])
@@ -53,7 +54,8 @@ def test_a_stacks_data_and_id_never_hold_the_credential():
     assert TOKEN not in json.dumps(secret.to_dict()) and secret.to_dict()["torch_index"] == "https://me:***@mirror/whl"
     assert secret.torch_index.endswith(f"{TOKEN}@mirror/whl")  # what the install reads
     assert secret.id == replace(STACK, torch_index="https://me:other@mirror/whl").id  # a rotated token: same stack
-    assert redact_data({"a": [f"https://x:{TOKEN}@h", ("k", 1)], 2: None}) == {"a": ["https://x:***@h", ("k", 1)], 2: None}
+    assert redact_data({"a": [f"https://x:{TOKEN}@h", ("k", 1)], 2: None}) == {
+        "a": ["https://x:***@h", ("k", 1)], 2: None}
 
 
 def test_the_install_sends_index_urls_on_stdin_never_in_its_command():
@@ -106,7 +108,8 @@ def test_an_index_credential_is_never_written_shown_or_on_a_command_line(small_l
     playbook.write_text("- name: install only\n  hosts: all\n  steps: [check, install]\n")
     lock = tmp_path / "fleet.lock"
     outputs = [fleetctl("plan", inventory, "--json"), fleetctl("plan", inventory, "--write-lock", lock),
-               fleetctl("provision", inventory, "--playbook", playbook, "--check", "--diff"), fleetctl("plan", inventory)]
+               fleetctl("provision", inventory, "--playbook", playbook, "--check", "--diff"),
+               fleetctl("plan", inventory)]
 
     seen_cmdlines: list[str] = []
 
@@ -373,7 +376,8 @@ def test_the_probe_does_not_run_an_environment_another_user_owns(small_lab, tmp_
     env = root / "envs" / "kernels-torch-2.13.0-abc"
     site = env / "lib" / "python3.11" / "site-packages"
     (site / "torch-2.13.0+cpu.dist-info").mkdir(parents=True)
-    (site / "torch-2.13.0+cpu.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cpu\n")
+    (site / "torch-2.13.0+cpu.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cpu\n")
     (site / "torch").mkdir()
     (site / "torch" / "version.py").write_text("cuda = None\n")
     (env / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.11.2\n")
