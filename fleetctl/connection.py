@@ -28,6 +28,7 @@ from .errors import CommandFailed, TimedOut, Unreachable
 from .inventory import Host
 
 FALSY = {"false", "no", "off", "0", "n"}
+FILE_MODE = 0o644  # of every file copied to a host: the controller's file modes are not the host's business
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Connection(Protocol):
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result: ...
 
-    def put(self, local: Path, remote: str) -> None: ...
+    def put(self, local: Path, remote: str, mode: int = ...) -> None: ...
 
     def close(self) -> None: ...
 
@@ -107,9 +108,17 @@ class LocalConnection:
             self.running.discard(proc)
         return Result(self.name, command, proc.returncode, out, err, time.monotonic() - start)
 
-    def put(self, local: Path, remote: str) -> None:
-        Path(remote).parent.mkdir(parents=True, exist_ok=True)
-        Path(remote).write_bytes(Path(local).read_bytes())
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
+        target = Path(remote)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(local).read_bytes())
+            target.chmod(mode)
+        except OSError as exc:
+            if target.is_file():
+                target.unlink()  # no partial copy is left behind
+            cause = (exc.strerror or str(exc)).lower()
+            raise CommandFailed(self.name, f"{cause} on {self.name} writing {remote}") from None
 
     def close(self) -> None:
         """End whatever still runs (fleetctl interrupted): TERM first, so scripts clean up."""
@@ -205,6 +214,12 @@ class SSHConnection:
         if key:
             kwargs.update(key_filename=os.path.expanduser(str(key)), look_for_keys=False, allow_agent=False)
         password = v.get("ansible_password") or v.get("ansible_ssh_pass")
+        if password and not host_key_checking(host):
+            # As OpenSSH does: a password goes only to a server whose key was checked.
+            raise Unreachable(host.name, "ansible_password is set but host key checking is off: fleetctl does "
+                              "not send a password to a server whose key it has not verified",
+                              fix="add the host's key to known_hosts (ssh-keyscan) and drop "
+                                  "ansible_host_key_checking: false, or use ansible_ssh_private_key_file")
         if password:
             kwargs["password"] = str(password)
         conn = fabric.Connection(
@@ -271,14 +286,49 @@ class SSHConnection:
         return Result(self.name, command, exited, out.decode(errors="replace"), err.decode(errors="replace"),
                       time.monotonic() - start)
 
-    def put(self, local: Path, remote: str) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
+        """Copy *local* to *remote* over SFTP with *mode* (not the controller file's); a host that refuses
+        the write (disk full, read-only, no permission) is CommandFailed naming the cause, with the partial
+        file removed."""
         try:
-            self._conn.put(str(local), remote)
+            self._conn.put(str(local), remote, preserve_mode=False)
+            self._conn.sftp().chmod(remote, mode)
         except (OSError, EOFError) as exc:
-            raise Unreachable(self.name, f"copy of {Path(local).name} failed: {exc}") from None
+            transport = self._conn.client.get_transport()
+            if isinstance(exc, EOFError) or not (transport and transport.is_active()):
+                raise Unreachable(self.name, f"copy of {Path(local).name} failed: {exc}") from None
+            failure = exc
+        else:
+            return
+        # SFTP says only "Failure" for a full disk or a read-only file system: the host's own shell says which.
+        try:
+            said = self.run(WRITE_CHECK.format(path=shlex.quote(remote)), timeout=30).stdout
+        except (TimedOut, Unreachable):
+            said = ""
+        raise CommandFailed(self.name, f"{write_error(said) or f'copy failed ({failure})'} on {self.name} "
+                                       f"writing {remote}") from None
 
     def close(self) -> None:
         self._conn.close()
+
+
+# Why a file could not be written at {path}: a small write beside it (while the partial copy still holds
+# its space), the shell's or head's own error text; then the partial copy is removed.
+WRITE_CHECK = """f={path}
+d=$(dirname -- "$f")
+while [ ! -d "$d" ]; do echo "No such file or directory: $d"; d=$(dirname -- "$d"); done
+t="$d/.fleetctl-write-check.$$"
+{{ head -c 65536 /dev/zero > "$t"; }} 2>&1
+rm -f -- "$t" "$f"
+true
+"""
+WRITE_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                "No such file or directory")
+
+
+def write_error(said: str) -> str | None:
+    """The cause WRITE_CHECK found ("no space left on device"), or None."""
+    return next((e.lower() for e in WRITE_ERRORS if e in said), None)
 
 
 @functools.cache

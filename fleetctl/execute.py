@@ -7,7 +7,9 @@ that turns the result of its reading action (a proof's verdict, the installed ve
 the step. :func:`execute` runs them in order over the host's connection and records them in
 the step; with ``check`` it runs nothing and reports what it would do, so ``--check --diff``
 shows exactly the planned actions. A command that fails where its action says it must not
-ends the step as failed, with the tail of its output.
+ends the step as failed, with the tail of its output; so does a copy the host refuses (a full
+disk, a read-only root: the connection names the cause). Details, tails and actions as recorded
+have every URL credential redacted (:mod:`fleetctl.redact`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from .connection import Connection, Result
+from .errors import CommandFailed
 from .fanout import Deadline
+from .redact import redact, redact_data
 from .status import Status
 
 TAIL_LINES = 40  # of a failed command's output, kept in the step and the run record
@@ -52,7 +56,7 @@ class Action:
 
     def to_dict(self) -> dict:
         what = {"put": str(self.put), "to": self.command} if self.put else {"command": self.command}
-        return {**what, "why": self.why, "change": self.change}
+        return redact_data({**what, "why": self.why, "change": self.change})
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,8 @@ def failed(name: str, detail: str, result: Result | None = None, **extra) -> Ste
     """A failed step, with the last lines of the command's output where there was one."""
     tail = None
     if result is not None:
-        tail = "\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-TAIL_LINES:])
-    return Step(name, Status.FAILED, detail, tail=tail, **extra)
+        tail = redact("\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-TAIL_LINES:]))
+    return Step(name, Status.FAILED, redact(detail), tail=tail, **extra)
 
 
 def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check: bool = False) -> Step:
@@ -95,7 +99,10 @@ def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check
         ran = done[:number]  # a failed step records what ran, up to the action that failed
         left = deadline.left(conn.name)
         if action.put:
-            conn.put(action.put, action.command)
+            try:
+                conn.put(action.put, action.command)
+            except CommandFailed as exc:  # the host refused the write: this step failed, the host is there
+                return replace(failed(plan.name, exc.reason), actions=ran)
             continue
         result = conn.run(action.command, timeout=min(action.timeout or left, left), stdin=action.stdin)
         if action.fails and result.failed:

@@ -5,7 +5,10 @@ The probe prints ``@@fleetctl <section>`` before each section and ``@@rc <n>``
 after it. GPUs come from NVML (nvidia-ml-py in the host's Python) where it
 works, else from ``nvidia-smi`` on the host's PATH; a host with neither is a
 valid host with no GPUs. Compute capability always comes from the driver,
-never from a table of GPU names.
+never from a table of GPU names. The fleet environment's own Python runs only where
+this user or root owns the install root and the environment; otherwise (another user
+could plant code there, run as root) its versions are read from its metadata files.
+Every inventory value in the probe is quoted, and substituted in one pass.
 """
 
 from __future__ import annotations
@@ -158,14 +161,16 @@ class Facts:
 # ---------------------------------------------------------------- the probe
 
 def probe_script(host: Host) -> str:
-    """The shell script that gathers every fact of *host* in one execution."""
+    """The shell script that gathers every fact of *host* in one execution. Every placeholder is
+    replaced in one pass, each by its quoted value: a value holding another placeholder's name is
+    never substituted again (it would land unquoted inside the first value's quotes)."""
     template = resources.files(__package__).joinpath("remote/probe.sh").read_text()
     python = host.vars.get("ansible_python_interpreter")
     root = host.vars.get("fleet_root")
-    return (template
-            .replace("@PYTHON@", shlex.quote(str(python)) if python else '""')
-            .replace("@FLEET_ROOT@", shlex.quote(str(root)) if root else '""')
-            .replace("@QUERY@", QUERY_FIELDS))
+    values = {"@PYTHON@": shlex.quote(str(python)) if python else '""',
+              "@FLEET_ROOT@": shlex.quote(str(root)) if root else '""',
+              "@QUERY@": shlex.quote(QUERY_FIELDS)}
+    return re.sub("|".join(map(re.escape, values)), lambda m: values[m[0]], template)
 
 
 def gather(host: Host, conn: Connection, deadline: Deadline) -> Facts:

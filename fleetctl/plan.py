@@ -24,6 +24,7 @@ from .facts import Facts, Installed
 from .inventory import Host
 from .matrix import Matrix
 from .records import atomic_write, read_state, safe_load_yaml
+from .redact import redact_data
 from .resolve import Request, Resolution, Stack, resolve
 from .status import Status
 
@@ -191,7 +192,7 @@ class Lock:
 
     def record(self, name: str, facts: Facts, request: Request, resolution: Resolution, matrix: str) -> None:
         cf = class_facts(facts)
-        req = asdict(request)
+        req = redact_data(asdict(request))
         self.hosts[name] = LockedHost(name, _digest([cf, req]), cf, req, resolution.status, resolution.stack,
                                       resolution.reasons, resolution.fix)
         self.matrix = matrix
@@ -232,7 +233,8 @@ class Lock:
             classes[h.host_class] = entry
         hosts = {name: {"class": h.host_class, "stack_id": h.stack.id if h.stack else None}
                  for name, h in sorted(self.hosts.items())}
-        body = yaml.safe_dump({"version": LOCK_VERSION, "matrix": self.matrix, "classes": classes, "hosts": hosts},
+        body = yaml.safe_dump(redact_data({"version": LOCK_VERSION, "matrix": self.matrix, "classes": classes,
+                                           "hosts": hosts}),
                               sort_keys=True, allow_unicode=True, width=1000)
         return "# fleet.lock: written by `fleetctl plan --write-lock`; re-run plan rather than editing it.\n" + body
 

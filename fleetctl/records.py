@@ -21,6 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import FleetError, StateError
+from .redact import redact_data
 
 # A document whose aliases expand past this many nodes is refused: a few lines of nested anchors
 # ("billion laughs") would otherwise expand to more objects than the controller has memory for.
@@ -47,7 +48,8 @@ def provision_record(run_id: str, started: str, outcomes: dict, **asked) -> dict
     there is none."""
     hosts = {name: {**o.value.to_dict(), "status": o.status, "duration": round(o.duration, 1)} if o.ok
              else {"status": o.status, "error": o.error, "fix": o.fix} for name, o in outcomes.items()}
-    return {"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts, "finished": now()}
+    return redact_data({"run_id": run_id, "command": "provision", **asked, "started": started, "hosts": hosts,
+                        "finished": now()})
 
 
 def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
@@ -77,7 +79,7 @@ def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
 def save(record: dict, kind: str = "runs") -> Path:
     path = state_dir() / kind / f"{record['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, json.dumps(record, indent=2, default=str))
+    return atomic_write(path, json.dumps(redact_data(record), indent=2, default=str))
 
 
 # What each kind of record must hold to be used: key → type.

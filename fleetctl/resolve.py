@@ -27,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from .facts import Facts
 from .matrix import Matrix, Variant, Vllm, cc, covers
+from .redact import redact, redact_data
 
 PYPI = None  # the installer's default index
 TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
@@ -91,9 +92,11 @@ class Stack:
     system_site_packages: bool = False
 
     def to_dict(self) -> dict:
+        """The stack as data, every URL credential redacted: this is what lock files, run records, the
+        host's marker and the stack's id are made of (the install reads the fields themselves)."""
         data = asdict(self)
         data["packages"], data["uninstall"] = list(self.packages), list(self.uninstall)
-        return data
+        return redact_data(data)
 
     @property
     def id(self) -> str:
@@ -180,7 +183,7 @@ def _with_index(result: Resolution, request: Request) -> Resolution:
         return result
     index = None if request.torch_index == "default" else request.torch_index
     return replace(result, stack=replace(result.stack, torch_index=index), reasons=result.reasons + (
-        f"torch from {'the installer’s configured index' if index is None else index} (fleet_torch_index)",))
+        f"torch from {'the installer’s configured index' if index is None else redact(index)} (fleet_torch_index)",))
 
 
 # ---------------------------------------------------------------- GPU, venv mode

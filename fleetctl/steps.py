@@ -29,7 +29,7 @@ from .resolve import Stack, proofs
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
 from .target import HostState, Target, q
-from .wheelhouse import class_for, read_manifest
+from .wheelhouse import class_for, read_manifest, sha256 as file_sha256
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,33 @@ class Wheels:
     files: tuple[Path, ...]  # the host's class's files (with a manifest), else every file
     cls: str | None = None  # the manifest class
     entry: Mapping | None = None
+    sha256: tuple[str, ...] = ()  # of each of *files*, as the controller has them (and the manifest says)
 
 
 def wheels_for(directory: str, host: str, stack: Stack, facts: Facts, root: str) -> Wheels:
-    """The wheels this host installs from *directory*; WheelhouseError where its manifest has no class for it."""
+    """The wheels this host installs from *directory*, each hashed here; WheelhouseError where its manifest has
+    no class for it, or a file differs from the manifest (changed since ``fleetctl wheelhouse`` wrote it)."""
     local = Path(directory)
     manifest = read_manifest(local)
     if not manifest:
-        return Wheels(local, f"{root}/wheelhouse", tuple(sorted(p for p in local.iterdir() if p.is_file())))
+        files = tuple(sorted(p for p in local.iterdir() if p.is_file()))
+        return Wheels(local, f"{root}/wheelhouse", files, sha256=tuple(map(file_sha256, files)))
     name, entry = class_for(manifest, host, stack, facts)
-    return Wheels(local, f"{root}/wheelhouse/{name}", tuple(sorted(local / f["name"] for f in entry["files"])),
-                  name, entry)
+    listed = sorted(entry["files"], key=lambda f: f["name"])
+    files, hashes = [], []
+    for f in listed:
+        path = local / f["name"]
+        if Path(f["name"]).name != f["name"] or not path.is_file():
+            raise WheelhouseError(f"{local / 'manifest.json'} lists {f['name']}, which is not a file in {local}",
+                                  fix="run fleetctl wheelhouse again")
+        got = file_sha256(path)
+        if got != f.get("sha256"):
+            raise WheelhouseError(f"{path}: sha256 {got[:16]}… is not the manifest's {str(f.get('sha256'))[:16]}…: "
+                                  "the file changed after fleetctl wheelhouse wrote the manifest; nothing was pushed",
+                                  fix="restore the file, or run fleetctl wheelhouse again to fetch it afresh")
+        files.append(path)
+        hashes.append(got)
+    return Wheels(local, f"{root}/wheelhouse/{name}", tuple(files), name, entry, tuple(hashes))
 
 
 @dataclass(frozen=True)
@@ -108,9 +124,8 @@ def install(c: Context) -> Step | Planned:
     if isinstance(c.wheels, str):
         return failed("install", c.wheels)
     settings, stack, env = c.play.install, c.stack, c.target.env
-    pushes, args, notes, data = wheel_pushes(c)
-    if not c.wheels:
-        args = [a for url in (stack.torch_index, stack.flashinfer_index) if url for a in ("--extra-index-url", url)]
+    pushes, notes, data = wheel_pushes(c)
+    args = []
     if settings["no_deps"]:
         args.append("--no-deps")
         notes.append("--no-deps: dependencies are NOT checked, the host must provide them (install.no_deps)")
@@ -118,45 +133,62 @@ def install(c: Context) -> Step | Planned:
     detail = f"installed {' '.join(pins)} into {env}" + (f"; {'; '.join(notes)}" if notes else "")
 
     def outcome(result: Result) -> Step:
+        if result.exited == WHEEL_MISMATCH:
+            bad = (result.stderr.strip().splitlines() or [""])[-1]
+            return failed("install", f"a wheel on the host differs from the controller's (sha256): {bad}; "
+                                     "nothing was installed", result)
         if result.failed:
             return failed("install", f"installing {stack.id} failed (exit {result.exited})", result)
         return Step("install", Status.CHANGED, detail, data={"pins": pins, "notes": notes, **data})
 
+    # The index URLs (which may carry a credential) go on stdin, into a 0600 file the script removes:
+    # a command line is visible to every user of the host (ps), and is kept in records as the action.
     script = Action(f"the stack {stack.id} is not installed", install_script(c, args, pins),
-                    change=f"create {env} with {' '.join(pins)}", reads=True, timeout=float(settings["timeout"]))
+                    change=f"create {env} with {' '.join(pins)}", reads=True, timeout=float(settings["timeout"]),
+                    stdin=index_env([] if c.wheels else [stack.torch_index, stack.flashinfer_index]))
     return Planned("install", (*pushes, script), outcome, would="would install: " + "; ".join(c.changes))
 
 
-def wheel_pushes(c: Context) -> tuple[list[Action], list[str], list[str], dict]:
-    """The wheelhouse files the host lacks (by sha256), and the install's arguments and notes for them."""
+def wheel_pushes(c: Context) -> tuple[list[Action], list[str], dict]:
+    """The wheelhouse files the host lacks (by sha256), and the install's notes for them."""
     w = c.wheels
     if not isinstance(w, Wheels):
-        return [], [], [], {}
-    pushes = [Action("the wheelhouse directory on the host", f"mkdir -p {q(w.remote)}", change=f"create {w.remote}",
-                     fails=f"cannot create {w.remote}")]
-    for path in w.files:
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        return [], [], {}
+    # Not judged by its exit: where the directory cannot be made, the copy into it names the cause.
+    pushes = [Action("the wheelhouse directory on the host", f"mkdir -p {q(w.remote)}", change=f"create {w.remote}")]
+    for path, sha in zip(w.files, w.sha256):
         if c.state.files.get(f"{w.remote}/{path.name}") != sha:
             pushes.append(Action("the host lacks it (by sha256)", f"{w.remote}/{path.name}", put=path, sha256=sha,
                                  change=f"copy {path.name}"))
-    notes = [f"from the wheelhouse{f' class {w.cls}' if w.cls else ''} ({len(pushes) - 1} new file(s) pushed)"]
+    notes = [f"from the wheelhouse{f' class {w.cls}' if w.cls else ''} ({len(pushes) - 1} new file(s) pushed, "
+             f"{len(w.files)} verified by sha256 on the host)"]
     data = {}
     if w.cls:
         data = {"wheelhouse_class": w.cls, "left_out": w.entry.get("left_out")}
         if c.play.install["no_deps"] and w.entry.get("left_out"):
             notes.append(f"no_deps left out (the host must provide): {' '.join(w.entry['left_out'])}")
-    return pushes, ["--no-index", "--find-links", w.remote], notes, data
+    return pushes, notes, data
+
+
+def index_env(urls: list[str | None]) -> str:
+    """The install's index URLs as the environment pip and uv read (``. file`` in sh)."""
+    urls = [u for u in urls if u]
+    if not urls:
+        return ""
+    joined = q(" ".join(urls))
+    return f"PIP_EXTRA_INDEX_URL={joined}\nUV_EXTRA_INDEX_URL={joined}\nexport PIP_EXTRA_INDEX_URL UV_EXTRA_INDEX_URL\n"
 
 
 def install_script(c: Context, args: list[str], pins: list[str]) -> str:
-    stack, env, offline = c.stack, c.target.env, bool(c.wheels)
+    stack, env, w = c.stack, c.target.env, c.wheels
     python = c.facts.python.path if c.facts.python.minor == stack.python else f"python{stack.python}"
+    hashes = "\n".join(f"{sha}  {path.name}" for path, sha in zip(w.files, w.sha256)) if isinstance(w, Wheels) else ""
     return INSTALL.format(
-        env=q(env), python=q(python), ssp="--system-site-packages" if stack.system_site_packages else "",
-        # From a wheelhouse only: no pip.conf or uv.toml on the host adds an index or find-links.
-        uv_config="--no-config" if offline else "", pip_config="PIP_CONFIG_FILE=/dev/null" if offline else "",
+        env=q(env), root=q(c.target.root), python=q(python),
+        ssp="--system-site-packages" if stack.system_site_packages else "",
+        wheelhouse=q(w.remote) if isinstance(w, Wheels) else "''", hashes=q(hashes),
         args=" ".join(map(q, args)), pins=" ".join(map(q, pins)), uninstall=" ".join(map(q, stack.uninstall)),
-        marker=q(marker_text(stack)), marker_path=q(c.target.marker))
+        marker=q(marker_text(stack)), marker_path=q(c.target.marker), mismatch=WHEEL_MISMATCH)
 
 
 def install_container(c: Context) -> Planned:
@@ -368,15 +400,46 @@ def observed_text(verdict: dict) -> str:
 
 
 # The remote side, as small shell scripts with every value quoted by the caller.
+WHEEL_MISMATCH = 3  # the install's exit status where a pushed wheel's sha256 is not the controller's
+
+# A private directory for this install ($work, 0700): the index settings, from stdin, and with a wheelhouse
+# copies of the pushed wheels, each checked against the controller's sha256 before pip or uv sees it;
+# only those are installed (a wheel planted beside them, or the host's pip.conf, PIP_* or UV_* settings
+# adding a find-links or an index, are not seen). Removed on exit, failed or not.
 INSTALL = """set -eu
+mkdir -p {root}
+work=$(mktemp -d {root}/.install.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+trap 'exit 1' HUP INT TERM
+(umask 077 && cat > "$work/index.env")
+wheelhouse={wheelhouse}
+if [ -n "$wheelhouse" ]; then
+  for v in $(env | sed -n -e 's/^\\(PIP_[A-Za-z0-9_]*\\)=.*/\\1/p' -e 's/^\\(UV_[A-Za-z0-9_]*\\)=.*/\\1/p'); do
+    unset "$v"
+  done
+  export PIP_CONFIG_FILE=/dev/null UV_NO_CONFIG=1
+  mkdir "$work/wheels"
+  printf '%s\\n' {hashes} | while read -r sha name; do
+    [ -z "$name" ] || cp -- "$wheelhouse/$name" "$work/wheels/$name"
+  done
+  if ! bad=$(cd "$work/wheels" && printf '%s\\n' {hashes} | sha256sum -c --quiet - 2>&1); then
+    echo "$bad" | sed -n 's/: FAILED.*$//p' | tr '\\n' ' ' >&2
+    exit {mismatch}
+  fi
+  set -- --no-index --find-links "$work/wheels"
+else
+  . "$work/index.env"
+  set --
+fi
+rm -f "$work/index.env"
 rm -rf {env}
 mkdir -p "$(dirname {env})"
 if command -v uv >/dev/null 2>&1; then
   uv venv -q --python {python} {ssp} {env}
-  set -- uv pip install -q {uv_config} --python {env}/bin/python
+  set -- uv pip install -q --python {env}/bin/python "$@"
 else
   {python} -m venv {ssp} {env}
-  set -- env {pip_config} {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile
+  set -- {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile "$@"
 fi
 if [ -n "{ssp}" ]; then
   # A venv sees its base interpreter's site-packages, not those of a venv it was made from

@@ -9,6 +9,9 @@ host's platform, fetched on a connected controller: the offline half of an air-g
 A host class is the hosts whose resolved stack and platform (Python, glibc, arch) are equal
 (and whose packages are equal, where the stack reuses the host Python's). pip matches
 ``--platform`` exactly, so a class's platform is every manylinux tag its glibc admits.
+``provision --wheelhouse`` trusts the manifest's sha256s, not the files: a file that differs on
+the controller is refused before anything is pushed, and the host checks every pushed file again
+before installing from a private copy of them (:data:`fleetctl.steps.INSTALL`).
 
 Planning is pure (:func:`plan_classes`, :func:`platform_tags`, :func:`pip_resolve_args`,
 :func:`closure`, :func:`left_out`); :func:`build` runs pip on the controller, per class:
@@ -40,6 +43,7 @@ from packaging.version import InvalidVersion, Version
 from .errors import WheelhouseError
 from .facts import Facts
 from .records import atomic_write
+from .redact import redact
 from .resolve import Request, Stack, resolve
 from .status import Status
 
@@ -345,7 +349,7 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
                            f"{describe(plan.platform)} is in {dest} (remove stale files there and run again)")
     entry = {
         "hosts": list(plan.hosts), "stack_id": plan.stack_id, "platform": plan.platform.to_dict(),
-        "requirements": list(plan.requirements), "indexes": list(plan.indexes), "no_deps": plan.no_deps,
+        "requirements": list(plan.requirements), "indexes": [redact(u) for u in plan.indexes], "no_deps": plan.no_deps,
         "files": [{"name": f, "sha256": sha256(dest / f), "size": (dest / f).stat().st_size}
                   for f in sorted(set(files))],
         "provided_by_host": provided_by_host(chosen or {}, host),
@@ -456,7 +460,7 @@ def newest(files: Iterable[str], name: str, platform: Platform) -> str | None:
 def pip_error(done: subprocess.CompletedProcess) -> str:
     lines = [l.strip() for l in (done.stderr + "\n" + done.stdout).splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith("ERROR:")]
-    return (errors or lines or [f"pip exited {done.returncode}"])[-1].removeprefix("ERROR: ")
+    return redact((errors or lines or [f"pip exited {done.returncode}"])[-1].removeprefix("ERROR: "))
 
 
 def describe(platform: Platform) -> str:

