@@ -19,13 +19,14 @@ the host keeps serving what it had.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .connection import Connection
 from .errors import HostError, WheelhouseError
-from .execute import Step, execute, failed
+from .execute import Planned, Step, execute, failed
 from .facts import Facts, gather
 from .fanout import Deadline
 from .inventory import Host
@@ -36,10 +37,10 @@ from .resolve import Request, Stack, resolve
 from .serving import backend_option, plan_serving
 from .status import Status
 from .steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
-    ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, summary,
-    wheels_for,
+    ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
+    summary, wheels_for,
 )
-from .target import MARKER, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
+from .target import MARKER, q, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
 
 
 @dataclass
@@ -83,14 +84,58 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
         run.facts = facts.to_dict()
         stack = record("resolve", lambda: _resolve(run, facts, play.hostvars(host.vars), matrix, options))
         c = record("state", lambda: context(host, conn, deadline, play, matrix, options, facts, stack, run.changes))
+        was = None  # current and previous before this run's activate switched them
         for name in c.play.steps:
             plan = STEPS[name](c)
-            record(name, lambda: execute(plan, conn, deadline, check=options.check))
+            try:
+                step = record(name, lambda: execute(plan, conn, deadline, check=options.check))
+            except Stopped:
+                if was is not None:
+                    run.steps.extend(put_back(host, conn, deadline, play, matrix, options, c, was))
+                raise
+            if name == "activate" and step.status == Status.CHANGED and not options.check:
+                was = step.data.get("was")
             if not options.check and not isinstance(plan, Step):
                 c = replace(c, state=c.state.after(plan.puts))  # what this step sent, no later step sends again
     except Stopped:
         pass
     return run
+
+
+def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, options: Options,
+             c: Context, was: dict) -> list[Step]:
+    """A step after activate failed: current and previous go back to what they were, and where a service
+    ran before this run, the old stack's service is started again (the failed step stopped it), so the
+    host runs what its links say. Returns the steps saying so ("revert", and "service" again)."""
+    start = time.monotonic()
+    back = was.get("current")
+    try:
+        undo = execute(Planned("revert", (revert(c.target.root, back, was.get("previous")),),
+                               lambda _: Step("revert", Status.CHANGED, f"current back to {back or 'nothing'}")),
+                       conn, deadline)
+        if undo.status == Status.FAILED or not back or not c.state.service_alive:
+            return [replace(undo, duration=round(time.monotonic() - start, 2))]
+        old = _old_stack(conn, c.target.root, back, deadline.left(host.name))
+        if isinstance(old, str):
+            return [replace(undo, status=Status.FAILED, detail=f"current back to {back}; its service not restarted: {old}")]
+        oc = context(host, conn, deadline, play, matrix, options, c.facts, old, [])
+        again = execute(STEPS["service"](oc), conn, deadline)
+    except HostError as exc:
+        return [failed("revert", f"putting current back to {back or 'nothing'} failed: {exc.reason}")]
+    restarted = again.status != Status.FAILED
+    return [replace(undo, status=Status.CHANGED if restarted else Status.FAILED,
+                    detail=f"current back to {back}; the service of {old.id} "
+                           + ("restarted" if restarted else f"not restarted: {again.detail}"),
+                    duration=round(time.monotonic() - start, 2), tail=None if restarted else again.tail)]
+
+
+def _old_stack(conn: Connection, root: str, env_rel: str, timeout: float) -> Stack | str:
+    """The stack of the environment *env_rel* under *root*, from its marker; or why not."""
+    marker = conn.run(f"cat {q(root)}/{q(env_rel)}/{MARKER}", timeout=timeout)
+    try:
+        return Stack.from_dict(json.loads(marker.stdout)["stack"])
+    except (ValueError, KeyError, TypeError):
+        return f"{env_rel} has no readable {MARKER}"
 
 
 def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):

@@ -39,7 +39,7 @@ from .provision import provision_host
 from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
-from .steps import ACTIVATE, STOP_SERVICE, Options
+from .steps import ACTIVATE, Options, stop_service
 from .target import MARKER
 
 KIND = "rollouts"
@@ -268,7 +268,10 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
                                keep_serving=f"{facts['fleet_root']}/service.pid")
         restarted = False
         if not isinstance(argv, str):
-            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({STOP_SERVICE.format(root=root)})\n"
+            port = host.vars.get("fleet_service_port", 8000)
+            python = (facts.get("python") or {}).get("path") or "python3"
+            stop = stop_service(facts["fleet_root"], port, python)
+            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({stop}) >/dev/null || exit 1\n"
                                f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))} "
                                f">/dev/null && readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
                                timeout=deadline.left(host.name))

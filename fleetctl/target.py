@@ -85,7 +85,8 @@ class HostState:
     marker: Mapping = field(default_factory=dict)  # the environment's marker; {} where missing or incomplete
     current: str | None = None  # where <root>/current points
     service: str | None = None  # <root>/service.stack: "<stack id> <settings digest>"
-    service_alive: bool = False  # <root>/service.pid names a live process
+    service_alive: bool = False  # <root>/service.pid names a live process that is still the service
+    previous: str | None = None  # where <root>/previous points
     files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
     model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
 
@@ -102,13 +103,31 @@ class HostState:
         return replace(self, files={**self.files, **dict(puts)})
 
 
+# A POSIX sh function (dash runs it): the pid in <root>/service.pid, printed only while that process is
+# still the server that wrote it — its start time (/proc/PID/stat field 22) equals <root>/service.start —
+# so a pid the kernel gave to another process since is never taken for the service, nor signalled.
+# A service.pid without service.start (written by an older fleetctl) is believed only for a vLLM server.
+SERVICE_PID = """service_pid() {
+  sp=$(head -n 1 "$1/service.pid" 2>/dev/null) || return 1
+  case "$sp" in ''|*[!0-9]*) return 1 ;; esac
+  [ -r "/proc/$sp/stat" ] || return 1
+  if [ -s "$1/service.start" ]; then
+    [ "$(sed 's/.*) //' "/proc/$sp/stat" | cut -d' ' -f20)" = "$(head -n 1 "$1/service.start")" ] || return 1
+  else
+    tr '\\0' ' ' < "/proc/$sp/cmdline" | grep -q 'vllm.entrypoints.openai.api_server' || return 1
+  fi
+  echo "$sp"
+}"""
+
+
 def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None) -> str:
     """One read-only command printing every section :func:`parse_state` reads."""
     root = q(target.root)
     lines = [f"echo @@marker; cat {q(target.marker)} 2>/dev/null",
              f"echo; echo @@current; readlink {root}/current 2>/dev/null",
              f"echo @@service; cat {root}/service.stack 2>/dev/null",
-             f"kill -0 $(cat {root}/service.pid 2>/dev/null) 2>/dev/null && echo alive",
+             SERVICE_PID, f"service_pid {root} >/dev/null && echo alive",
+             f"echo @@previous; readlink {root}/previous 2>/dev/null",
              f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
     if wheelhouse:
         lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
@@ -135,6 +154,7 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
              for line in sections.get(section, []) if "  " in line}
     return HostState(marker=marker if marker.get("id") == target.stack_id else {},
                      current="\n".join(sections.get("current", [])).strip() or None,
+                     previous="\n".join(sections.get("previous", [])).strip() or None,
                      service=" ".join(service[:-1] if alive else service) or None, service_alive=alive,
                      files=files, model_config=_json("\n".join(sections.get("model", []))) or None)
 

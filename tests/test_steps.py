@@ -237,25 +237,6 @@ def test_a_refused_host_and_a_host_that_goes_away():
         run(gone)
 
 
-def test_the_service_stop_ends_the_servers_whole_group_under_dash(tmp_path):
-    """/bin/sh is dash on the lab's and most hosts: it refuses "kill -TERM -- -PGID", which once left the old
-    server running and the restarted service without its port."""
-    import subprocess
-    import time
-    pidfile = tmp_path / "service.pid"
-    # Detached, as smoke.py leaves a service: the group's leader is no child of ours (init reaps it).
-    subprocess.run(["setsid", "-f", "sh", "-c", f"sleep 60 & echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; "
-                    "sleep 60"], check=True)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    group = int(pidfile.read_text())
-    stop = subprocess.run(["/bin/sh", "-c", steps.STOP_SERVICE.format(root=shlex.quote(str(tmp_path)))], timeout=60)
-    assert stop.returncode == 0
-    assert subprocess.run(["/bin/sh", "-c", f"kill -0 -{group}"], capture_output=True).returncode != 0
-
-
 def test_the_install_scripts_python_snippets_are_valid_python():
     """The install script is a Python string: an unescaped \\n in its `python -c '…'` would reach the
     host as a line break, a syntax error that `|| true` hid (bytecode was never precompiled)."""

