@@ -154,8 +154,9 @@ def cmd_provision(args, console: Console) -> int:
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     limited = set(h.name for h in inventory.select(args.limit))
-    options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm})
     run_id, started = records.new_run_id("provision"), records.now()
+    options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm},
+                      run_id=run_id)
     outcomes: dict = {}
     for play in plays:
         if args.wheelhouse:

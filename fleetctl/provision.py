@@ -19,7 +19,10 @@ the host keeps serving what it had.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -79,10 +82,13 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
     """One host's provisioning over one connection, within one deadline."""
     run = HostRun(host.name)
     record = _recorder(run, host.name, on_step or (lambda host, step: None))
+    release = None
     try:
         facts = record("facts", lambda: gather(host, conn, deadline))
         run.facts = facts.to_dict()
         stack = record("resolve", lambda: _resolve(run, facts, play.hostvars(host.vars), matrix, options))
+        if not options.check:  # --check changes nothing, so it takes no lock
+            release = record("lock", lambda: lock_host(conn, facts, options.run_id, deadline.left(host.name)))
         c = record("state", lambda: context(host, conn, deadline, play, matrix, options, facts, stack, run.changes))
         was = None  # current and previous before this run's activate switched them
         for name in c.play.steps:
@@ -99,7 +105,57 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
                 c = replace(c, state=c.state.after(plan.puts))  # what this step sent, no later step sends again
     except Stopped:
         pass
+    finally:
+        if release:
+            release()
     return run
+
+
+# The host lock, in POSIX sh: flock(1) on <root>/.lock (Python's fcntl where flock is missing), the
+# holder's line written into the file, then held by a process reading stdin, which ends when the run
+# releases it — or by itself when the controller dies and its SSH session closes: no lock outlives its
+# run. A second run is refused at once, naming the holder.
+LOCK = """exec 2>&1
+mkdir -p {root} || exit 1
+if command -v flock >/dev/null 2>&1; then
+  exec 9>>{root}/.lock || exit 1
+  if ! flock -n 9; then echo "held: $(cat {root}/.lock)"; exit 1; fi
+  printf '%s\\n' {holder} > {root}/.lock
+  echo locked
+  exec cat >/dev/null
+fi
+exec {python} -c '
+import fcntl, sys
+f = open(sys.argv[1], "a+")
+try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    f.seek(0); print("held: " + f.read().strip()); sys.exit(1)
+f.truncate(0); f.write(sys.argv[2] + "\\n"); f.flush(); print("locked", flush=True); sys.stdin.read()
+' {root}/.lock {holder}
+"""
+
+
+def holder(run_id: str) -> str:
+    """Who holds a host lock: the run, the controller host, the user, the controller's pid, and since when."""
+    return (f"run {run_id or 'unnamed'} from {socket.gethostname()} (user {getpass.getuser()}, pid {os.getpid()}) "
+            f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+
+
+def lock_host(conn: Connection, facts: Facts, run_id: str, timeout: float) -> Callable[[], None] | Step:
+    """Hold the host's lock for the rest of this run (the function that releases it), or a failed "lock"
+    step naming the run that holds it."""
+    root = facts.fleet_root
+    python = facts.python.path if facts.python else "python3"
+    answer, release = conn.hold(LOCK.format(root=q(root), holder=q(holder(run_id)), python=q(python)),
+                                timeout=timeout)
+    if answer == "locked":
+        return release
+    release()
+    if answer.startswith("held: "):
+        return failed("lock", f"{root} is locked by {answer[6:] or 'another fleetctl run'}: wait for that run "
+                              "to finish (a run that died releases the lock when its SSH session closes)")
+    return failed("lock", f"cannot lock {root}/.lock: {answer or 'no answer'}")
 
 
 def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, options: Options,
@@ -150,7 +206,7 @@ def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
             if exc.status != Status.FAILED:
                 raise  # unreachable or timed out: the whole host's outcome says so
             value = failed(name, exc.reason)
-        if isinstance(value, Step) or name not in ("facts", "resolve", "state"):
+        if isinstance(value, Step) or name not in ("facts", "resolve", "lock", "state"):
             step = replace(value, duration=round(time.monotonic() - start, 2))
             run.steps.append(step)
             if step.status == Status.FAILED:

@@ -37,6 +37,7 @@ class Options:
     check: bool = False  # --check: decide everything, change nothing
     revalidate: bool = False  # validate and smoke again even where the current stack passed before
     overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
+    run_id: str = ""  # named in the host lock this run holds
 
 
 @dataclass(frozen=True)

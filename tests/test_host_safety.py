@@ -12,6 +12,7 @@ import os
 import shlex
 import socket
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fleetctl.recorded import Reply
 from fleetctl.resolve import Request, resolve
 from fleetctl.steps import Options
 from fleetctl.target import parse_state, state_script, target_for
-from tests.conftest import wait_until
+from tests.conftest import ROOT, needs_sshd, wait_until
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
 from tests.test_steps import context
 
@@ -192,3 +193,99 @@ def test_a_service_failing_after_activate_puts_current_back_and_restarts_the_old
     assert f"envs/{OLD.id}/bin/python" in restart
     assert conn.commands(r"service\.stack$")[-1].startswith(f"echo '{OLD.id} ")
     assert result.status == "failed"
+
+
+# ---------------------------------------------------------------- the host lock
+
+def lock_script(root: Path, run_id: str) -> str:
+    from fleetctl.provision import LOCK, holder
+    return LOCK.format(root=shlex.quote(str(root)), holder=shlex.quote(holder(run_id)), python=PYTHON)
+
+
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "python-fcntl"])
+def test_the_lock_admits_one_holder_names_it_and_ends_with_its_stdin(tmp_path, flock):
+    env = None
+    if not flock:  # a host without flock(1): only the commands the script needs besides it
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for tool in ("mkdir", "cat"):
+            (bin_dir / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True,
+                                                       text=True).stdout.strip())
+        env = {"PATH": str(bin_dir)}
+    root = tmp_path / "root"
+    first = subprocess.Popen(["/bin/sh", "-c", lock_script(root, "provision-1")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = sh(lock_script(root, "provision-2"), env=env, input="")
+        assert second.returncode == 1 and second.stdout.startswith("held: run provision-1 from ")
+        assert f"pid {os.getpid()})" in second.stdout and " since 20" in second.stdout
+    finally:
+        first.stdin.close()  # the controller's end closes: the holder exits, the lock with it
+        first.wait(timeout=10)
+    third = sh(lock_script(root, "provision-3"), env=env, input="")
+    assert third.returncode == 0 and third.stdout.strip() == "locked"
+    assert (root / ".lock").read_text().startswith("run provision-3 ")
+
+
+HANGING_UV = """#!/bin/sh
+# The installer at work: it holds the host (and the run its lock) until the test releases it.
+touch {dir}/uv-started
+while [ ! -e {dir}/uv-release ]; do sleep 0.1; done
+exit 3
+"""
+
+
+def locked_lab(small_lab, tmp_path):
+    """A CPU lab host whose installer (a stand-in uv first on its PATH) runs until released."""
+    lab = small_lab(("cpu-lock", None, {}), net=87)
+    host = lab.hosts["cpu-lock"]
+    uv = host.dir / "bin" / "uv"
+    uv.write_text(HANGING_UV.format(dir=host.dir))
+    uv.chmod(0o755)
+    return lab, host, lab.write_inventory(tmp_path / "lock.yml")
+
+
+def provision_cli(inventory: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "provision", str(inventory), "--json", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def failed_step(out: str) -> dict:
+    return next(s for s in json.loads(out)["hosts"]["cpu-lock"]["steps"] if s["status"] == "failed")
+
+
+@needs_sshd
+def test_two_provisions_at_once_one_proceeds_the_other_names_the_holder(small_lab, tmp_path):
+    lab, host, inventory = locked_lab(small_lab, tmp_path)
+    first = provision_cli(inventory)
+    try:
+        wait_until(lambda: (host.dir / "uv-started").exists() or first.poll() is not None, 120, "the first install")
+        assert first.poll() is None, first.communicate()
+        out, err = provision_cli(inventory).communicate(timeout=120)
+        step = failed_step(out)
+        assert step["name"] == "lock", step
+        assert step["detail"].startswith("/opt/fleetctl is locked by run provision-") or \
+            step["detail"].startswith(f"{host.fleet_root} is locked by run provision-")
+        assert f"(user root, pid {first.pid})" in step["detail"] and "wait for that run to finish" in step["detail"]
+        assert (host.dir / "uv-started").exists() and not list((host.fleet_root / "envs").glob("*/fleetctl-stack.json"))
+    finally:
+        (host.dir / "uv-release").touch()
+        out, _ = first.communicate(timeout=120)
+    assert failed_step(out)["name"] == "install"  # the first run went on, into the install, as the only one
+
+
+@needs_sshd
+def test_a_controller_killed_while_holding_the_lock_leaves_it_to_the_next_run(small_lab, tmp_path):
+    lab, host, inventory = locked_lab(small_lab, tmp_path)
+    first = provision_cli(inventory)
+    wait_until(lambda: (host.dir / "uv-started").exists() or first.poll() is not None, 120, "the first install")
+    assert lab.ssh("cpu-lock", "flock -n /opt/fleetctl/.lock true").returncode == 1  # held while it runs
+    first.kill()  # SIGKILL: no release, no cleanup; its SSH session closes with it
+    first.communicate()
+    wait_until(lambda: lab.ssh("cpu-lock", "flock -n /opt/fleetctl/.lock true").returncode == 0, 60,
+               "the dead run's lock ending with its session")
+    (host.dir / "uv-started").unlink()
+    (host.dir / "uv-release").touch()  # the dead run's installer may finish too
+    out, _ = provision_cli(inventory).communicate(timeout=120)
+    assert failed_step(out)["name"] == "install"  # past the lock: the next run got it

@@ -95,7 +95,8 @@ def kept_serving(conn: RecordedConnection) -> RecordedConnection:
     """The kept environment's marker and its re-proof (smoke.py from current) answer as a serving host's."""
     marker = json.dumps({"id": "old", "stack": STACK.to_dict()})
     return (conn.answer(rf"cat /opt/fleetctl/{OLD}/fleetctl-stack\.json", Reply(marker))
-            .answer(r"current/bin/python /opt/fleetctl/lib/smoke\.py", Reply('{"verdict": "pass"}\n')))
+            .answer(r"current/bin/python /opt/fleetctl/lib/smoke\.py", Reply('{"verdict": "pass"}\n'))
+            .answer(r"^readlink /opt/fleetctl/current$", Reply(f"{OLD}\n")))
 
 
 def test_a_failed_canary_gate_keeps_its_environment_and_no_wave_follows(monkeypatch, tmp_path):

@@ -202,7 +202,8 @@ def test_a_second_run_changes_nothing():
         f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {Path(r).name}" for p, r in conn.puts))
     result, s = run(again)
     assert result.status == "ok" and result.counts() == {"ok": 5, "changed": 0, "failed": 0, "skipped": 2}
-    assert again.puts == [] and len(again.ran) == 3  # the probe, the state, verify
+    assert again.puts == [] and len(again.ran) == 4  # the probe, the host lock, the state, verify
+    assert again.released == again.commands(r"flock -n")  # the lock was released at the end
 
 
 def test_a_failed_proof_stops_the_host_before_activation():
