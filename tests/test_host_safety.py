@@ -289,3 +289,43 @@ def test_a_controller_killed_while_holding_the_lock_leaves_it_to_the_next_run(sm
     (host.dir / "uv-release").touch()  # the dead run's installer may finish too
     out, _ = provision_cli(inventory).communicate(timeout=120)
     assert failed_step(out)["name"] == "install"  # past the lock: the next run got it
+
+
+# ---------------------------------------------------------------- the audit asks the service's port
+
+@pytest.fixture
+def http_server():
+    """A stand-in vLLM on a free port: answers /version and /v1/models with what the test sets."""
+    import http.server
+    import threading
+    answers = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(answers.get(self.path, {})).encode()
+            self.send_response(200 if self.path in answers else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], answers
+    server.shutdown()
+
+
+def test_the_audit_reports_a_port_that_serves_another_stack_or_nothing(http_server):
+    from fleetctl import audit
+    port, answers = http_server
+    served = lambda: json.loads(sh(f"{PYTHON} - {port}", input=audit.SERVED).stdout)  # noqa: E731
+    answers.update({"/version": {"version": STACK.vllm}, "/v1/models": {"data": [{"id": "tiny"}]}})
+    assert audit.served_drift(served(), port, STACK) == []
+    answers["/version"] = {"version": "0.31.0"}  # the old server kept the port
+    assert [d.detail for d in audit.served_drift(served(), port, STACK)] == [
+        f"port {port} serves vLLM 0.31.0, locked {STACK.vllm}"]
+    answers["/version"], answers["/v1/models"] = {"version": f"{STACK.vllm}+cpu"}, {"data": []}
+    assert "serves no model" in audit.served_drift(served(), port, STACK)[0].detail
+    nothing = json.loads(sh(f"{PYTHON} - {free_port()}", input=audit.SERVED).stdout)
+    assert audit.served_drift(nothing, port, STACK)[0].detail.startswith(f"the service runs but port {port} does not")
