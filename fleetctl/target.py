@@ -24,6 +24,7 @@ from .serving import PYCACHE
 
 MARKER = "fleetctl-stack.json"  # written last into an environment: it is complete
 LIB_SCRIPTS = ("validate.py", "smoke.py")  # what fleetctl ships to <root>/lib
+UNIT = "fleetctl-vllm.service"  # the service where the host runs systemd
 
 
 def q(value) -> str:
@@ -87,6 +88,7 @@ class HostState:
     service: str | None = None  # <root>/service.stack: "<stack id> <settings digest>"
     service_alive: bool = False  # <root>/service.pid names a live process that is still the service
     previous: str | None = None  # where <root>/previous points
+    systemd: bool = False  # the host runs systemd (/run/systemd/system): the service is a unit
     files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
     model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
 
@@ -128,6 +130,8 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
              f"echo @@service; cat {root}/service.stack 2>/dev/null",
              SERVICE_PID, f"service_pid {root} >/dev/null && echo alive",
              f"echo @@previous; readlink {root}/previous 2>/dev/null",
+             "echo @@init; [ -d /run/systemd/system ] && echo systemd",
+             f"systemctl is-active --quiet {UNIT} 2>/dev/null && echo unit-active",
              f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
     if wheelhouse:
         lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
@@ -149,13 +153,16 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
     marker = _json("\n".join(sections.get("marker", [])))
     service = [line.strip() for line in sections.get("service", []) if line.strip()]
     alive = bool(service) and service[-1] == "alive"
+    init = {line.strip() for line in sections.get("init", [])}
+    systemd = "systemd" in init
     files = {f"{where}/{line.split(None, 1)[1].strip()}": line.split()[0]
              for section, where in (("lib", f"{target.root}/lib"), ("wheelhouse", wheelhouse))
              for line in sections.get(section, []) if "  " in line}
     return HostState(marker=marker if marker.get("id") == target.stack_id else {},
                      current="\n".join(sections.get("current", [])).strip() or None,
                      previous="\n".join(sections.get("previous", [])).strip() or None,
-                     service=" ".join(service[:-1] if alive else service) or None, service_alive=alive,
+                     service=" ".join(service[:-1] if alive else service) or None,
+                     service_alive="unit-active" in init if systemd else alive, systemd=systemd,
                      files=files, model_config=_json("\n".join(sections.get("model", []))) or None)
 
 

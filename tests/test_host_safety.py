@@ -329,3 +329,53 @@ def test_the_audit_reports_a_port_that_serves_another_stack_or_nothing(http_serv
     assert "serves no model" in audit.served_drift(served(), port, STACK)[0].detail
     nothing = json.loads(sh(f"{PYTHON} - {free_port()}", input=audit.SERVED).stdout)
     assert audit.served_drift(nothing, port, STACK)[0].detail.startswith(f"the service runs but port {port} does not")
+
+
+# ---------------------------------------------------------------- a systemd host: the service as a unit
+
+def test_on_a_systemd_host_the_service_is_a_unit_restarted_and_proven_by_systemctl():
+    import configparser
+    from fleetctl.target import HostState
+    from tests.conftest import exec_words
+    assert parse_state("@@service\n@@init\nsystemd\nunit-active\n", target_for(FACTS, STACK)).service_alive
+    assert not parse_state("@@service\nx 1\nalive\n@@init\nsystemd\n", target_for(FACTS, STACK)).service_alive
+    plan = steps.service(context(state=HostState(systemd=True), play=PLAY.for_host({"fleet_service_port": 18001})))
+    changes = [a.change for a in plan.actions]
+    assert changes[:2] == ["stop fleetctl-vllm.service", "stop a pid-file service"]
+    assert changes[-4:] == ["write fleetctl-vllm.service", "restart fleetctl-vllm.service", None,
+                            "record the service's stack and settings"]
+    assert not any("--keep-serving" in a.command for a in plan.actions)
+    assert "--prepare-only" in next(a.command for a in plan.actions if a.change == "prepare the model")
+    restart = next(a for a in plan.actions if a.change == "restart fleetctl-vllm.service").command
+    assert restart == ("systemctl daemon-reload && systemctl enable -q fleetctl-vllm.service && "
+                       "systemctl restart fleetctl-vllm.service")
+    check = next(a for a in plan.actions if a.reads).command
+    assert "systemctl is-active --quiet fleetctl-vllm.service" in check and "127.0.0.1:18001/health" in check
+    unit_text = next(a.stdin for a in plan.actions if a.change == "write fleetctl-vllm.service")
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(unit_text)
+    words = exec_words(unit["Service"]["ExecStart"])
+    assert words[:3] == [f"/opt/fleetctl/envs/{STACK.id}/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert words[words.index("--port") + 1] == "18001"
+    assert words[words.index("--model") + 1] == "/opt/fleetctl/service/tiny-llama"
+    assert unit["Service"]["Restart"] == "on-failure" and unit["Install"]["WantedBy"] == "multi-user.target"
+    assert 'Environment="VLLM_CPU_KVCACHE_SPACE=1"' in unit_text and "UnsetEnvironment=PYTHONDONTWRITEBYTECODE" in unit_text
+
+
+def test_the_unit_check_passes_only_an_active_unit_whose_port_answers(tmp_path, http_server):
+    port, answers = http_server
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    state = tmp_path / "state"
+    state.write_text("active")
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\n# stand-in: is-active [--quiet] UNIT\ns=$(cat {state})\n"
+                                       '[ "$2" = --quiet ] || echo "$s"\n[ "$s" = active ]\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    script = lambda p: steps.UNIT_CHECK.format(unit="fleetctl-vllm.service", python=PYTHON, port=p, tries=3)  # noqa: E731
+    answers["/health"] = {}
+    ok = sh(script(port), env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["verdict"] == "pass"
+    state.write_text("failed")
+    bad = sh(script(port), env=env)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["error"].startswith("fleetctl-vllm.service is failed")

