@@ -111,6 +111,24 @@ def test_a_failed_canary_gate_keeps_its_environment_and_no_wave_follows(monkeypa
     assert rollout.Journal.load(journal.id).data == json.loads(json.dumps(journal.data))  # saved as it went
 
 
+def test_the_journal_says_what_the_host_runs_after_a_failed_gate(monkeypatch, tmp_path):
+    """The service failing after activate: the host is put back and the journal says so; where current
+    still names another environment, the journal says that instead of "kept"."""
+    bad_service = Reply('{"verdict": "fail", "error": "port in use"}\n', 1)
+    c1 = kept_serving(fake_host(f"@@current\n{OLD}\n", name="c1")).answer(r"--keep-serving", bad_service)
+    journal = run_rollout(fleet({"c1": c1}, monkeypatch, tmp_path), {"c1": c1})
+    host = journal.data["hosts"]["c1"]
+    assert (host["state"], host["step"], host["current"]) == ("rolled_back", "service", OLD)
+    assert [s["name"] for s in host["run"]["steps"]][-2:] == ["service", "revert"]
+    assert c1.commands(rf"ln -sfn {OLD} \.current\.new")  # put back
+    stuck = kept_serving(fake_host(f"@@current\n{OLD}\n", name="c1")).answer(r"--keep-serving", bad_service).answer(
+        r"^readlink /opt/fleetctl/current$", Reply(f"envs/{STACK.id}\n"))
+    journal = run_rollout(fleet({"c1": stuck}, monkeypatch, tmp_path), {"c1": stuck})
+    host = journal.data["hosts"]["c1"]
+    assert host["state"] == "failed" and host["rollback"] == (
+        f"current is envs/{STACK.id}, not {OLD}: the host was not put back")
+
+
 def test_the_gate_proves_even_a_stack_that_passed_before(monkeypatch, tmp_path):
     marker = json.dumps({"id": STACK.id, "stack": STACK.to_dict(), "validated": True})
     hosts = {"c1": fake_host(f"@@marker\n{marker}\n@@current\n{OLD}\n", name="c1")}
