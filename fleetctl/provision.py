@@ -14,7 +14,13 @@ recap and the run record are built from. A host's stacks live side by side under
 
 An environment is complete once its ``fleetctl-stack.json`` exists (written last),
 so an install that dies half way is rebuilt on the next run and never made current:
-the host keeps serving what it had.
+the host keeps serving what it had. A step failing after activate puts ``current`` and
+``previous`` back and starts the old stack's service again (a "revert" step says so).
+
+Every run that changes a host holds its lock (``<fleet_root>/.lock``, flock) from after the facts
+to its last step, through a command left running on its own SSH session: a second run fails at
+once naming the holder (run, controller, user, pid, since), and a controller that dies takes its
+lock with it. ``--check`` takes none.
 """
 
 from __future__ import annotations
@@ -195,8 +201,8 @@ def _old_stack(conn: Connection, root: str, env_rel: str, timeout: float) -> Sta
 
 
 def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
-    """Run one part of the flow, timed: a Step is added to the run (facts, resolve and reading the
-    host's state only when they fail); a failed one stops the host."""
+    """Run one part of the flow, timed: a Step is added to the run (facts, resolve, the lock and reading
+    the host's state only when they fail); a failed one stops the host."""
     def record(name: str, action):
         on_step(host, name)
         start = time.monotonic()

@@ -5,7 +5,8 @@ root, the stack's environment, and how a proof's Python is started — the envir
 interpreter, or in container mode ``docker run … python3`` in the image (named as such,
 never passed off as a path to a Python). :class:`HostState` is what the host has now, read
 in one round trip (a command plus a pure parser, as facts are): the environment's marker,
-the ``current`` link, the service's stack and whether it is alive, the hashes of the
+the ``current`` and ``previous`` links, whether the host runs systemd, the service's stack and
+whether it is alive (a unit's ``is-active``, or a pid that is still the server: :data:`SERVICE_PID`), the hashes of the
 files fleetctl ships there, and the model's ``config.json``. The steps plan from these
 values; nothing re-reads the host between them.
 """
