@@ -168,12 +168,59 @@ def audit_task(lock: Lock, matrix: Matrix, validate: bool):
         facts = gather(host, conn, deadline)
         locked = lock.hosts.get(host.name)
         found = drift(facts, locked, matrix)
+        stack = locked.stack if locked else None
+        if stack and stack.vllm and facts.fleet and facts.fleet.service == "running":
+            found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
         if validate and facts.fleet and facts.fleet.current and facts.installed:
             verdict = _validate(host, conn, deadline, facts, locked)
             if verdict.get("verdict") != "pass":
                 found.append(Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
         return HostAudit(facts, tuple(found))
     return task
+
+
+def service_port(host: Host) -> int:
+    """The port the host's service listens on, as the default playbook's service step reads it."""
+    return int(host.vars.get("fleet_service_port") or 8000)
+
+
+def _served(host: Host, conn: Connection, deadline: Deadline, facts: Facts) -> dict | None:
+    """What the service's port answers, asked from the host itself (the port may not be reachable from here)."""
+    python = facts.python.path if facts.python else "python3"
+    result = conn.run(f"{shlex.quote(python)} - {service_port(host)}", timeout=deadline.left(host.name), stdin=SERVED)
+    try:
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def served_drift(answer: dict | None, port: int, stack) -> list[Drift]:
+    """The service's port must answer as vLLM of the locked version, serving a model (pure)."""
+    if answer is None:
+        return [Drift("service", f"could not ask port {port} what it serves (no Python answer on the host)")]
+    version, models = answer.get("/version") or {}, answer.get("/v1/models") or {}
+    if "error" in version:
+        return [Drift("service", f"the service runs but port {port} does not answer: {version['error']}")]
+    got = str(version.get("version"))
+    if got.split("+")[0] != stack.vllm:
+        return [Drift("service", f"port {port} serves vLLM {got}, locked {stack.vllm}")]
+    if "error" in models or not models.get("data"):
+        return [Drift("service", f"port {port} serves no model: {models.get('error') or 'an empty /v1/models'}")]
+    return []
+
+
+# Run by the host's Python on stdin: an audit writes nothing on the host.
+SERVED = """import json, sys, urllib.request
+out = {}
+for path in ("/version", "/v1/models"):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (int(sys.argv[1]), path), timeout=10) as answer:
+            out[path] = json.load(answer)
+    except Exception as exc:
+        out[path] = {"error": "%s: %s" % (type(exc).__name__, exc)}
+print(json.dumps(out))
+"""
 
 
 def _validate(host: Host, conn: Connection, deadline: Deadline, facts: Facts, locked: LockedHost | None) -> dict:

@@ -238,8 +238,9 @@ def cmd_provision(args, console: Console) -> int:
     lock_path = Lock.beside(args.inventory)
     if not args.check:
         writable(lock_path, "fleet.lock")
-    options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm})
     run_id, started = records.new_run_id("provision"), records.now()
+    options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm},
+                      run_id=run_id)
     outcomes: dict = {}
     for play in plays:
         if args.wheelhouse:

@@ -22,7 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .errors import CommandFailed, TimedOut, Unreachable
 from .inventory import Host
@@ -62,6 +62,8 @@ class Connection(Protocol):
     name: str
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result: ...
+
+    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]: ...
 
     def put(self, local: Path, remote: str, mode: int = ...) -> None: ...
 
@@ -107,6 +109,25 @@ class LocalConnection:
         finally:
             self.running.discard(proc)
         return Result(self.name, command, proc.returncode, out, err, time.monotonic() - start)
+
+    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+        """As SSHConnection.hold: *command* left running with its stdin open until released."""
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True)
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimedOut(self.name, f"no answer within {timeout:.0f}s from a command left running")
+        line = proc.stdout.readline().decode(errors="replace")
+
+        def release() -> None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return line.strip(), release
 
     def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
         target = Path(remote)
@@ -285,6 +306,25 @@ class SSHConnection:
             raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s")
         return Result(self.name, command, exited, out.decode(errors="replace"), err.decode(errors="replace"),
                       time.monotonic() - start)
+
+    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+        """Start *command* and leave it running, its stdin open, on a channel of its own (a host lock's
+        holder: it ends when released, or when this controller dies and the session closes). Returns
+        its first line of output (stderr merged by the command), or all it printed where it exited
+        first, and the function that releases it."""
+        _, paramiko = _ssh_stack()
+        out = bytearray()
+        try:
+            chan = self._conn.client.get_transport().open_session(timeout=timeout)
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            while b"\n" not in out and (chunk := chan.recv(4096)):
+                out += chunk
+        except socket.timeout:
+            raise TimedOut(self.name, f"no answer within {timeout:.0f}s from a command left running") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"connection lost: {exc}", fix="check the host is up") from None
+        return out.decode(errors="replace").strip(), chan.close
 
     def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
         """Copy *local* to *remote* over SFTP with *mode* (not the controller file's); a host that refuses

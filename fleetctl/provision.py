@@ -14,18 +14,28 @@ recap and the run record are built from. A host's stacks live side by side under
 
 An environment is complete once its ``fleetctl-stack.json`` exists (written last),
 so an install that dies half way is rebuilt on the next run and never made current:
-the host keeps serving what it had.
+the host keeps serving what it had. A step failing after activate puts ``current`` and
+``previous`` back and starts the old stack's service again (a "revert" step says so).
+
+Every run that changes a host holds its lock (``<fleet_root>/.lock``, flock) from after the facts
+to its last step, through a command left running on its own SSH session: a second run fails at
+once naming the holder (run, controller, user, pid, since), and a controller that dies takes its
+lock with it. ``--check`` takes none.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .connection import Connection
 from .errors import HostError, WheelhouseError
-from .execute import Step, execute, failed
+from .execute import Planned, Step, execute, failed
 from .facts import Facts, gather
 from .fanout import Deadline
 from .inventory import Host
@@ -36,10 +46,10 @@ from .resolve import Request, Stack, resolve
 from .serving import backend_option, plan_serving
 from .status import Status
 from .steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
-    ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, summary,
-    wheels_for,
+    ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
+    summary, wheels_for,
 )
-from .target import MARKER, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
+from .target import MARKER, q, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
 
 
 @dataclass
@@ -79,24 +89,121 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
     """One host's provisioning over one connection, within one deadline."""
     run = HostRun(host.name)
     record = _recorder(run, host.name, on_step or (lambda host, step: None))
+    release = None
     try:
         facts = record("facts", lambda: gather(host, conn, deadline))
         run.facts = facts.to_dict()
         stack = record("resolve", lambda: _resolve(run, facts, play.hostvars(host.vars), matrix, options))
+        if not options.check:  # --check changes nothing, so it takes no lock
+            release = record("lock", lambda: lock_host(conn, facts, options.run_id, deadline.left(host.name)))
         c = record("state", lambda: context(host, conn, deadline, play, matrix, options, facts, stack, run.changes))
+        was = None  # current and previous before this run's activate switched them
         for name in c.play.steps:
             plan = STEPS[name](c)
-            record(name, lambda: execute(plan, conn, deadline, check=options.check))
+            try:
+                step = record(name, lambda: execute(plan, conn, deadline, check=options.check))
+            except Stopped:
+                if was is not None:
+                    run.steps.extend(put_back(host, conn, deadline, play, matrix, options, c, was))
+                raise
+            if name == "activate" and step.status == Status.CHANGED and not options.check:
+                was = step.data.get("was")
             if not options.check and not isinstance(plan, Step):
                 c = replace(c, state=c.state.after(plan.puts))  # what this step sent, no later step sends again
     except Stopped:
         pass
+    finally:
+        if release:
+            release()
     return run
 
 
+# The host lock, in POSIX sh: flock(1) on <root>/.lock (Python's fcntl where flock is missing), the
+# holder's line written into the file, then held by a process reading stdin, which ends when the run
+# releases it — or by itself when the controller dies and its SSH session closes: no lock outlives its
+# run. A second run is refused at once, naming the holder.
+LOCK = """exec 2>&1
+mkdir -p {root} || exit 1
+if command -v flock >/dev/null 2>&1; then
+  exec 9>>{root}/.lock || exit 1
+  if ! flock -n 9; then echo "held: $(cat {root}/.lock)"; exit 1; fi
+  printf '%s\\n' {holder} > {root}/.lock
+  echo locked
+  exec cat >/dev/null
+fi
+exec {python} -c '
+import fcntl, sys
+f = open(sys.argv[1], "a+")
+try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    f.seek(0); print("held: " + f.read().strip()); sys.exit(1)
+f.truncate(0); f.write(sys.argv[2] + "\\n"); f.flush(); print("locked", flush=True); sys.stdin.read()
+' {root}/.lock {holder}
+"""
+
+
+def holder(run_id: str) -> str:
+    """Who holds a host lock: the run, the controller host, the user, the controller's pid, and since when."""
+    return (f"run {run_id or 'unnamed'} from {socket.gethostname()} (user {getpass.getuser()}, pid {os.getpid()}) "
+            f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+
+
+def lock_host(conn: Connection, facts: Facts, run_id: str, timeout: float) -> Callable[[], None] | Step:
+    """Hold the host's lock for the rest of this run (the function that releases it), or a failed "lock"
+    step naming the run that holds it."""
+    root = facts.fleet_root
+    python = facts.python.path if facts.python else "python3"
+    answer, release = conn.hold(LOCK.format(root=q(root), holder=q(holder(run_id)), python=q(python)),
+                                timeout=timeout)
+    if answer == "locked":
+        return release
+    release()
+    if answer.startswith("held: "):
+        return failed("lock", f"{root} is locked by {answer[6:] or 'another fleetctl run'}: wait for that run "
+                              "to finish (a run that died releases the lock when its SSH session closes)")
+    return failed("lock", f"cannot lock {root}/.lock: {answer or 'no answer'}")
+
+
+def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, options: Options,
+             c: Context, was: dict) -> list[Step]:
+    """A step after activate failed: current and previous go back to what they were, and where a service
+    ran before this run, the old stack's service is started again (the failed step stopped it), so the
+    host runs what its links say. Returns the steps saying so ("revert", and "service" again)."""
+    start = time.monotonic()
+    back = was.get("current")
+    try:
+        undo = execute(Planned("revert", (revert(c.target.root, back, was.get("previous")),),
+                               lambda _: Step("revert", Status.CHANGED, f"current back to {back or 'nothing'}")),
+                       conn, deadline)
+        if undo.status == Status.FAILED or not back or not c.state.service_alive:
+            return [replace(undo, duration=round(time.monotonic() - start, 2))]
+        old = _old_stack(conn, c.target.root, back, deadline.left(host.name))
+        if isinstance(old, str):
+            return [replace(undo, status=Status.FAILED, detail=f"current back to {back}; its service not restarted: {old}")]
+        oc = context(host, conn, deadline, play, matrix, options, c.facts, old, [])
+        again = execute(STEPS["service"](oc), conn, deadline)
+    except HostError as exc:
+        return [failed("revert", f"putting current back to {back or 'nothing'} failed: {exc.reason}")]
+    restarted = again.status != Status.FAILED
+    return [replace(undo, status=Status.CHANGED if restarted else Status.FAILED,
+                    detail=f"current back to {back}; the service of {old.id} "
+                           + ("restarted" if restarted else f"not restarted: {again.detail}"),
+                    duration=round(time.monotonic() - start, 2), tail=None if restarted else again.tail)]
+
+
+def _old_stack(conn: Connection, root: str, env_rel: str, timeout: float) -> Stack | str:
+    """The stack of the environment *env_rel* under *root*, from its marker; or why not."""
+    marker = conn.run(f"cat {q(root)}/{q(env_rel)}/{MARKER}", timeout=timeout)
+    try:
+        return Stack.from_dict(json.loads(marker.stdout)["stack"])
+    except (ValueError, KeyError, TypeError):
+        return f"{env_rel} has no readable {MARKER}"
+
+
 def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
-    """Run one part of the flow, timed: a Step is added to the run (facts, resolve and reading the
-    host's state only when they fail); a failed one stops the host."""
+    """Run one part of the flow, timed: a Step is added to the run (facts, resolve, the lock and reading
+    the host's state only when they fail); a failed one stops the host."""
     def record(name: str, action):
         on_step(host, name)
         start = time.monotonic()
@@ -106,7 +213,7 @@ def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
             if exc.status != Status.FAILED:
                 raise  # unreachable or timed out: the whole host's outcome says so
             value = failed(name, exc.reason)
-        if isinstance(value, Step) or name not in ("facts", "resolve", "state"):
+        if isinstance(value, Step) or name not in ("facts", "resolve", "lock", "state"):
             step = replace(value, duration=round(time.monotonic() - start, 2))
             run.steps.append(step)
             if step.status == Status.FAILED:

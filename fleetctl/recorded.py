@@ -51,6 +51,7 @@ class RecordedConnection:
         self.ran: list[str] = []  # every command, in order
         self.stdin: list[str | None] = []  # what each command was given on stdin
         self.puts: list[tuple[Path, str]] = []  # (local file, remote path), in order
+        self.released: list[str] = []  # commands left running (hold) that were released
         self.closed = False
 
     def answer(self, pattern: str, answer: Answer) -> RecordedConnection:
@@ -69,6 +70,18 @@ class RecordedConnection:
         if isinstance(answer, BaseException):
             raise answer
         return Result(self.name, command, answer.exited, answer.stdout, answer.stderr, 0.0)
+
+    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+        """A command left running (the host lock): answered by a rule that matches it, else "locked" — a
+        recorded host grants every lock no rule refuses. Releasing it is recorded in ``released``."""
+        self.ran.append(command)
+        self.stdin.append(None)
+        answer = next((a for p, a in self.rules if p.search(command)), Reply("locked\n"))
+        if callable(answer) and not isinstance(answer, (Reply, BaseException)):
+            answer = answer(command, None)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer.stdout.strip(), lambda: self.released.append(command)
 
     def put(self, local: Path, remote: str) -> None:
         self.puts.append((Path(local), remote))

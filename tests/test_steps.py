@@ -205,7 +205,8 @@ def test_a_second_run_changes_nothing():
         f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {Path(r).name}" for p, r in conn.puts))
     result, s = run(again)
     assert result.status == "ok" and result.counts() == {"ok": 5, "changed": 0, "failed": 0, "skipped": 2}
-    assert again.puts == [] and len(again.ran) == 3  # the probe, the state, verify
+    assert again.puts == [] and len(again.ran) == 4  # the probe, the host lock, the state, verify
+    assert again.released == again.commands(r"flock -n")  # the lock was released at the end
 
 
 def test_a_failed_proof_stops_the_host_before_activation():
@@ -238,25 +239,6 @@ def test_a_refused_host_and_a_host_that_goes_away():
     gone = fake_host().answer(r"uv venv", Unreachable("cpu-01", "connection lost"))
     with pytest.raises(Unreachable):
         run(gone)
-
-
-def test_the_service_stop_ends_the_servers_whole_group_under_dash(tmp_path):
-    """/bin/sh is dash on the lab's and most hosts: it refuses "kill -TERM -- -PGID", which once left the old
-    server running and the restarted service without its port."""
-    import subprocess
-    import time
-    pidfile = tmp_path / "service.pid"
-    # Detached, as smoke.py leaves a service: the group's leader is no child of ours (init reaps it).
-    subprocess.run(["setsid", "-f", "sh", "-c", f"sleep 60 & echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; "
-                    "sleep 60"], check=True)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    group = int(pidfile.read_text())
-    stop = subprocess.run(["/bin/sh", "-c", steps.STOP_SERVICE.format(root=shlex.quote(str(tmp_path)))], timeout=60)
-    assert stop.returncode == 0
-    assert subprocess.run(["/bin/sh", "-c", f"kill -0 -{group}"], capture_output=True).returncode != 0
 
 
 def test_the_install_scripts_python_snippets_are_valid_python():

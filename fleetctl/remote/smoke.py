@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for the server: its bytecode is written there and reused")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300, help="seconds for the server to answer /health")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="generate the model where none is given, and start nothing (a systemd unit serves it)")
     p.add_argument("--keep-serving", metavar="PIDFILE",
                    help="on a pass, leave the server running as the host's service and write its pid here")
     return p.parse_args(argv)
@@ -391,6 +393,9 @@ def run(args, report: dict, server: list) -> None:
     report["model"] = str(model)
     served = args.served_model_name or str(model)
     report["served_model_name"] = served
+    if args.prepare_only:  # a systemd unit serves it: the model exists, nothing is started here
+        report["verdict"] = "pass"
+        return
     args.port = report["port"] = pick_port(args.port)
     if args.pycache:
         Path(args.pycache).mkdir(parents=True, exist_ok=True)
@@ -409,6 +414,21 @@ def run(args, report: dict, server: list) -> None:
     if ok and mismatch:
         ok, report["error"] = False, mismatch
     report["verdict"] = "pass" if ok else "fail"
+
+
+def start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat, the process's start time in clock ticks since boot: with the pid, its
+    identity (a pid is reused, a pid and start time are not)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    """The service's pid (its process group, too) and, beside it in service.start, its start time, which
+    the stop checks before any signal. The start time goes first: a pid file is never without it."""
+    path.with_suffix(".start").write_text(start_time(pid) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, path)
 
 
 def raise_stopped(signum, _frame):
@@ -433,7 +453,7 @@ def main(argv=None) -> int:
         report["verdict"], report["error"] = "fail", f"{type(exc).__name__}: {exc}"
     finally:
         if server and args.keep_serving and report["verdict"] == "pass":
-            Path(args.keep_serving).write_text(f"{server[0].pid}\n")  # its process group, too
+            write_pidfile(Path(args.keep_serving), server[0].pid)
             report["service_pid"] = server[0].pid
         elif server:
             report["stop"] = stop_server(server[0])
