@@ -277,6 +277,21 @@ def test_a_read_only_fleet_root_is_a_failed_step_naming_it(small_lab, tmp_path):
     code, record = fleetctl_json("provision", inventory, "--wheelhouse", big_wheelhouse(tmp_path), timeout=600)
     run = record["hosts"]["gpu-f"]
     assert run["status"] == "failed", run
+    # The host lock is the run's first write: it fails, naming the file and the cause.
+    assert run["steps"][-1]["name"] == "lock", run["steps"]
+    assert "/opt/fleetctl/.lock" in run["steps"][-1]["detail"]
+    assert "read-only file system" in run["steps"][-1]["detail"].lower(), run["steps"][-1]
+
+
+def test_a_read_only_wheelhouse_is_a_failed_install_naming_it(small_lab, tmp_path):
+    lab = namespaced_host(small_lab, 89)
+    mounted = lab.ssh("gpu-f", "mkdir -p /opt/fleetctl/wheelhouse && mount --bind /opt/fleetctl/wheelhouse "
+                               "/opt/fleetctl/wheelhouse && mount -o remount,bind,ro /opt/fleetctl/wheelhouse")
+    assert mounted.returncode == 0, mounted.stderr
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_vllm="none")
+    code, record = fleetctl_json("provision", inventory, "--wheelhouse", big_wheelhouse(tmp_path), timeout=600)
+    run = record["hosts"]["gpu-f"]
+    assert run["status"] == "failed", run
     install = next(s for s in run["steps"] if s["name"] == "install")
     assert install["detail"] == ("read-only file system on gpu-f writing "
                                  "/opt/fleetctl/wheelhouse/big-1.0-py3-none-any.whl"), install
