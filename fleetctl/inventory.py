@@ -245,11 +245,23 @@ def _yaml_error(path: Path, error: yaml.YAMLError) -> InventoryError:
 def _ini_listings(path: Path, text: str, known: set[str]) -> list[_Listing]:
     listings = []
     for entry in parse_ini(path, text, known):
+        values = _bytes_unsafe(entry.vars)
         if entry.kind == "group":
-            listings.append(_Listing("group", entry.name, entry.parent, entry.vars, entry.line))
+            listings.append(_Listing("group", entry.name, entry.parent, values, entry.line))
         else:
-            listings += _host_listings(path, entry.line, entry.name, entry.vars, entry.parent)
+            listings += _host_listings(path, entry.line, entry.name, values, entry.parent)
     return listings
+
+
+def _bytes_unsafe(value: Any) -> Any:
+    """An INI b'...' literal: Ansible keeps its text but never templates it."""
+    if isinstance(value, bytes):
+        return Unsafe(value.decode("utf-8", "surrogateescape"))
+    if isinstance(value, dict):
+        return {key: _bytes_unsafe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_bytes_unsafe(item) for item in value]
+    return value
 
 
 class _Loader(yaml.SafeLoader):

@@ -133,7 +133,7 @@ def typed(value: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    # Ansible's variables hold no tuple, set, bytes, complex or Ellipsis: it turns them into these.
+    # Ansible's variables hold no tuple, set, complex or Ellipsis: it turns them into these.
     if isinstance(value, (list, tuple, set)):
         return [_plain(item) for item in value]
     if isinstance(value, dict):
@@ -142,6 +142,4 @@ def _plain(value: Any) -> Any:
         return "..."
     if isinstance(value, complex):
         return str(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return value
+    return value  # bytes stay bytes: inventory.py marks them !unsafe, as Ansible does
