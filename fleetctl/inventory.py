@@ -188,18 +188,12 @@ def _read_source(path: Path, known: set[str]) -> list[_Listing]:
         return _ini_listings(path, text, known)
     try:
         return _yaml_listings(path, text)
-    except _NotYamlInventory as not_yaml:  # Ansible hands a file its yaml plugin rejects to the ini plugin
-        try:
-            return _ini_listings(path, text, known)
-        except InventoryError:
-            raise not_yaml.error from None
+    except _NotYamlInventory:  # Ansible hands a file its yaml plugin rejects to the ini plugin
+        return _ini_listings(path, text, known)
 
 
 class _NotYamlInventory(Exception):
-    """The YAML reading failed before the file showed itself as a YAML inventory (a mapping)."""
-    def __init__(self, error: InventoryError):
-        super().__init__(str(error))
-        self.error = error
+    """The text is not a YAML mapping, so not a YAML inventory: a file for the INI reader."""
 
 
 def _read_text(path: Path) -> str:
@@ -218,14 +212,9 @@ def _yaml_listings(path: Path, text: str) -> list[_Listing]:
         loader = _Loader(text)
         root = loader.get_single_node()
     except yaml.YAMLError as error:
-        raise _NotYamlInventory(_yaml_error(path, error)) from None
+        raise _NotYamlInventory() from None
     if not isinstance(root, MappingNode):
-        try:
-            _Source(path, loader).mapping(root, "the inventory")
-        except InventoryError as error:
-            raise _NotYamlInventory(error) from None
-        raise _NotYamlInventory(InventoryError(f"{path}: the inventory is empty",
-                                               fix="list hosts under 'all:' / 'hosts:'"))
+        raise _NotYamlInventory()
     try:
         check_yaml_expansion(root, str(path), InventoryError)
         return list(_walk(_Source(path, loader), root))
