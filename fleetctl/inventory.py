@@ -5,10 +5,16 @@ file loads unchanged, and answers ``--limit`` host patterns as Ansible does. Var
 once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
 (groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars.
 
+Reads Ansible's sources as Ansible does: a YAML file (as the ``yaml`` plugin), an INI file (parsed
+in inventory_ini.py), told apart by extension and by whether the text is a YAML mapping; a
+directory of them (Ansible's ignored names and extensions skipped); several sources at once; and
+the ``group_vars/`` and ``host_vars/`` beside each source, in Ansible's precedence. Plugin configs,
+scripts and TOML are refused, naming ``ansible-inventory --export`` as the way to a static file.
+
 Where Ansible only warns (an unknown key in a group, one host given two addresses, a limit that
-names nothing), fleetctl refuses: an inventory that says something other than its author meant
-must not reach a fleet. Every problem is one ``InventoryError`` naming the file and line or key.
-Ansible's ``group_vars/`` and ``host_vars/`` directories are not read.
+names nothing, a source it cannot parse, an empty inventory), fleetctl refuses: an inventory that
+says something other than its author meant must not reach a fleet. Every problem is one
+``InventoryError`` naming the file and line or key.
 """
 
 from __future__ import annotations
@@ -188,12 +194,26 @@ def _read_source(path: Path, known: set[str]) -> list[_Listing]:
         return _ini_listings(path, text, known)
     try:
         return _yaml_listings(path, text)
-    except _NotYamlInventory:  # Ansible hands a file its yaml plugin rejects to the ini plugin
-        return _ini_listings(path, text, known)
+    except _NotYamlInventory as not_yaml:  # Ansible hands a file its yaml plugin rejects to the ini plugin
+        try:
+            return _ini_listings(path, text, known)
+        except InventoryError:
+            # Neither reads it: show the YAML error where the file was meant as YAML.
+            if not_yaml.error and (path.suffix or _looks_yaml(text)):
+                raise not_yaml.error from None
+            raise
+
+
+def _looks_yaml(text: str) -> bool:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip()[0] not in "#;"]
+    return bool(lines) and (lines[0] == "---" or lines[0].endswith(":"))
 
 
 class _NotYamlInventory(Exception):
     """The text is not a YAML mapping, so not a YAML inventory: a file for the INI reader."""
+    def __init__(self, error: InventoryError | None = None):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _read_text(path: Path) -> str:
@@ -212,7 +232,7 @@ def _yaml_listings(path: Path, text: str) -> list[_Listing]:
         loader = _Loader(text)
         root = loader.get_single_node()
     except yaml.YAMLError as error:
-        raise _NotYamlInventory() from None
+        raise _NotYamlInventory(_yaml_error(path, error)) from None
     if not isinstance(root, MappingNode):
         raise _NotYamlInventory()
     try:
@@ -236,7 +256,7 @@ def _ini_listings(path: Path, text: str, known: set[str]) -> list[_Listing]:
     for entry in parse_ini(path, text, known):
         values = _bytes_unsafe(entry.vars)
         if entry.kind == "group":
-            listings.append(_Listing("group", entry.name, entry.parent, values, entry.line))
+            listings.append(_Listing("group", entry.name, entry.parent, values, entry.line, path))
         else:
             listings += _host_listings(path, entry.line, entry.name, values, entry.parent)
     return listings
@@ -304,6 +324,7 @@ class _Listing:
     parent: str | None  # None for a top-level group
     vars: Mapping[str, Any]
     line: int
+    file: Path | None = None  # which source, when there are several
 
 
 def _walk(source: _Source, root: Node | None) -> Iterator[_Listing]:
@@ -327,7 +348,7 @@ def _walk_group(source: _Source, name: Any, key_node: Node, node: Node | None,
         if key not in ("hosts", "children", "vars"):
             raise source.error(section_key, f"unknown key '{key}' in {what}", fix="use 'hosts', 'children' or 'vars'")
     group_vars = source.values(sections.get("vars", (None, None))[1], f"'vars' of {what}", shorthand=True)
-    yield _Listing("group", name, parent, group_vars, key_node.start_mark.line + 1)
+    yield _Listing("group", name, parent, group_vars, key_node.start_mark.line + 1, source.path)
     # hosts and children in file order: it becomes the order of hosts and groups
     for key, (_, section) in sections.items():
         entries = {} if key == "vars" else source.mapping(section, f"'{key}' of {what}", shorthand=True)
@@ -361,7 +382,7 @@ def _host_listings(path: Path, line: int, entry: str, host_vars: dict[str, Any],
     except ValueError:
         raise InventoryError(f"{path}:{line}: host range in '{entry}' is not valid",
                              fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
-    return [_Listing("host", host, group, host_vars, line) for host in hosts]
+    return [_Listing("host", host, group, host_vars, line, path) for host in hosts]
 
 
 # One inventory entry expands to at most this many hosts: gpu[0:999999] would otherwise take hours
@@ -453,7 +474,7 @@ class _VarsFiles:
 
     def __init__(self, bases: tuple[Path, ...]):
         self.bases = tuple(dict.fromkeys(bases))
-        self.cache: dict[Path, dict[str, Any]] = {}
+        self.cache: dict[tuple[Path, str], dict[str, Any]] = {}
 
     def groups(self, names: list[str]) -> dict[str, Any]:
         # As Ansible's vars plugins: source by source, and within one source group by group.
@@ -464,13 +485,11 @@ class _VarsFiles:
         return {key: value for base in self.bases for key, value in self._entity(base / "host_vars", name).items()}
 
     def _entity(self, folder: Path, name: str) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        if folder.is_dir():
-            for file in _vars_files(folder, name):
-                if file not in self.cache:
-                    self.cache[file] = _read_vars(file)
-                merged |= self.cache[file]
-        return merged
+        # Cached per group and host: every host of a 5,000-host group asks for the same files.
+        if (folder, name) not in self.cache:
+            files = _vars_files(folder, name) if folder.is_dir() else []
+            self.cache[folder, name] = {key: value for file in files for key, value in _read_vars(file).items()}
+        return self.cache[folder, name]
 
 
 def _vars_files(folder: Path, name: str) -> list[Path]:
@@ -538,7 +557,7 @@ def _check_address(path: Path, item: _Listing, seen: dict[tuple[str, str], tuple
         if key in item.vars:
             group, value = seen.setdefault((item.name, key), (item.parent, item.vars[key]))
             if str(value) != str(item.vars[key]):
-                raise InventoryError(f"{path}:{item.line}: host '{item.name}' has {key} '{item.vars[key]}' in group "
+                raise InventoryError(f"{item.file or path}:{item.line}: host '{item.name}' has {key} '{item.vars[key]}' in group "
                                      f"'{item.parent}' but '{value}' in group '{group}'", fix=f"set {key} in one group")
 
 

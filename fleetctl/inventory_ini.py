@@ -111,8 +111,8 @@ def _host_line(line: str, group: str, number: int, error) -> list[IniEntry]:
         return []
     name, host_vars = tokens[0], {}
     if name.endswith(":") or name.strip() == "---":
-        raise error(f"'{name}' is not a host", fix="a trailing ':' needs a port; '---' and 'key:' lines are YAML, "
-                                                     "which needs a .yml name")
+        raise error(f"'{name}' is not a host", fix="a trailing ':' needs a port; a file of 'key:' lines is YAML, "
+                                                     "so check its YAML")
     for token in tokens[1:]:
         key, equals, value = token.partition("=")
         if not equals:

@@ -301,3 +301,16 @@ def test_unsupported_source_is_named_with_the_alternative(tmp_path, name, text, 
     message = str(caught.value)
     assert kind in message and "\n" not in message
     assert f"ansible-inventory -i {source} --list -y --export > inv.yml" in message
+
+
+@pytest.mark.parametrize("name", ["inventory", "hosts.yml"])
+def test_broken_yaml_shows_the_yaml_error_not_the_ini_one(tmp_path, name):
+    inventory = write(tmp_path, {name: "all:\n  hosts:\n    gpu01:\n  children: [\n"}) / name
+    with pytest.raises(InventoryError, match=rf"{name}:5: YAML error"):
+        load_inventory(inventory)
+
+
+def test_a_conflict_across_sources_names_the_file_it_is_in(tmp_path):
+    write(tmp_path, {"a.ini": "[gpu]\ngpu01 ansible_host=10.0.0.1\n", "b.ini": "[db]\n\ngpu01 ansible_host=10.0.0.2\n"})
+    with pytest.raises(InventoryError, match=r"b\.ini:3: host 'gpu01' has ansible_host '10\.0\.0\.2'"):
+        load_inventory([tmp_path / "a.ini", tmp_path / "b.ini"])
