@@ -333,7 +333,8 @@ def _walk(source: _Source, root: Node | None) -> Iterator[_Listing]:
         raise InventoryError(f"{source.path}: the inventory is empty", fix="list hosts under 'all:' / 'hosts:'")
     if "plugin" in top:
         raise InventoryError(f"{source.path}: this is an inventory plugin config (key 'plugin'), "
-                             f"for {top['plugin'][1].value}, which fleetctl does not run", fix=_EXPORT.format(source.path))
+                             f"for {top['plugin'][1].value}, which fleetctl does not run",
+                             fix=_EXPORT.format(source.path))
     for name, (key_node, node) in top.items():
         yield from _walk_group(source, name, key_node, node, None)
 
@@ -557,7 +558,8 @@ def _check_address(path: Path, item: _Listing, seen: dict[tuple[str, str], tuple
         if key in item.vars:
             group, value = seen.setdefault((item.name, key), (item.parent, item.vars[key]))
             if str(value) != str(item.vars[key]):
-                raise InventoryError(f"{item.file or path}:{item.line}: host '{item.name}' has {key} '{item.vars[key]}' in group "
+                raise InventoryError(f"{item.file or path}:{item.line}: host '{item.name}' has {key} "
+                                     f"'{item.vars[key]}' in group "
                                      f"'{item.parent}' but '{value}' in group '{group}'", fix=f"set {key} in one group")
 
 

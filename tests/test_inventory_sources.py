@@ -174,7 +174,8 @@ def test_ini_mistakes_are_one_line_naming_file_and_line(tmp_path, text, line, fr
 
 LAYOUT = {
     "inv/hosts.ini": "[gpu]\ngpu01 level=host_inline\ngpu02\n[a100:children]\ngpu\n[cpu]\ncpu01\n"
-                     "[gpu:vars]\nlevel=gpu_inline\nfrom_gpu_inline=1\n[all:vars]\nlevel=all_inline\nfrom_all_inline=1\n",
+                     "[gpu:vars]\nlevel=gpu_inline\nfrom_gpu_inline=1\n"
+                     "[all:vars]\nlevel=all_inline\nfrom_all_inline=1\n",
     "inv/group_vars/all.yml": "level: all_file\nfrom_all_file: 1\nansible_user: ubuntu\n",
     "inv/group_vars/a100.yaml": "level: a100_file\nfrom_a100_file: 1\n",
     "inv/group_vars/gpu/10-base.yml": "level: gpu_dir_10\nnested: {a: 1}\n",
@@ -234,7 +235,8 @@ def test_a_connection_set_in_group_vars_is_checked(tmp_path):
 
 DIRECTORY = {
     "inv/01-gpu.ini": "[gpu]\ngpu01\ngpu02\n",
-    "inv/02-more.yml": "all:\n  children:\n    gpu:\n      hosts:\n        gpu03:\n    head:\n      hosts:\n        head01:\n",
+    "inv/02-more.yml": "all:\n  children:\n    gpu:\n      hosts:\n        gpu03:\n"
+                       "    head:\n      hosts:\n        head01:\n",
     "inv/03-vars": "[gpu:vars]\nfleet_cuda=12.8\n",  # a group an earlier file defined
     "inv/sub/04.ini": "[db]\ndb01\n",
     "inv/hosts.retry": "not an inventory [[[\n",
