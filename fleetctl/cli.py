@@ -98,9 +98,18 @@ def _number(kind, text: str, what: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
+class Sources(argparse.Action):
+    """Several inventory sources, as Ansible's repeated -i: all are read, and the first stays
+    ``args.inventory``, the path a fleet.lock, a run record and a rollout journal are kept beside."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.inventory, namespace.inventories = values[0], list(values)
+
+
 def host_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("inventory", help="Ansible YAML inventory")
+    common.add_argument("inventory", nargs="+", action=Sources,
+                        help="Ansible inventory: YAML or INI files or directories, several as -i A -i B")
     common.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit")
     common.add_argument("-f", "--forks", type=forks, default=50, help="hosts at a time (default 50)")
     common.add_argument("-T", "--timeout", type=seconds, default=60.0, help="seconds per host (default 60)")
@@ -168,18 +177,18 @@ def parser() -> argparse.ArgumentParser:
     wh.add_argument("--facts", metavar="FILE",
                     help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
-    inv.add_argument("inventory")
+    inv.add_argument("inventory", nargs="+", action=Sources)
     inv.add_argument("--list", action="store_true", required=True, help="JSON, as ansible-inventory --list")
     return p
 
 
 def cmd_inventory(args, console: Console) -> int:
-    print(json.dumps(load_inventory(args.inventory).to_ansible_list(), indent=4, sort_keys=True))
+    print(json.dumps(load_inventory(args.inventories).to_ansible_list(), indent=4, sort_keys=True))
     return Exit.OK
 
 
 def cmd_facts(args, console: Console) -> int:
-    hosts = load_inventory(args.inventory).select(args.limit)
+    hosts = load_inventory(args.inventories).select(args.limit)
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     if args.json:
@@ -196,7 +205,7 @@ def cmd_facts(args, console: Console) -> int:
 
 def cmd_plan(args, console: Console) -> int:
     matrix = load_matrix(args.matrix)
-    hosts = load_inventory(args.inventory).select(args.limit)
+    hosts = load_inventory(args.inventories).select(args.limit)
     lock_path = None
     if args.write_lock is not None:
         lock_path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
@@ -231,7 +240,7 @@ def writable(path: Path, option: str) -> None:
 
 
 def cmd_provision(args, console: Console) -> int:
-    inventory = load_inventory(args.inventory)
+    inventory = load_inventory(args.inventories)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     limited = set(h.name for h in inventory.select(args.limit))
@@ -279,7 +288,7 @@ def record_lock(path: Path, outcomes: dict, matrix_digest: str) -> None:
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
-    inventory = load_inventory(args.inventory)
+    inventory = load_inventory(args.inventories)
     _, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     hosts = inventory.select(args.limit)
@@ -359,7 +368,7 @@ def cmd_retry(args, console: Console) -> int:
 
 
 def cmd_audit(args, console: Console) -> int:
-    inventory = load_inventory(args.inventory)
+    inventory = load_inventory(args.inventories)
     if args.install_timer:
         timer = audit.install_timer(args.inventory, args.install_timer, output=args.output, where=args.timer_dir)
         scope = " --user" if timer.user else ""

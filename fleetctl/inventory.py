@@ -5,10 +5,16 @@ file loads unchanged, and answers ``--limit`` host patterns as Ansible does. Var
 once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
 (groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars.
 
+Reads Ansible's sources as Ansible does: a YAML file (as the ``yaml`` plugin), an INI file (parsed
+in inventory_ini.py), told apart by extension and by whether the text is a YAML mapping; a
+directory of them (Ansible's ignored names and extensions skipped); several sources at once; and
+the ``group_vars/`` and ``host_vars/`` beside each source, in Ansible's precedence. Plugin configs,
+scripts and TOML are refused, naming ``ansible-inventory --export`` as the way to a static file.
+
 Where Ansible only warns (an unknown key in a group, one host given two addresses, a limit that
-names nothing), fleetctl refuses: an inventory that says something other than its author meant
-must not reach a fleet. Every problem is one ``InventoryError`` naming the file and line or key.
-Ansible's ``group_vars/`` and ``host_vars/`` directories are not read.
+names nothing, a source it cannot parse, an empty inventory), fleetctl refuses: an inventory that
+says something other than its author meant must not reach a fleet. Every problem is one
+``InventoryError`` naming the file and line or key.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import fnmatch
 import json
 import re
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +34,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from fleetctl.errors import InventoryError
+from fleetctl.inventory_ini import parse_ini
 from fleetctl.records import check_yaml_expansion
 
 __all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Unsafe", "Vaulted", "load_inventory"]
@@ -132,29 +139,138 @@ class Inventory:
         return set(node.hosts).union(*(self._members(child) for child in node.children))
 
 
-def load_inventory(path: str | Path) -> Inventory:
-    """Read and check an Ansible YAML inventory file."""
-    path = Path(path)
+def load_inventory(sources: str | Path | Sequence[str | Path]) -> Inventory:
+    """Read and check one or more inventory sources, as ``ansible-inventory -i A -i B`` would.
+
+    A source is a YAML or INI file (told apart as Ansible does) or a directory of them; the
+    ``group_vars/`` and ``host_vars/`` beside each source are merged into its hosts' vars.
+    """
+    paths = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(source) for source in sources]
+    if not paths:
+        raise InventoryError("no inventory given", fix="name an inventory file or directory")
+    listings: list[_Listing] = []
+    for path in paths:
+        if not path.exists():
+            raise InventoryError(f"{path}: no such inventory file", fix="check the path given with -i")
+        files = _source_files(path)
+        if not files:
+            raise InventoryError(f"{path}: the inventory directory has no inventory file",
+                                 fix="put YAML or INI inventory files in it")
+        for file in files:
+            known = {item.name for item in listings if item.kind == "group"}
+            found = _read_source(file, known)
+            if not found:  # Ansible lists nothing, silently; a command meant for a fleet must not
+                raise InventoryError(f"{file}: the inventory is empty", fix="list hosts under 'all:' / 'hosts:'")
+            listings += found
+    # As Ansible's host_group_vars: a directory source is its own base, a file's base is its directory.
+    bases = tuple(path if path.is_dir() else path.parent for path in paths)
+    return _assemble(paths[0], listings, bases)
+
+
+# Ansible's INVENTORY_IGNORE_EXTS (REJECT_EXTS plus .orig, .cfg, .retry) and the names it always skips.
+_IGNORED = re.compile(r"^\.|^host_vars$|^group_vars$|^vars_plugins$|"
+                      r"(\.pyc|\.pyo|\.swp|\.bak|~|\.rpm|\.md|\.txt|\.rst|\.orig|\.cfg|\.retry)$")
+_YAML_EXTS = ("", ".yml", ".yaml", ".json")
+_EXPORT = "write a static one with 'ansible-inventory -i {0} --list -y --export > inv.yml' and give fleetctl that"
+
+
+def _source_files(path: Path) -> list[Path]:
+    """The files one source stands for: itself, or a directory's files in name order, as Ansible walks it."""
+    if not path.is_dir():
+        return [path]
+    return [file for entry in sorted(path.iterdir(), key=lambda entry: entry.name) if not _IGNORED.search(entry.name)
+            for file in _source_files(entry)]
+
+
+def _read_source(path: Path, known: set[str]) -> list[_Listing]:
+    """One file's listings: YAML where Ansible's yaml plugin takes it, else (or when that fails) INI."""
+    text = _read_text(path)
+    if text.startswith("#!"):
+        raise InventoryError(f"{path}: this is an inventory script, which fleetctl does not run",
+                             fix=_EXPORT.format(path))
+    if path.suffix == ".toml":
+        raise InventoryError(f"{path}: TOML inventories are not read by fleetctl", fix=_EXPORT.format(path))
+    if path.suffix not in _YAML_EXTS:
+        return _ini_listings(path, text, known)
     try:
-        text = path.read_text(encoding="utf-8")
+        return _yaml_listings(path, text)
+    except _NotYamlInventory as not_yaml:  # Ansible hands a file its yaml plugin rejects to the ini plugin
+        try:
+            return _ini_listings(path, text, known)
+        except InventoryError:
+            # Neither reads it: show the YAML error where the file was meant as YAML.
+            if not_yaml.error and (path.suffix or _looks_yaml(text)):
+                raise not_yaml.error from None
+            raise
+
+
+def _looks_yaml(text: str) -> bool:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip()[0] not in "#;"]
+    return bool(lines) and (lines[0] == "---" or lines[0].endswith(":"))
+
+
+class _NotYamlInventory(Exception):
+    """The text is not a YAML mapping, so not a YAML inventory: a file for the INI reader."""
+    def __init__(self, error: InventoryError | None = None):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InventoryError(f"{path}: no such inventory file", fix="check the path given with -i") from None
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or error
         raise InventoryError(f"{path}: cannot read the inventory: {reason}", fix="give a UTF-8 YAML file") from None
+
+
+def _yaml_listings(path: Path, text: str) -> list[_Listing]:
+    """A YAML file's listings; _NotYamlInventory where the text is not a YAML mapping at all."""
     try:
         loader = _Loader(text)
         root = loader.get_single_node()
+    except yaml.YAMLError as error:
+        raise _NotYamlInventory(_yaml_error(path, error)) from None
+    if not isinstance(root, MappingNode):
+        raise _NotYamlInventory()
+    try:
         check_yaml_expansion(root, str(path), InventoryError)
-        listings = list(_walk(_Source(path, loader), root))
-    except yaml.MarkedYAMLError as error:
+        return list(_walk(_Source(path, loader), root))
+    except yaml.YAMLError as error:
+        raise _yaml_error(path, error) from None
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> InventoryError:
+    if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = ", ".join(part for part in (error.context, error.problem) if part)
-        raise InventoryError(f"{where}: YAML error: {problem}", fix="check indentation and quoting there") from None
-    except yaml.YAMLError as error:
-        raise InventoryError(f"{path}: YAML error: {error}", fix="fix the YAML") from None
-    return _assemble(path, listings)
+        return InventoryError(f"{where}: YAML error: {problem}", fix="check indentation and quoting there")
+    return InventoryError(f"{path}: YAML error: {error}", fix="fix the YAML")
+
+
+def _ini_listings(path: Path, text: str, known: set[str]) -> list[_Listing]:
+    listings = []
+    for entry in parse_ini(path, text, known):
+        values = _bytes_unsafe(entry.vars)
+        if entry.kind == "group":
+            listings.append(_Listing("group", entry.name, entry.parent, values, entry.line, path))
+        else:
+            listings += _host_listings(path, entry.line, entry.name, values, entry.parent)
+    return listings
+
+
+def _bytes_unsafe(value: Any) -> Any:
+    """An INI b'...' literal: Ansible keeps its text but never templates it."""
+    if isinstance(value, bytes):
+        return Unsafe(value.decode("utf-8", "surrogateescape"))
+    if isinstance(value, dict):
+        return {key: _bytes_unsafe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_bytes_unsafe(item) for item in value]
+    return value
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,6 +324,7 @@ class _Listing:
     parent: str | None  # None for a top-level group
     vars: Mapping[str, Any]
     line: int
+    file: Path | None = None  # which source, when there are several
 
 
 def _walk(source: _Source, root: Node | None) -> Iterator[_Listing]:
@@ -215,8 +332,9 @@ def _walk(source: _Source, root: Node | None) -> Iterator[_Listing]:
     if not top:
         raise InventoryError(f"{source.path}: the inventory is empty", fix="list hosts under 'all:' / 'hosts:'")
     if "plugin" in top:
-        raise InventoryError(f"{source.path}: this is an inventory plugin config (key 'plugin')",
-                             fix="fleetctl reads static YAML inventories; write one with ansible-inventory -y --list")
+        raise InventoryError(f"{source.path}: this is an inventory plugin config (key 'plugin'), "
+                             f"for {top['plugin'][1].value}, which fleetctl does not run",
+                             fix=_EXPORT.format(source.path))
     for name, (key_node, node) in top.items():
         yield from _walk_group(source, name, key_node, node, None)
 
@@ -231,7 +349,7 @@ def _walk_group(source: _Source, name: Any, key_node: Node, node: Node | None,
         if key not in ("hosts", "children", "vars"):
             raise source.error(section_key, f"unknown key '{key}' in {what}", fix="use 'hosts', 'children' or 'vars'")
     group_vars = source.values(sections.get("vars", (None, None))[1], f"'vars' of {what}", shorthand=True)
-    yield _Listing("group", name, parent, group_vars, key_node.start_mark.line + 1)
+    yield _Listing("group", name, parent, group_vars, key_node.start_mark.line + 1, source.path)
     # hosts and children in file order: it becomes the order of hosts and groups
     for key, (_, section) in sections.items():
         entries = {} if key == "vars" else source.mapping(section, f"'{key}' of {what}", shorthand=True)
@@ -247,20 +365,25 @@ def _walk_host(source: _Source, entry: Any, key_node: Node, node: Node | None, g
     if not isinstance(entry, str) or not entry:
         raise source.error(key_node, f"host name {entry!r} in group '{group}' is not a name", fix="quote it")
     host_vars = source.values(node, f"host '{entry}'")
+    yield from _host_listings(source.path, key_node.start_mark.line + 1, entry, host_vars, group)
+
+
+def _host_listings(path: Path, line: int, entry: str, host_vars: dict[str, Any], group: str) -> list[_Listing]:
+    """One host entry, YAML key or INI line: its port taken out, its range expanded."""
     match = _HOSTPORT.match(entry)
     if match:  # a port in the key is the host's ansible_port, unless its own vars say otherwise
         entry, host_vars = match[1] or match[3], {"ansible_port": int(match[2] or match[4]), **host_vars}
     count = _range_size(entry)
     if count > MAX_RANGE_HOSTS:
-        raise source.error(key_node, f"host range '{entry}' names {count:,} hosts, more than the {MAX_RANGE_HOSTS:,} "
-                           "one entry may", fix=f"split it into entries of at most {MAX_RANGE_HOSTS:,} hosts each")
+        raise InventoryError(f"{path}:{line}: host range '{entry}' names {count:,} hosts, more than the "
+                             f"{MAX_RANGE_HOSTS:,} one entry may",
+                             fix=f"split it into entries of at most {MAX_RANGE_HOSTS:,} hosts each")
     try:
         hosts = _expand_range(entry)
     except ValueError:
-        raise source.error(key_node, f"host range in '{entry}' is not valid",
-                           fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
-    for host in hosts:
-        yield _Listing("host", host, group, host_vars, key_node.start_mark.line + 1)
+        raise InventoryError(f"{path}:{line}: host range in '{entry}' is not valid",
+                             fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
+    return [_Listing("host", host, group, host_vars, line, path) for host in hosts]
 
 
 # One inventory entry expands to at most this many hosts: gpu[0:999999] would otherwise take hours
@@ -319,9 +442,15 @@ class _Draft:
     vars: dict[str, Any] = field(default_factory=dict)
 
 
-def _assemble(path: Path, listings: list[_Listing]) -> Inventory:
-    """Merge each host's vars in Ansible's order, check them, and freeze the result."""
+def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = ()) -> Inventory:
+    """Merge each host's vars in Ansible's order, check them, and freeze the result.
+
+    The order is Ansible's: all's inventory vars, group_vars/all, the other groups' inventory vars
+    (shallowest first), their group_vars/ files in the same order, the host's inventory vars, then
+    host_vars/. Each later one replaces a whole top-level key, as Ansible's default 'replace' does.
+    """
     drafts, host_vars = _collect(path, listings)
+    files = _VarsFiles(bases)
     parents = {name: [p for p, draft in drafts.items() if name in draft.children] for name in drafts}
     depths = _depths(path, parents)
     # Ansible consumes ansible_group_priority for ordering: it never becomes a host's variable.
@@ -331,12 +460,72 @@ def _assemble(path: Path, listings: list[_Listing]) -> Inventory:
     for host, own_vars in host_vars.items():
         member_of = {name for name, draft in drafts.items() if host in draft.hosts}
         in_order = sorted(_with_ancestors(member_of, parents), key=lambda g: (depths[g], priorities[g], g))
-        merged = {key: value for group in in_order for key, value in drafts[group].vars.items()} | own_vars
+        merged = {**drafts["all"].vars, **files.groups(["all"])}
+        merged.update(item for group in in_order[1:] for item in drafts[group].vars.items())
+        merged |= files.groups(in_order[1:]) | own_vars | files.host(host)
         _check_connection(path, host, merged)
         hosts[host] = Host(host, MappingProxyType(merged), tuple(in_order))
     groups = {name: Group(name, tuple(draft.hosts), tuple(draft.children), MappingProxyType(draft.vars))
               for name, draft in drafts.items()}
     return Inventory(path, MappingProxyType(hosts), MappingProxyType(groups))
+
+
+class _VarsFiles:
+    """The group_vars/ and host_vars/ beside each inventory source, each file read once."""
+
+    def __init__(self, bases: tuple[Path, ...]):
+        self.bases = tuple(dict.fromkeys(bases))
+        self.cache: dict[tuple[Path, str], dict[str, Any]] = {}
+
+    def groups(self, names: list[str]) -> dict[str, Any]:
+        # As Ansible's vars plugins: source by source, and within one source group by group.
+        return {key: value for base in self.bases for name in names
+                for key, value in self._entity(base / "group_vars", name).items()}
+
+    def host(self, name: str) -> dict[str, Any]:
+        return {key: value for base in self.bases for key, value in self._entity(base / "host_vars", name).items()}
+
+    def _entity(self, folder: Path, name: str) -> dict[str, Any]:
+        # Cached per group and host: every host of a 5,000-host group asks for the same files.
+        if (folder, name) not in self.cache:
+            files = _vars_files(folder, name) if folder.is_dir() else []
+            self.cache[folder, name] = {key: value for file in files for key, value in _read_vars(file).items()}
+        return self.cache[folder, name]
+
+
+def _vars_files(folder: Path, name: str) -> list[Path]:
+    """Ansible's find_vars_files: NAME, NAME.yml, NAME.yaml or NAME.json, the first that exists; a
+    directory stands for its files (recursively, in name order, hidden and backup~ files skipped)."""
+    for ext in _YAML_EXTS:
+        candidate = folder / (name + ext)
+        if candidate.is_dir():
+            return _dir_vars_files(candidate)
+        if candidate.exists():
+            return [candidate]
+    return []
+
+
+def _dir_vars_files(folder: Path) -> list[Path]:
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
+        if entry.name.startswith(".") or entry.name.endswith("~"):
+            continue
+        if entry.is_dir():
+            found += _dir_vars_files(entry)
+        elif entry.suffix in _YAML_EXTS:
+            found.append(entry)
+    return found
+
+
+def _read_vars(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    try:
+        loader = _Loader(text)
+        root = loader.get_single_node()
+        check_yaml_expansion(root, str(path), InventoryError)
+        return _Source(path, loader).values(root, f"the vars file {path.name}")
+    except yaml.YAMLError as error:
+        raise _yaml_error(path, error) from None
 
 
 def _collect(path: Path, listings: list[_Listing]) -> tuple[dict[str, _Draft], dict[str, dict[str, Any]]]:
@@ -369,7 +558,8 @@ def _check_address(path: Path, item: _Listing, seen: dict[tuple[str, str], tuple
         if key in item.vars:
             group, value = seen.setdefault((item.name, key), (item.parent, item.vars[key]))
             if str(value) != str(item.vars[key]):
-                raise InventoryError(f"{path}:{item.line}: host '{item.name}' has {key} '{item.vars[key]}' in group "
+                raise InventoryError(f"{item.file or path}:{item.line}: host '{item.name}' has {key} "
+                                     f"'{item.vars[key]}' in group "
                                      f"'{item.parent}' but '{value}' in group '{group}'", fix=f"set {key} in one group")
 
 

@@ -243,7 +243,7 @@ def test_bad_input_is_one_line_naming_file_and_place(name, fragments):
 def test_missing_or_unreadable_file(tmp_path):
     with pytest.raises(InventoryError, match=r"nosuch\.yml: no such inventory file"):
         load_inventory(tmp_path / "nosuch.yml")
-    with pytest.raises(InventoryError, match="cannot read the inventory"):
+    with pytest.raises(InventoryError, match="has no inventory file"):
         load_inventory(tmp_path)
     (tmp_path / "latin1.yml").write_bytes(b"all:\n  hosts:\n    caf\xe9:\n")
     with pytest.raises(InventoryError, match="cannot read the inventory"):
