@@ -30,7 +30,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from fleetctl.errors import InventoryError
 from fleetctl.records import check_yaml_expansion
 
-__all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Unsafe", "Vaulted", "load_inventory"]
+__all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Selection", "Unsafe", "Vaulted", "load_inventory"]
 
 # Exact spellings only: connection.py tells local from ssh by this value, so an alias such as
 # ansible.builtin.local would quietly be reached over ssh.
@@ -72,30 +72,29 @@ class Inventory:
     groups: Mapping[str, Group]
 
     def select(self, limit: str | None) -> list[Host]:
-        """The hosts an Ansible host pattern picks, in inventory order; None picks every host."""
-        if limit is None:
-            return list(self.hosts.values())
-        # A limit that is one host's name stays whole, so an IPv6 address is not split on its colons.
-        patterns = [limit] if limit in self.hosts else _split_patterns(limit)
-        if not patterns:  # Ansible reads '' as no limit at all; from an unset shell variable, that is a fleet
-            raise _no_match(limit, limit, self.path)
-        plain = [p for p in patterns if p[0] not in "!&"] or ["all"]
-        chosen: set[str] = set()
-        # As in Ansible: plain patterns first, then &intersections, then !exclusions.
-        for pattern in plain + [p for p in patterns if p[0] == "&"] + [p for p in patterns if p[0] == "!"]:
-            found = self._match(pattern[1:] if pattern[0] in "!&" else pattern)
-            if found is None:
-                raise _no_match(limit, pattern, self.path)
-            if pattern[0] == "!":
-                chosen -= found
-            elif pattern[0] == "&":
-                chosen &= found
-            else:
-                chosen |= found
-        selected = [host for name, host in self.hosts.items() if name in chosen]
-        if not selected:
-            raise _no_match(limit, limit, self.path)
-        return selected
+        """The hosts ``--limit`` picks, in Ansible's order for 'all'; None picks every host.
+        A limit that leaves no host is an error, as in Ansible; warnings are dropped (see ``selection``)."""
+        return list(self.selection("all", limit).hosts)
+
+    def selection(self, pattern: str = "all", limit: str | None = None) -> Selection:
+        """What ``ansible PATTERN --limit LIMIT --list-hosts`` picks, in its order, with its warnings.
+
+        A part of either that matches nothing is a warning; a limit that leaves no host at all is an
+        error, as in Ansible. A pattern alone that matches nothing is an empty selection, not an error."""
+        hosts, warnings = self._evaluate(self._split(pattern))
+        if limit is not None:
+            parts = self._split(limit)
+            if not parts:  # Ansible reads '' as no limit at all; from an unset shell variable, that is a fleet
+                raise _no_match(limit, self.path)
+            subset, more = self._evaluate(_limit_file_lines(parts))
+            warnings += [w for w in more if w not in warnings]
+            allowed = set(subset)
+            hosts = [name for name in hosts if name in allowed]
+            if not hosts:
+                raise _no_match(limit, self.path)
+        elif not hosts:
+            warnings.append("no hosts matched, nothing to do")
+        return Selection(tuple(self.hosts[name] for name in hosts), tuple(warnings))
 
     def to_ansible_list(self) -> dict:
         """What ``ansible-inventory -i FILE --list`` prints, as parsed JSON."""
@@ -108,28 +107,67 @@ class Inventory:
                 listing[group.name] = {key: names for key, names in entry.items() if names}
         return listing
 
-    def _match(self, pattern: str) -> set[str] | None:
-        """The hosts one pattern names; None when it names no group and no host (a typo, not a choice)."""
-        if pattern in self.hosts:
-            return {pattern}
+    def _split(self, pattern: str) -> list[str]:
+        # One host's name stays whole, so an IPv6 address is not split on its colons.
+        return [pattern] if pattern in self.hosts else _split_patterns(pattern)
+
+    def _evaluate(self, patterns: list[str]) -> tuple[list[str], list[str]]:
+        """Host names in Ansible's order: plain patterns in turn, then &intersections, then !exclusions."""
+        plain = [p for p in patterns if p[0] not in "!&"] or ["all"]
+        hosts: dict[str, None] = {}
+        warnings: list[str] = []
+        for pattern in plain + [p for p in patterns if p[0] == "&"] + [p for p in patterns if p[0] == "!"]:
+            if pattern in self.hosts:
+                hosts.setdefault(pattern)
+                continue
+            found = self._match(pattern[1:] if pattern[0] in "!&" else pattern, warnings)
+            if pattern[0] == "!":
+                hosts = {name: None for name in hosts if name not in set(found)}
+            elif pattern[0] == "&":
+                hosts = {name: None for name in hosts if name in set(found)}
+            else:
+                hosts.update(dict.fromkeys(found))
+        return list(hosts), warnings
+
+    def _match(self, pattern: str, warnings: list[str]) -> list[str]:
+        """The hosts one pattern names, in Ansible's order: matching groups' hosts, then matching hosts."""
         expr, position = _split_subscript(pattern)
         try:
             regex = re.compile(expr[1:] if expr.startswith("~") else fnmatch.translate(expr))
         except re.error as error:
             raise InventoryError(f"--limit '{pattern}' is not a valid regular expression: {error}") from None
         groups = [name for name in self.groups if regex.match(name)]
-        found = set().union(*(self._members(name) for name in groups))
+        found = dict.fromkeys(name for group in groups for name in self._group_hosts(group))
         # As in Ansible: a plain word that names a group means only that group; a glob also matches hosts.
         if not groups or expr.startswith("~") or any(char in expr for char in ".?*["):
-            found |= {name for name in self.hosts if regex.match(name)}
-        if position is not None:
-            found = set([name for name in self.hosts if name in found][position])
-        # An empty group is a real answer; a subscript past the end or a name nothing has is a typo.
-        return found if found or (groups and position is None) else None
+            found.update(dict.fromkeys(name for name in self.hosts if regex.match(name)))
+        if not found and not groups and expr != "all":
+            warnings.append(f"could not match host pattern '{expr}', ignoring it")
+        if position is None or not found:
+            return list(found)
+        try:
+            return _apply_subscript(list(found), position)
+        except IndexError:
+            raise InventoryError(f"no host matches the subscripted pattern '{pattern}': "
+                                 f"'{expr}' has {len(found)} hosts", fix="count from 0, or from -1 at the end") from None
 
-    def _members(self, group: str) -> set[str]:
-        node = self.groups[group]
-        return set(node.hosts).union(*(self._members(child) for child in node.children))
+    def _group_hosts(self, group: str) -> list[str]:
+        """A group's hosts as Ansible's Group.get_hosts orders them: its own, then its descendants'
+        level by level. (Ansible walks a level below the children in set order; fleetctl in file order.)"""
+        ordered, level, seen = [group], list(self.groups[group].children), {group}
+        while level:
+            fresh = [name for name in dict.fromkeys(level) if name not in seen]
+            ordered += fresh
+            seen.update(fresh)
+            level = [child for name in fresh for child in self.groups[name].children]
+        return list(dict.fromkeys(host for name in ordered for host in self.groups[name].hosts))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The hosts a pattern picks, in order, and the warnings Ansible would print on the way."""
+    hosts: tuple[Host, ...]
+    warnings: tuple[str, ...] = ()
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -417,25 +455,49 @@ def _split_patterns(limit: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def _limit_file_lines(parts: list[str]) -> list[str]:
+    """``@file`` parts of a limit replaced by the file's lines, one pattern each, as Ansible reads them."""
+    patterns = []
+    for part in parts:
+        if not part.startswith("@"):
+            patterns.append(part)
+            continue
+        try:
+            lines = Path(part[1:]).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise InventoryError(f"--limit {part}: cannot read the limit file: {reason}",
+                                 fix="name a file with one host or pattern a line") from None
+        patterns += [line.strip() for line in lines if line.strip()]
+    return patterns
+
+
 _SUBSCRIPT = re.compile(r"^(.+)\[(?:(-?[0-9]+)|([0-9]+)[:-]([0-9]*))\]$")
 
 
-def _split_subscript(pattern: str) -> tuple[str, slice | None]:
-    """`gpu[0]`, `gpu[-1]`, `gpu[2:5]`, `gpu[2:]`: pick by position, both ends included, as Ansible does."""
+def _split_subscript(pattern: str) -> tuple[str, tuple[int, int | None] | None]:
+    """`gpu[0]`, `gpu[-1]`, `gpu[2:5]`, `gpu[2:]`: a position or an inclusive range, as Ansible reads it."""
     match = None if pattern.startswith("~") else _SUBSCRIPT.match(pattern)
     if not match:
         return pattern, None
     expr, index, start, end = match.groups()
     if index is not None:
-        return expr, slice(int(index), int(index) + 1 or None)
-    if not end:
-        return expr, slice(int(start), None)
-    return expr, slice(int(start), (int(end) or int(start)) + 1)  # Ansible reads [n:0] as just [n]
+        return expr, (int(index), None)
+    return expr, (int(start), int(end) if end else -1)
 
 
-def _no_match(limit: str, pattern: str, path: Path) -> InventoryError:
-    where = f"'{limit}'" if pattern == limit else f"'{limit}': '{pattern}'"
-    return InventoryError(f"--limit {where} matches no host in {path}", fix="check it against the host and group names")
+def _apply_subscript(hosts: list[str], position: tuple[int, int | None]) -> list[str]:
+    """Ansible's subscript: [n] one host (IndexError past the end), [a:b] a slice with b included,
+    [a:] to the end, and [a:0] just [a]."""
+    start, end = position
+    if end:
+        return hosts[start:(len(hosts) - 1 if end == -1 else end) + 1]
+    return [hosts[start]]
+
+
+def _no_match(limit: str, path: Path) -> InventoryError:
+    return InventoryError(f"--limit '{limit}' leaves no host to target in {path}",
+                          fix="check it against the host and group names: fleetctl inventory INV --list-hosts")
 
 
 def _plain(value: Any) -> Any:
