@@ -29,6 +29,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from fleetctl.errors import InventoryError
 from fleetctl.records import check_yaml_expansion
+from fleetctl.templating import host_vars
 
 __all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Selection", "Unsafe", "Vaulted", "load_inventory"]
 
@@ -94,7 +95,20 @@ class Inventory:
                 raise _no_match(limit, self.path)
         elif not hosts:
             warnings.append("no hosts matched, nothing to do")
-        return Selection(tuple(self.hosts[name] for name in hosts), tuple(warnings))
+        return Selection(tuple(self.templated(name) for name in hosts), tuple(warnings))
+
+    def templated(self, name: str) -> Host:
+        """Host *name* with its vars templated as Ansible does when it uses them (see templating.py):
+        what the hosts of a selection carry. ``hosts`` keeps the vars as written."""
+        host = self.hosts[name]
+        return Host(name, host_vars(name, self.hosts_vars, _GroupHosts(self), self._group_names), host.groups)
+
+    @property
+    def hosts_vars(self) -> Mapping[str, Mapping[str, Any]]:
+        return _HostsVars(self.hosts)
+
+    def _group_names(self, name: str) -> list[str]:
+        return sorted(group for group in self.hosts[name].groups if group != "all")
 
     def to_ansible_list(self) -> dict:
         """What ``ansible-inventory -i FILE --list`` prints, as parsed JSON."""
@@ -161,6 +175,40 @@ class Inventory:
             seen.update(fresh)
             level = [child for name in fresh for child in self.groups[name].children]
         return list(dict.fromkeys(host for name in ordered for host in self.groups[name].hosts))
+
+
+class _GroupHosts(Mapping):
+    """``groups`` in a template: each group's hosts in Ansible's order, worked out when read."""
+
+    def __init__(self, inventory: Inventory):
+        self.inventory = inventory
+
+    def __getitem__(self, group: str) -> list[str]:
+        if group not in self.inventory.groups:
+            raise KeyError(group)
+        return self.inventory._group_hosts(group)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inventory.groups)
+
+    def __len__(self) -> int:
+        return len(self.inventory.groups)
+
+
+class _HostsVars(Mapping):
+    """Every host's vars as written, by host name, without copying them."""
+
+    def __init__(self, hosts: Mapping[str, Host]):
+        self.hosts = hosts
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        return self.hosts[name].vars
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.hosts)
+
+    def __len__(self) -> int:
+        return len(self.hosts)
 
 
 @dataclass(frozen=True)
