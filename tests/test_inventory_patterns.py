@@ -248,3 +248,27 @@ def test_many_hosts_in_many_groups_load_with_ansibles_groups(tmp_path):
     assert len(inventory.hosts) == 20_000 and inventory.hosts["gpu49-0399"].groups == ("all", "rack49")
     assert [h.name for h in inventory.select("rack7[-1]")] == ["gpu7-0399"]
     assert MAX_RANGE_HOSTS == 10_000
+
+
+# --- on real sshd hosts: the connection uses the templated settings ------------------------------
+
+def test_facts_connect_with_templated_connection_vars(small_lab, tmp_path):
+    """ansible_host from hostvars, ansible_port and ansible_user from templates: before, fleetctl
+    dialled the literal '{{ ... }}' strings; now it reaches the host, and a broken one names the var."""
+    from tests.conftest import fleetctl_json
+    from tests.lab import PORT
+
+    lab = small_lab(("cpu-t", None, {}), ("cpu-u", None, {}), net=93)
+    inventory = lab.inventory()
+    address = lab.hosts["cpu-t"].address
+    inventory["all"]["vars"].update(ansible_port="{{ lab_port }}", lab_port=PORT, ansible_user="{{ 'ro' ~ 'ot' }}")
+    hosts = inventory["all"]["children"]["lab"]["hosts"]
+    hosts["cpu-t"].update(ansible_host="{{ hostvars['cpu-t'].lab_address }}", lab_address=address)
+    hosts["cpu-u"].update(ansible_host="{{ lab_nowhere }}")
+    path = tmp_path / "inv.yml"
+    path.write_text(json.dumps(inventory))
+    code, out = fleetctl_json("facts", str(path), timeout=120)
+    assert out["hosts"]["cpu-t"]["status"] == "ok", out["hosts"]["cpu-t"]
+    assert out["hosts"]["cpu-u"]["status"] != "ok"
+    assert "host 'cpu-u': cannot template ansible_host '{{ lab_nowhere }}'" in out["hosts"]["cpu-u"]["error"]
+    assert code != 0
