@@ -1,13 +1,15 @@
 """The inventory: which hosts fleetctl may touch, the groups they form, and each host's variables.
 
 Reads an Ansible YAML inventory as Ansible's ``yaml`` inventory plugin does, so a user's existing
-file loads unchanged, and answers ``--limit`` host patterns as Ansible does. Variables are merged
-once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
-(groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars.
+file loads unchanged, and answers host patterns and ``--limit`` as Ansible does: its hosts, in its
+order (a group's own hosts, then its children's level by level), subscripts counted in that order,
+a warning for a part that matches nothing, an error for a limit that leaves no host. Variables are
+merged once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
+(groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars; a
+selected host's vars are templated when read (templating.py), ``hosts`` keeps them as written.
 
-Where Ansible only warns (an unknown key in a group, one host given two addresses, a limit that
-names nothing), fleetctl refuses: an inventory that says something other than its author meant
-must not reach a fleet. Every problem is one ``InventoryError`` naming the file and line or key.
+Where Ansible only warns (an unknown key in a group, one host given two addresses), fleetctl
+refuses: an inventory that says something other than its author meant must not reach a fleet. Every problem is one ``InventoryError`` naming the file and line or key.
 Ansible's ``group_vars/`` and ``host_vars/`` directories are not read.
 """
 
@@ -162,8 +164,8 @@ class Inventory:
         try:
             return _apply_subscript(list(found), position)
         except IndexError:
-            raise InventoryError(f"no host matches the subscripted pattern '{pattern}': "
-                                 f"'{expr}' has {len(found)} hosts", fix="count from 0, or from -1 at the end") from None
+            raise InventoryError(f"no host matches the subscripted pattern '{pattern}': '{expr}' has "
+                                 f"{len(found)} hosts", fix="count from 0, or from -1 at the end") from None
 
     def _group_hosts(self, group: str) -> list[str]:
         """A group's hosts as Ansible's Group.get_hosts orders them: its own, then its descendants'
