@@ -103,10 +103,10 @@ class Inventory:
         """Host *name* with its vars templated as Ansible does when it uses them (see templating.py):
         what the hosts of a selection carry. ``hosts`` keeps the vars as written."""
         host = self.hosts[name]
-        return Host(name, host_vars(name, self.hosts_vars, _GroupHosts(self), self._group_names), host.groups)
+        return Host(name, host_vars(name, self._raw_vars, _GroupHosts(self), self._group_names), host.groups)
 
     @property
-    def hosts_vars(self) -> Mapping[str, Mapping[str, Any]]:
+    def _raw_vars(self) -> Mapping[str, Mapping[str, Any]]:
         return _HostsVars(self.hosts)
 
     def _group_names(self, name: str) -> list[str]:
