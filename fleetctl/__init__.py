@@ -10,7 +10,7 @@ from .errors import (
 )
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, fan_out
-from .inventory import Host, Inventory, load_inventory
+from .inventory import Host, Inventory, Selection, load_inventory
 from .container import render_container
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
@@ -22,7 +22,7 @@ from .status import Exit, Status, exit_code, parse_verdict
 __all__ = [
     "CommandFailed", "Connection", "Exit", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError",
-    "RecordedConnection", "Reply", "Request", "Resolution", "Result", "ServeConfig", "ServePlan", "Stack", "StateError",
+    "RecordedConnection", "Reply", "Request", "Resolution", "Result", "Selection", "ServeConfig", "ServePlan", "Stack", "StateError",
     "Status", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
     "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",

@@ -22,7 +22,7 @@ from . import audit, records, report, rollout, wheelhouse
 from .errors import FleetError
 from .facts import gather
 from .fanout import fan_out
-from .inventory import load_inventory
+from .inventory import Host, Inventory, load_inventory
 from .matrix import load_matrix
 from .plan import Lock, plan_host
 from .playbook import load_playbook
@@ -178,17 +178,34 @@ def parser() -> argparse.ArgumentParser:
                     help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
     inv.add_argument("inventory", nargs="+", action=Sources)
-    inv.add_argument("--list", action="store_true", required=True, help="JSON, as ansible-inventory --list")
+    mode = inv.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--list", action="store_true", help="JSON, as ansible-inventory --list (vars untemplated)")
+    mode.add_argument("--list-hosts", nargs="?", const="all", metavar="PATTERN",
+                      help="the hosts PATTERN picks, in Ansible's order, as ansible PATTERN --list-hosts")
+    inv.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit (with --list-hosts)")
     return p
 
 
 def cmd_inventory(args, console: Console) -> int:
-    print(json.dumps(load_inventory(args.inventories).to_ansible_list(), indent=4, sort_keys=True))
+    inventory = load_inventory(args.inventories)
+    if args.list_hosts is None:
+        print(json.dumps(inventory.to_ansible_list(), indent=4, sort_keys=True))
+        return Exit.OK
+    hosts = select(inventory, args.limit, args.list_hosts)
+    print(f"  hosts ({len(hosts)}):", *(f"    {host.name}" for host in hosts), sep="\n")
     return Exit.OK
 
 
+def select(inventory: Inventory, limit: str | None, pattern: str = "all") -> list[Host]:
+    """The hosts PATTERN and --limit pick; Ansible's warnings (a part that matches nothing) go to stderr."""
+    chosen = inventory.selection(pattern, limit)
+    for warning in chosen.warnings:
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]fleetctl: warning:[/] {escape(warning)}", highlight=False)
+    return list(chosen.hosts)
+
+
 def cmd_facts(args, console: Console) -> int:
-    hosts = load_inventory(args.inventories).select(args.limit)
+    hosts = select(load_inventory(args.inventories), args.limit)
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     if args.json:
@@ -205,7 +222,7 @@ def cmd_facts(args, console: Console) -> int:
 
 def cmd_plan(args, console: Console) -> int:
     matrix = load_matrix(args.matrix)
-    hosts = load_inventory(args.inventories).select(args.limit)
+    hosts = select(load_inventory(args.inventories), args.limit)
     lock_path = None
     if args.write_lock is not None:
         lock_path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
@@ -243,7 +260,7 @@ def cmd_provision(args, console: Console) -> int:
     inventory = load_inventory(args.inventories)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
-    limited = set(h.name for h in inventory.select(args.limit))
+    limited = set(h.name for h in select(inventory, args.limit))
     lock_path = Lock.beside(args.inventory)
     if not args.check:
         writable(lock_path, "fleet.lock")
@@ -254,7 +271,7 @@ def cmd_provision(args, console: Console) -> int:
     for play in plays:
         if args.wheelhouse:
             play = replace(play, install={**play.install, "wheelhouse": str(Path(args.wheelhouse).resolve())})
-        hosts = [h for h in inventory.select(play.hosts) if h.name in limited]
+        hosts = [h for h in select(inventory, None, play.hosts) if h.name in limited]  # the play's order
         with report.progress(console, len(hosts), f"{play.name}") as advance:
             outcomes.update(fan_out(hosts, provision_host(play, matrix, options), forks=args.forks,
                                     timeout=args.timeout, on_done=advance))
@@ -291,7 +308,7 @@ def cmd_wheelhouse(args, console: Console) -> int:
     inventory = load_inventory(args.inventories)
     _, plays = load_playbook(args.playbook)
     matrix = load_matrix()
-    hosts = inventory.select(args.limit)
+    hosts = select(inventory, args.limit)
     if args.facts:
         facts, problems = wheelhouse.facts_from_json(args.facts, [h.name for h in hosts])
         unreached = set()
@@ -377,7 +394,7 @@ def cmd_audit(args, console: Console) -> int:
                       "to a crontab", highlight=False)
         return Exit.OK
     lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
-    hosts = inventory.select(args.limit)
+    hosts = select(inventory, args.limit)
     if args.output and Path(args.output).is_dir():
         raise FleetError(f"-o {args.output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
     with report.progress(console, len(hosts), "audit") as advance:
@@ -411,7 +428,7 @@ def cmd_rollout(args, console: Console) -> int:
     matrix = load_matrix()
     if not args.resume:
         overrides = {"cuda": args.cuda, "vllm": args.vllm}
-        selected = inventory.select(args.limit)
+        selected = select(inventory, args.limit)
         with report.progress(console, len(selected), "plan") as advance:
             outcomes = fan_out(selected, gather, forks=args.forks, timeout=min(args.timeout, 120), on_done=advance)
         plans = {n: plan_host(o.host, o.value, matrix, **overrides) for n, o in outcomes.items() if o.ok}

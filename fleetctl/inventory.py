@@ -1,9 +1,12 @@
 """The inventory: which hosts fleetctl may touch, the groups they form, and each host's variables.
 
 Reads an Ansible YAML inventory as Ansible's ``yaml`` inventory plugin does, so a user's existing
-file loads unchanged, and answers ``--limit`` host patterns as Ansible does. Variables are merged
-once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
-(groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars.
+file loads unchanged, and answers host patterns and ``--limit`` as Ansible does: its hosts, in its
+order (a group's own hosts, then its children's level by level), subscripts counted in that order,
+a warning for a part that matches nothing, an error for a limit that leaves no host. Variables are
+merged once, at load time, in Ansible's order: group vars from the shallowest group to the deepest
+(groups at one depth by ``ansible_group_priority``, then by name), then the host's own vars; a
+selected host's vars are templated when read (templating.py), ``hosts`` keeps them as written.
 
 Reads Ansible's sources as Ansible does: a YAML file (as the ``yaml`` plugin), an INI file (parsed
 in inventory_ini.py), told apart by extension and by whether the text is a YAML mapping; a
@@ -11,8 +14,8 @@ directory of them (Ansible's ignored names and extensions skipped); several sour
 the ``group_vars/`` and ``host_vars/`` beside each source, in Ansible's precedence. Plugin configs,
 scripts and TOML are refused, naming ``ansible-inventory --export`` as the way to a static file.
 
-Where Ansible only warns (an unknown key in a group, one host given two addresses, a limit that
-names nothing, a source it cannot parse, an empty inventory), fleetctl refuses: an inventory that
+Where Ansible only warns (an unknown key in a group, one host given two addresses, a source it
+cannot parse, an empty inventory), fleetctl refuses: an inventory that
 says something other than its author meant must not reach a fleet. Every problem is one
 ``InventoryError`` naming the file and line or key.
 """
@@ -36,8 +39,9 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from fleetctl.errors import InventoryError
 from fleetctl.inventory_ini import parse_ini
 from fleetctl.records import check_yaml_expansion
+from fleetctl.templating import host_vars
 
-__all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Unsafe", "Vaulted", "load_inventory"]
+__all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Selection", "Unsafe", "Vaulted", "load_inventory"]
 
 # Exact spellings only: connection.py tells local from ssh by this value, so an alias such as
 # ansible.builtin.local would quietly be reached over ssh.
@@ -79,30 +83,42 @@ class Inventory:
     groups: Mapping[str, Group]
 
     def select(self, limit: str | None) -> list[Host]:
-        """The hosts an Ansible host pattern picks, in inventory order; None picks every host."""
-        if limit is None:
-            return list(self.hosts.values())
-        # A limit that is one host's name stays whole, so an IPv6 address is not split on its colons.
-        patterns = [limit] if limit in self.hosts else _split_patterns(limit)
-        if not patterns:  # Ansible reads '' as no limit at all; from an unset shell variable, that is a fleet
-            raise _no_match(limit, limit, self.path)
-        plain = [p for p in patterns if p[0] not in "!&"] or ["all"]
-        chosen: set[str] = set()
-        # As in Ansible: plain patterns first, then &intersections, then !exclusions.
-        for pattern in plain + [p for p in patterns if p[0] == "&"] + [p for p in patterns if p[0] == "!"]:
-            found = self._match(pattern[1:] if pattern[0] in "!&" else pattern)
-            if found is None:
-                raise _no_match(limit, pattern, self.path)
-            if pattern[0] == "!":
-                chosen -= found
-            elif pattern[0] == "&":
-                chosen &= found
-            else:
-                chosen |= found
-        selected = [host for name, host in self.hosts.items() if name in chosen]
-        if not selected:
-            raise _no_match(limit, limit, self.path)
-        return selected
+        """The hosts ``--limit`` picks, in Ansible's order for 'all'; None picks every host.
+        A limit that leaves no host is an error, as in Ansible; warnings are dropped (see ``selection``)."""
+        return list(self.selection("all", limit).hosts)
+
+    def selection(self, pattern: str = "all", limit: str | None = None) -> Selection:
+        """What ``ansible PATTERN --limit LIMIT --list-hosts`` picks, in its order, with its warnings.
+
+        A part of either that matches nothing is a warning; a limit that leaves no host at all is an
+        error, as in Ansible. A pattern alone that matches nothing is an empty selection, not an error."""
+        hosts, warnings = self._evaluate(self._split(pattern))
+        if limit is not None:
+            parts = self._split(limit)
+            if not parts:  # Ansible reads '' as no limit at all; from an unset shell variable, that is a fleet
+                raise _no_match(limit, self.path)
+            subset, more = self._evaluate(_limit_file_lines(parts))
+            warnings += [w for w in more if w not in warnings]
+            allowed = set(subset)
+            hosts = [name for name in hosts if name in allowed]
+            if not hosts:
+                raise _no_match(limit, self.path)
+        elif not hosts:
+            warnings.append("no hosts matched, nothing to do")
+        return Selection(tuple(self.templated(name) for name in hosts), tuple(warnings))
+
+    def templated(self, name: str) -> Host:
+        """Host *name* with its vars templated as Ansible does when it uses them (see templating.py):
+        what the hosts of a selection carry. ``hosts`` keeps the vars as written."""
+        host = self.hosts[name]
+        return Host(name, host_vars(name, self._raw_vars, _GroupHosts(self), self._group_names), host.groups)
+
+    @property
+    def _raw_vars(self) -> Mapping[str, Mapping[str, Any]]:
+        return _HostsVars(self.hosts)
+
+    def _group_names(self, name: str) -> list[str]:
+        return sorted(group for group in self.hosts[name].groups if group != "all")
 
     def to_ansible_list(self) -> dict:
         """What ``ansible-inventory -i FILE --list`` prints, as parsed JSON."""
@@ -115,28 +131,101 @@ class Inventory:
                 listing[group.name] = {key: names for key, names in entry.items() if names}
         return listing
 
-    def _match(self, pattern: str) -> set[str] | None:
-        """The hosts one pattern names; None when it names no group and no host (a typo, not a choice)."""
-        if pattern in self.hosts:
-            return {pattern}
+    def _split(self, pattern: str) -> list[str]:
+        # One host's name stays whole, so an IPv6 address is not split on its colons.
+        return [pattern] if pattern in self.hosts else _split_patterns(pattern)
+
+    def _evaluate(self, patterns: list[str]) -> tuple[list[str], list[str]]:
+        """Host names in Ansible's order: plain patterns in turn, then &intersections, then !exclusions."""
+        plain = [p for p in patterns if p[0] not in "!&"] or ["all"]
+        hosts: dict[str, None] = {}
+        warnings: list[str] = []
+        for pattern in plain + [p for p in patterns if p[0] == "&"] + [p for p in patterns if p[0] == "!"]:
+            if pattern in self.hosts:
+                hosts.setdefault(pattern)
+                continue
+            found = self._match(pattern[1:] if pattern[0] in "!&" else pattern, warnings)
+            if pattern[0] == "!":
+                hosts = {name: None for name in hosts if name not in set(found)}
+            elif pattern[0] == "&":
+                hosts = {name: None for name in hosts if name in set(found)}
+            else:
+                hosts.update(dict.fromkeys(found))
+        return list(hosts), warnings
+
+    def _match(self, pattern: str, warnings: list[str]) -> list[str]:
+        """The hosts one pattern names, in Ansible's order: matching groups' hosts, then matching hosts."""
         expr, position = _split_subscript(pattern)
         try:
             regex = re.compile(expr[1:] if expr.startswith("~") else fnmatch.translate(expr))
         except re.error as error:
             raise InventoryError(f"--limit '{pattern}' is not a valid regular expression: {error}") from None
         groups = [name for name in self.groups if regex.match(name)]
-        found = set().union(*(self._members(name) for name in groups))
+        found = dict.fromkeys(name for group in groups for name in self._group_hosts(group))
         # As in Ansible: a plain word that names a group means only that group; a glob also matches hosts.
         if not groups or expr.startswith("~") or any(char in expr for char in ".?*["):
-            found |= {name for name in self.hosts if regex.match(name)}
-        if position is not None:
-            found = set([name for name in self.hosts if name in found][position])
-        # An empty group is a real answer; a subscript past the end or a name nothing has is a typo.
-        return found if found or (groups and position is None) else None
+            found.update(dict.fromkeys(name for name in self.hosts if regex.match(name)))
+        if not found and not groups and expr != "all":
+            warnings.append(f"could not match host pattern '{expr}', ignoring it")
+        if position is None or not found:
+            return list(found)
+        try:
+            return _apply_subscript(list(found), position)
+        except IndexError:
+            raise InventoryError(f"no host matches the subscripted pattern '{pattern}': '{expr}' has "
+                                 f"{len(found)} hosts", fix="count from 0, or from -1 at the end") from None
 
-    def _members(self, group: str) -> set[str]:
-        node = self.groups[group]
-        return set(node.hosts).union(*(self._members(child) for child in node.children))
+    def _group_hosts(self, group: str) -> list[str]:
+        """A group's hosts as Ansible's Group.get_hosts orders them: its own, then its descendants'
+        level by level. (Ansible walks a level below the children in set order; fleetctl in file order.)"""
+        ordered, level, seen = [group], list(self.groups[group].children), {group}
+        while level:
+            fresh = [name for name in dict.fromkeys(level) if name not in seen]
+            ordered += fresh
+            seen.update(fresh)
+            level = [child for name in fresh for child in self.groups[name].children]
+        return list(dict.fromkeys(host for name in ordered for host in self.groups[name].hosts))
+
+
+class _GroupHosts(Mapping):
+    """``groups`` in a template: each group's hosts in Ansible's order, worked out when read."""
+
+    def __init__(self, inventory: Inventory):
+        self.inventory = inventory
+
+    def __getitem__(self, group: str) -> list[str]:
+        if group not in self.inventory.groups:
+            raise KeyError(group)
+        return self.inventory._group_hosts(group)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inventory.groups)
+
+    def __len__(self) -> int:
+        return len(self.inventory.groups)
+
+
+class _HostsVars(Mapping):
+    """Every host's vars as written, by host name, without copying them."""
+
+    def __init__(self, hosts: Mapping[str, Host]):
+        self.hosts = hosts
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        return self.hosts[name].vars
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.hosts)
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The hosts a pattern picks, in order, and the warnings Ansible would print on the way."""
+    hosts: tuple[Host, ...]
+    warnings: tuple[str, ...] = ()
 
 
 def load_inventory(sources: str | Path | Sequence[str | Path]) -> Inventory:
@@ -273,7 +362,12 @@ def _bytes_unsafe(value: Any) -> Any:
     return value
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it: it composes the same nodes, marks included, about
+# ten times faster, which is most of the time a 5,000-host inventory takes to load.
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """PyYAML's safe loader plus the tags Ansible allows in inventories."""
     yaml_constructors = {
         **yaml.SafeLoader.yaml_constructors,
@@ -436,9 +530,9 @@ def _expand_range(name: str) -> list[str]:
 
 @dataclass
 class _Draft:
-    """A group while the file is still being read."""
-    hosts: list[str] = field(default_factory=list)
-    children: list[str] = field(default_factory=list)
+    """A group while the file is still being read. Names are dict keys: ordered, and found without a scan."""
+    hosts: dict[str, None] = field(default_factory=dict)
+    children: dict[str, None] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
 
 
@@ -451,20 +545,32 @@ def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = ()
     """
     drafts, host_vars = _collect(path, listings)
     files = _VarsFiles(bases)
-    parents = {name: [p for p, draft in drafts.items() if name in draft.children] for name in drafts}
+    parents: dict[str, list[str]] = {name: [] for name in drafts}
+    for name, draft in drafts.items():
+        for child in draft.children:
+            parents[child].append(name)
     depths = _depths(path, parents)
     # Ansible consumes ansible_group_priority for ordering: it never becomes a host's variable.
     priorities = {name: _priority(path, name, draft.vars.pop("ansible_group_priority", 1))
                   for name, draft in drafts.items()}
+    member_of: dict[str, set[str]] = {host: set() for host in host_vars}
+    for name, draft in drafts.items():
+        for host in draft.hosts:
+            member_of[host].add(name)
+    # Hosts in the same groups share their group order and group vars: work each set of groups out once.
+    shared: dict[frozenset[str], tuple[tuple[str, ...], dict[str, Any]]] = {}
     hosts = {}
     for host, own_vars in host_vars.items():
-        member_of = {name for name, draft in drafts.items() if host in draft.hosts}
-        in_order = sorted(_with_ancestors(member_of, parents), key=lambda g: (depths[g], priorities[g], g))
-        merged = {**drafts["all"].vars, **files.groups(["all"])}
-        merged.update(item for group in in_order[1:] for item in drafts[group].vars.items())
-        merged |= files.groups(in_order[1:]) | own_vars | files.host(host)
+        key = frozenset(member_of[host])
+        if key not in shared:
+            in_order = tuple(sorted(_with_ancestors(set(key), parents), key=lambda g: (depths[g], priorities[g], g)))
+            group_vars = {**drafts["all"].vars, **files.groups(["all"])}
+            group_vars.update(item for group in in_order[1:] for item in drafts[group].vars.items())
+            shared[key] = in_order, group_vars | files.groups(list(in_order[1:]))
+        in_order, group_vars = shared[key]
+        merged = group_vars | own_vars | files.host(host)
         _check_connection(path, host, merged)
-        hosts[host] = Host(host, MappingProxyType(merged), tuple(in_order))
+        hosts[host] = Host(host, MappingProxyType(merged), in_order)
     groups = {name: Group(name, tuple(draft.hosts), tuple(draft.children), MappingProxyType(draft.vars))
               for name, draft in drafts.items()}
     return Inventory(path, MappingProxyType(hosts), MappingProxyType(groups))
@@ -530,25 +636,24 @@ def _read_vars(path: Path) -> dict[str, Any]:
 
 def _collect(path: Path, listings: list[_Listing]) -> tuple[dict[str, _Draft], dict[str, dict[str, Any]]]:
     """Fold the listings into groups and each host's own vars, then link groups as Ansible's reconcile does."""
-    drafts = {"all": _Draft(children=["ungrouped"]), "ungrouped": _Draft()}
+    drafts = {"all": _Draft(children={"ungrouped": None}), "ungrouped": _Draft()}
     host_vars: dict[str, dict[str, Any]] = {}
     addresses: dict[tuple[str, str], tuple[str, Any]] = {}
     for item in listings:
         if item.kind == "group":
             drafts.setdefault(item.name, _Draft()).vars.update(item.vars)
-            siblings = drafts[item.parent].children if item.parent else []
+            if item.parent:
+                drafts[item.parent].children.setdefault(item.name)
         else:
             _check_address(path, item, addresses)
             host_vars.setdefault(item.name, {}).update(item.vars)
-            siblings = drafts[item.parent].hosts
-        if item.name not in siblings:
-            siblings.append(item.name)
+            drafts[item.parent].hosts.setdefault(item.name)
     has_parent = {child for draft in drafts.values() for child in draft.children}
-    drafts["all"].children += [name for name in drafts if name != "all" and name not in has_parent]
+    drafts["all"].children.update(dict.fromkeys(name for name in drafts if name != "all" and name not in has_parent))
     # 'ungrouped' keeps the hosts in no group but all/ungrouped: those listed under it first.
     grouped = {host for name, draft in drafts.items() if name not in ("all", "ungrouped") for host in draft.hosts}
-    ungrouped = [host for host in [*drafts["ungrouped"].hosts, *host_vars] if host not in grouped]
-    drafts["ungrouped"].hosts = list(dict.fromkeys(ungrouped))
+    drafts["ungrouped"].hosts = dict.fromkeys(host for host in [*drafts["ungrouped"].hosts, *host_vars]
+                                              if host not in grouped)
     return drafts, host_vars
 
 
@@ -607,25 +712,49 @@ def _split_patterns(limit: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def _limit_file_lines(parts: list[str]) -> list[str]:
+    """``@file`` parts of a limit replaced by the file's lines, one pattern each, as Ansible reads them."""
+    patterns = []
+    for part in parts:
+        if not part.startswith("@"):
+            patterns.append(part)
+            continue
+        try:
+            lines = Path(part[1:]).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise InventoryError(f"--limit {part}: cannot read the limit file: {reason}",
+                                 fix="name a file with one host or pattern a line") from None
+        patterns += [line.strip() for line in lines if line.strip()]
+    return patterns
+
+
 _SUBSCRIPT = re.compile(r"^(.+)\[(?:(-?[0-9]+)|([0-9]+)[:-]([0-9]*))\]$")
 
 
-def _split_subscript(pattern: str) -> tuple[str, slice | None]:
-    """`gpu[0]`, `gpu[-1]`, `gpu[2:5]`, `gpu[2:]`: pick by position, both ends included, as Ansible does."""
+def _split_subscript(pattern: str) -> tuple[str, tuple[int, int | None] | None]:
+    """`gpu[0]`, `gpu[-1]`, `gpu[2:5]`, `gpu[2:]`: a position or an inclusive range, as Ansible reads it."""
     match = None if pattern.startswith("~") else _SUBSCRIPT.match(pattern)
     if not match:
         return pattern, None
     expr, index, start, end = match.groups()
     if index is not None:
-        return expr, slice(int(index), int(index) + 1 or None)
-    if not end:
-        return expr, slice(int(start), None)
-    return expr, slice(int(start), (int(end) or int(start)) + 1)  # Ansible reads [n:0] as just [n]
+        return expr, (int(index), None)
+    return expr, (int(start), int(end) if end else -1)
 
 
-def _no_match(limit: str, pattern: str, path: Path) -> InventoryError:
-    where = f"'{limit}'" if pattern == limit else f"'{limit}': '{pattern}'"
-    return InventoryError(f"--limit {where} matches no host in {path}", fix="check it against the host and group names")
+def _apply_subscript(hosts: list[str], position: tuple[int, int | None]) -> list[str]:
+    """Ansible's subscript: [n] one host (IndexError past the end), [a:b] a slice with b included,
+    [a:] to the end, and [a:0] just [a]."""
+    start, end = position
+    if end:
+        return hosts[start:(len(hosts) - 1 if end == -1 else end) + 1]
+    return [hosts[start]]
+
+
+def _no_match(limit: str, path: Path) -> InventoryError:
+    return InventoryError(f"--limit '{limit}' leaves no host to target in {path}",
+                          fix="check it against the host and group names: fleetctl inventory INV --list-hosts")
 
 
 def _plain(value: Any) -> Any:
