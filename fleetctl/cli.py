@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
                      help="write a systemd timer + service (and a cron line) running this audit, e.g. daily")
     aud.add_argument("--timer-dir", help="where --install-timer writes (default: the systemd unit directory)")
     roll = sub.add_parser("rollout", help="move the fleet to a new CUDA or vLLM in gated waves")
-    roll.add_argument("inventory", nargs="?", help="Ansible YAML inventory (not needed with --resume/--rollback)")
+    roll.add_argument("inventory", nargs="?", help="Ansible inventory, YAML or INI (not needed with --resume/--rollback)")
     roll.add_argument("-l", "--limit")
     roll.add_argument("-f", "--forks", type=forks, default=50)
     roll.add_argument("-T", "--timeout", type=seconds, default=3600.0)
