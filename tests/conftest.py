@@ -164,3 +164,30 @@ def provisioned(serve_lab) -> dict:
     code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)
     assert code == 0, json.dumps(out["hosts"]["cpu-a"], indent=1)[-4000:]
     return out
+
+
+# ---------------------------------------------------------------- ansible-core, the specification
+
+ANSIBLE_BIN = Path(sys.executable).parent
+requires_ansible = pytest.mark.skipif(not (ANSIBLE_BIN / "ansible-inventory").exists(),
+                                      reason="ansible-core is not installed next to this Python")
+
+
+@pytest.fixture(scope="session")
+def ansible_cli(tmp_path_factory):
+    """Run an Ansible CLI (``ansible``, ``ansible-inventory``) with an empty config, so that only the
+    inventory decides its answer; a failure fails the test with Ansible's stderr."""
+    home = tmp_path_factory.mktemp("ansible")
+    (home / "ansible.cfg").write_text("")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_HOME": str(home),
+           "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.minimal"}
+
+    def run(tool: str, *args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(ANSIBLE_BIN / tool), *map(str, args)], env=env, cwd=home,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    return run
+

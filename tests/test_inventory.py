@@ -8,41 +8,25 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import requires_ansible
 
 from fleetctl.errors import InventoryError
 from fleetctl.inventory import Host, Unsafe, Vaulted, load_inventory
 
 DATA = Path(__file__).parent / "data" / "inventories"
 INVENTORIES = sorted(path.name for path in DATA.glob("*.yml"))
-ANSIBLE_BIN = Path(sys.executable).parent
-requires_ansible = pytest.mark.skipif(not (ANSIBLE_BIN / "ansible-inventory").exists(),
-                                      reason="ansible-core is not installed next to this Python")
 
 GPU = [f"gpu{number:02d}.example.com" for number in range(1, 17)]
 HEAD, LOCAL = "head01.example.com", "localhost"
 
 
-@pytest.fixture(scope="session")
-def ansible(tmp_path_factory):
-    """Run an Ansible CLI with an empty config, so that only the inventory decides its answer."""
-    home = tmp_path_factory.mktemp("ansible")
-    (home / "ansible.cfg").write_text("")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_HOME": str(home),
-           "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1"}
-
-    def run(tool: str, *args: str) -> str:
-        done = subprocess.run([str(ANSIBLE_BIN / tool), *args], env=env, cwd=home,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    return run
+@pytest.fixture
+def ansible(ansible_cli):
+    return lambda tool, *args: ansible_cli(tool, *args).stdout
 
 
 # --- Ansible's own output is the specification -------------------------------------------------

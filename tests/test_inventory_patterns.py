@@ -19,31 +19,20 @@ import pytest
 from fleetctl import rollout
 from fleetctl.errors import InventoryError
 from fleetctl.inventory import MAX_RANGE_HOSTS, load_inventory
+from tests.conftest import requires_ansible
 
 DATA = Path(__file__).parent / "data" / "inventories"
 ROOT = Path(__file__).parent.parent
 KUBESPRAY = DATA / "kubespray_templated.yml"
 GPU_CLUSTER = DATA / "gpu_cluster.yml"
-ANSIBLE_BIN = Path(sys.executable).parent
-requires_ansible = pytest.mark.skipif(not (ANSIBLE_BIN / "ansible").exists(),
-                                      reason="ansible-core is not installed next to this Python")
 
 
-@pytest.fixture(scope="module")
-def ansible(tmp_path_factory):
-    """Run ``ansible`` with an empty config; returns (stdout, stderr)."""
-    home = tmp_path_factory.mktemp("ansible")
-    (home / "ansible.cfg").write_text("")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_HOME": str(home),
-           "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.minimal"}
-
+@pytest.fixture
+def ansible(ansible_cli):
+    """``ansible ARGS…``: (stdout, stderr)."""
     def run(*args: str) -> tuple[str, str]:
-        done = subprocess.run([str(ANSIBLE_BIN / "ansible"), *args], env=env, cwd=home,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = ansible_cli("ansible", *args)
         return done.stdout, done.stderr
-
     return run
 
 

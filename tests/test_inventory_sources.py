@@ -9,11 +9,8 @@ The real layouts under data/inventories/real/ come from public deployer projects
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,29 +18,16 @@ import pytest
 from fleetctl import cli
 from fleetctl.errors import InventoryError
 from fleetctl.inventory import Unsafe, load_inventory
+from tests.conftest import requires_ansible
 
 REAL = Path(__file__).parent / "data" / "inventories" / "real"
-ANSIBLE_BIN = Path(sys.executable).parent
-requires_ansible = pytest.mark.skipif(not (ANSIBLE_BIN / "ansible-inventory").exists(),
-                                      reason="ansible-core is not installed next to this Python")
 
 
-@pytest.fixture(scope="module")
-def ansible_list(tmp_path_factory):
-    """``ansible-inventory -i A [-i B] --list`` with an empty config, as parsed JSON."""
-    home = tmp_path_factory.mktemp("ansible")
-    (home / "ansible.cfg").write_text("")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(home / "ansible.cfg"), "ANSIBLE_HOME": str(home),
-           "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_NOCOLOR": "1"}
-
-    def run(*sources: Path) -> dict:
-        args = [arg for source in sources for arg in ("-i", str(Path(source).resolve()))]
-        done = subprocess.run([str(ANSIBLE_BIN / "ansible-inventory"), *args, "--list"], env=env, cwd=home,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    return run
+@pytest.fixture
+def ansible_list(ansible_cli):
+    """``ansible-inventory -i A [-i B] --list``, as parsed JSON."""
+    return lambda *sources: json.loads(ansible_cli(
+        "ansible-inventory", *[arg for source in sources for arg in ("-i", Path(source).resolve())], "--list").stdout)
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
