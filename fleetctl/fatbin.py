@@ -7,6 +7,11 @@ with its own header (kind: 1 = PTX, 2 = ELF/SASS; header size; payload size; and
 28 the sm number, 90 for sm_90). Only those headers are read: the file is mmapped, so a
 library of hundreds of MB costs the pages its headers sit on, not its size.
 
+One module (container) can carry no kernel at all: a .cu file of only device globals,
+built for nvcc's default arch (vLLM 0.11.0's machete_pytorch.cu, sm_52). Its arch is no
+target of the library, so a module whose SASS is an uncompressed cubin with no ``.text.*``
+section is left out of :func:`arches_of`. A compressed cubin is not opened: it counts.
+
 The reader is pure (a path in, an :class:`Arches` value out); a file that is not a 64-bit
 little-endian ELF, or whose fatbin is cut short, is one :class:`~fleetctl.errors.BinaryError`.
 """
@@ -41,10 +46,12 @@ _ENTRY_ARCH_AT = 28
 
 @dataclass(frozen=True)
 class Entry:
-    """One fatbin entry: its kind (KIND_PTX or KIND_SASS, others kept as read) and sm number."""
+    """One fatbin entry: its kind (KIND_PTX or KIND_SASS, others kept as read) and sm number;
+    *kernels* is False only for an uncompressed cubin with no kernel in it."""
 
     kind: int
     arch: int
+    kernels: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,8 @@ class Arches:
 
 
 def arches_of(modules: tuple[tuple[Entry, ...], ...]) -> Arches:
-    """The union over all modules (fatbin containers) of their SASS and PTX arches."""
-    entries = [e for module in modules for e in module]
+    """The union of the SASS and PTX arches over the modules (fatbin containers) with a kernel."""
+    entries = [e for module in modules if all(e.kernels for e in module) for e in module]
     return Arches(
         sass=tuple(sorted({e.arch for e in entries if e.kind == KIND_SASS})),
         ptx=tuple(sorted({e.arch for e in entries if e.kind == KIND_PTX})),
@@ -122,32 +129,33 @@ def _unpack(fmt: struct.Struct, data, offset: int, where: str, what: str) -> tup
     return fmt.unpack_from(data, offset)
 
 
-def _sections(data, where: str) -> list[tuple[str, int, int]]:
-    """(name, file offset, size) of each section of a 64-bit little-endian ELF."""
-    if len(data) < 4 or data[:4] != b"\x7fELF":
+def _sections(data, where: str, base: int = 0) -> list[tuple[str, int, int]]:
+    """(name, offset from *base*, size) of each section of the 64-bit little-endian ELF at *base*."""
+    if len(data) < base + 4 or data[base:base + 4] != b"\x7fELF":
         raise BinaryError(f"{where}: not an ELF file")
     ident, *_, shoff, _flags, _ehsize, _phentsize, _phnum, shentsize, shnum, shstrndx = _unpack(
-        _ELF_HEADER, data, 0, where, "the ELF header")
+        _ELF_HEADER, data, base, where, "the ELF header")
     if ident[4] != 2 or ident[5] != 1:
         raise BinaryError(f"{where}: not a 64-bit little-endian ELF (class {ident[4]}, data {ident[5]})")
     if shnum == 0:
         return []
     if shentsize != _SECTION.size or shstrndx >= shnum:
         raise BinaryError(f"{where}: malformed ELF section table")
-    headers = [_unpack(_SECTION, data, shoff + i * shentsize, where, f"section header {i}") for i in range(shnum)]
-    strtab = headers[shstrndx][4]
+    headers = [_unpack(_SECTION, data, base + shoff + i * shentsize, where, f"section header {i}")
+               for i in range(shnum)]
+    strtab = base + headers[shstrndx][4]
     sections = []
     for name_at, sh_type, _f, _a, offset, size, *_ in headers:
         name = _cstring(data, strtab + name_at, where)
         # SHT_NOBITS (8) occupies no bytes in the file.
-        if sh_type != 8 and offset + size > len(data):
+        if sh_type != 8 and base + offset + size > len(data):
             raise BinaryError(f"{where}: truncated: section {name} runs past the end of the file")
         sections.append((name, offset, size))
     return sections
 
 
 def _cstring(data, offset: int, where: str) -> str:
-    end = data.find(b"\0", offset, offset + 256)
+    end = data.find(b"\0", offset, offset + (1 << 16))  # cubin section names carry mangled kernel names
     if end < 0:
         raise BinaryError(f"{where}: malformed ELF section name at byte {offset}")
     return bytes(data[offset:end]).decode("ascii", "replace")
@@ -178,8 +186,18 @@ def _entries(data, offset: int, end: int, where: str, section: str) -> tuple[Ent
         if header_size < _ENTRY_ARCH_AT + _ENTRY_ARCH.size:
             raise BinaryError(f"{where}: {section}: entry at byte {offset} has a {header_size}-byte header")
         (arch,) = _unpack(_ENTRY_ARCH, data, offset + _ENTRY_ARCH_AT, where, f"{section} entry")
-        entries.append(Entry(kind=kind, arch=arch))
+        payload = offset + header_size
+        kernels = kind != KIND_SASS or _has_kernel(data, payload, where)
+        entries.append(Entry(kind=kind, arch=arch, kernels=kernels))
         offset += header_size + payload_size
     if offset != end:
         raise BinaryError(f"{where}: {section}: entries overrun their container by {offset - end} bytes")
     return tuple(entries)
+
+
+def _has_kernel(data, cubin: int, where: str) -> bool:
+    """Does the cubin at *cubin* hold a kernel (a ``.text.<name>`` section)? A compressed one
+    (no ELF magic) cannot be told without inflating it, so it is taken to hold one."""
+    if data[cubin:cubin + 4] != b"\x7fELF":
+        return True
+    return any(name.startswith(".text.") for name, _, _ in _sections(data, f"{where}: cubin at byte {cubin}", cubin))

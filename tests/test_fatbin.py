@@ -8,6 +8,7 @@ import lzma
 import shutil
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,23 +41,32 @@ def library(request, tmp_path):
     path.unlink()
 
 
-@pytest.mark.parametrize("library", ["0.26.0", "0.33.0"], indirect=True)
+@pytest.mark.parametrize("library", ["0.11.0", "0.26.0", "0.33.0"], indirect=True)
 def test_real_arches_equal_the_hand_written_row(library):
     row = next(v for v in load_matrix().vllm if v.version == library.stem)
     assert read_arches(library) == Arches(sass=row.sm, ptx=row.ptx)
 
 
 @pytest.mark.parametrize("library", ["0.11.0"], indirect=True)
-def test_0_11_0_carries_one_sm_52_module_the_row_leaves_out(library):
-    # One 3.5 KB container of vllm 0.11.0's _C.abi3.so holds sm_52 SASS and compute_52 PTX
-    # (nvcc's default arch); every other container matches the row typed from cuobjdump.
-    # The union is what the binary carries; the row is what vLLM's kernels target.
-    row = next(v for v in load_matrix().vllm if v.version == "0.11.0")
+def test_modules_without_a_kernel_do_not_count(library):
+    # vllm 0.11.0's _C.abi3.so holds machete_pytorch.cu built for nvcc's default sm_52 too:
+    # a 3.5 KB module of device globals and no kernel. Counted, it would claim sm_52 SASS and
+    # compute_52 PTX (a JIT path to every GPU) that no kernel of vLLM has.
     modules = read_modules(library)
-    odd = [m for m in modules if any(e.arch == 52 for e in m)]
-    assert odd == [(Entry(KIND_SASS, 52), Entry(KIND_PTX, 52))]
-    assert arches_of(tuple(m for m in modules if m not in odd)) == Arches(sass=row.sm, ptx=row.ptx)
-    assert read_arches(library) == Arches(sass=(52, *row.sm), ptx=(52, *row.ptx))
+    empty = [m for m in modules if not all(e.kernels for e in m)]
+    assert (Entry(KIND_SASS, 52, kernels=False), Entry(KIND_PTX, 52)) in empty
+    assert 52 in arches_of(tuple(tuple(replace(e, kernels=True) for e in m) for m in modules)).ptx
+    assert 52 not in read_arches(library).sass + read_arches(library).ptx
+
+
+def test_arches_are_the_union_over_modules_with_kernels():
+    modules = (
+        (Entry(KIND_SASS, 80), Entry(KIND_SASS, 90), Entry(KIND_PTX, 90)),
+        (Entry(KIND_SASS, 75), Entry(KIND_SASS, 80)),
+        (Entry(KIND_SASS, 52, kernels=False), Entry(KIND_PTX, 52)),
+        (Entry(8, 100),),  # neither PTX nor SASS: read, not counted
+    )
+    assert arches_of(modules) == Arches(sass=(75, 80, 90), ptx=(90,))
 
 
 @pytest.mark.parametrize("library", ["0.33.0"], indirect=True)
