@@ -115,8 +115,7 @@ def wheel_arches(wheel_path: str | Path, member: str | None = None) -> Arches:
                 out = Path(tmp) / Path(found).name
                 with wheel.open(found) as src, out.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-                arches = read_arches(out)
-                return arches
+                return read_arches(out)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise BinaryError(f"{wheel_path}: not a readable wheel: {exc}") from None
     except OSError as exc:
@@ -197,7 +196,8 @@ def _entries(data, offset: int, end: int, where: str, section: str) -> tuple[Ent
 
 def _has_kernel(data, cubin: int, where: str) -> bool:
     """Does the cubin at *cubin* hold a kernel (a ``.text.<name>`` section)? A compressed one
-    (no ELF magic) cannot be told without inflating it, so it is taken to hold one."""
-    if data[cubin:cubin + 4] != b"\x7fELF":
+    (no ELF magic) cannot be told without inflating it, nor one not 64-bit little-endian:
+    both are taken to hold one."""
+    if data[cubin:cubin + 6] != b"\x7fELF\x02\x01":
         return True
     return any(name.startswith(".text.") for name, _, _ in _sections(data, f"{where}: cubin at byte {cubin}", cubin))
