@@ -6,6 +6,7 @@
     ├── MatrixError            the compatibility matrix is unusable (file, key)
     ├── StateError             a run record, lock or journal is missing or unreadable
     ├── WheelhouseError        a wheelhouse cannot be built or has nothing for a host
+    ├── BinaryError            a library's CUDA fatbin cannot be read (not ELF, truncated)
     └── HostError              one host could not do what was asked
         ├── Unreachable        could not connect, authenticate or verify the host key
         ├── TimedOut           the host or its command outlived the deadline
@@ -50,6 +51,10 @@ class StateError(FleetError):
 
 class WheelhouseError(FleetError):
     """A wheelhouse cannot be built (pip's reason, for which hosts) or has no wheels for a host."""
+
+
+class BinaryError(FleetError):
+    """A shared library's ELF or fatbin sections cannot be read; names the file and byte."""
 
 
 class HostError(FleetError):
