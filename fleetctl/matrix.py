@@ -110,6 +110,8 @@ class FlashInfer:
     jit_cache_index: str | None
     sources: tuple[str, ...]
     jit_cache_cuda: tuple[str, ...] = ()
+    derived: Derived | None = None
+    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
