@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -106,6 +107,17 @@ def pin(release: Release, package: str, machine: str = "x86_64", python: str = "
     return None
 
 
+def cuda_of(release: Release) -> str | None:
+    """The CUDA a wheel is built against, from its nvidia runtime requirement (``cuda-toolkit[cudart]==13.2.2``,
+    ``nvidia-cuda-runtime-cu12==12.8.90``) → "13.2"; None for a CPU-only wheel."""
+    for name in ("cuda-toolkit", "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime-cu11",
+                 "nvidia-cuda-runtime-cu13"):
+        version = pin(release, name)
+        if version:
+            return ".".join(version.split(".")[:2])
+    return None
+
+
 def python_range(requires_python: str) -> str:
     """Requires-Python as the matrix writes it: lower bounds first (``<3.15,>=3.10`` → ``>=3.10,<3.15``)."""
     specs = sorted(SpecifierSet(requires_python), key=lambda s: (not s.operator.startswith(">"), s.operator, s.version))
@@ -121,6 +133,19 @@ def nearest_hand_written(rows: list[dict], version: str) -> dict | None:
     return older[-1] if older else (hand[0] if hand else None)
 
 
+def donors(section: str, release: Release, rows: list[dict], data: dict) -> list[dict]:
+    """Rows a derived row may carry from. A vLLM wheel's metadata names no CUDA, but its kernels must share
+    a CUDA major with the torch it pins (the PyPI torch's default build): carry SM lists from a row of that major."""
+    if section != "vllm":
+        return rows
+    torch = next((t for t in data["torch"] if str(t["version"]) == pin(release, "torch")), None)
+    default = (torch or {}).get("variants", {}).get((torch or {}).get("default"))
+    if not default:
+        return rows
+    major = str(default["cuda"]).split(".")[0]
+    return [r for r in rows if str(r["cuda"]).split(".")[0] == major]
+
+
 def derive_row(section: str, release: Release, donor: dict | None, today: str) -> dict:
     """A matrix row for *release*: what its metadata says, the rest carried from *donor*."""
     glibc, arch = wheel_platform(release.file)
@@ -131,6 +156,16 @@ def derive_row(section: str, release: Release, donor: dict | None, today: str) -
         read |= {"torch": pin(release, "torch", machine=arch or "x86_64"), "arch": [arch or "x86_64"]}
     elif section == "torch":
         read |= {"glibc": glibc}
+        cuda = cuda_of(release)
+        variants = (donor or {}).get("variants") or {}
+        default = next((name for name, v in variants.items() if str(v["cuda"]) == cuda), None)
+        if cuda and default is None:
+            raise MatrixError(f"{release.file}: built for CUDA {cuda}, which no carried variant "
+                              f"({', '.join(variants) or 'none'}) is; add the variant by hand")
+        if default:  # only the build PyPI serves is read; other variants live on PyTorch's own indexes
+            read["default"] = default
+            donor = {**donor, "variants": {default: variants[default]}}
+            donor.pop("aarch64", None)
     elif section == "flashinfer":
         read |= {"package": release.name}
     missing = [k for k in ("torch",) if k in read and not read[k]]
@@ -202,13 +237,14 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
         new = []
         for version in versions_of(package):
             try:
-                if version in known or Version(version).is_prerelease or (since and Version(version) < Version(since)):
+                if version in known or Version(version).is_prerelease or Version(version).local or (since and Version(version) < Version(since)):
                     continue
             except InvalidVersion:
                 continue
             try:
                 release = parse_report(report_of(package, version))
-                row = derive_row(section, release, nearest_hand_written(rows, version), today)
+                row = derive_row(section, release, nearest_hand_written(donors(section, release, rows, data), version),
+                                 today)
             except MatrixError as exc:
                 skipped.append(f"{package} {version}: {exc}")
                 continue
@@ -226,7 +262,8 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
 # ---------------------------------------------------------------- pip (the only side effects)
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PIP_CONSTRAINT": os.devnull}
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def index_versions(package: str) -> list[str]:
@@ -239,6 +276,8 @@ def pip_report(package: str, version: str, cache: Path = CACHE) -> dict:
     path = cache / f"{package}-{version}.json"
     if path.exists():
         return json.loads(path.read_text())
+    # The host's pip may carry a constraints file guarding installs (torch<=…); a dry run that only
+    # reads metadata must see every release, so it runs with an empty one.
     done = _pip("install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "--report", "-",
                 f"{package}=={version}")
     if done.returncode != 0:
