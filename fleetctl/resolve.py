@@ -505,9 +505,11 @@ def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
 def _not_in_matrix(package: str, pin: str, known: list[str]) -> Resolution:
     """A pinned release the matrix lacks: say so, and how a maintainer adds it (the index may well have it)."""
     known = sorted(known, key=Version, reverse=True)
-    what = (f"{package} {pin.removeprefix('==')} is not in fleetctl's matrix" if pin[:1] not in "<>!~" or pin[:2] == "=="
+    exact = pin[:1] not in "<>!~" or pin[:2] == "=="
+    what = (f"{package} {pin.removeprefix('==')} is not in fleetctl's matrix" if exact
             else f"no {package} release in fleetctl's matrix matches fleet_vllm {pin!r}")
-    return refused([what], f"run `fleetctl matrix refresh --package {package} --write`, or pin one of: {', '.join(known)}")
+    return refused([what], f"run `fleetctl matrix refresh --package {package} --write`, "
+                           f"or pin one of: {', '.join(known)}")
 
 
 def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
