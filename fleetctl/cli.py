@@ -196,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("--since", type=release_version, metavar="VERSION", help="only releases at or above VERSION")
     ref.add_argument("--matrix", help="the matrix file (default: the packaged fleetctl/matrix.yaml)")
     ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
+    ref.add_argument("--arches", action="store_true",
+                     help="also download each new vLLM wheel (hundreds of MB) and read its SASS/PTX from the binary")
     inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
     inv.add_argument("inventory", nargs="+", action=Sources)
     mode = inv.add_mutually_exclusive_group(required=True)
@@ -211,7 +213,8 @@ def cmd_matrix(args, console: Console) -> int:
     path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl").joinpath("matrix.yaml")))
     old = path.read_text()
     out = refresh.refresh(old, args.package or list(refresh.SECTIONS), refresh.index_versions, refresh.pip_report,
-                          today=datetime.date.today().isoformat(), since=args.since)
+                          today=datetime.date.today().isoformat(), since=args.since,
+                          arches_of=refresh.wheel_arches_of if args.arches else None)
     print(refresh.unified(old, out.text), end="")
     for line in out.skipped:
         console.print(f"skipped {escape(line)}", highlight=False)

