@@ -176,7 +176,7 @@ def derive_row(section: str, release: Release, donor: dict | None, today: str, a
                if k not in read and k not in ("sources", "derived", "carried")}
     order = list(donor or read)
     row = dict(sorted({**read, **carried}.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    row["sources"] = SOURCES[section]
+    row["sources"] = SOURCES[section] + (["vllm-fatbin"] if arches is not None else [])
     if carried:
         row["carried"] = list(carried)
     row["derived"] = {"from": release.file, "at": today}
