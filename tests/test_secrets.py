@@ -253,14 +253,19 @@ def big_wheelhouse(tmp_path: Path) -> Path:
     return house
 
 
-def test_a_disk_filling_during_the_push_is_a_failed_step_naming_it(small_lab, tmp_path):
-    lab = namespaced_host(small_lab, 88)
-    mounted = lab.ssh("gpu-f", "mkdir -p /opt/fleetctl/wheelhouse && mount -t tmpfs -o size=1m fleet-full "
-                               "/opt/fleetctl/wheelhouse")
+def provision_under(small_lab, tmp_path, net: int, mount: str) -> tuple:
+    """Provision a wheelhouse onto a namespaced lab host after *mount* made a fault there: (lab, the host's run)."""
+    lab = namespaced_host(small_lab, net)
+    mounted = lab.ssh("gpu-f", mount)
     assert mounted.returncode == 0, mounted.stderr
     inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_vllm="none")
     code, record = fleetctl_json("provision", inventory, "--wheelhouse", big_wheelhouse(tmp_path), timeout=600)
-    run = record["hosts"]["gpu-f"]
+    return lab, record["hosts"]["gpu-f"]
+
+
+def test_a_disk_filling_during_the_push_is_a_failed_step_naming_it(small_lab, tmp_path):
+    lab, run = provision_under(small_lab, tmp_path, 88, "mkdir -p /opt/fleetctl/wheelhouse && mount -t tmpfs "
+                               "-o size=1m fleet-full /opt/fleetctl/wheelhouse")
     assert run["status"] == "failed", run  # not unreachable: the host answered
     install = next(s for s in run["steps"] if s["name"] == "install")
     assert install["detail"] == ("no space left on device on gpu-f writing "
@@ -270,12 +275,8 @@ def test_a_disk_filling_during_the_push_is_a_failed_step_naming_it(small_lab, tm
 
 
 def test_a_read_only_fleet_root_is_a_failed_step_naming_it(small_lab, tmp_path):
-    lab = namespaced_host(small_lab, 89)
-    mounted = lab.ssh("gpu-f", "mount --bind /opt/fleetctl /opt/fleetctl && mount -o remount,bind,ro /opt/fleetctl")
-    assert mounted.returncode == 0, mounted.stderr
-    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_vllm="none")
-    code, record = fleetctl_json("provision", inventory, "--wheelhouse", big_wheelhouse(tmp_path), timeout=600)
-    run = record["hosts"]["gpu-f"]
+    _, run = provision_under(small_lab, tmp_path, 89,
+                             "mount --bind /opt/fleetctl /opt/fleetctl && mount -o remount,bind,ro /opt/fleetctl")
     assert run["status"] == "failed", run
     # The host lock is the run's first write: it fails, naming the file and the cause.
     assert run["steps"][-1]["name"] == "lock", run["steps"]
@@ -284,13 +285,9 @@ def test_a_read_only_fleet_root_is_a_failed_step_naming_it(small_lab, tmp_path):
 
 
 def test_a_read_only_wheelhouse_is_a_failed_install_naming_it(small_lab, tmp_path):
-    lab = namespaced_host(small_lab, 89)
-    mounted = lab.ssh("gpu-f", "mkdir -p /opt/fleetctl/wheelhouse && mount --bind /opt/fleetctl/wheelhouse "
-                               "/opt/fleetctl/wheelhouse && mount -o remount,bind,ro /opt/fleetctl/wheelhouse")
-    assert mounted.returncode == 0, mounted.stderr
-    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_vllm="none")
-    code, record = fleetctl_json("provision", inventory, "--wheelhouse", big_wheelhouse(tmp_path), timeout=600)
-    run = record["hosts"]["gpu-f"]
+    _, run = provision_under(small_lab, tmp_path, 89, "mkdir -p /opt/fleetctl/wheelhouse && mount --bind "
+                             "/opt/fleetctl/wheelhouse /opt/fleetctl/wheelhouse && "
+                             "mount -o remount,bind,ro /opt/fleetctl/wheelhouse")
     assert run["status"] == "failed", run
     install = next(s for s in run["steps"] if s["name"] == "install")
     assert install["detail"] == ("read-only file system on gpu-f writing "
