@@ -113,6 +113,40 @@ def loaded_check(runtime: str, image: str, archive: str) -> str:
             f"exit 1; }}")
 
 
+@dataclass(frozen=True)
+class ImageState:
+    """What a host's engine has of one image (:func:`image_state_script`, :func:`parse_image_state`)."""
+
+    present: bool = False
+    image_id: str | None = None  # the engine's id of the image (a changed image is another id)
+    tarball_sha: str | None = None  # sha256 of the tarball already pushed, where one was asked for
+
+
+def image_state_script(runtime: str, image: str, tarball: str | None = None) -> str:
+    """Read-only lines printing the ``@@image`` (and ``@@image-tarball``) sections; they can join a longer
+    state script, whose other sections :func:`parse_image_state` passes over."""
+    lines = [f"echo @@image; {runtime} image inspect --format '{{{{.Id}}}}' {q(image)} 2>/dev/null"]
+    if tarball:
+        lines.append(f"echo @@image-tarball; sha256sum -- {q(tarball)} 2>/dev/null")
+    return "\n".join([*lines, "true"])
+
+
+def parse_image_state(text: str) -> ImageState:
+    """image_state_script's output (alone or among other ``@@`` sections) → an ImageState."""
+    sections: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("@@"):
+            name = line[2:].strip()
+            sections[name] = []
+        elif name and line.strip():
+            sections[name].append(line.strip())
+    # docker prints sha256:<hex>, podman the bare hex
+    ids = [line for line in sections.get("image", []) if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", line)]
+    shas = [line.split()[0] for line in sections.get("image-tarball", []) if re.fullmatch(r"[0-9a-f]{64}\s.*", line)]
+    return ImageState(present=bool(ids), image_id=ids[0] if ids else None, tarball_sha=shas[0] if shas else None)
+
+
 def mirrored(image: str, mirror: str | None) -> str:
     """*image* as pulled through *mirror* (``host[:port][/path]``): Docker Hub names only, official ones under
     ``library/``; a name that already names a registry host other than Docker Hub is left alone."""

@@ -19,8 +19,8 @@ import pytest
 from fleetctl.connection import LocalConnection, Result
 from fleetctl.execute import Planned, Step, execute, failed
 from fleetctl.fanout import Deadline
-from fleetctl.images import (CDI_ALL, gpu_compose, gpu_refusal, gpu_run_args, mirrored, obtain, pull_failed_detail,
-                             pull_failure)
+from fleetctl.images import (CDI_ALL, ImageState, gpu_compose, gpu_refusal, gpu_run_args, image_state_script,
+                             mirrored, obtain, parse_image_state, pull_failed_detail, pull_failure)
 from fleetctl.status import Status
 
 IMAGE = "vllm/vllm-openai:v0.11.0"
@@ -124,6 +124,31 @@ def test_a_mirror_prefixes_docker_hub_names_only(image, mirror, expected):
 def test_a_mirror_is_a_registry_host_not_a_url(mirror):
     with pytest.raises(ValueError, match="not a registry host"):
         mirrored("ubuntu", mirror)
+
+
+# ---------------------------------------------------------------- what the host has, as a command and a parser
+
+ID = "sha256:" + "1c" * 32
+
+
+@pytest.mark.parametrize("text, expected", [
+    (f"@@image\n{ID}\n", ImageState(True, ID)),
+    ("@@image\n", ImageState()),
+    (f"@@image\n{'1c' * 32}\n", ImageState(True, "1c" * 32)),  # podman's id
+    (f"@@lib\n{'ab' * 32}  validate.py\n@@image\n{ID}\n@@image-tarball\n{'ef' * 32}  /opt/fleet/images/v.tar\n",
+     ImageState(True, ID, "ef" * 32)),
+    ("@@image\nError: No such image: x\n@@image-tarball\n", ImageState()),
+    ("", ImageState()),
+])
+def test_the_hosts_image_state_is_parsed_from_its_sections(text, expected):
+    assert parse_image_state(text) == expected
+
+
+def test_the_image_state_script_reads_and_never_fails():
+    assert image_state_script("podman", "vllm/vllm-openai:v0.11.0", "/opt/fleet/images/v 1.tar").splitlines() == [
+        "echo @@image; podman image inspect --format '{{.Id}}' vllm/vllm-openai:v0.11.0 2>/dev/null",
+        "echo @@image-tarball; sha256sum -- '/opt/fleet/images/v 1.tar' 2>/dev/null",
+        "true"]
 
 
 # ---------------------------------------------------------------- a failed pull's detail, as text
@@ -305,7 +330,10 @@ def test_the_air_gapped_path_loads_a_saved_image_pushed_by_sha256(images, tmp_pa
     host_dir = tmp_path / "host" / "images"
     conn = LocalConnection("local")
 
-    got = obtain("docker", image, present=present(image), tarball=tarball, remote_dir=str(host_dir))
+    state = parse_image_state(sh(image_state_script("docker", image, str(host_dir / "tiny.tar"))).stdout)
+    assert state == ImageState()
+    got = obtain("docker", image, present=state.present, tarball=tarball, remote_dir=str(host_dir),
+                 have_sha=state.tarball_sha)
     assert any(a.put for a in got.actions)
     step = execute(install(got), conn, Deadline(120))
     assert step.status == Status.CHANGED, (step.detail, step.tail)
@@ -313,9 +341,13 @@ def test_the_air_gapped_path_loads_a_saved_image_pushed_by_sha256(images, tmp_pa
     assert sha(host_dir / "tiny.tar") == sha(tarball)
 
     # once the host has the tarball by sha256 it is loaded again without a push
+    loaded = parse_image_state(sh(image_state_script("docker", image, str(host_dir / "tiny.tar"))).stdout)
+    assert loaded.present and loaded.image_id.startswith("sha256:") and loaded.tarball_sha == sha(tarball)
     assert sh(f"docker rmi {image}").returncode == 0
-    again = obtain("docker", image, present=present(image), tarball=tarball, remote_dir=str(host_dir),
-                   have_sha=sha(host_dir / "tiny.tar"))
+    state = parse_image_state(sh(image_state_script("docker", image, str(host_dir / "tiny.tar"))).stdout)
+    assert (state.present, state.tarball_sha) == (False, sha(tarball))
+    again = obtain("docker", image, present=state.present, tarball=tarball, remote_dir=str(host_dir),
+                   have_sha=state.tarball_sha)
     assert not any(a.put for a in again.actions)
     assert execute(install(again), conn, Deadline(120)).status == Status.CHANGED
     assert present(image)
