@@ -11,7 +11,7 @@ from .errors import (
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, fan_out
 from .inventory import Host, Inventory, Selection, load_inventory
-from .container import render_container
+from .container import render_dockerfile, render_service
 from .matrix import Matrix, load_matrix
 from .plan import HostPlan, Lock, changes, plan_host
 from .recorded import RecordedConnection, Reply
@@ -25,5 +25,5 @@ __all__ = [
     "RecordedConnection", "Reply", "Request", "Resolution", "Result", "Selection", "ServeConfig", "ServePlan", "Stack", "StateError",
     "Status", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
-    "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_container", "resolve", "smoke_argv",
+    "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_dockerfile", "render_service", "resolve", "smoke_argv",
 ]

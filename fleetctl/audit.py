@@ -77,11 +77,32 @@ def drift(facts: Facts, locked: LockedHost | None, matrix: Matrix) -> list[Drift
                 out.append(Drift("package", f"{name} {got} in the environment, locked {want}"))
     if fleet.service == "dead":
         out.append(Drift("service", "the vLLM service is not running (its pid is gone)"))
+    out += container_drift(fleet, stack.id)
     again = resolve(facts, Request(**locked.request), matrix)
     if not again.ok:
         out.append(Drift("incompatible", f"no stack fits any more: {again.reasons[-1]} ({again.fix})"))
     elif again.stack.id != stack.id:
         out.append(Drift("stack_outdated", f"the resolver now picks {again.stack.id} (locked {stack.id})"))
+    return out
+
+
+def container_drift(fleet: FleetState, stack_id: str) -> list[Drift]:
+    """Container mode: the serving container stopped or gone, running another stack, or its image's tag now
+    naming another image (rebuilt, re-pulled, removed) than the one the container runs."""
+    if not fleet.container:
+        return []
+    name, status, *rest = fleet.container.split() + [""]
+    if status == "missing":
+        return [Drift("service", f"container {name} is gone")]
+    image_id, image, stack = (rest + ["", "", ""])[:3]
+    out = [] if status == "running" else [Drift("service", f"container {name} is {status}, not running")]
+    if stack and stack != stack_id:
+        out.append(Drift("service", f"container {name} runs {stack}, locked {stack_id}"))
+    if fleet.container_image_now == "":
+        out.append(Drift("environment", f"image {image} is gone from the engine (container {name} runs {image_id[:19]})"))
+    elif fleet.container_image_now and fleet.container_image_now != image_id:
+        out.append(Drift("environment", f"image {image} changed: the tag names {fleet.container_image_now[:19]}, "
+                                        f"container {name} runs {image_id[:19]}"))
     return out
 
 

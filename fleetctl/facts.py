@@ -106,6 +106,8 @@ class FleetState:
     previous: str | None = None
     envs: tuple[str, ...] = ()
     service: str | None = None
+    container: str | None = None  # container mode: "<name> <status> <image id> <image> <stack id>", or "<name> missing"
+    container_image_now: str | None = None  # the id its image's tag names now ("": the tag is gone)
 
 
 RECORDS = {"python": PythonInfo, "os": OsRelease, "container_runtime": ContainerRuntime,
@@ -323,13 +325,13 @@ def parse_installed(text: str) -> Installed | None:
 
 def parse_fleet_state(text: str) -> FleetState:
     """current/previous links, complete environments, the service's state under the install root."""
-    state: dict = {"current": None, "previous": None, "service": None}
+    state: dict = {"current": None, "previous": None, "service": None, "container": None, "container_image_now": None}
     envs = []
     for line in text.splitlines():
         key, _, value = line.partition("=")
         if key == "env":
             envs.append(value)
-        elif key in state and value:
+        elif key in state and (value or key == "container_image_now"):
             state[key] = value
     return FleetState(envs=tuple(envs), **state)
 

@@ -25,7 +25,14 @@ PLAY_KEYS = {"name", "hosts", "vars", "steps", "validate", "smoke", "install", "
 SETTINGS = {
     "validate": {"tolerance": 0.02, "timeout": 900},
     "smoke": {"model": "", "max_tokens": 8, "port": 0, "timeout": 600},
-    "install": {"wheelhouse": "", "no_deps": False, "extra_packages": [], "min_free_gib": 0, "timeout": 1800},
+    "install": {"wheelhouse": "", "no_deps": False, "extra_packages": [], "min_free_gib": 0, "timeout": 1800,
+                # container mode: the serving container's name (its compose project and unit too); a CA bundle on
+                # the host that pip trusts in image builds; a registry mirror for Docker Hub images; an image
+                # tarball on the controller, pushed and loaded instead of a pull (air-gapped hosts)
+                "container_name": "{{ fleet_container_name | default('fleetctl-vllm') }}",
+                "container_ca_bundle": "{{ fleet_container_ca_bundle | default('') }}",
+                "container_mirror": "{{ fleet_container_mirror | default('') }}",
+                "image_tarball": "{{ fleet_container_image_tarball | default('') }}"},
     "service": {"port": "{{ fleet_service_port | default(8000) }}", "model": "", "timeout": 600},
 }
 DEFAULT = "default.yml"

@@ -240,7 +240,7 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
     """Everything the steps plan from: the target (pure), the wheelhouse class, and the host's
     state read in one round trip."""
     hostplay, hostvars = play.for_host(host.vars), play.hostvars(host.vars)
-    target = target_for(facts, stack)
+    target = target_for(facts, stack, str(hostplay.install["container_name"]))
     wheels = None
     if hostplay.install["wheelhouse"]:
         try:

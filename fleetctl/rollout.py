@@ -40,7 +40,8 @@ from .provision import lock_host, provision_host
 from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
-from .steps import ACTIVATE, Options, stop_service
+from .container import NAME
+from .steps import ACTIVATE, Options, compose_up_command, stop_service
 from .target import MARKER
 
 KIND = "rollouts"
@@ -275,6 +276,19 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
                           timeout=deadline.left(host.name))
         if not result.ok:
             journal.mark(host.name, "revert_failed", error=result.stderr[-500:])
+            return
+        if entry["from"].startswith("containers/"):
+            # The previous stack's compose file is where its service left it: up again, on the previous image.
+            engine = facts.get("container_runtime") or {}
+            compose = tuple((engine.get("compose") or f"{engine.get('name') or 'docker'} compose").split())
+            name = str(host.vars.get("fleet_container_name") or NAME)
+            restart = conn.run(f"[ -f {root}/service.container ] || exit 0\n"
+                               f"{compose_up_command(compose, name, facts['fleet_root'] + '/current')} && "
+                               f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
+                               timeout=deadline.left(host.name))
+            journal.mark(host.name, "reverted", reverted_to=entry["from"],
+                         service=f"container {name} recreated on the previous image" if restart.ok
+                         else f"container {name} could not be recreated: {restart.stderr.strip()[-300:]}")
             return
         # A running service still serves the stack rolled back from: restart it on current.
         argv = previous_server(conn, host, facts, entry["from"], dict(host.vars), matrix, deadline,

