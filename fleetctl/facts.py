@@ -80,8 +80,14 @@ class OsRelease:
 
 @dataclass(frozen=True)
 class ContainerRuntime:
-    name: str  # docker or podman
-    nvidia_runtime: bool = False
+    """The host's container engine as the engine itself answered: a client is not a runtime."""
+
+    name: str  # docker or podman: the client on the host's PATH (docker first)
+    nvidia_runtime: bool = False  # the engine lists an NVIDIA runtime (nvidia-ctk runtime configure)
+    server: str | None = None  # the engine's version; None where it did not answer (no daemon)
+    compose: str | None = None  # one of COMPOSE_COMMANDS, the first that works on the host; None: none
+    cdi: bool = False  # an NVIDIA CDI spec is on the host (/etc/cdi or /var/run/cdi nvidia.yaml)
+    error: str | None = None  # why the engine did not answer
 
 
 @dataclass(frozen=True)
@@ -306,12 +312,52 @@ def parse_df(text: str) -> float | None:
     return round(int(fields[3]) / 1024 ** 2, 1) if len(fields) >= 4 and fields[3].isdigit() else None
 
 
+COMPOSE_COMMANDS = ("docker compose", "docker-compose", "podman compose", "podman-compose")
+
+
 def parse_container(text: str) -> ContainerRuntime | None:
-    """``name=…`` / ``nvidia=yes|no`` lines → the runtime, or None."""
-    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    if not values.get("name"):
+    """The probe's engine lines → the runtime, or None where the host has no docker or podman.
+
+    ``name=``; then the engine's answers, ``server=`` (its version) and ``runtimes=`` (as JSON), each
+    answer's last line (a client's warnings come before it), or ``server_rc=`` and ``error=`` lines
+    where it did not answer; ``compose=``; ``cdi=yes|no``."""
+    lines: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            lines.setdefault(key, []).append(value.strip())
+
+    def last(key: str) -> str | None:
+        return next((v for v in reversed(lines.get(key, [])) if v), None)
+
+    name = last("name")
+    if name not in ("docker", "podman"):
         return None
-    return ContainerRuntime(values["name"], values.get("nvidia") == "yes")
+    server = last("server")
+    error = None
+    if server is None:
+        error = (f"{name} did not answer within 10 s" if last("server_rc") == "124"
+                 else "; ".join(v for v in lines.get("error", []) if v) or f"{name} reported no engine version")
+    compose = last("compose")
+    return ContainerRuntime(
+        name, nvidia_runtime=server is not None and _lists_nvidia(last("runtimes") or ""), server=server,
+        compose=compose if compose in COMPOSE_COMMANDS else None, cdi=last("cdi") == "yes", error=error)
+
+
+def _lists_nvidia(runtimes: str) -> bool:
+    """docker's ``{{json .Runtimes}}`` (a map by runtime name) or podman's ``{{json .Host.OCIRuntime}}``
+    (the one runtime it uses) names NVIDIA's runtime."""
+    try:
+        data = json.loads(runtimes)
+    except ValueError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    if isinstance(data.get("name"), str):  # podman: the one runtime it uses
+        named = [data["name"], data.get("path")]
+    else:  # docker: every runtime by name, each with its path
+        named = [*data, *(r.get("path") for r in data.values() if isinstance(r, dict))]
+    return any(isinstance(n, str) and "nvidia" in n for n in named)
 
 
 def parse_installed(text: str) -> Installed | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine import start as start_engine
 from tests.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +166,23 @@ def provisioned(serve_lab) -> dict:
     code, out = fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)
     assert code == 0, json.dumps(out["hosts"]["cpu-a"], indent=1)[-4000:]
     return out
+
+
+# ---------------------------------------------------------------- a real container engine
+
+needs_engine = pytest.mark.skipif(shutil.which("docker") is None,
+                                  reason="container mode needs docker (bootstrap.sh --test installs docker.io)")
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A real engine with the base image (tests/engine.py), stopped at the end if this session started it."""
+    started = start_engine(tmp_path_factory.mktemp("engine"))
+    if started is None:
+        pytest.skip("no container engine: docker answers nowhere and dockerd cannot be started here "
+                    "(needs root and docker.io: bootstrap.sh --test)")
+    yield started
+    started.stop()
 
 
 # ---------------------------------------------------------------- ansible-core, the specification

@@ -75,7 +75,8 @@ def test_os_release_and_friends():
     assert parse_nvcc("") is None
     df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 264091588 23000000 83886080 22% /\n"
     assert parse_df(df) == 80.0
-    assert parse_container("name=docker\nnvidia=yes") == ContainerRuntime("docker", nvidia_runtime=True)
+    assert parse_container("name=docker\nserver=28.2.2\nruntimes={\"nvidia\":{}}") == ContainerRuntime(
+        "docker", nvidia_runtime=True, server="28.2.2")
     assert parse_container("nvidia=no") is None
 
 

@@ -101,9 +101,25 @@ fi
 s nvcc; N=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null) && "$N" --version; e
 s disk; d=$ROOT; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"; e
 s container
-for c in docker podman; do command -v $c >/dev/null 2>&1 && { echo name=$c; break; }; done
-if grep -qs nvidia /etc/docker/daemon.json || [ -e /etc/cdi/nvidia.yaml ] || [ -e /var/run/cdi/nvidia.yaml ]
-then echo nvidia=yes; else echo nvidia=no; fi
+# The engine itself is asked (a client whose daemon does not answer is no runtime): its version,
+# then its runtimes; every line of each answer (a client's warnings come first) prefixed with its
+# key. Then which compose command works here.
+C=
+for c in docker podman; do command -v $c >/dev/null 2>&1 && { C=$c; break; }; done
+if [ -n "$C" ]; then
+  echo "name=$C"
+  ask() { timeout 10 "$C" "$@" 2>&1 </dev/null; }
+  if [ "$C" = docker ]; then W=version V='{{.Server.Version}}' R='{{json .Runtimes}}'
+  else W=info V='{{.Version.Version}}' R='{{json .Host.OCIRuntime}}'; fi
+  if O=$(ask $W --format "$V"); then
+    printf '%s\n' "$O" | sed 's/^/server=/'; ask info --format "$R" | sed 's/^/runtimes=/'
+  else
+    echo "server_rc=$?"; printf '%s\n' "$O" | sed 's/^/error=/'
+  fi
+  if ask compose version >/dev/null; then echo "compose=$C compose"
+  elif command -v "$C-compose" >/dev/null 2>&1; then echo "compose=$C-compose"; fi
+fi
+if [ -e /etc/cdi/nvidia.yaml ] || [ -e /var/run/cdi/nvidia.yaml ]; then echo cdi=yes; else echo cdi=no; fi
 e
 
 s installed
