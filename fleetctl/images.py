@@ -21,6 +21,7 @@ Nothing here touches a host; the only I/O is hashing the local tarball.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from pathlib import Path
 
 from .connection import Result
 from .execute import Action
-from .wheelhouse import sha256 as file_sha256
 
 RUNTIMES = ("docker", "podman")
 CDI_ALL = "nvidia.com/gpu=all"  # the CDI device name nvidia-ctk generates for every GPU
@@ -49,6 +49,11 @@ class Obtaining:
     image: str
     actions: tuple[Action, ...]
     note: str  # "image X present: no pull", "load X from T (pushed)", "pull X"
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def q(value) -> str:

@@ -27,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from .facts import Facts
 from .matrix import Matrix, Variant, Vllm, cc, covers
+from .images import gpu_refusal
 from .redact import redact, redact_data
 
 PYPI = None  # the installer's default index
@@ -99,6 +100,8 @@ class Stack:
         host's marker and the stack's id are made of (the install reads the fields themselves)."""
         data = asdict(self)
         data["packages"], data["uninstall"] = list(self.packages), list(self.uninstall)
+        if self.container_base is None:  # absent, as before the field existed: every other stack keeps its id
+            del data["container_base"]
         return redact_data(data)
 
     @property
@@ -525,6 +528,10 @@ def _built_image(result: Resolution, facts: Facts, request: Request) -> Resoluti
     if runtime is None:
         return refused([*result.reasons, "container mode needs docker or podman on the host: none found"],
                        "install docker (Debian/Ubuntu: docker.io) or podman, or use venv mode (fleet_mode: venv)")
+    if runtime.server is None:
+        return refused([*result.reasons, f"{runtime.name} on the host has no engine answering"
+                                         + (f" ({runtime.error})" if runtime.error else "")],
+                       f"start the engine ({runtime.name} info must answer), or use venv mode (fleet_mode: venv)")
     built = replace(result.stack, container_base=request.container_base or CPU_BASE.format(python=result.stack.python))
     image = f"fleetctl/{built.vllm_package}:{built.id}"
     return replace(result, stack=replace(built, container_image=image), reasons=result.reasons + (
@@ -535,10 +542,11 @@ def _built_image(result: Resolution, facts: Facts, request: Request) -> Resoluti
 def _resolve_container(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
     sm, reasons = _lowest_sm(facts)
     runtime = facts.container_runtime
-    if not runtime or not runtime.nvidia_runtime:
-        return refused(reasons + ["container mode needs docker or podman with the NVIDIA runtime "
-                                  f"({'none found' if not runtime else runtime.name + ' has no NVIDIA runtime'})"],
-                       "install nvidia-container-toolkit and configure it (nvidia-ctk runtime configure)")
+    if not runtime or gpu_refusal(len(facts.gpus), runtime.name, runtime.nvidia_runtime, runtime.cdi):
+        return refused(reasons + ["container mode needs docker or podman that hands GPUs to containers "
+                                  f"({'none found' if not runtime else gpu_refusal(len(facts.gpus), runtime.name, runtime.nvidia_runtime, runtime.cdi)})"],
+                       "install nvidia-container-toolkit and configure it (nvidia-ctk runtime configure, or "
+                       "nvidia-ctk cdi generate for podman)")
     why_not = []
     strict = replace(request, cuda_compat="strict")  # images check NVIDIA_REQUIRE_CUDA against the driver
     for image in sorted(matrix.containers, key=lambda c: Version(c.vllm), reverse=True):

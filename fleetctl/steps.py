@@ -411,8 +411,11 @@ def container_service(c: Context) -> Step | Planned:
     check = Action("the container runs and its port generates", CONTAINER_CHECK.format(
         python=q(c.facts.python.path), runtime=t.runtime, name=t.name, port=port, tries=int(s["timeout"])),
         reads=True, timeout=float(s["timeout"]) + 30)
-    actions = (Action("one service per host: a pid-file service from before", stop_service(t.root, port,
-                      c.facts.python.path), change="stop a pid-file service", fails="the old service did not stop"),
+    # A venv-mode service from before (a pid file) gives the port up; the container serving it now is
+    # replaced by compose itself.
+    actions = (Action("one service per host: a pid-file service from before", f"[ -f {q(t.root)}/service.pid ] || "
+                      f"exit 0\n{stop_service(t.root, port, c.facts.python.path)}", change="stop a pid-file service",
+                      fails="the old service did not stop"),
                *ship(c, "smoke.py"),
                Action("the model the container serves", f"mkdir -p {q(t.root)}/smoke && {t.python_command()} "
                       f"{q(f'{t.root}/lib/smoke.py')} {' '.join(map(q, [*argv, '--prepare-only']))}",

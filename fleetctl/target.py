@@ -84,14 +84,14 @@ def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
     runtime = engine.name if engine else "docker"
     try:
         gpus = tuple(gpu_run_args(runtime, len(facts.gpus), bool(engine and engine.nvidia_runtime),
-                                  bool(engine and getattr(engine, 'cdi', False))))
+                                  bool(engine and engine.cdi)))
     except ValueError:  # a GPU host whose engine cannot hand out GPUs: refused by the resolver
         gpus = ()
     env = [w for k, v in stack.env.items() for w in ("-e", f"{k}={v}")]
     python = (runtime, "run", "--rm", *gpus, "--ipc=host", "--network", "host", *env,
               "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
               stack.container_image)
-    compose = tuple((getattr(engine, 'compose', None) or f"{runtime} compose").split())
+    compose = tuple(((engine.compose if engine else None) or f"{runtime} compose").split())
     return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime, image=stack.container_image,
                   name=name, compose=compose, gpu_args=gpus)
 

@@ -252,3 +252,28 @@ def test_no_lock_is_one_line(tmp_path):
     proc = fleetctl("audit", inventory, "--lock", tmp_path / "missing.lock")
     assert proc.returncode == 1 and "no lock file" in proc.stderr and "plan" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_serving_container_drifts_when_stopped_gone_another_stack_or_its_image_changed():
+    """The probe's container lines (as a CI machine's docker answers them) → facts → drift."""
+    from fleetctl.facts import FleetState, parse_fleet_state
+    old, new = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    line = f"container=fleetctl-vllm running {old} fleetctl/vllm-cpu:s1 s1"
+    state = parse_fleet_state(f"current=containers/s1\n{line}\ncontainer_image_now={old}\n")
+    assert state.container == f"fleetctl-vllm running {old} fleetctl/vllm-cpu:s1 s1"
+    assert audit.container_drift(state, "s1") == []
+    assert audit.container_drift(FleetState(), "s1") == []  # venv mode: no container to read
+
+    def kinds(text: str, stack: str = "s1") -> list[tuple[str, str]]:
+        return [(d.kind, d.detail) for d in audit.container_drift(parse_fleet_state(text), stack)]
+
+    assert kinds(f"{line.replace('running', 'exited')}\ncontainer_image_now={old}") == [
+        ("service", "container fleetctl-vllm is exited, not running")]
+    assert kinds("container=fleetctl-vllm missing") == [("service", "container fleetctl-vllm is gone")]
+    assert kinds(f"{line}\ncontainer_image_now={old}", stack="s2") == [
+        ("service", "container fleetctl-vllm runs s1, locked s2")]
+    assert kinds(f"{line}\ncontainer_image_now={new}") == [
+        ("environment", f"image fleetctl/vllm-cpu:s1 changed: the tag names {new[:19]}, container fleetctl-vllm "
+                        f"runs {old[:19]}")]
+    assert kinds(f"{line}\ncontainer_image_now=") == [
+        ("environment", f"image fleetctl/vllm-cpu:s1 is gone from the engine (container fleetctl-vllm runs {old[:19]})")]

@@ -15,7 +15,8 @@ import pytest
 from fleetctl import steps
 from fleetctl.connection import Result
 from fleetctl.execute import Action, Planned, Step, execute
-from fleetctl.facts import Facts
+from fleetctl.facts import ContainerRuntime, Facts
+from fleetctl.images import ImageState
 from fleetctl.fanout import Deadline
 from fleetctl.inventory import Host
 from fleetctl.plan import changes
@@ -157,14 +158,34 @@ def test_a_wheelhouse_class_pushes_only_its_own_files_the_host_lacks(tmp_path):
     assert refused.status == "failed"
 
 
-def test_container_mode_pulls_the_image_and_proves_inside_it():
+def test_container_mode_obtains_the_image_proves_inside_it_and_serves_from_a_container():
     image = replace(STACK, vllm_package="vllm", container_image="vllm/vllm-openai:v0.33.0")
-    c = context(facts=H100, stack=image)
-    plan = steps.install(c)
-    assert any(a.command == "podman pull -q vllm/vllm-openai:v0.33.0" for a in plan.actions)
-    assert {a.command.rsplit("/", 1)[-1] for a in plan.actions if a.stdin} >= {"compose.yaml"}
-    assert steps.validate(c).actions[-1].command.split(" && ")[1].startswith("podman run --rm --gpus all")
-    assert steps.service(c).detail == "container mode: the activate step started the container"
+    gpu = replace(H100, container_runtime=ContainerRuntime("podman", server="4.3.1", cdi=True))
+    c = context(facts=gpu, stack=image)
+    assert [a.command for a in steps.install(c).actions if " pull " in a.command] == [
+        "podman pull -q vllm/vllm-openai:v0.33.0"]
+    present = context(facts=gpu, stack=image, state=HostState(image=ImageState(present=True, image_id="sha256:" + "0" * 64)))
+    assert not [a for a in steps.install(present).actions if "pull" in a.command]  # never pulled again
+    assert steps.validate(c).actions[-1].command.split(" && ")[1].startswith(
+        "podman run --rm --device nvidia.com/gpu=all")
+    service = steps.service(c)
+    written = {a.command.rsplit("/", 1)[-1]: a.stdin for a in service.actions if a.stdin}
+    assert set(written) >= {"compose.yaml", "fleetctl-vllm.service"}
+    assert "podman compose -p fleetctl-vllm -f" in " ".join(a.command for a in service.actions)
+    serving = HostState(service=service.actions[-1].command.split("'")[1], container=image.id)
+    assert steps.service(context(facts=gpu, stack=image, state=serving)).status == "ok"
+
+
+def test_a_cpu_stack_built_in_container_mode_is_built_once_and_never_with_a_credentialed_index():
+    built = replace(STACK, container_image="fleetctl/vllm-cpu:x", container_base="local/debian:bookworm")
+    facts = replace(FACTS, container_runtime=ContainerRuntime("docker", server="20.10.24", compose="docker-compose"))
+    plan = steps.install(context(facts=facts, stack=built))
+    assert any(a.command.startswith("docker build --network host -t fleetctl/vllm-cpu:x ") for a in plan.actions)
+    assert not any("--gpus" in w for w in target_for(facts, built).proof_python)  # a CPU host has no GPUs to ask
+    again = steps.install(context(facts=facts, stack=built, state=HostState(image=ImageState(present=True))))
+    assert not any(" build " in a.command for a in again.actions)
+    secret = steps.install(context(facts=facts, stack=replace(built, torch_index="https://u:tok@mirror.example/s")))
+    assert secret.status == "failed" and "tok" not in secret.detail and "carries a credential" in secret.detail
 
 
 # ---------------------------------------------------------------- the executor
