@@ -136,16 +136,22 @@ def image_state_script(runtime: str, image: str, tarball: str | None = None) -> 
     return "\n".join([*lines, "true"])
 
 
-def parse_image_state(text: str) -> ImageState:
-    """image_state_script's output (alone or among other ``@@`` sections) → an ImageState."""
+def at_sections(text: str) -> dict[str, list[str]]:
+    """A state script's output → its ``@@name`` sections' lines, as printed."""
     sections: dict[str, list[str]] = {}
     name = None
     for line in text.splitlines():
         if line.startswith("@@"):
             name = line[2:].strip()
             sections[name] = []
-        elif name and line.strip():
-            sections[name].append(line.strip())
+        elif name:
+            sections[name].append(line)
+    return sections
+
+
+def parse_image_state(text: str) -> ImageState:
+    """image_state_script's output (alone or among other ``@@`` sections) → an ImageState."""
+    sections = {k: [line.strip() for line in v if line.strip()] for k, v in at_sections(text).items()}
     # docker prints sha256:<hex>, podman the bare hex
     ids = [line for line in sections.get("image", []) if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", line)]
     shas = [line.split()[0] for line in sections.get("image-tarball", []) if re.fullmatch(r"[0-9a-f]{64}\s.*", line)]

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 from .connection import Connection
 from .container import NAME
 from .facts import Facts
-from .images import ImageState, gpu_run_args, image_state_script, parse_image_state
+from .images import ImageState, at_sections, gpu_run_args, image_state_script, parse_image_state
 from .resolve import Stack
 from .serving import PYCACHE
 
@@ -165,14 +165,7 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
 
 def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> HostState:
     """state_script's output → a HostState (a marker of another stack counts as none)."""
-    sections: dict[str, list[str]] = {}
-    name = None
-    for line in text.splitlines():
-        if line.startswith("@@"):
-            name = line[2:].strip()
-            sections[name] = []
-        elif name:
-            sections[name].append(line)
+    sections = at_sections(text)
     marker = _json("\n".join(sections.get("marker", [])))
     service = [line.strip() for line in sections.get("service", []) if line.strip()]
     alive = bool(service) and service[-1] == "alive"
