@@ -41,7 +41,7 @@ from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
 from .container import NAME
-from .steps import ACTIVATE, Options, compose_up_command, stop_service
+from .steps import ACTIVATE, CONTAINER_CHECK, Options, compose_up_command, stop_service
 from .target import MARKER
 
 KIND = "rollouts"
@@ -282,13 +282,17 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
             engine = facts.get("container_runtime") or {}
             compose = tuple((engine.get("compose") or f"{engine.get('name') or 'docker'} compose").split())
             name = str(host.vars.get("fleet_container_name") or NAME)
+            port = int(host.vars.get("fleet_service_port", 8000))
+            check = CONTAINER_CHECK.format(python=shlex.quote((facts.get("python") or {}).get("path") or "python3"),
+                                           runtime=engine.get("name") or "docker", name=name, port=port, tries=600)
             restart = conn.run(f"[ -f {root}/service.container ] || exit 0\n"
                                f"{compose_up_command(compose, name, facts['fleet_root'] + '/current')} && "
-                               f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
+                               f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack && {check}",
                                timeout=deadline.left(host.name))
             journal.mark(host.name, "reverted", reverted_to=entry["from"],
-                         service=f"container {name} recreated on the previous image" if restart.ok
-                         else f"container {name} could not be recreated: {restart.stderr.strip()[-300:]}")
+                         service=f"container {name} recreated on the previous image, generating on port {port}"
+                         if restart.ok else f"container {name} does not serve again: "
+                         f"{(restart.stderr.strip() or restart.stdout.strip())[-300:]}")
             return
         # A running service still serves the stack rolled back from: restart it on current.
         argv = previous_server(conn, host, facts, entry["from"], dict(host.vars), matrix, deadline,
