@@ -43,6 +43,7 @@ from .status import Status, parse_verdict
 from .container import NAME
 from .steps import ACTIVATE, CONTAINER_CHECK, Options, compose_up_command, stop_service
 from .target import MARKER
+from .upgrade import REBOOT_TIMEOUT, Mover, back_on, controller_command, undo
 
 KIND = "rollouts"
 # A host in one of these states counts against the failure budget.
@@ -84,10 +85,14 @@ class Journal:
 
     @classmethod
     def start(cls, inventory: str, playbook: str | None, overrides: dict, plans: dict[str, HostPlan],
-              canary: int, batch: str, max_fail: str, fleet_lock: Lock) -> Journal:
+              canary: int, batch: str, max_fail: str, fleet_lock: Lock, moves: dict | None = None) -> Journal:
+        """*moves*: {host: (the driver move as data, the plan on the new driver)} for hosts whose driver
+        cannot run the CUDA asked for (rollout --driver)."""
+        moves = moves or {}
+        plans = {**plans, **{n: plan for n, (_, plan) in moves.items()}}
         cuda_move = bool(overrides.get("cuda"))
         no_gpu = {n for n, p in plans.items() if cuda_move and not p.facts.gpus}
-        movable = [n for n, p in plans.items() if p.resolution.ok and p.changes and n not in no_gpu]
+        movable = [n for n, p in plans.items() if p.resolution.ok and (p.changes or n in moves) and n not in no_gpu]
         data = {
             "run_id": records.new_run_id("rollout"), "inventory": inventory, "playbook": playbook,
             "overrides": overrides, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -106,6 +111,9 @@ class Journal:
         for number, wave in enumerate(data["waves"], 1):
             for name in wave:
                 data["hosts"][name]["wave"] = number
+        for name, (move, plan) in moves.items():
+            if name in data["hosts"]:  # the facts as they were: the GPUs the new driver must still run
+                data["hosts"][name].update(driver=move, facts_before=plans[name].facts.to_dict())
         journal = cls(data)
         journal.save()
         return journal
@@ -188,9 +196,14 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
 
         # The gate is the proofs: they run even where this stack passed on the host before.
         gate = replace(options, revalidate=True, run_id=journal.id)
-        fan_out([hosts[n] for n in todo], provision_host(play, matrix, gate), forks=forks, timeout=timeout,
-                on_done=done)
-        failed = [n for n in todo if journal.data["hosts"][n]["state"] == Status.FAILED]
+        moving = [n for n in todo if journal.data["hosts"][n].get("driver")]
+        fan_out([hosts[n] for n in todo if n not in moving], provision_host(play, matrix, gate), forks=forks,
+                timeout=timeout, on_done=done)
+        if moving:  # the driver first: drain, install, reboot, verify, then the same gate (fleetctl.upgrade)
+            Mover(journal, play, matrix, gate, forks=forks, timeout=timeout,
+                  provision_task=provision_host(play, matrix, gate)).run([hosts[n] for n in moving], on_done)
+        failed = [n for n in todo if journal.data["hosts"][n]["state"] == Status.FAILED
+                  and not journal.data["hosts"][n].get("drained")]  # a drained host stays as it stopped
         if failed:  # a failed gate: prove the host still serves what it had
             fan_out([hosts[n] for n in failed], prove_previous(journal, play, matrix), forks=forks, timeout=timeout)
         if journal.over_budget():
@@ -255,7 +268,9 @@ def prove_previous(journal: Journal, play: Play, matrix: Matrix):
 def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: float,
              matrix: Matrix | None = None) -> Journal:
     """Return every host the rollout moved to the environment it had before."""
-    moved = [n for n, h in journal.data["hosts"].items() if h["state"] == "done" and h.get("from")]
+    # Hosts the rollout moved, and hosts it left drained mid driver move (their driver may have changed).
+    moved = [n for n, h in journal.data["hosts"].items()
+             if (h["state"] == "done" and h.get("from")) or (h.get("driver") and h.get("drained"))]
     matrix = matrix or load_matrix()
 
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
@@ -267,7 +282,25 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
             journal.mark(host.name, "revert_failed", error=locked.detail)
             return
         try:
-            revert_host(host, conn, deadline, entry, facts, root)
+            if entry.get("driver") and entry.get("phase") not in (None, "drain", "install"):
+                if why := undo(conn, host, entry, deadline):
+                    journal.mark(host.name, "revert_failed", error=why)
+                    return
+                locked = lambda: None  # noqa: E731 - the reboot ended the session that held the lock
+                conn = back_on(host, min(deadline.left(host.name),
+                                         float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))))
+                if conn is None:
+                    journal.mark(host.name, "revert_failed", error="did not answer again after the rollback's reboot")
+                    return
+            if entry.get("from"):
+                revert_host(host, conn, deadline, entry, facts, root)
+            else:
+                journal.mark(host.name, "reverted", reverted_to=None, service="no environment before the rollout")
+            if entry.get("driver") and (command := host.vars.get("fleet_undrain_command")):
+                if why := controller_command(str(command), host, "fleet_undrain_command"):
+                    journal.mark(host.name, "revert_failed", error=why)
+                    return
+                journal.mark(host.name, journal.data["hosts"][host.name]["state"], drained=False)
         finally:
             locked()
 

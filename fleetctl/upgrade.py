@@ -1,0 +1,216 @@
+"""A host's driver move inside a rollout wave: drain, install the branch, reboot, come back, verify, serve.
+
+A rollout to a CUDA the host's driver cannot run moves the driver first (the packages and commands are
+:mod:`fleetctl.driver`'s decision, kept in the journal). The move runs in phases, each recorded in the
+journal before it starts, so a controller that dies mid-reboot resumes where it stopped:
+
+    drain    stop the vLLM service; run the inventory's fleet_drain_command (on the controller: a
+             load balancer's or scheduler's cordon)
+    install  the branch's packages, pinned (the host's package manager)
+    reboot   the host reboots; the controller waits for its session to end
+    back     the controller waits for the host to answer again, within fleet_reboot_timeout
+    verify   facts again: the new branch runs, and every GPU the host had before is still there
+    serve    provision the new stack, gated on its proofs (validate + smoke)
+    undrain  fleet_undrain_command; the host is done
+
+A failure anywhere stops the host where it is: drained, counted against the failure budget, the
+journal naming the phase. ``rollback`` puts the previous branch's packages back, reboots, and serves
+the environment the host had.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+from dataclasses import replace
+
+from .connection import Connection, connect
+from .errors import FleetError, HostError
+from .execute import Step
+from .facts import Facts, gather
+from .fanout import Deadline, Outcome, fan_out
+from .inventory import Host
+from .status import Status
+from .steps import stop_service
+
+REBOOT_TIMEOUT = 900.0  # seconds for a host to answer again after its reboot (fleet_reboot_timeout)
+DOWN_TIMEOUT = 180.0  # seconds for a rebooting host to end the session that asked it to
+
+
+def drain_script(root: str, port: int, python: str, name: str) -> str:
+    """Stop whatever serves on the host, however it was started: a unit, a container, a pid file."""
+    r = shlex.quote(root)
+    return "\n".join([
+        "systemctl stop fleetctl-vllm.service 2>/dev/null || true",
+        f"if read -r rt cn < {r}/service.container 2>/dev/null; then \"$rt\" stop \"$cn\" >/dev/null 2>&1 || true; fi",
+        f"[ -f {r}/service.pid ] || exit 0", stop_service(root, port, python)])
+
+
+def controller_command(command: str, host: Host, what: str) -> str | None:
+    """Run fleet_drain_command / fleet_undrain_command on the controller (a cordon is a controller's
+    call); None where it ran fine, else why not."""
+    try:
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "FLEETCTL_HOST": host.name})
+    except subprocess.TimeoutExpired:
+        return f"{what} did not finish within 300 s"
+    if done.returncode != 0:
+        return f"{what} failed (exit {done.returncode}): {(done.stderr.strip() or done.stdout.strip())[-300:]}"
+    return None
+
+
+def gpus_lost(before: list[dict], after: Facts) -> str | None:
+    """Every GPU the host had (by UUID where the driver reports one, else by name) must still be there."""
+    def ids(gpus):
+        return sorted(g.get("uuid") or g.get("name") or "" for g in gpus)
+    now = [{"uuid": g.uuid, "name": g.name} for g in after.gpus]
+    if ids(now) == ids(before):
+        return None
+    gone = sorted(set(ids(before)) - set(ids(now)))
+    return (f"the new driver runs {len(now)} of the {len(before)} GPUs the host had"
+            + (f" (gone: {', '.join(gone)})" if gone else ""))
+
+
+class Mover:
+    """The driver moves of one wave, against one journal (rollout.Journal: mark, data)."""
+
+    def __init__(self, journal, play, matrix, options, *, forks: int, timeout: float, provision_task):
+        self.journal, self.play, self.matrix, self.options = journal, play, matrix, options
+        self.forks, self.timeout, self.provision_task = forks, timeout, provision_task
+
+    def entry(self, name: str) -> dict:
+        return self.journal.data["hosts"][name]
+
+    def phase(self, name: str, phase: str) -> None:
+        self.journal.mark(name, "running", phase=phase, drained=phase not in ("done",))
+
+    def stop(self, name: str, phase: str, why: str, state: str = Status.FAILED) -> None:
+        self.journal.mark(name, state, stopped_at=phase, error=why, drained=True)
+
+    def at(self, hosts: list[Host], *phases) -> list[Host]:
+        """The hosts still moving whose next phase is one of *phases*."""
+        return [h for h in hosts if self.entry(h.name)["state"] in ("pending", "running")
+                and self.entry(h.name).get("phase") in phases]
+
+    def run(self, hosts: list[Host], on_done=None) -> None:
+        """Every host of the wave through every phase it has not passed yet."""
+        early = self.at(hosts, None, "drain", "install", "reboot")
+        for outcome in fan_out(early, self.until_reboot, forks=self.forks, timeout=self.timeout).values():
+            if not outcome.ok:
+                self.stop(outcome.host.name, self.entry(outcome.host.name).get("phase") or "drain",
+                          outcome.error, state=outcome.status)
+        rebooting = self.at(hosts, "back")
+        threads = [threading.Thread(target=self.wait_back, args=(h,)) for h in rebooting]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        back = self.at(hosts, "verify", "serve", "undrain")
+        fan_out(back, self.after_reboot, forks=self.forks, timeout=self.timeout, on_done=on_done)
+
+    # ------------------------------------------------------------ phases over the wave's connection
+
+    def until_reboot(self, host: Host, conn: Connection, deadline: Deadline) -> None:
+        name, move = host.name, self.entry(host.name)["driver"]
+        facts = self.entry(name)["facts_before"]
+        if self.entry(name).get("phase") in (None, "drain"):
+            self.phase(name, "drain")
+            port = int(host.vars.get("fleet_service_port", 8000))
+            python = (facts.get("python") or {}).get("path") or "python3"
+            stopped = conn.run(drain_script(facts["fleet_root"], port, python, ""), timeout=deadline.left(name))
+            if not stopped.ok:
+                return self.stop(name, "drain", f"the service did not stop: {stopped.stderr.strip()[-300:]}")
+            if command := host.vars.get("fleet_drain_command"):
+                if why := controller_command(str(command), host, "fleet_drain_command"):
+                    return self.stop(name, "drain", why)
+            self.phase(name, "install")
+        if self.entry(name).get("phase") == "install":
+            for command in move["install"]:
+                done = conn.run(command, timeout=deadline.left(name))
+                if not done.ok:
+                    return self.stop(name, "install", f"`{command}` failed (exit {done.exited}): "
+                                                      f"{(done.stderr.strip() or done.stdout.strip())[-400:]}")
+            self.phase(name, "reboot")
+        # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
+        self.phase(name, "back")
+        reboot = conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(name))
+        if not reboot.ok:
+            return self.stop(name, "reboot", f"reboot refused (exit {reboot.exited}): {reboot.stderr.strip()[-300:]}")
+        self.session_ends(conn, name)
+
+    @staticmethod
+    def session_ends(conn: Connection, name: str) -> None:
+        """Wait until the rebooting host ends this session (its sshd goes down with it)."""
+        end = time.monotonic() + DOWN_TIMEOUT
+        while time.monotonic() < end:
+            try:
+                if not conn.run("sleep 5", timeout=30).ok:
+                    return
+            except (HostError, FleetError, OSError, EOFError):
+                return
+
+    def wait_back(self, host: Host) -> None:
+        limit = float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            try:
+                connect(host, timeout=min(10.0, max(1.0, end - time.monotonic()))).close()
+            except (HostError, FleetError, OSError):
+                time.sleep(1)
+                continue
+            return self.phase(host.name, "verify")
+        self.stop(host.name, "back", f"did not answer within {limit:.0f} s of its reboot (fleet_reboot_timeout)",
+                  state=Status.UNREACHABLE)
+
+    # ------------------------------------------------------------ phases over a new connection
+
+    def after_reboot(self, host: Host, conn: Connection, deadline: Deadline):
+        name, entry = host.name, self.entry(host.name)
+        move = entry["driver"]
+        if entry.get("phase") == "verify":
+            facts = gather(host, conn, deadline)
+            if not (facts.driver_version or "").startswith(f"{move['branch']}."):
+                return self.stop(name, "verify", f"the driver is {facts.driver_version or 'not running'}, not "
+                                                 f"branch {move['branch']}: the new driver did not load")
+            if lost := gpus_lost(entry["facts_before"].get("gpus") or [], facts):
+                return self.stop(name, "verify", lost)
+            self.journal.mark(name, "running", phase="serve", driver_after=facts.driver_version)
+        if self.entry(name).get("phase") == "serve":
+            run = self.provision_task(host, conn, deadline)
+            if run.status == Status.FAILED:
+                failed = next(s for s in run.steps if s.status == Status.FAILED)
+                self.journal.mark(name, Status.FAILED, stopped_at="serve", step=failed.name, error=failed.detail,
+                                  run=run.to_dict(), drained=True)
+                return run
+            self.journal.mark(name, "running", phase="undrain", run=run.to_dict())
+        if command := host.vars.get("fleet_undrain_command"):
+            if why := controller_command(str(command), host, "fleet_undrain_command"):
+                return self.stop(name, "undrain", why)
+        self.journal.mark(name, "done", phase="done", drained=False)
+        return None
+
+
+def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline) -> str | None:
+    """Rollback's first half: the previous branch's packages back and pinned, then a reboot that the host
+    comes back from on the old driver. None where it did, else why not."""
+    for command in entry["driver"]["rollback"]:
+        done = conn.run(command, timeout=deadline.left(host.name))
+        if not done.ok:
+            return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-300:]}"
+    conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(host.name))
+    Mover.session_ends(conn, host.name)
+    return None
+
+
+def back_on(host: Host, timeout: float) -> Connection | None:
+    """A connection to *host* once it answers again, or None after *timeout* seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            return connect(host, timeout=min(10.0, max(1.0, end - time.monotonic())))
+        except (HostError, FleetError, OSError):
+            time.sleep(1)
+    return None
