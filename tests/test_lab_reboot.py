@@ -14,8 +14,8 @@ from fleetctl.connection import connect
 from fleetctl.errors import Unreachable
 from fleetctl.facts import parse_nvidia_smi_header, parse_nvidia_smi_query
 from fleetctl.inventory import load_inventory
-from tests.conftest import fleetctl_json, wait_until
-from tests.lab import HARDWARE, PORT, _listening
+from tests.conftest import NET_OFFSET, fleetctl_json, wait_until
+from tests.lab import HARDWARE, PORT, Lab, _listening
 from tests.lab.profiles import NO_DEVICES, derive_profile
 from tests.lab.standins import alive
 
@@ -90,9 +90,10 @@ def test_a_driver_package_takes_effect_at_the_reboot_which_ends_every_session(sm
     assert installed.exited == 0, installed.stderr
     assert "Setting up nvidia-driver-580-server-open (580.65.06)" in installed.stdout
     assert host.package_calls()[-1][:3] == ["apt-get", "install", "-y"]
-    assert host.packages == {"nvidia-driver-570-server": "570.133.20", "nvidia-driver-580-server-open": "580.65.06"}
-    listed = lab.ssh("a100", "dpkg-query -W -f='${Package} ${Version}\\n' 'nvidia-driver-*'")
-    assert listed.stdout.splitlines() == ["nvidia-driver-570-server 570.133.20", "nvidia-driver-580-server-open 580.65.06"]
+    assert "REMOVED:\n  nvidia-driver-570-server" in installed.stdout  # one driver at a time
+    assert host.packages == {"nvidia-driver-580-server-open": "580.65.06"}
+    listed = lab.ssh("a100", "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' 'nvidia-driver-*'")
+    assert listed.stdout.splitlines() == ["nvidia-driver-580-server-open 580.65.06 ii "]
     # Installed, not running: the old driver serves until the reboot.
     assert host.pending_hardware == new and facts_of(inventory, "a100")["facts"]["driver_version"] == "570.133.20"
 
@@ -192,3 +193,51 @@ def test_a_failing_driver_package_fails_as_apt_does_and_changes_nothing(small_la
     assert missing.returncode == 1 and "no packages found matching nvidia-driver-580-server" in missing.stderr
     assert lab.ssh("t4", "systemctl is-active fleetctl-vllm.service").returncode != 0  # the real one's answer
     assert host.reboots == 0 and host.boots == 1
+
+
+def test_a_rollback_reinstalls_the_previous_driver_past_its_hold_and_the_reboot_restores_it(small_lab):
+    lab = small_lab(("v100", "v100-sxm2-32gb", {"os_release": "ubuntu-22.04"}), net=NET)
+    host = lab.hosts["v100"]
+    new = lab.derive_profile("v100-sxm2-32gb", **NEW)
+    host.driver_packages({"nvidia-driver-580-server": new, "nvidia-driver-535-server": "v100-sxm2-32gb"},
+                         installed=["nvidia-driver-535-server"])
+    up = lab.ssh("v100", "apt-get install -y nvidia-driver-580-server && apt-mark hold nvidia-driver-580-server")
+    assert up.returncode == 0 and "The following packages will be REMOVED:\n  nvidia-driver-535-server" in up.stdout
+    assert host.packages == {"nvidia-driver-580-server": "580.65.06"} and host.pending_hardware == new
+    assert lab.ssh("v100", "reboot").returncode == 255
+    wait_until(lambda: host.boots == 2, 30, "the upgraded host back")
+    assert lab.ssh("v100", "nvidia-smi --query-gpu=driver_version --format=csv").stdout.count("580.65.06") == 8
+
+    # The pinned new driver stands in the way of the old one, as apt's holds do.
+    back = "apt-get install -y nvidia-driver-535-server=535.183.06"
+    refused = lab.ssh("v100", back)
+    assert refused.returncode == 100 and "Held packages were changed" in refused.stderr
+    assert host.pending_hardware is None and "nvidia-driver-580-server" in host.packages
+    assert lab.ssh("v100", f"{back} --allow-change-held-packages && apt-mark hold nvidia-driver-535-server").returncode == 0
+    assert host.packages == {"nvidia-driver-535-server": "535.183.06"} and host.pending_hardware == "v100-sxm2-32gb"
+    assert lab.ssh("v100", "reboot").returncode == 255
+    wait_until(lambda: host.boots == 3, 30, "the rolled-back host back")
+    assert host.hardware == "v100-sxm2-32gb"
+    assert "Driver Version: 535.183.06" in lab.ssh("v100", "nvidia-smi").stdout
+
+
+def test_without_namespaces_a_reboot_still_ends_every_session_of_that_host_only(tmp_path):
+    lab = Lab(tmp_path / "lab", net=NET + NET_OFFSET, namespaces=False)
+    lab.add("plain", "l4")
+    lab.add("neighbour", "l4")
+    lab.start()
+    try:
+        host = lab.hosts["plain"]
+        sessions = [subprocess.Popen(lab.ssh_argv(name, "sleep 600"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for name in ("plain", "neighbour")]
+        wait_until(lambda: all(any(c == "sleep 600" for c in h.processes().values()) for h in lab.hosts.values()),
+                   20, "a session on each host")
+        assert lab.ssh("plain", "shutdown --reboot +0").returncode == 255
+        wait_until(lambda: sessions[0].poll() is not None, 20, "the rebooted host's session ended")
+        wait_until(lambda: host.boots == 2, 30, "the host back")
+        assert sessions[1].poll() is None  # the other host's session lives on
+        assert lab.ssh("plain", "echo up").stdout == "up\n"
+    finally:
+        lab.stop()
+    assert not any(h.processes() for h in lab.hosts.values())
+    assert sessions[1].wait(timeout=20) == 255

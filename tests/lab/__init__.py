@@ -133,10 +133,11 @@ class LabHost:
     def driver_packages(self, mapping: dict[str, str], *, installed: Iterable[str] = (),
                         failing: Iterable[str] = ()) -> None:
         """Package names that are drivers: installing one (apt-get install, dnf install, dnf module
-        install) makes its hardware profile the host's GPUs at the next boot. *installed* are on the
-        host already (its current driver, say); *failing* ones fail to install, apt's or dnf's way.
-        A driver package's version is its profile's driver version; any other package installs as
-        nothing, version 1.0."""
+        install) makes its hardware profile the host's GPUs at the next boot, and removes any other
+        driver package (apt refuses where that one is held, without --allow-change-held-packages).
+        *installed* are on the host already (its current driver, say); *failing* ones fail to
+        install, apt's or dnf's way, and change nothing. A driver package's version is its profile's
+        driver version; any other package installs as nothing, version 1.0."""
         (self.dir / "driver-packages.json").write_text(json.dumps({"mapping": mapping, "failing": sorted(failing)}))
         write_installed(self.dir, {**self.packages, **{n: package_version(self.dir, n) for n in installed}})
 

@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -169,21 +170,38 @@ def _specs(args: list[str], takes_value: tuple[str, ...]) -> tuple[str | None, l
     return (words[0], words[1:]) if words else (None, [])
 
 
-def _install(host_dir: Path, names: list[str], say) -> int:
-    """Install *names*: a failing one fails the whole call, nothing installed; a driver package's
-    profile becomes the host's pending hardware; any other name installs as nothing."""
+@dataclass(frozen=True)
+class Transaction:
+    """What an install did, for apt's or dnf's words: nothing at all where *failed* or *blocked*."""
+    new: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # other driver packages, which conflict with the new one
+    failed: list[str] = field(default_factory=list)  # marked to fail: their post-install script fails
+    blocked: list[str] = field(default_factory=list)  # held, and the install would replace them
+
+
+def _install(host_dir: Path, names: list[str], *, change_held: bool = True) -> Transaction:
+    """Install *names*. A driver package replaces any other driver package installed (as Ubuntu's
+    nvidia-driver-XXX and RHEL's module streams do), and its profile becomes the host's pending
+    hardware; a name marked failing fails the whole call; any other name installs as nothing."""
     mapping, failing = _driver_config(host_dir)
-    broken = [n for n in names if n in failing]
-    if broken:
-        return say("fail", broken)
     packages = installed(host_dir)
-    new = [n for n in names if n not in packages]
+    new = [n for n in dict.fromkeys(names) if n not in packages]
+    drivers = [n for n in new if n in mapping]
+    replaced = [n for n in packages if n in mapping and drivers and n not in names]
+    held = [n for n in replaced if n in _lines(host_dir / "held")]
+    if [n for n in names if n in failing]:
+        return Transaction(failed=[n for n in names if n in failing])
+    if held and not change_held:
+        return Transaction(blocked=held)
+    _remove(host_dir, replaced)
+    packages = installed(host_dir)
     for name in new:
         packages[name] = package_version(host_dir, name)
-        if name in mapping:
-            (host_dir / "pending-hardware").write_text(mapping[name] + "\n")
     write_installed(host_dir, packages)
-    return say("ok", new, [n for n in names if n not in new])
+    if drivers:
+        (host_dir / "pending-hardware").write_text(mapping[drivers[-1]] + "\n")
+    return Transaction(new=new, already=[n for n in names if n not in new], replaced=replaced)
 
 
 def _remove(host_dir: Path, names: list[str]) -> list[str]:
@@ -199,7 +217,7 @@ def _remove(host_dir: Path, names: list[str]) -> list[str]:
 
 
 def _apt_name(spec: str) -> str:
-    return re.split(r"[=/]", spec, maxsplit=1)[0]
+    return re.split(r"[=/:]", spec, maxsplit=1)[0]  # name=version, name/release, name:arch
 
 
 def apt_get(host_dir: Path, args: list[str]) -> int:
@@ -207,22 +225,31 @@ def apt_get(host_dir: Path, args: list[str]) -> int:
     names = [_apt_name(s) for s in specs]
     print("Reading package lists... Done")
     if verb == "install":
-        def say(outcome, names, already=()):
-            if outcome == "fail":
-                for name in names:
-                    print(f"Setting up {name} ({package_version(host_dir, name)}) ...")
-                    print(f"dpkg: error processing package {name} (--configure):\n"
-                          " installed post-installation script subprocess returned error exit status 1")
-                print("Errors were encountered while processing:\n" + "".join(f" {n}\n" for n in names), end="")
-                print("E: Sub-process /usr/bin/dpkg returned an error code (1)", file=sys.stderr)
-                return 100
-            for name in already:
-                print(f"{name} is already the newest version ({installed(host_dir)[name]}).")
-            print(f"0 upgraded, {len(names)} newly installed, 0 to remove and 0 not upgraded.")
-            for name in names:
-                print(f"Setting up {name} ({installed(host_dir)[name]}) ...")
-            return 0
-        return _install(host_dir, names, say)
+        done = _install(host_dir, names, change_held="--allow-change-held-packages" in args)
+        if done.blocked:
+            print(f"The following held packages will be changed:\n  {' '.join(done.blocked)}")
+            print("E: Held packages were changed and -y was used without --allow-change-held-packages.",
+                  file=sys.stderr)
+            return 100
+        for name in done.failed:
+            print(f"Setting up {name} ({package_version(host_dir, name)}) ...")
+            print(f"dpkg: error processing package {name} (--configure):\n"
+                  " installed post-installation script subprocess returned error exit status 1")
+        if done.failed:
+            print("Errors were encountered while processing:\n" + "".join(f" {n}\n" for n in done.failed), end="")
+            print("E: Sub-process /usr/bin/dpkg returned an error code (1)", file=sys.stderr)
+            return 100
+        versions = installed(host_dir)
+        for name in done.already:
+            print(f"{name} is already the newest version ({versions[name]}).")
+        if done.replaced:
+            print(f"The following packages will be REMOVED:\n  {' '.join(done.replaced)}")
+        print(f"0 upgraded, {len(done.new)} newly installed, {len(done.replaced)} to remove and 0 not upgraded.")
+        for name in done.replaced:
+            print(f"Removing {name} ...")
+        for name in done.new:
+            print(f"Setting up {name} ({versions[name]}) ...")
+        return 0
     if verb in ("remove", "purge"):
         gone = _remove(host_dir, names)
         print(f"0 upgraded, 0 newly installed, {len(gone)} to remove and 0 not upgraded.")
@@ -286,15 +313,17 @@ def dnf(host_dir: Path, args: list[str]) -> int:
     sub, rest = (specs[0], specs[1:]) if verb in ("module", "versionlock") and specs else (None, specs)
     mapping = _driver_config(host_dir)[0]
 
-    def say(outcome, names, already=()):
-        if outcome == "fail":
-            print("Running transaction\n" + "".join(f"  Installing       : {n}\n" for n in names)
-                  + "".join(f"Error in POSTIN scriptlet in rpm package {n}\n" for n in names), end="")
+    def transaction(done: Transaction) -> int:
+        if done.failed:
+            print("Running transaction\n" + "".join(f"  Installing       : {n}\n" for n in done.failed)
+                  + "".join(f"Error in POSTIN scriptlet in rpm package {n}\n" for n in done.failed), end="")
             print("Error: Transaction failed", file=sys.stderr)
             return 1
-        for name in already:
-            print(f"Package {name}-{installed(host_dir)[name]} is already installed.")
-        print("".join(f"  Installing       : {n}-{installed(host_dir)[n]}\n" for n in names) + "Complete!")
+        versions = installed(host_dir)
+        for name in done.already:
+            print(f"Package {name}-{versions[name]} is already installed.")
+        print("".join(f"  Erasing          : {n}\n" for n in done.replaced)
+              + "".join(f"  Installing       : {n}-{versions[n]}\n" for n in done.new) + "Complete!")
         return 0
 
     if verb == "module" and sub in ("enable", "reset", "disable"):
@@ -307,11 +336,11 @@ def dnf(host_dir: Path, args: list[str]) -> int:
         print("Complete!")
         return 0
     if verb == "module" and sub == "install":
-        return _install(host_dir, [s.lstrip("@") for s in rest], say)
+        return transaction(_install(host_dir, [s.lstrip("@").split("/")[0] for s in rest]))
     if verb == "install":
         # `dnf install nvidia-driver` with a module stream enabled installs that stream.
         names = [f"{n}:{modules[n]}" if n not in mapping and n in modules else n for n in (s.lstrip("@") for s in specs)]
-        return _install(host_dir, names, say)
+        return transaction(_install(host_dir, names))
     if verb in ("remove", "erase"):
         gone = _remove(host_dir, [n for s in specs for n in installed(host_dir) if n == s or n.startswith(f"{s}:")])
         print("".join(f"  Erasing          : {n}\n" for n in gone) + "Complete!")
