@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,23 @@ def test_without_namespaces_a_reboot_still_ends_every_session_of_that_host_only(
         lab.stop()
     assert not any(h.processes() for h in lab.hosts.values())
     assert sessions[1].wait(timeout=20) == 255
+
+
+def test_stopping_the_lab_mid_reboot_leaves_nothing_behind(small_lab):
+    lab = small_lab(("slow", "l4", {}), net=NET)
+    host = lab.hosts["slow"]
+    host.reboot_delay = 600
+    assert lab.ssh("slow", "reboot").returncode == 255
+    wait_until(lambda: host.reboots == 1 and not host.running, 20, "the host down for its long reboot")
+    lab.stop()
+    # Nothing of the host is left to bring its sshd back: no watcher, no restart sleeping out its delay.
+    assert host.watcher.poll() is not None
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(host.dir).encode() in _read(p)]
+    assert host.boots == 1
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # gone meanwhile

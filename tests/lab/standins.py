@@ -1,7 +1,7 @@
 """What a lab host runs in place of its nvidia-smi, its package manager and its reboot, and the
 restart that brings a rebooted host back.
 
-Each lab host's bin/ (first on its PATH) holds ``apt-get``, ``apt-mark``, ``dpkg-query``, ``dnf``,
+Each lab host's bin/ (first on its PATH) holds ``apt-get`` (and ``apt``), ``apt-mark``, ``dpkg-query``, ``dnf``,
 ``rpm``, ``reboot``, ``shutdown`` and ``systemctl``: two-line shell wrappers that run this file
 with the host's directory (``systemctl`` only for ``reboot``; anything else goes to the real one).
 The host's state lives in files of that directory, so the test, the host's sessions and the
@@ -65,7 +65,7 @@ HANGING_NVIDIA_SMI = """#!/bin/sh
 exec sleep 3600
 """
 
-TOOLS = ("apt-get", "apt-mark", "dpkg-query", "dnf", "rpm", "reboot", "shutdown")
+TOOLS = ("apt-get", "apt", "apt-mark", "dpkg-query", "dnf", "rpm", "reboot", "shutdown")
 
 WRAPPER = """#!/bin/sh
 # Lab stand-in for {tool} (tests/lab/standins.py): nothing here touches the real machine.
@@ -494,7 +494,7 @@ def restart(host_dir: Path) -> int:
     return 0
 
 
-TOOL_MAIN = {"apt-get": apt_get, "apt-mark": apt_mark, "dpkg-query": dpkg_query, "dnf": dnf, "rpm": rpm}
+TOOL_MAIN = {"apt-get": apt_get, "apt": apt_get, "apt-mark": apt_mark, "dpkg-query": dpkg_query, "dnf": dnf, "rpm": rpm}
 
 
 def main(argv: list[str]) -> int:
