@@ -16,9 +16,9 @@ from fleetctl.errors import Unreachable
 from fleetctl.facts import parse_nvidia_smi_header, parse_nvidia_smi_query
 from fleetctl.inventory import load_inventory
 from tests.conftest import NET_OFFSET, fleetctl_json, wait_until
-from tests.lab import HARDWARE, PORT, Lab, _listening
+from tests.lab import HARDWARE, PORT, Lab
 from tests.lab.profiles import NO_DEVICES, derive_profile
-from tests.lab.standins import alive
+from tests.lab.standins import alive, listening
 
 NET = 88
 NEW = {"driver": "580.65.06", "cuda": "13.0"}  # CUDA 13.0's first driver
@@ -128,7 +128,7 @@ def test_a_driver_package_takes_effect_at_the_reboot_which_ends_every_session(sm
     restarted = set(host.processes())
     assert restarted
     lab.stop()
-    assert not host.running and not host.processes() and not _listening(host.address, PORT)
+    assert not host.running and not host.processes() and not listening(host.address, PORT)
     assert not any(alive(p) for p in restarted)  # killed (a zombie until init reaps it counts as dead)
 
 
@@ -142,7 +142,7 @@ def test_a_host_that_never_returns_stays_unreachable_until_the_lab_stops(small_l
     for _ in range(2):  # still down, however often it is asked
         out = facts_of(inventory, "gone")
         assert out["status"] == "unreachable", out
-    assert host.boots == 1 and not _listening(host.address, PORT)
+    assert host.boots == 1 and not listening(host.address, PORT)
     # Its neighbour, another host of the same lab, never noticed.
     assert facts_of(inventory, "other")["status"] == "ok" and lab.hosts["other"].boots == 1
     lab.stop()
