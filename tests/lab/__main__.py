@@ -37,7 +37,8 @@ def up() -> None:
 
 
 def down() -> None:
-    for pgid in STATE.glob("hosts/*/lab.pgid"):
+    # Each host's reboot watcher first, so that no reboot brings its sshd back meanwhile.
+    for pgid in [*STATE.glob("hosts/*/watcher.pid"), *STATE.glob("hosts/*/lab.pgid")]:
         try:
             os.killpg(int(pgid.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
