@@ -134,4 +134,4 @@ def test_container_mode_builds_proves_serves_rolls_out_and_back(engine, box):
     subprocess.run([engine.docker, "stop", name], capture_output=True, timeout=120, check=True)
     code, drifted = fleetctl_json("audit", inventory, timeout=300)
     assert drifted["hosts"]["box"]["status"] == "drift"
-    assert f"container {name} is exited, not running" in {d["detail"] for d in drifted["hosts"]["box"]["drifts"]}
+    assert f"container {name} is exited, not running" in {d["detail"] for d in drifted["hosts"]["box"]["drift"]}
