@@ -281,6 +281,8 @@ def cmd_facts(args, console: Console) -> int:
 def cmd_plan(args, console: Console) -> int:
     if args.driver and not args.cuda:
         raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
+    if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
+        raise FleetError("--driver plans a move, not a lock: run plan --write-lock once the drivers have moved")
     matrix = load_matrix(args.matrix)
     hosts = select(load_inventory(args.inventories), args.limit)
     lock_path = None
