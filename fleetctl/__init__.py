@@ -8,6 +8,7 @@ from .errors import (
     CommandFailed, FleetError, HostError, InventoryError, MatrixError, PlaybookError, StateError, TimedOut, Unreachable,
     WheelhouseError,
 )
+from .driver import DriverMove, plan_move
 from .facts import Facts, Gpu, gather, parse_probe
 from .fanout import Outcome, fan_out
 from .inventory import Host, Inventory, Selection, load_inventory
@@ -20,10 +21,10 @@ from .serving import ServeConfig, ServePlan, plan_serving, smoke_argv
 from .status import Exit, Status, exit_code, parse_verdict
 
 __all__ = [
-    "CommandFailed", "Connection", "Exit", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
+    "CommandFailed", "Connection", "DriverMove", "Exit", "Facts", "FleetError", "Gpu", "Host", "HostError", "HostPlan", "Inventory",
     "InventoryError", "LocalConnection", "Lock", "Matrix", "MatrixError", "Outcome", "PlaybookError",
     "RecordedConnection", "Reply", "Request", "Resolution", "Result", "Selection", "ServeConfig", "ServePlan", "Stack", "StateError",
     "Status", "TimedOut", "Unreachable",
     "WheelhouseError", "changes", "connect", "exit_code", "fan_out", "gather", "load_inventory", "load_matrix",
-    "parse_probe", "parse_verdict", "plan_host", "plan_serving", "render_dockerfile", "render_service", "resolve", "smoke_argv",
+    "parse_probe", "parse_verdict", "plan_host", "plan_move", "plan_serving", "render_dockerfile", "render_service", "resolve", "smoke_argv",
 ]

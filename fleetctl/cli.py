@@ -88,6 +88,14 @@ def cuda_version(text: str) -> str:
     return text
 
 
+def driver_choice(text: str) -> str:
+    """--driver: auto or a driver branch (580 or R580)."""
+    word = text.strip()
+    if word != "auto" and not word.lstrip("Rr").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: auto or a driver branch such as 580")
+    return word if word == "auto" else word.lstrip("Rr")
+
+
 def release_version(text: str) -> str:
     try:
         Version(text)
@@ -178,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--cuda-compat", choices=["minor", "strict"],
                       help="minor: NVIDIA minor-version compatibility, strict: the driver's own CUDA caps "
                            "(default: fleet_cuda_compat or minor)")
+    plan.add_argument("--driver", type=driver_choice, metavar="auto|BRANCH",
+                      help="with --cuda: where a host's driver cannot run that CUDA, plan the driver move (auto: the "
+                           "oldest supported branch that runs it) with its package commands")
     plan.add_argument("--matrix", help="another compatibility matrix file")
     plan.add_argument("--write-lock", nargs="?", const="", metavar="PATH",
                       help="write fleet.lock (default: beside the inventory)")
@@ -268,6 +279,10 @@ def cmd_facts(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
+    if args.driver and not args.cuda:
+        raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
+    if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
+        raise FleetError("--driver plans a move, not a lock: run plan --write-lock once the drivers have moved")
     matrix = load_matrix(args.matrix)
     hosts = select(load_inventory(args.inventories), args.limit)
     lock_path = None
@@ -276,8 +291,8 @@ def cmd_plan(args, console: Console) -> int:
         writable(lock_path, "--write-lock")
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
-    plans = {name: plan_host(o.host, o.value, matrix, cuda=args.cuda, vllm=args.vllm, mode=args.mode,
-                             cuda_compat=args.cuda_compat)
+    plans = {name: plan_host(o.host, o.value, matrix, driver=args.driver, cuda=args.cuda, vllm=args.vllm,
+                             mode=args.mode, cuda_compat=args.cuda_compat)
              for name, o in outcomes.items() if o.ok}
     if lock_path is not None:
         with Lock.updating(lock_path) as lock:  # a run at once with another --limit keeps both runs' hosts

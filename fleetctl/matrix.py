@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -138,6 +139,38 @@ class Container:
 
 
 @dataclass(frozen=True)
+class DriverPackages:
+    """One distribution's packages for a driver branch, per kernel-module flavour. For RHEL the
+    entries naming a module stream (``nvidia-driver:580-open``) come first. ``moved_to``: the
+    distribution's newest package of these names is a transitional one that installs that branch
+    instead, so only an exact older version still brings this branch."""
+    open: tuple[str, ...] = ()
+    proprietary: tuple[str, ...] = ()
+    moved_to: str | None = None
+
+    def of(self, flavor: str) -> tuple[str, ...]:
+        return self.open if flavor == "open" else self.proprietary
+
+
+@dataclass(frozen=True)
+class DriverBranch:
+    """An NVIDIA driver branch (R580): what it runs natively, its lifecycle and its packages."""
+    branch: str
+    kind: str  # LTSB, PB or NFB
+    min_version: str  # the first Linux release of the branch that runs `cuda` natively (toolkit table 3)
+    cuda: str  # the newest CUDA it runs natively (nvidia-smi's "CUDA Version")
+    eol: str | None  # "YYYY-MM" where NVIDIA gives an end of life; None where it gives none
+    open_default: bool  # open kernel modules are the branch's default for Turing and newer (from R560)
+    sm: tuple[int, ...]  # the compute capabilities the branch drives
+    packages: dict = field(compare=False)  # {distro key: DriverPackages}
+    sources: tuple[str, ...] = ()
+
+
+DRIVER_KINDS = ("LTSB", "PB", "NFB")
+DRIVER_DISTROS = ("ubuntu-22.04", "ubuntu-24.04", "rhel-9", "cuda-ubuntu")
+
+
+@dataclass(frozen=True)
 class Matrix:
     path: Path
     digest: str
@@ -150,6 +183,10 @@ class Matrix:
     backends: tuple[Backend, ...]
     backend_priority: dict = field(compare=False)
     containers: tuple[Container, ...]
+    drivers: tuple[DriverBranch, ...] = ()
+
+    def driver_row(self, branch: str) -> DriverBranch | None:
+        return next((d for d in self.drivers if d.branch == branch), None)
 
     def cuda_row(self, version: str) -> Cuda | None:
         return next((c for c in self.cuda if c.version == version), None)
@@ -196,7 +233,7 @@ def _row(kind: str, cls, raw, where: str, sources: dict):
     for name in values.get("sources", ()):
         if name not in sources:
             raise MatrixError(f"{where}: source {name!r} is not listed under sources:")
-    for key in ("version", "torch", "driver", "major_driver") if cls is not Backend else ():
+    for key in ("version", "torch", "driver", "major_driver", "min_version") if cls is not Backend else ():
         if isinstance(values.get(key), str):
             try:
                 Version(values[key].split("+")[0])
@@ -236,8 +273,35 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
     for v in rows["vllm"]:
         if not any(t.version == v.torch for t in rows["torch"]):
             raise MatrixError(f"{path}: vllm {v.version} pins torch {v.torch}, which has no torch row")
+    drivers = tuple(_driver_row(raw, f"{path}: drivers[{i}]", sources) for i, raw in enumerate(data.get("drivers") or ()))
     return Matrix(path=path, digest=hashlib.sha256(text.encode()).hexdigest()[:12], sources=sources,
-                  backend_priority=data["backend_priority"], **rows)
+                  backend_priority=data["backend_priority"], drivers=drivers, **rows)
+
+
+def _driver_row(raw, where: str, sources: dict) -> DriverBranch:
+    """A ``drivers:`` row, checked: its kind, versions, dates, flavours and distribution keys."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("packages"), dict):
+        raise MatrixError(f"{where}: a drivers row must be a mapping with a packages mapping")
+    packages = {}
+    for distro, entry in raw["packages"].items():
+        if distro not in DRIVER_DISTROS:
+            raise MatrixError(f"{where}: packages for {distro!r}, which is not one of {', '.join(DRIVER_DISTROS)}")
+        if not isinstance(entry, dict) or set(entry) - {"open", "proprietary", "moved_to"}:
+            raise MatrixError(f"{where}: packages {distro} must map open / proprietary to package lists (and moved_to)")
+        packages[distro] = DriverPackages(tuple(entry.get("open") or ()), tuple(entry.get("proprietary") or ()),
+                                          str(entry["moved_to"]) if entry.get("moved_to") else None)
+    row = _row("drivers", DriverBranch, {**raw, "branch": str(raw.get("branch")), "packages": {}}, where, sources)
+    if row.kind not in DRIVER_KINDS:
+        raise MatrixError(f"{where}: kind {row.kind!r} is not one of {', '.join(DRIVER_KINDS)}")
+    if not str(row.branch).isdigit() or not str(row.min_version).startswith(f"{row.branch}."):
+        raise MatrixError(f"{where}: branch {row.branch!r} must be digits and min_version {row.min_version!r} of it")
+    if row.eol is not None and not re.fullmatch(r"\d{4}-\d{2}", str(row.eol)):
+        raise MatrixError(f"{where}: eol {row.eol!r} is not YYYY-MM")
+    try:
+        Version(row.cuda)
+    except InvalidVersion:
+        raise MatrixError(f"{where}: cuda {row.cuda!r} is not a version") from None
+    return dataclasses.replace(row, packages=packages)
 
 
 @functools.cache

@@ -13,12 +13,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
+from .driver import DriverMove, facts_after, plan_move
 from .errors import StateError
 from .facts import Facts, Installed
 from .inventory import Host
@@ -40,6 +41,7 @@ class HostPlan:
     request: Request
     resolution: Resolution
     changes: tuple[str, ...]
+    driver: DriverMove | None = None  # plan --driver: the driver move the requested CUDA needs
 
     @property
     def status(self) -> Status:
@@ -47,18 +49,26 @@ class HostPlan:
 
     def to_json(self) -> dict:
         r = self.resolution
+        driver = {"driver": self.driver.to_json()} if self.driver else {}
         if not r.ok:
-            return {"status": self.status, "reasons": list(r.reasons), "fix": r.fix}
+            return {"status": self.status, "reasons": list(r.reasons), "fix": r.fix, **driver}
         return {"status": self.status, "stack": {**r.stack.to_dict(), "id": r.stack.id}, "reasons": list(r.reasons),
-                "changes": list(self.changes)}
+                "changes": list(self.changes), **driver}
 
 
-def plan_host(host: Host, facts: Facts, matrix: Matrix, **overrides) -> HostPlan:
-    """Resolve *host* from its facts, its fleet_* vars and command-line *overrides*."""
+def plan_host(host: Host, facts: Facts, matrix: Matrix, driver: str | None = None, **overrides) -> HostPlan:
+    """Resolve *host* from its facts, its fleet_* vars and command-line *overrides*. With *driver* ("auto" or a
+    branch) and a requested CUDA, a host whose driver cannot run that CUDA gets a driver move, and its stack is
+    resolved as it will be once the move is made."""
     request = Request.from_vars(host.vars, **overrides)
-    resolution = resolve(facts, request, matrix)
+    move = plan_move(facts, request.cuda, driver, matrix, cuda_compat=request.cuda_compat) \
+        if driver and request.cuda != "auto" else None
+    resolution = resolve(facts_after(facts, move) if move and move.ok else facts, request, matrix)
+    if move and move.ok:
+        resolution = replace(resolution, reasons=(f"after the driver move to R{move.branch} ({move.min_version})",
+                                                  *resolution.reasons))
     return HostPlan(host, facts, request, resolution,
-                    tuple(changes(resolution.stack, facts.installed)) if resolution.ok else ())
+                    tuple(changes(resolution.stack, facts.installed)) if resolution.ok else (), move)
 
 
 def changes(stack: Stack, installed: Installed | None) -> list[str]:

@@ -102,12 +102,17 @@ def print_summary(console: Console, outcomes: list[Outcome]) -> None:
 def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Table:
     title = f"plan: what if the fleet moved to CUDA {lit(what_if_cuda)}" if what_if_cuda else "plan"
     table = Table(title=title, show_lines=True)
-    for column in ("host", "status", "stack", "runtime", "why", "changes"):
+    plans = list(plans)
+    drivers = any(p.driver for p in plans)  # plan --driver: two more columns
+    for column in ("host", "status", "stack", "runtime", "why", "changes") + (("driver", "driver commands")
+                                                                            if drivers else ()):
         table.add_column(column)
     for p in plans:
         r = p.resolution
+        extra = driver_cells(p.driver) if drivers else []
         if not r.ok:
-            table.add_row(lit(p.host.name), status(p.status), f"[red]{lit(r.fix)}[/]", "", lit("\n".join(r.reasons)), "")
+            table.add_row(lit(p.host.name), status(p.status), f"[red]{lit(r.fix)}[/]", "", lit("\n".join(r.reasons)), "",
+                          *extra)
             continue
         s = r.stack
         stack = "\n".join(x for x in (
@@ -119,8 +124,18 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
         runtime = "\n".join(x for x in (s.attention_backend, s.cudagraph_mode,
                                          f"arch {s.torch_cuda_arch_list}" if s.torch_cuda_arch_list else None) if x)
         table.add_row(lit(p.host.name), status(p.status), lit(stack), lit(runtime or "-"), lit("\n".join(r.reasons)),
-                      lit("\n".join(p.changes) or "none"))
+                      lit("\n".join(p.changes) or "none"), *extra)
     return table
+
+
+def driver_cells(move) -> list[str]:
+    """The plan table's driver columns: the move with its reasons, and its install and rollback commands."""
+    if move is None:
+        return ["none: the driver runs this CUDA", "-"]
+    if not move.ok:
+        return [f"[red]{lit(move.summary)}[/]\n{lit(move.fix)}", "-"]
+    return [lit("\n".join((move.summary, *move.reasons))),
+            lit("\n".join((*move.install, "rollback:", *(move.rollback or ("(none)",)))))]
 
 
 def print_refusals(console: Console, plans: Iterable[HostPlan]) -> None:
