@@ -167,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     roll.add_argument("--json", action="store_true")
     roll.add_argument("--cuda", type=cuda_version, help="the CUDA to move to")
     roll.add_argument("--vllm", type=vllm_policy, help="the vLLM to move to (a version or range)")
+    roll.add_argument("--driver", type=driver_choice, metavar="auto|BRANCH",
+                      help="with --cuda: move the driver of hosts that cannot run that CUDA (drain, install the "
+                           "branch, reboot, verify, provision, undrain; auto: the oldest supported branch that runs it)")
     roll.add_argument("--playbook")
     roll.add_argument("--canary", type=canary, default=1, help="hosts in the first wave (default 1)")
     roll.add_argument("--batch", type=share(1), default="25%",
@@ -489,11 +492,14 @@ def cmd_rollout(args, console: Console) -> int:
         return print_rollout(args, console, journal)
     matrix = load_matrix()
     if not args.resume:
+        if args.driver and not args.cuda:
+            raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
         overrides = {"cuda": args.cuda, "vllm": args.vllm}
         selected = select(inventory, args.limit)
         with report.progress(console, len(selected), "plan") as advance:
             outcomes = fan_out(selected, gather, forks=args.forks, timeout=min(args.timeout, 120), on_done=advance)
-        plans = {n: plan_host(o.host, o.value, matrix, **overrides) for n, o in outcomes.items() if o.ok}
+        plans = {n: plan_host(o.host, o.value, matrix, driver=args.driver, **overrides)
+                 for n, o in outcomes.items() if o.ok}
         unreached = {n: o for n, o in outcomes.items() if not o.ok}
         journal = rollout.Journal.start(str(Path(args.inventory).resolve()), args.playbook, overrides, plans,
                                         args.canary, args.batch, args.max_fail,

@@ -206,6 +206,12 @@ def rollout_plan(journal) -> str:
     lines = [f"rollout {lit(d['run_id'])}: {sum(len(w) for w in d['waves'])} host(s) move in {len(d['waves'])} "
              f"wave(s) (failure budget {d['budget']})"]
     lines += [f"  wave {i}: {lit(', '.join(w))}" for i, w in enumerate(d["waves"], 1)]
+    for name, h in d["hosts"].items():  # what a driver move will run there, command for command
+        if move := h.get("driver"):
+            lines.append(f"  {lit(name)}: driver {lit(move['from'] or 'none')} → R{lit(move['branch'])} "
+                         f"({lit(move['flavor'] or '')} modules, {lit(move['distro'] or '')}): drain, then")
+            lines += [f"      {lit(command)}" for command in move["install"]]
+            lines.append("      reboot; verify the driver and every GPU; provision and gate; undrain")
     lines += [f"  left alone: {lit(n)} ({lit(a['reason'])}{': ' + lit(a['why']) if a.get('why') else ''})"
               for n, a in d["left_alone"].items()]
     return "\n".join(lines)
@@ -219,6 +225,10 @@ def rollout_table(journal) -> Table:
     for name, h in d["hosts"].items():
         style = {"done": "green", "reverted": "cyan", "rolled_back": "yellow"}.get(h["state"], "red")
         detail = h.get("rollback") or h.get("error") or ""
+        if h.get("driver"):
+            detail = (f"driver → R{h['driver']['branch']}" + (f", stopped at {h['stopped_at']}" if h.get("stopped_at")
+                                                              else "") + (" (drained)" if h.get("drained") else "")
+                      + (f": {detail}" if detail else ""))
         table.add_row(lit(name), str(h.get("wave", "-")), f"[{style}]{lit(h['state'])}[/]", lit(h.get("from") or "-"),
                       lit(h["to"]), lit(detail))
     for name, a in d["left_alone"].items():

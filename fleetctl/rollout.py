@@ -33,7 +33,7 @@ from .facts import Facts
 from .fanout import Deadline, Outcome, fan_out
 from .inventory import Host
 from .matrix import Matrix, load_matrix
-from .plan import HostPlan, Lock
+from .plan import HostPlan, Lock, plan_host
 from .playbook import Play
 from .execute import Step
 from .provision import lock_host, provision_host
@@ -85,11 +85,9 @@ class Journal:
 
     @classmethod
     def start(cls, inventory: str, playbook: str | None, overrides: dict, plans: dict[str, HostPlan],
-              canary: int, batch: str, max_fail: str, fleet_lock: Lock, moves: dict | None = None) -> Journal:
-        """*moves*: {host: (the driver move as data, the plan on the new driver)} for hosts whose driver
-        cannot run the CUDA asked for (rollout --driver)."""
-        moves = moves or {}
-        plans = {**plans, **{n: plan for n, (_, plan) in moves.items()}}
+              canary: int, batch: str, max_fail: str, fleet_lock: Lock) -> Journal:
+        """A plan with a driver move (rollout --driver) moves the host's driver first (fleetctl.upgrade)."""
+        moves = {n: p.driver for n, p in plans.items() if p.driver and p.driver.ok}
         cuda_move = bool(overrides.get("cuda"))
         no_gpu = {n for n, p in plans.items() if cuda_move and not p.facts.gpus}
         movable = [n for n, p in plans.items() if p.resolution.ok and (p.changes or n in moves) and n not in no_gpu]
@@ -111,9 +109,12 @@ class Journal:
         for number, wave in enumerate(data["waves"], 1):
             for name in wave:
                 data["hosts"][name]["wave"] = number
-        for name, (move, plan) in moves.items():
+        for name, move in moves.items():
             if name in data["hosts"]:  # the facts as they were: the GPUs the new driver must still run
-                data["hosts"][name].update(driver=move, facts_before=plans[name].facts.to_dict())
+                data["hosts"][name].update(driver=move.to_json(), facts_before=plans[name].facts.to_dict())
+        for name, plan in plans.items():
+            if plan.driver and not plan.driver.ok:
+                data["left_alone"][name] = {"reason": "refused", "why": f"{plan.driver.refusal} ({plan.driver.fix})"}
         journal = cls(data)
         journal.save()
         return journal
@@ -202,6 +203,12 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
         if moving:  # the driver first: drain, install, reboot, verify, then the same gate (fleetctl.upgrade)
             Mover(journal, play, matrix, gate, forks=forks, timeout=timeout,
                   provision_task=provision_host(play, matrix, gate)).run([hosts[n] for n in moving], on_done)
+            for name in moving:  # fleet.lock gets the facts as the host now is: on its new driver
+                entry = journal.data["hosts"][name]
+                if entry["state"] == "done" and (entry.get("run") or {}).get("facts"):
+                    overrides = {k: v for k, v in journal.data["overrides"].items() if v}
+                    journal.mark(name, "done", lock_after=_entry(plan_host(
+                        hosts[name], Facts.from_dict(entry["run"]["facts"]), matrix, **overrides)))
         failed = [n for n in todo if journal.data["hosts"][n]["state"] == Status.FAILED
                   and not journal.data["hosts"][n].get("drained")]  # a drained host stays as it stopped
         if failed:  # a failed gate: prove the host still serves what it had
@@ -270,7 +277,7 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
     """Return every host the rollout moved to the environment it had before."""
     # Hosts the rollout moved, and hosts it left drained mid driver move (their driver may have changed).
     moved = [n for n, h in journal.data["hosts"].items()
-             if (h["state"] == "done" and h.get("from")) or (h.get("driver") and h.get("drained"))]
+             if (h["state"] == "done" and (h.get("from") or h.get("driver"))) or (h.get("driver") and h.get("drained"))]
     matrix = matrix or load_matrix()
 
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:

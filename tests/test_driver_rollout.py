@@ -1,0 +1,151 @@
+"""`rollout --cuda 13.0 --driver auto` on lab hosts that play the driver move with real processes
+(tests/lab/standins.py): the host's apt installs the branch as its next boot's nvidia-smi, `reboot` ends
+every session and brings the host's sshd back after a delay (or never). A100s on R570 cannot run CUDA 13:
+each is drained, moved to R580, rebooted, verified, provisioned, undrained — or stopped where it failed.
+
+The gate here provisions with the `check` step only: the lab's GPUs are recorded nvidia-smi output, which
+no kernel runs on (the proofs themselves run on the GPU test host and the CPU lab).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleetctl import records
+from tests.conftest import fleetctl_json, needs_sshd, wait_until
+
+pytestmark = needs_sshd
+BASE = "a100-sxm4-80gb"  # R570 (570.133.20), CUDA 12.8: R580 is the oldest branch that runs CUDA 13.0
+NEW, OLD = "nvidia-driver-580-server-open", "nvidia-driver-570-server-open"  # what plan_move names for them
+
+
+@pytest.fixture
+def fleet(small_lab, tmp_path):
+    """make(*names, lose_gpu=False): A100 hosts whose R580 package boots them on 580.65.06 (with one GPU fewer
+    where asked); drain and undrain commands log to a file the test reads."""
+    def make(*names: str, lose_gpu: bool = False, **hostvars):
+        lab = small_lab(*((n, BASE, {"os_release": "ubuntu-22.04"}) for n in names), net=89)
+        new = lab.derive_profile(BASE, driver="580.65.06", cuda="13.0", drop_gpus=1 if lose_gpu else 0)
+        for host in lab.hosts.values():
+            host.driver_packages({NEW: new, OLD: BASE}, installed=[OLD])
+            host.reboot_delay = 2
+        log = tmp_path / "drain.log"
+        playbook = tmp_path / "check-only.yml"
+        playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": ["check"]}]))
+        inventory = lab.write_inventory(tmp_path / "inv.yml", **({"fleet_reboot_timeout": 60} | hostvars),
+                                        fleet_drain_command=f"echo drain $FLEETCTL_HOST >> {log}",
+                                        fleet_undrain_command=f"echo undrain $FLEETCTL_HOST >> {log}")
+        return lab, inventory, playbook, log
+    return make
+
+
+def rollout(inventory, playbook, *extra, timeout=600):
+    return fleetctl_json("rollout", str(inventory), "--cuda", "13.0", "--driver", "auto", "--playbook",
+                         str(playbook), "--canary", "1", "--max-fail", "0", *extra, timeout=timeout)
+
+
+def driver(inventory, name: str) -> str:
+    code, out = fleetctl_json("facts", str(inventory), "--limit", name)
+    return out["hosts"][name]["facts"]["driver_version"]
+
+
+def installs(host) -> list[str]:
+    return [" ".join(call) for call in host.package_calls() if "install" in call]
+
+
+def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fleet):
+    lab, inventory, playbook, log = fleet("a1")
+    host = lab.hosts["a1"]
+
+    code, check = rollout(inventory, playbook, "--check")
+    assert code == 0 and check["status"] == "planned" and check["waves"] == [["a1"]]
+    move = check["hosts"]["a1"]["driver"]
+    assert (move["from"], move["branch"], move["flavor"]) == ("570.133.20", "580", "open")
+    assert any(NEW in command for command in move["install"]) and host.boots == 1 and not installs(host)
+
+    code, out = rollout(inventory, playbook)
+    entry = out["hosts"]["a1"]
+    assert code == 0 and entry["state"] == "done", entry
+    assert (entry["phase"], entry["drained"], entry["driver_after"]) == ("done", False, "580.65.06")
+    assert host.boots == 2 and driver(inventory, "a1") == "580.65.06"
+    assert log.read_text().split("\n")[:2] == ["drain a1", "undrain a1"]
+    assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [NEW] and NEW in host.held
+
+    code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
+    assert code == 0 and back["hosts"]["a1"]["state"] == "reverted", back["hosts"]["a1"]
+    assert host.boots == 3 and driver(inventory, "a1") == "570.133.20"
+    assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [OLD] and OLD in host.held
+    assert log.read_text().split()[-2:] == ["undrain", "a1"]
+
+
+def test_a_canary_whose_new_driver_loses_a_gpu_stays_drained_and_stops_the_waves(fleet):
+    lab, inventory, playbook, log = fleet("a1", "a2", lose_gpu=True)
+    code, out = rollout(inventory, playbook)
+    canary, second = out["hosts"]["a1"], out["hosts"]["a2"]
+    assert code != 0 and out["status"] == "stopped"
+    assert (canary["state"], canary["stopped_at"], canary["drained"]) == ("failed", "verify", True)
+    assert "the new driver runs 7 of the 8 GPUs the host had" in canary["error"]
+    assert log.read_text().split("\n")[0] == "drain a1" and "undrain" not in log.read_text()
+    assert second["state"] == "pending" and not installs(lab.hosts["a2"])  # past the budget: never started
+
+
+def test_a_host_that_never_returns_is_counted_and_stops_further_waves(fleet):
+    lab, inventory, playbook, log = fleet("a1", "a2", fleet_reboot_timeout=5)
+    lab.hosts["a1"].never_returns = True
+    code, out = rollout(inventory, playbook)
+    canary = out["hosts"]["a1"]
+    assert code != 0 and out["status"] == "stopped"
+    assert (canary["state"], canary["stopped_at"], canary["drained"]) == ("unreachable", "back", True)
+    assert "did not answer within 5 s of its reboot" in canary["error"]
+    assert out["hosts"]["a2"]["state"] == "pending" and not installs(lab.hosts["a2"])
+
+
+def test_a_controller_killed_during_the_reboot_resumes_where_it_stopped(fleet):
+    lab, inventory, playbook, log = fleet("a1")
+    host = lab.hosts["a1"]
+    host.reboot_delay = 15
+    rollouts = records.state_dir() / "rollouts"
+    before = set(rollouts.glob("rollout-*.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "rollout", str(inventory), "--cuda", "13.0",
+                             "--driver", "auto", "--playbook", str(playbook), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+
+    def rebooting():
+        journals = set(rollouts.glob("rollout-*.json")) - before
+        if not journals or host.reboots < 1:
+            return None
+        data = json.loads(next(iter(journals)).read_text())
+        return data if data["hosts"]["a1"].get("phase") == "back" else None
+
+    journal = wait_until(rebooting, 120, "the rollout waiting for a1 to come back from its reboot")
+    proc.send_signal(signal.SIGKILL)  # the controller dies while the host reboots
+    proc.wait()
+    assert host.boots == 1
+
+    code, out = fleetctl_json("rollout", "--resume", journal["run_id"], timeout=600)
+    entry = out["hosts"]["a1"]
+    assert code == 0 and entry["state"] == "done", entry
+    assert host.boots == 2 and host.reboots == 1  # waited for the reboot it had asked for; no second one
+    assert driver(inventory, "a1") == "580.65.06"
+    assert [call for call in installs(host) if NEW in call]  # installed once, before the controller died
+    assert len([c for c in installs(host) if NEW in c]) == 1
+
+
+def test_after_a_driver_move_the_lock_holds_the_new_driver_and_an_audit_is_clean(fleet):
+    lab, inventory, playbook, log = fleet("a1")
+    code, out = rollout(inventory, playbook)
+    assert code == 0 and out["hosts"]["a1"]["state"] == "done"
+    lock = yaml.safe_load((Path(inventory).parent / "fleet.lock").read_text())
+    facts = lock["classes"][lock["hosts"]["a1"]["class"]]["facts"]
+    assert (facts["driver_version"], facts["cuda_driver_version"]) == ("580.65.06", "13.0")
+    code, audit = fleetctl_json("audit", str(inventory))
+    drifts = {d["kind"] for d in audit["hosts"]["a1"]["drift"]}
+    assert not drifts & {"driver", "cuda_driver", "gpus"}, audit["hosts"]["a1"]
