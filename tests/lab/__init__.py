@@ -39,7 +39,7 @@ import yaml
 
 from .profiles import HARDWARE, derive_profile
 from .standins import (SYSTEMCTL, TOOLS, WATCHER, WRAPPER, alive, apply_pending_hardware, installed, kill_host,
-                       package_version, read_count, write_installed, write_nvidia_smi)
+                       package_version, process_tree, read_count, write_installed, write_nvidia_smi)
 
 STANDINS = Path(__file__).parent / "standins.py"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -100,21 +100,12 @@ class LabHost:
     def processes(self) -> dict[int, str]:
         """{pid: command line} of every process running on the host: its sshd and what that started,
         found by parentage (a machine-wide pgrep would also see other labs' hosts, or the tests')."""
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-        found, todo = {}, [self.pid] if self.running else []
-        while todo:
-            pid = todo.pop()
+        found = {}
+        for pid in process_tree(self.pid) if self.running else ():
             try:
                 found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
             except OSError:
-                continue
-            todo += children.get(pid, [])
+                continue  # gone meanwhile
         return found
 
     @property
