@@ -3,8 +3,9 @@
 every session and brings the host's sshd back after a delay (or never). A100s on R570 cannot run CUDA 13:
 each is drained, moved to R580, rebooted, verified, provisioned, undrained — or stopped where it failed.
 
-The gate here provisions with the `check` step only: the lab's GPUs are recorded nvidia-smi output, which
-no kernel runs on (the proofs themselves run on the GPU test host and the CPU lab).
+The gate here provisions with the `check` step (and `activate`, over environments the test lays down): the
+lab's GPUs are recorded nvidia-smi output, which no kernel runs on (the proofs themselves run on the GPU
+test host and the CPU lab).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ NEW, OLD = "nvidia-driver-580-server-open", "nvidia-driver-570-server-open"  # w
 def fleet(small_lab, tmp_path):
     """make(*names, lose_gpu=False): A100 hosts whose R580 package boots them on 580.65.06 (with one GPU fewer
     where asked); drain and undrain commands log to a file the test reads."""
-    def make(*names: str, lose_gpu: bool = False, **hostvars):
+    def make(*names: str, lose_gpu: bool = False, steps=("check",), **hostvars):
         lab = small_lab(*((n, BASE, {"os_release": "ubuntu-22.04"}) for n in names), net=89)
         new = lab.derive_profile(BASE, driver="580.65.06", cuda="13.0", drop_gpus=1 if lose_gpu else 0)
         for host in lab.hosts.values():
@@ -39,7 +40,7 @@ def fleet(small_lab, tmp_path):
             host.reboot_delay = 2
         log = tmp_path / "drain.log"
         playbook = tmp_path / "check-only.yml"
-        playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": ["check"]}]))
+        playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": list(steps)}]))
         inventory = lab.write_inventory(tmp_path / "inv.yml", **({"fleet_reboot_timeout": 60} | hostvars),
                                         fleet_drain_command=f"echo drain $FLEETCTL_HOST >> {log}",
                                         fleet_undrain_command=f"echo undrain $FLEETCTL_HOST >> {log}")
@@ -61,19 +62,30 @@ def installs(host) -> list[str]:
     return [" ".join(call) for call in host.package_calls() if "install" in call]
 
 
+def lay_down(host, stack_id: str) -> None:
+    """An installed environment for *stack_id* (its marker), as an install would leave it."""
+    env = host.fleet_root / "envs" / stack_id
+    env.mkdir(parents=True)
+    (env / "fleetctl-stack.json").write_text(json.dumps({"id": stack_id, "stack": {}, "validated": False}))
+
+
 def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fleet):
-    lab, inventory, playbook, log = fleet("a1")
+    lab, inventory, playbook, log = fleet("a1", steps=("check", "activate"))
     host = lab.hosts["a1"]
+    lay_down(host, "vllm-old")  # what the host served before: current points there
+    (host.fleet_root / "current").symlink_to("envs/vllm-old")
 
     code, check = rollout(inventory, playbook, "--check")
     assert code == 0 and check["status"] == "planned" and check["waves"] == [["a1"]]
     move = check["hosts"]["a1"]["driver"]
     assert (move["from"], move["branch"], move["flavor"]) == ("570.133.20", "580", "open")
     assert any(NEW in command for command in move["install"]) and host.boots == 1 and not installs(host)
+    lay_down(host, check["hosts"]["a1"]["to"])  # the new stack, installed: activate switches current to it
 
     code, out = rollout(inventory, playbook)
     entry = out["hosts"]["a1"]
     assert code == 0 and entry["state"] == "done", entry
+    assert os.readlink(host.fleet_root / "current") == f"envs/{entry['to']}" and entry["from"] == "envs/vllm-old"
     assert (entry["phase"], entry["drained"], entry["driver_after"]) == ("done", False, "580.65.06")
     assert host.boots == 2 and driver(inventory, "a1") == "580.65.06"
     assert log.read_text().split("\n")[:2] == ["drain a1", "undrain a1"]
@@ -82,6 +94,7 @@ def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fl
     code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
     assert code == 0 and back["hosts"]["a1"]["state"] == "reverted", back["hosts"]["a1"]
     assert host.boots == 3 and driver(inventory, "a1") == "570.133.20"
+    assert os.readlink(host.fleet_root / "current") == "envs/vllm-old"  # the stack it served before, again
     assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [OLD] and OLD in host.held
     assert log.read_text().split()[-2:] == ["undrain", "a1"]
 
