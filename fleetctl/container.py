@@ -34,7 +34,7 @@ CUDA_IMAGES = {"12.1": "12.1.1", "12.4": "12.4.1", "12.6": "12.6.3", "12.8": "12
                "12.9": "12.9.1", "13.0": "13.0.2", "13.2": "13.2.0"}
 NAME = "fleetctl-vllm"  # the container, its compose project and its unit's file name (fleet_container_name)
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARCH_LIST = re.compile(r"\d+\.\d+(\+PTX)?( \d+\.\d+(\+PTX)?)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -81,7 +81,7 @@ def _problems(stack: Stack, model: str, port: int, runtime: str, name: str, comm
         bad.append(f"port {port!r} is not a whole number from 1 to 65535")
     if not model.startswith("/") or ":" in model or _CONTROL.search(model):  # docker -v splits on ':'
         bad.append(f"model {model!r} is not an absolute path without ':' or control characters")
-    if not _NAME.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         bad.append(f"container name {name!r} is not [a-z0-9][a-z0-9_.-]* (a compose project name)")
     if not command:
         bad.append("no server command")

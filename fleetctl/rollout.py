@@ -40,10 +40,10 @@ from .provision import lock_host, provision_host
 from .resolve import Stack
 from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
-from .container import NAME
+from .container import NAME, NAME_RE
 from .steps import ACTIVATE, CONTAINER_CHECK, Options, compose_up_command, stop_service
 from .target import MARKER
-from .upgrade import REBOOT_TIMEOUT, Mover, back_on, controller_command, undo
+from .upgrade import REBOOT_TIMEOUT, Mover, back_on, controller_command, old_driver_back, undo
 
 KIND = "rollouts"
 # A host in one of these states counts against the failure budget.
@@ -183,10 +183,10 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
     """Run (or resume) the journal's waves; stop once the failure budget is spent."""
     for wave in journal.data["waves"]:
         todo = journal.todo(wave)
+        if journal.over_budget():  # no new host starts; a driver move a dead controller left half done finishes
+            todo = [n for n in todo if journal.data["hosts"][n].get("phase") not in (None, "drain")]
         if not todo:
             continue
-        if journal.over_budget():
-            break
         for name in todo:
             journal.mark(name, "running")
 
@@ -201,7 +201,7 @@ def execute(journal: Journal, hosts: dict[str, Host], play: Play, matrix: Matrix
         fan_out([hosts[n] for n in todo if n not in moving], provision_host(play, matrix, gate), forks=forks,
                 timeout=timeout, on_done=done)
         if moving:  # the driver first: drain, install, reboot, verify, then the same gate (fleetctl.upgrade)
-            Mover(journal, play, matrix, gate, forks=forks, timeout=timeout,
+            Mover(journal, forks=forks, timeout=timeout,
                   provision_task=provision_host(play, matrix, gate)).run([hosts[n] for n in moving], on_done)
             for name in moving:  # fleet.lock gets the facts as the host now is: on its new driver
                 entry = journal.data["hosts"][name]
@@ -282,34 +282,62 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
 
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
         entry = journal.data["hosts"][host.name]
-        facts = entry["run"]["facts"]
+        # A host stopped mid driver move has no run yet: its facts are those from before the move.
+        facts = (entry.get("run") or {}).get("facts") or entry["facts_before"]
         root = shlex.quote(facts["fleet_root"])
         locked = lock_host(conn, Facts.from_dict(facts), f"{journal.id} (rollback)", deadline.left(host.name))
         if isinstance(locked, Step):
             journal.mark(host.name, "revert_failed", error=locked.detail)
             return
         try:
-            if entry.get("driver") and entry.get("phase") not in (None, "drain", "install"):
-                if why := undo(conn, host, entry, deadline):
+            if entry.get("driver") and entry.get("phase") not in (None, "drain"):
+                if not entry["driver"]["rollback"]:
+                    journal.mark(host.name, "revert_failed", error="no commands put this host's previous driver "
+                                 "branch back (the matrix does not know it): put the driver back by hand")
+                    return
+                rebooted = entry.get("phase") not in ("install", "reboot")  # the new driver may be loaded
+                if why := undo(conn, host, entry, deadline, reboot=rebooted):
                     journal.mark(host.name, "revert_failed", error=why)
                     return
-                locked = lambda: None  # noqa: E731 - the reboot ended the session that held the lock
-                conn = back_on(host, min(deadline.left(host.name),
-                                         float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))))
-                if conn is None:
-                    journal.mark(host.name, "revert_failed", error="did not answer again after the rollback's reboot")
+                if rebooted:
+                    locked()  # the reboot ended the session that held the lock
+                    locked = lambda: None  # noqa: E731
+                    conn = back_on(host, min(deadline.left(host.name),
+                                             float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))))
+                    if conn is None:
+                        journal.mark(host.name, "revert_failed", error="did not answer again after the rollback's reboot")
+                        return
+                    try:
+                        if why := old_driver_back(host, conn, deadline, entry):
+                            journal.mark(host.name, "revert_failed", error=why)
+                            return
+                        relocked = lock_host(conn, Facts.from_dict(facts), f"{journal.id} (rollback)",
+                                             deadline.left(host.name))
+                        if isinstance(relocked, Step):
+                            journal.mark(host.name, "revert_failed", error=relocked.detail)
+                            return
+                        try:
+                            finish(host, conn, deadline, entry, facts, root)
+                        finally:
+                            relocked()
+                    finally:
+                        conn.close()
                     return
-            if entry.get("from"):
-                revert_host(host, conn, deadline, entry, facts, root)
-            else:
-                journal.mark(host.name, "reverted", reverted_to=None, service="no environment before the rollout")
-            if entry.get("driver") and (command := host.vars.get("fleet_undrain_command")):
-                if why := controller_command(str(command), host, "fleet_undrain_command"):
-                    journal.mark(host.name, "revert_failed", error=why)
-                    return
-                journal.mark(host.name, journal.data["hosts"][host.name]["state"], drained=False)
+            finish(host, conn, deadline, entry, facts, root)
         finally:
             locked()
+
+    def finish(host: Host, conn: Connection, deadline: Deadline, entry: dict, facts: dict, root: str) -> None:
+        if entry.get("from"):
+            revert_host(host, conn, deadline, entry, facts, root)
+        else:
+            journal.mark(host.name, "reverted", reverted_to=None, service="no environment before the rollout")
+        if entry.get("driver"):
+            command = host.vars.get("fleet_undrain_command")
+            if command and (why := controller_command(str(command), host, "fleet_undrain_command")):
+                journal.mark(host.name, "revert_failed", error=why)
+                return
+            journal.mark(host.name, journal.data["hosts"][host.name]["state"], drained=False)
 
     def revert_host(host: Host, conn: Connection, deadline: Deadline, entry: dict, facts: dict, root: str) -> None:
         result = conn.run(ACTIVATE.format(root=root, target=shlex.quote(entry["from"])),
@@ -322,6 +350,9 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
             engine = facts.get("container_runtime") or {}
             compose = tuple((engine.get("compose") or f"{engine.get('name') or 'docker'} compose").split())
             name = str(host.vars.get("fleet_container_name") or NAME)
+            if not NAME_RE.fullmatch(name):
+                journal.mark(host.name, "revert_failed", error=f"fleet_container_name {name!r} is not a container name")
+                return
             port = int(host.vars.get("fleet_service_port", 8000))
             check = CONTAINER_CHECK.format(python=shlex.quote((facts.get("python") or {}).get("path") or "python3"),
                                            runtime=engine.get("name") or "docker", name=name, port=port, tries=600)
@@ -343,7 +374,9 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
             port = host.vars.get("fleet_service_port", 8000)
             python = (facts.get("python") or {}).get("path") or "python3"
             stop = stop_service(facts["fleet_root"], port, python)
-            restart = conn.run(f"[ -f {root}/service.pid ] || exit 0\n({stop}) >/dev/null || exit 1\n"
+            # A driver move's drain stopped the service (and removed its pid file): it serves again all the same.
+            guard = "" if entry.get("drain_stopped") else f"[ -f {root}/service.pid ] || exit 0\n"
+            restart = conn.run(f"{guard}({stop}) >/dev/null || exit 1\n"
                                f"{root}/current/bin/python {root}/lib/smoke.py {' '.join(map(shlex.quote, argv))} "
                                f">/dev/null && readlink {root}/current | sed 's|.*/||' > {root}/service.stack",
                                timeout=deadline.left(host.name))
@@ -352,7 +385,11 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
                      service="restarted on the previous stack" if restarted else "could not be restarted"
                      + (f": {argv}" if isinstance(argv, str) else ""))
 
-    fan_out([hosts[n] for n in moved if n in hosts], task, forks=forks, timeout=timeout)
+    def unfinished(outcome: Outcome) -> None:  # a host the rollback could not reach, or a bug: said, not lost
+        if not outcome.ok:
+            journal.mark(outcome.host.name, "revert_failed", error=outcome.error)
+
+    fan_out([hosts[n] for n in moved if n in hosts], task, forks=forks, timeout=timeout, on_done=unfinished)
     reverted = {n: journal.data["hosts"][n]["lock_before"] for n in moved
                 if journal.data["hosts"][n]["state"] == "reverted"}
     _update_lock(journal, reverted)

@@ -704,7 +704,7 @@ for _ in range(tries):
     state = subprocess.run([{runtime!r}, "inspect", "--format", "{{{{.State.Status}}}}", {name!r}],
                            capture_output=True, text=True).stdout.strip()
     if state not in ("running", "created", "restarting"):
-        error = "container {name} is " + (state or "missing")
+        error = "container " + {name!r} + " is " + (state or "missing")
         break
     try:
         model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=5))["data"][0]["id"]

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
-from dataclasses import replace
 
 from .connection import Connection, connect
 from .errors import FleetError, HostError
-from .execute import Step
 from .facts import Facts, gather
-from .fanout import Deadline, Outcome, fan_out
+from .fanout import Deadline, fan_out
 from .inventory import Host
 from .status import Status
 from .steps import stop_service
@@ -40,25 +39,31 @@ REBOOT_TIMEOUT = 900.0  # seconds for a host to answer again after its reboot (f
 DOWN_TIMEOUT = 180.0  # seconds for a rebooting host to end the session that asked it to
 
 
-def drain_script(root: str, port: int, python: str, name: str) -> str:
-    """Stop whatever serves on the host, however it was started: a unit, a container, a pid file."""
+def drain_script(root: str, port: int, python: str) -> str:
+    """Stop whatever serves on the host, however it was started (a unit, a container, a pid file), printing
+    "stopped" where something was: a rollback serves again what the drain stopped."""
     r = shlex.quote(root)
     return "\n".join([
-        "systemctl stop fleetctl-vllm.service 2>/dev/null || true",
-        f"if read -r rt cn < {r}/service.container 2>/dev/null; then \"$rt\" stop \"$cn\" >/dev/null 2>&1 || true; fi",
-        f"[ -f {r}/service.pid ] || exit 0", stop_service(root, port, python)])
+        "systemctl is-active --quiet fleetctl-vllm.service 2>/dev/null && systemctl stop fleetctl-vllm.service && "
+        "echo stopped",
+        f"if read -r rt cn < {r}/service.container 2>/dev/null; then \"$rt\" stop \"$cn\" >/dev/null 2>&1 && "
+        "echo stopped; fi",
+        f"[ -f {r}/service.pid ] || exit 0", "echo stopped", stop_service(root, port, python)])
 
 
 def controller_command(command: str, host: Host, what: str) -> str | None:
     """Run fleet_drain_command / fleet_undrain_command on the controller (a cordon is a controller's
     call); None where it ran fine, else why not."""
+    proc = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FLEETCTL_HOST": host.name}, start_new_session=True)
     try:
-        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "FLEETCTL_HOST": host.name})
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its children too, which would hold the pipes open
+        proc.communicate()
         return f"{what} did not finish within 300 s"
-    if done.returncode != 0:
-        return f"{what} failed (exit {done.returncode}): {(done.stderr.strip() or done.stdout.strip())[-300:]}"
+    if proc.returncode != 0:
+        return f"{what} failed (exit {proc.returncode}): {(err.strip() or out.strip())[-300:]}"
     return None
 
 
@@ -77,15 +82,19 @@ def gpus_lost(before: list[dict], after: Facts) -> str | None:
 class Mover:
     """The driver moves of one wave, against one journal (rollout.Journal: mark, data)."""
 
-    def __init__(self, journal, play, matrix, options, *, forks: int, timeout: float, provision_task):
-        self.journal, self.play, self.matrix, self.options = journal, play, matrix, options
-        self.forks, self.timeout, self.provision_task = forks, timeout, provision_task
+    def __init__(self, journal, *, forks: int, timeout: float, provision_task):
+        self.journal, self.forks, self.timeout, self.provision_task = journal, forks, timeout, provision_task
 
     def entry(self, name: str) -> dict:
         return self.journal.data["hosts"][name]
 
-    def phase(self, name: str, phase: str) -> None:
-        self.journal.mark(name, "running", phase=phase, drained=phase not in ("done",))
+    def moving(self, name: str) -> bool:
+        """Still this run's to move: not already stopped (by the fan-out's watchdog, say)."""
+        return self.entry(name)["state"] in ("pending", "running")
+
+    def phase(self, name: str, phase: str, **extra) -> None:
+        if self.moving(name):
+            self.journal.mark(name, "running", phase=phase, drained=True, **extra)
 
     def stop(self, name: str, phase: str, why: str, state: str = Status.FAILED) -> None:
         self.journal.mark(name, state, stopped_at=phase, error=why, drained=True)
@@ -103,13 +112,17 @@ class Mover:
                 self.stop(outcome.host.name, self.entry(outcome.host.name).get("phase") or "drain",
                           outcome.error, state=outcome.status)
         rebooting = self.at(hosts, "back")
-        threads = [threading.Thread(target=self.wait_back, args=(h,)) for h in rebooting]
+        threads = [threading.Thread(target=self.wait_back, args=(h,), daemon=True) for h in rebooting]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         back = self.at(hosts, "verify", "serve", "undrain")
-        fan_out(back, self.after_reboot, forks=self.forks, timeout=self.timeout, on_done=on_done)
+        for outcome in fan_out(back, self.after_reboot, forks=self.forks, timeout=self.timeout,
+                               on_done=on_done).values():
+            if not outcome.ok and self.moving(outcome.host.name):  # unreachable, timed out, or a bug: stopped here
+                self.stop(outcome.host.name, self.entry(outcome.host.name).get("phase"), outcome.error,
+                          state=outcome.status)
 
     # ------------------------------------------------------------ phases over the wave's connection
 
@@ -120,9 +133,10 @@ class Mover:
             self.phase(name, "drain")
             port = int(host.vars.get("fleet_service_port", 8000))
             python = (facts.get("python") or {}).get("path") or "python3"
-            stopped = conn.run(drain_script(facts["fleet_root"], port, python, ""), timeout=deadline.left(name))
+            stopped = conn.run(drain_script(facts["fleet_root"], port, python), timeout=deadline.left(name))
             if not stopped.ok:
                 return self.stop(name, "drain", f"the service did not stop: {stopped.stderr.strip()[-300:]}")
+            self.journal.mark(name, "running", drain_stopped="stopped" in stopped.stdout.split())
             if command := host.vars.get("fleet_drain_command"):
                 if why := controller_command(str(command), host, "fleet_drain_command"):
                     return self.stop(name, "drain", why)
@@ -193,15 +207,27 @@ class Mover:
         return None
 
 
-def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline) -> str | None:
-    """Rollback's first half: the previous branch's packages back and pinned, then a reboot that the host
-    comes back from on the old driver. None where it did, else why not."""
+def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline, *, reboot: bool) -> str | None:
+    """Rollback's first half: the previous branch's packages back and pinned, then (where the new driver may
+    be loaded) a reboot. None where that went through, else why not."""
     for command in entry["driver"]["rollback"]:
         done = conn.run(command, timeout=deadline.left(host.name))
         if not done.ok:
             return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-300:]}"
-    conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(host.name))
-    Mover.session_ends(conn, host.name)
+    if reboot:
+        asked = conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(host.name))
+        if not asked.ok:
+            return f"reboot refused (exit {asked.exited}): {asked.stderr.strip()[-300:]}"
+        Mover.session_ends(conn, host.name)
+    return None
+
+
+def old_driver_back(host: Host, conn: Connection, deadline: Deadline, entry: dict) -> str | None:
+    """After the rollback's reboot the host must run the branch it ran before the move."""
+    was = entry["driver"]["from"] or ""
+    now = gather(host, conn, deadline).driver_version or ""
+    if was.split(".")[0] != now.split(".")[0]:
+        return f"the driver is {now or 'not running'} after the rollback's reboot, not branch {was.split('.')[0]}"
     return None
 
 

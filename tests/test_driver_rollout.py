@@ -109,6 +109,13 @@ def test_a_canary_whose_new_driver_loses_a_gpu_stays_drained_and_stops_the_waves
     assert log.read_text().split("\n")[0] == "drain a1" and "undrain" not in log.read_text()
     assert second["state"] == "pending" and not installs(lab.hosts["a2"])  # past the budget: never started
 
+    # The drained canary goes back: its previous branch installed and held, a reboot, undrained.
+    code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
+    assert code == 0 and back["hosts"]["a1"]["state"] == "reverted" and not back["hosts"]["a1"]["drained"]
+    assert lab.hosts["a1"].boots == 3 and driver(inventory, "a1") == "570.133.20"
+    assert OLD in lab.hosts["a1"].held and log.read_text().split()[-2:] == ["undrain", "a1"]
+    assert "a2" not in back["hosts"] or back["hosts"]["a2"]["state"] == "pending"
+
 
 def test_a_host_that_never_returns_is_counted_and_stops_further_waves(fleet):
     lab, inventory, playbook, log = fleet("a1", "a2", fleet_reboot_timeout=5)
