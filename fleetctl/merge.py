@@ -17,7 +17,7 @@ from .status import exit_code
 
 KINDS = ("facts", "plan", "audit", "provision")
 # Provision record keys that differ from slice to slice and are merged, not compared.
-_PER_SLICE = {"run_id", "started", "finished", "hosts", "slice", "time", "timestamp", "since"}
+_PER_SLICE = {"run_id", "started", "finished", "hosts", "slice"}
 
 
 def merge(kind: str, documents: list[dict], order: Iterable[str] | None = None) -> dict:

@@ -72,6 +72,18 @@ def take(hosts: Iterable[Host], spec: Slice) -> list[Host]:
     return [h for h in hosts if where[h.name] == spec.index]
 
 
+def placements(hosts: Iterable[Host], count: int) -> dict[int, tuple[str, ...]]:
+    """Each slice's regions (sorted; empty where its hosts have no placement var): where an engine
+    should run the slice's worker."""
+    hosts = list(hosts)
+    where = assign(hosts, count)
+    found: dict[int, set[str]] = {i: set() for i in range(1, count + 1)}
+    for h in hosts:
+        if (p := placement(h)) is not None:
+            found[where[h.name]].add(p)
+    return {i: tuple(sorted(regions)) for i, regions in found.items()}
+
+
 def region_slices(sizes: Counter, count: int) -> dict[str, tuple[int, ...]]:
     """The slices each region owns, from the regions' host counts alone."""
     regions = sorted(sizes)

@@ -154,8 +154,8 @@ def test_inputs_that_are_not_one_slicing_are_refused(docs, why):
     ("audit", ["drift", "unreachable"], 6),
 ])
 def test_the_merged_exit_code_is_the_single_runs(kind, statuses, code):
-    docs = [{"run_id": f"r{i}", "time": "t", "timestamp": i, "hosts": {f"h{i}": {"status": s}}}
-            for i, s in enumerate(statuses)]
+    when = {"started": "t0", "finished": "t1"} if kind == "provision" else {"time": "t", "timestamp": 0}
+    docs = [{"run_id": f"r{i}", **when, "hosts": {f"h{i}": {"status": s}}} for i, s in enumerate(statuses)]
     assert exit_status(kind, merge(kind, docs)) == code
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from fleetctl import cli
 from fleetctl.inventory import Host
-from fleetctl.slicing import Slice, assign, region_slices, take
+from fleetctl.slicing import Slice, assign, placements, region_slices, take
 
 
 def hosts(n: int, prefix: str = "gpu", **placement) -> list[Host]:
@@ -85,6 +85,11 @@ def test_a_regions_hosts_stay_together_where_the_counts_allow():
     many = assign(FLEETS["many regions"], 3)
     for r in range(7):  # seven regions in three slices: none split
         assert len({many[f"r{r}-{i:03d}"] for i in range(r + 1)}) == 1
+
+
+def test_each_slice_names_the_regions_its_worker_should_run_in():
+    assert placements(FLEETS["two regions"], 3) == {1: ("eu-west",), 2: ("eu-west",), 3: ("us-east",)}
+    assert placements(FLEETS["no placement"], 2) == {1: (), 2: ()}
 
 
 @pytest.mark.parametrize("text, spec", [("1/1", Slice(1, 1)), ("2/4", Slice(2, 4)), (" 4/4 ", Slice(4, 4))])
