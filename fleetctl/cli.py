@@ -157,7 +157,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sliced(sub.add_parser("facts", parents=[host_options()], help="gather every host's facts"))
     prov = sliced(sub.add_parser("provision", parents=[host_options()],
-                                 help="facts → resolve → install → validate → smoke → activate, with a recap"))
+                                 help="facts → resolve → install → validate → smoke → activate, "
+                                      "with a recap"))
     prov.add_argument("--playbook", help="playbook file (default: the built-in one)")
     prov.add_argument("-C", "--check", action="store_true", help="decide everything, change nothing")
     prov.add_argument("-D", "--diff", action="store_true", help="show what would change on each host")

@@ -132,7 +132,8 @@ def test_a_host_in_two_inputs_is_an_error_naming_it():
 @pytest.mark.parametrize("docs, why", [
     ([{"hosts": {}, "slice": "1/2"}, {"hosts": {}, "slice": "2/3"}], "different slicings"),
     ([{"hosts": {}, "slice": "1/2"}, {"hosts": {}}], "some inputs are slices"),
-    ([{"run_id": "a", "hosts": {}, "cuda": "12.9"}, {"run_id": "b", "hosts": {}, "cuda": "13.0"}], r"asked different.*cuda"),
+    ([{"run_id": "a", "hosts": {}, "cuda": "12.9"}, {"run_id": "b", "hosts": {}, "cuda": "13.0"}],
+     r"asked different.*cuda"),
     ([{"run_id": "a", "time": "t", "timestamp": 1, "hosts": {}, "since": {"run_id": "x", "changes": {}}},
       {"run_id": "b", "time": "t", "timestamp": 2, "hosts": {}}], "different --since"),
     ([{"nodes": {}}], "not a .* --json output"),
