@@ -21,7 +21,7 @@ from packaging.version import InvalidVersion, Version
 from rich.console import Console
 from rich.markup import escape
 
-from . import audit, records, refresh, report, rollout, wheelhouse
+from . import audit, merge, records, refresh, report, rollout, wheelhouse
 from .errors import FleetError
 from .facts import gather
 from .fanout import fan_out
@@ -31,6 +31,7 @@ from .plan import Lock, plan_host
 from .playbook import load_playbook
 from .provision import Options, provision_host
 from .resolve import Request
+from .slicing import Slice, take
 from .status import Exit, Status, exit_code
 
 
@@ -110,6 +111,14 @@ def vllm_policy(text: str) -> str:
     return text
 
 
+def slice_spec(text: str) -> Slice:
+    """--slice I/N: slice I of N, 1 ≤ I ≤ N."""
+    try:
+        return Slice.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _number(kind, text: str, what: str):
     try:
         return kind(text)
@@ -136,12 +145,20 @@ def host_options() -> argparse.ArgumentParser:
     return common
 
 
+def sliced(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--slice", type=slice_spec, metavar="I/N",
+                   help="only slice I of N of the selected hosts (by host name and fleet_region; "
+                        "`fleetctl merge` joins the slices' --json)")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Provision and keep right GPU serving fleets.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("facts", parents=[host_options()], help="gather every host's facts")
-    prov = sub.add_parser("provision", parents=[host_options()],
-                          help="facts → resolve → install → validate → smoke → activate, with a recap")
+    sliced(sub.add_parser("facts", parents=[host_options()], help="gather every host's facts"))
+    prov = sliced(sub.add_parser("provision", parents=[host_options()],
+                                 help="facts → resolve → install → validate → smoke → activate, "
+                                      "with a recap"))
     prov.add_argument("--playbook", help="playbook file (default: the built-in one)")
     prov.add_argument("-C", "--check", action="store_true", help="decide everything, change nothing")
     prov.add_argument("-D", "--diff", action="store_true", help="show what would change on each host")
@@ -150,7 +167,8 @@ def parser() -> argparse.ArgumentParser:
     prov.add_argument("--cuda", type=cuda_version, help="CUDA to resolve for (default: fleet_cuda or auto)")
     prov.add_argument("--vllm", type=vllm_policy, help="vLLM policy (default: fleet_vllm or latest)")
     prov.set_defaults(timeout=3600.0)
-    aud = sub.add_parser("audit", parents=[host_options()], help="drift of live facts against fleet.lock (read-only)")
+    aud = sliced(sub.add_parser("audit", parents=[host_options()],
+                                help="drift of live facts against fleet.lock (read-only)"))
     aud.add_argument("--format", choices=["table", "json", "junit", "prometheus"], default="table")
     aud.add_argument("-o", "--output", help="write the report to this file (atomically) instead of stdout")
     aud.add_argument("--lock", help="fleet.lock to compare with (default: beside the inventory)")
@@ -182,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="provision again only the hosts that did not succeed in a run")
     retry.add_argument("run_id")
     retry.add_argument("--json", action="store_true")
-    plan = sub.add_parser("plan", parents=[host_options()], help="resolve each host's stack; change nothing")
+    plan = sliced(sub.add_parser("plan", parents=[host_options()], help="resolve each host's stack; change nothing"))
     plan.add_argument("--cuda", type=cuda_version, help="what if the fleet moved to this CUDA (e.g. 12.9)")
     plan.add_argument("--vllm", type=vllm_policy, help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
     plan.add_argument("--mode", choices=["venv", "container"], help="install mode (default: fleet_mode or venv)")
@@ -219,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--list-hosts", nargs="?", const="all", metavar="PATTERN",
                       help="the hosts PATTERN picks, in Ansible's order, as ansible PATTERN --list-hosts")
     inv.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit (with --list-hosts)")
+    mrg = sub.add_parser("merge", help="join the --json outputs of --slice I/N runs into one fleet-wide result")
+    mrg.add_argument("kind", choices=merge.KINDS)
+    mrg.add_argument("files", nargs="+", metavar="FILE", help="each slice's --json output")
+    mrg.add_argument("-i", "--inventory", nargs="+", action=Sources, default=None,
+                     help="list hosts in this inventory's order (default: sorted by name)")
+    mrg.add_argument("--format", choices=["json", "table", "junit", "prometheus"], default="json",
+                     help="json (any kind), table, junit or prometheus (audit)")
+    mrg.add_argument("-o", "--output", help="write the merged result to this file (atomically) instead of stdout")
     return p
 
 
@@ -265,15 +291,25 @@ def select(inventory: Inventory, limit: str | None, pattern: str = "all") -> lis
     return list(chosen.hosts)
 
 
+def in_slice(args, hosts: list[Host]) -> list[Host]:
+    """The share of *hosts* --slice I/N gives this run (all of them without it)."""
+    return take(hosts, args.slice) if args.slice else hosts
+
+
+def slice_key(args) -> dict:
+    """What a sliced run adds to its --json, so `fleetctl merge` can tell a slice missing or given twice."""
+    return {"slice": str(args.slice)} if args.slice else {}
+
+
 def cmd_facts(args, console: Console) -> int:
-    hosts = select(load_inventory(args.inventories), args.limit)
+    hosts = in_slice(args, select(load_inventory(args.inventories), args.limit))
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     if args.json:
         print(json.dumps({"hosts": {
             name: {"status": o.status, "facts": o.value.to_dict()} if o.ok else {"status": o.status, "error": o.error}
             for name, o in outcomes.items()
-        }}, indent=2))
+        }, **slice_key(args)}, indent=2))
     else:
         console.print(report.facts_table(outcomes.values()))
         report.print_errors(console, outcomes.values())
@@ -287,7 +323,7 @@ def cmd_plan(args, console: Console) -> int:
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
         raise FleetError("--driver plans a move, not a lock: run plan --write-lock once the drivers have moved")
     matrix = load_matrix(args.matrix)
-    hosts = select(load_inventory(args.inventories), args.limit)
+    hosts = in_slice(args, select(load_inventory(args.inventories), args.limit))
     lock_path = None
     if args.write_lock is not None:
         lock_path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
@@ -305,7 +341,7 @@ def cmd_plan(args, console: Console) -> int:
     if args.json:
         print(json.dumps({"hosts": {name: plans[name].to_json() if name in plans
                                     else {"status": o.status, "error": o.error}
-                                    for name, o in outcomes.items()}}, indent=2))
+                                    for name, o in outcomes.items()}, **slice_key(args)}, indent=2))
     else:
         console.print(report.plan_table(plans.values(), args.cuda))
         report.print_errors(console, outcomes.values())
@@ -325,7 +361,7 @@ def cmd_provision(args, console: Console) -> int:
     inventory = load_inventory(args.inventories)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
-    limited = set(h.name for h in select(inventory, args.limit))
+    limited = set(h.name for h in in_slice(args, select(inventory, args.limit)))
     lock_path = Lock.beside(args.inventory)
     if not args.check:
         writable(lock_path, "fleet.lock")
@@ -345,7 +381,8 @@ def cmd_provision(args, console: Console) -> int:
     wheels = str(Path(args.wheelhouse).resolve()) if args.wheelhouse else None
     record = records.provision_record(run_id, started, outcomes, inventory=str(Path(args.inventory).resolve()),
                                       playbook=str(path), limit=args.limit, check=args.check, cuda=args.cuda,
-                                      vllm=args.vllm, wheelhouse=wheels, revalidate=args.revalidate)
+                                      vllm=args.vllm, wheelhouse=wheels, revalidate=args.revalidate,
+                                      **slice_key(args))
     saved = records.save(record)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
@@ -459,12 +496,13 @@ def cmd_audit(args, console: Console) -> int:
                       "to a crontab", highlight=False)
         return Exit.OK
     lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
-    hosts = select(inventory, args.limit)
+    hosts = in_slice(args, select(inventory, args.limit))
     if args.output and Path(args.output).is_dir():
         raise FleetError(f"-o {args.output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
     with report.progress(console, len(hosts), "audit") as advance:
         audit_report = audit.audit_fleet(hosts, lock, load_matrix(), validate=args.validate, since_id=args.since,
                                          forks=args.forks, timeout=args.timeout, on_done=advance)
+    audit_report.update(slice_key(args))
     fmt = "json" if args.json else args.format
     if fmt == "table":
         console.print(report.audit_table(audit_report))
@@ -477,6 +515,29 @@ def cmd_audit(args, console: Console) -> int:
     else:
         sys.stdout.write(audit.FORMATS[fmt](audit_report))
     return exit_code((h["status"] for h in audit_report["hosts"].values()), combine=True)
+
+
+def cmd_merge(args, console: Console) -> int:
+    """`merge KIND FILE...`: the slices' --json as one run's, with that run's exit code."""
+    if args.format in ("table", "junit", "prometheus") and args.kind != "audit":
+        raise FleetError(f"--format {args.format} is for audit; a merged {args.kind} is json")
+    documents = [records.read_state(Path(f), f"{args.kind} --json output", json.loads, shape={"hosts": dict})
+                 for f in args.files]
+    order = None
+    if getattr(args, "inventories", None):
+        order = [h.name for h in load_inventory(args.inventories).select(None)]
+    merged = merge.merge(args.kind, documents, order)
+    if args.format == "table":
+        console.print(report.audit_table(merged))
+        return merge.exit_status(args.kind, merged)
+    # Written as the single run writes it, byte for byte: an audit's renderer, else print(json.dumps).
+    text = audit.FORMATS[args.format](merged) if args.kind == "audit" else json.dumps(merged, indent=2,
+                                                                                        default=str) + "\n"
+    if args.output:
+        records.atomic_write(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    return merge.exit_status(args.kind, merged)
 
 
 def cmd_rollout(args, console: Console) -> int:
@@ -533,7 +594,7 @@ def print_rollout(args, console: Console, journal) -> int:
 
 
 COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
-            "retry": cmd_retry,
+            "retry": cmd_retry, "merge": cmd_merge,
             "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
 
 
