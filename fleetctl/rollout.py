@@ -42,7 +42,7 @@ from .serving import PYCACHE, backend_option, plan_serving, smoke_argv
 from .status import Status, parse_verdict
 from .container import NAME, NAME_RE
 from .steps import ACTIVATE, CONTAINER_CHECK, Options, compose_up_command, stop_service
-from .target import MARKER
+from .target import MARKER, engine_commands
 from .upgrade import REBOOT_TIMEOUT, Mover, back_on, controller_command, old_driver_back, undo
 
 KIND = "rollouts"
@@ -296,7 +296,7 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
                                  "branch back (the matrix does not know it): put the driver back by hand")
                     return
                 rebooted = entry.get("phase") not in ("install", "reboot")  # the new driver may be loaded
-                if why := undo(conn, host, entry, deadline, reboot=rebooted):
+                if why := undo(conn, host, entry, deadline, restart=rebooted):
                     journal.mark(host.name, "revert_failed", error=why)
                     return
                 if rebooted:
@@ -347,15 +347,14 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
             return
         if entry["from"].startswith("containers/"):
             # The previous stack's compose file is where its service left it: up again, on the previous image.
-            engine = facts.get("container_runtime") or {}
-            compose = tuple((engine.get("compose") or f"{engine.get('name') or 'docker'} compose").split())
+            runtime, compose = engine_commands(Facts.from_dict(facts).container_runtime)
             name = str(host.vars.get("fleet_container_name") or NAME)
             if not NAME_RE.fullmatch(name):
                 journal.mark(host.name, "revert_failed", error=f"fleet_container_name {name!r} is not a container name")
                 return
             port = int(host.vars.get("fleet_service_port", 8000))
             check = CONTAINER_CHECK.format(python=shlex.quote((facts.get("python") or {}).get("path") or "python3"),
-                                           runtime=engine.get("name") or "docker", name=name, port=port, tries=600)
+                                           runtime=runtime, name=name, port=port, tries=600)
             restart = conn.run(f"[ -f {root}/service.container ] || exit 0\n"
                                f"{compose_up_command(compose, name, facts['fleet_root'] + '/current')} && "
                                f"readlink {root}/current | sed 's|.*/||' > {root}/service.stack && {check}",

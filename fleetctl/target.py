@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 from .connection import Connection
 from .container import NAME
-from .facts import Facts
+from .facts import ContainerRuntime, Facts
 from .images import ImageState, at_sections, gpu_run_args, image_state_script, parse_image_state
 from .resolve import Stack
 from .serving import PYCACHE
@@ -72,6 +72,13 @@ class Target:
         return " ".join([*(f"{k}={q(v)}" for k, v in self.proof_env), *map(q, self.proof_python)])
 
 
+def engine_commands(engine: ContainerRuntime | None) -> tuple[str, tuple[str, ...]]:
+    """The host's container engine and its compose command as argv words (docker and its v2 plugin where the
+    facts name neither)."""
+    runtime = engine.name if engine else "docker"
+    return runtime, tuple(((engine.compose if engine else None) or f"{runtime} compose").split())
+
+
 def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
     """Where *stack* lives on the host with *facts*, and how its proofs run (pure). In container mode a
     proof runs in a throwaway container of the image, on the host's network and GPUs (as the service does),
@@ -81,7 +88,7 @@ def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
         env_rel = f"envs/{stack.id}"
         return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()))
     engine = facts.container_runtime
-    runtime = engine.name if engine else "docker"
+    runtime, compose = engine_commands(engine)
     try:
         gpus = tuple(gpu_run_args(runtime, len(facts.gpus), bool(engine and engine.nvidia_runtime),
                                   bool(engine and engine.cdi)))
@@ -91,7 +98,6 @@ def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
     python = (runtime, "run", "--rm", *gpus, "--ipc=host", "--network", "host", *env,
               "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
               stack.container_image)
-    compose = tuple(((engine.compose if engine else None) or f"{runtime} compose").split())
     return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime, image=stack.container_image,
                   name=name, compose=compose, gpu_args=gpus)
 

@@ -28,6 +28,7 @@ import threading
 import time
 
 from .connection import Connection, connect
+from .driver import branch_of
 from .errors import FleetError, HostError
 from .facts import Facts, gather
 from .fanout import Deadline, fan_out
@@ -35,6 +36,7 @@ from .inventory import Host
 from .status import Status
 from .steps import stop_service
 
+REBOOT = "nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &"  # returns at once; the session ends a second later
 REBOOT_TIMEOUT = 900.0  # seconds for a host to answer again after its reboot (fleet_reboot_timeout)
 DOWN_TIMEOUT = 180.0  # seconds for a rebooting host to end the session that asked it to
 
@@ -142,39 +144,18 @@ class Mover:
                     return self.stop(name, "drain", why)
             self.phase(name, "install")
         if self.entry(name).get("phase") == "install":
-            for command in move["install"]:
-                done = conn.run(command, timeout=deadline.left(name))
-                if not done.ok:
-                    return self.stop(name, "install", f"`{command}` failed (exit {done.exited}): "
-                                                      f"{(done.stderr.strip() or done.stdout.strip())[-400:]}")
+            if why := run_all(conn, move["install"], name, deadline):
+                return self.stop(name, "install", why)
             self.phase(name, "reboot")
         # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
         self.phase(name, "back")
-        reboot = conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(name))
-        if not reboot.ok:
-            return self.stop(name, "reboot", f"reboot refused (exit {reboot.exited}): {reboot.stderr.strip()[-300:]}")
-        self.session_ends(conn, name)
-
-    @staticmethod
-    def session_ends(conn: Connection, name: str) -> None:
-        """Wait until the rebooting host ends this session (its sshd goes down with it)."""
-        end = time.monotonic() + DOWN_TIMEOUT
-        while time.monotonic() < end:
-            try:
-                if not conn.run("sleep 5", timeout=30).ok:
-                    return
-            except (HostError, FleetError, OSError, EOFError):
-                return
+        if why := reboot(conn, name, deadline):
+            return self.stop(name, "reboot", why)
 
     def wait_back(self, host: Host) -> None:
         limit = float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))
-        end = time.monotonic() + limit
-        while time.monotonic() < end:
-            try:
-                connect(host, timeout=min(10.0, max(1.0, end - time.monotonic()))).close()
-            except (HostError, FleetError, OSError):
-                time.sleep(1)
-                continue
+        if conn := back_on(host, limit):
+            conn.close()
             return self.phase(host.name, "verify")
         self.stop(host.name, "back", f"did not answer within {limit:.0f} s of its reboot (fleet_reboot_timeout)",
                   state=Status.UNREACHABLE)
@@ -186,7 +167,7 @@ class Mover:
         move = entry["driver"]
         if entry.get("phase") == "verify":
             facts = gather(host, conn, deadline)
-            if not (facts.driver_version or "").startswith(f"{move['branch']}."):
+            if branch_of(facts.driver_version) != move["branch"]:
                 return self.stop(name, "verify", f"the driver is {facts.driver_version or 'not running'}, not "
                                                  f"branch {move['branch']}: the new driver did not load")
             if lost := gpus_lost(entry["facts_before"].get("gpus") or [], facts):
@@ -207,27 +188,43 @@ class Mover:
         return None
 
 
-def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline, *, reboot: bool) -> str | None:
+def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline, *, restart: bool) -> str | None:
     """Rollback's first half: the previous branch's packages back and pinned, then (where the new driver may
     be loaded) a reboot. None where that went through, else why not."""
-    for command in entry["driver"]["rollback"]:
-        done = conn.run(command, timeout=deadline.left(host.name))
+    return run_all(conn, entry["driver"]["rollback"], host.name, deadline) or (
+        reboot(conn, host.name, deadline) if restart else None)
+
+
+def run_all(conn: Connection, commands, name: str, deadline: Deadline) -> str | None:
+    """Run *commands* in order on the host; None where each exited 0, else which one failed and how."""
+    for command in commands:
+        done = conn.run(command, timeout=deadline.left(name))
         if not done.ok:
-            return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-300:]}"
-    if reboot:
-        asked = conn.run("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", timeout=deadline.left(host.name))
-        if not asked.ok:
-            return f"reboot refused (exit {asked.exited}): {asked.stderr.strip()[-300:]}"
-        Mover.session_ends(conn, host.name)
+            return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-400:]}"
+    return None
+
+
+def reboot(conn: Connection, name: str, deadline: Deadline) -> str | None:
+    """Ask the host to reboot and wait until it ends this session (its sshd goes down with it); None where
+    it did, else why not."""
+    asked = conn.run(REBOOT, timeout=deadline.left(name))
+    if not asked.ok:
+        return f"reboot refused (exit {asked.exited}): {asked.stderr.strip()[-300:]}"
+    end = time.monotonic() + DOWN_TIMEOUT
+    while time.monotonic() < end:
+        try:
+            if not conn.run("sleep 5", timeout=30).ok:
+                return None
+        except (HostError, FleetError, OSError, EOFError):
+            return None
     return None
 
 
 def old_driver_back(host: Host, conn: Connection, deadline: Deadline, entry: dict) -> str | None:
     """After the rollback's reboot the host must run the branch it ran before the move."""
-    was = entry["driver"]["from"] or ""
-    now = gather(host, conn, deadline).driver_version or ""
-    if was.split(".")[0] != now.split(".")[0]:
-        return f"the driver is {now or 'not running'} after the rollback's reboot, not branch {was.split('.')[0]}"
+    was, now = entry["driver"]["from"], gather(host, conn, deadline).driver_version
+    if branch_of(was) != branch_of(now):
+        return f"the driver is {now or 'not running'} after the rollback's reboot, not branch {branch_of(was)}"
     return None
 
 
