@@ -2,13 +2,13 @@
 their commands against the real Docker engine (tests/engine.py's, on this machine's default socket):
 a pull that cannot reach a registry fails with the daemon's own words, and the air-gapped path saves,
 removes and loads a small image made here. Every image a test makes is named fleetctl-test-images/…
-and removed again by the test; the engine tests skip where ``docker info`` does not answer."""
+and removed again by the test; the engine tests start the engine where none answers (the `engine`
+fixture) and skip only where none can be started."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import subprocess
 import tarfile
 import uuid
@@ -245,12 +245,8 @@ def test_the_gpu_request_refuses_nonsense(runtime, gpus):
 
 # ---------------------------------------------------------------- against the real engine
 
-def docker_answers() -> bool:
-    docker = shutil.which("docker")
-    return bool(docker) and subprocess.run([docker, "info"], capture_output=True, timeout=60).returncode == 0
-
-
-engine = pytest.mark.skipif(not docker_answers(), reason="no Docker engine answers `docker info` here")
+# The session's real engine (tests/conftest.py): started where none answers, skipped only where none can be.
+engine = pytest.mark.usefixtures("engine")
 
 
 def sh(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
