@@ -17,23 +17,24 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
 
-from . import audit, merge, records, refresh, report, rollout, wheelhouse
+from . import merge, records, report
 from .errors import FleetError
 from .facts import gather
 from .fanout import fan_out
-from .inventory import Host, Inventory, load_inventory
-from .matrix import load_matrix
-from .plan import Lock, plan_host
-from .playbook import load_playbook
-from .provision import Options, provision_host
-from .resolve import Request
+from .inventory import load_inventory
 from .slicing import Slice, take
 from .status import Exit, Status, exit_code
 
+if TYPE_CHECKING:
+    from .inventory import Host, Inventory
+
+# The resolver, installer, rollout and audit machinery are imported by the commands that use them:
+# `fleetctl facts` over a thousand hosts starts without loading them.
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is fleetctl's own error: one line on stderr and exit 1 (2 means a
@@ -84,6 +85,8 @@ def share(minimum: int):
 
 
 def cuda_version(text: str) -> str:
+    from .resolve import Request
+
     if Request(cuda=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: auto or a CUDA version such as 12.9")
     return text
@@ -98,6 +101,8 @@ def driver_choice(text: str) -> str:
 
 
 def release_version(text: str) -> str:
+    from packaging.version import InvalidVersion, Version
+
     try:
         Version(text)
     except InvalidVersion:
@@ -106,6 +111,8 @@ def release_version(text: str) -> str:
 
 
 def vllm_policy(text: str) -> str:
+    from .resolve import Request
+
     if Request(vllm=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: latest, none, a version (0.33.0) or a range (>=0.20,<0.30)")
     return text
@@ -250,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_matrix(args, console: Console) -> int:
     """`matrix refresh`: the diff always; the file changes only with --write, and only if it still loads."""
+    from . import refresh
+    from .matrix import load_matrix
+
     path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl").joinpath("matrix.yaml")))
     old = path.read_text()
     out = refresh.refresh(old, args.package or list(refresh.SECTIONS), refresh.index_versions, refresh.pip_report,
@@ -318,6 +328,9 @@ def cmd_facts(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
+    from .matrix import load_matrix
+    from .plan import Lock, plan_host
+
     if args.driver and not args.cuda:
         raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
@@ -358,6 +371,11 @@ def writable(path: Path, option: str) -> None:
 
 
 def cmd_provision(args, console: Console) -> int:
+    from .matrix import load_matrix
+    from .plan import Lock
+    from .playbook import load_playbook
+    from .provision import Options, provision_host
+
     inventory = load_inventory(args.inventories)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
@@ -397,6 +415,8 @@ def cmd_provision(args, console: Console) -> int:
 def record_lock(path: Path, outcomes: dict, matrix_digest: str) -> None:
     """What provision resolved and installed, in fleet.lock, for each host that succeeded: an audit
     right after a provision compares against it. Merged under the lock, as plan's writes are."""
+    from .plan import Lock
+
     done = {name: o.value for name, o in outcomes.items()
             if o.ok and o.status in (Status.OK, Status.CHANGED) and o.value.stack and o.value.request}
     if not done:
@@ -407,6 +427,10 @@ def record_lock(path: Path, outcomes: dict, matrix_digest: str) -> None:
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
+    from . import wheelhouse
+    from .matrix import load_matrix
+    from .playbook import load_playbook
+
     inventory = load_inventory(args.inventories)
     _, plays = load_playbook(args.playbook)
     matrix = load_matrix()
@@ -487,6 +511,10 @@ def cmd_retry(args, console: Console) -> int:
 
 
 def cmd_audit(args, console: Console) -> int:
+    from . import audit
+    from .matrix import load_matrix
+    from .plan import Lock
+
     inventory = load_inventory(args.inventories)
     if args.install_timer:
         timer = audit.install_timer(args.inventory, args.install_timer, output=args.output, where=args.timer_dir)
@@ -519,6 +547,8 @@ def cmd_audit(args, console: Console) -> int:
 
 def cmd_merge(args, console: Console) -> int:
     """`merge KIND FILE...`: the slices' --json as one run's, with that run's exit code."""
+    from . import audit
+
     if args.format in ("table", "junit", "prometheus") and args.kind != "audit":
         raise FleetError(f"--format {args.format} is for audit; a merged {args.kind} is json")
     documents = [records.read_state(Path(f), f"{args.kind} --json output", json.loads, shape={"hosts": dict})
@@ -541,6 +571,12 @@ def cmd_merge(args, console: Console) -> int:
 
 
 def cmd_rollout(args, console: Console) -> int:
+    from . import rollout
+    from .matrix import load_matrix
+    from .plan import Lock, plan_host
+    from .playbook import load_playbook
+    from .provision import Options
+
     if args.resume or args.rollback:
         journal = rollout.Journal.load(args.resume or args.rollback)
         args.inventory = journal.data["inventory"]
@@ -583,6 +619,8 @@ def cmd_rollout(args, console: Console) -> int:
 
 
 def print_rollout(args, console: Console, journal) -> int:
+    from . import rollout
+
     if args.json:
         print(rollout.to_json(journal))
     else:

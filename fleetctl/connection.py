@@ -19,6 +19,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,7 @@ class SSHConnection:
         }
         key = v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file")
         if key:
-            kwargs.update(key_filename=os.path.expanduser(str(key)), look_for_keys=False, allow_agent=False)
+            kwargs.update(_private_key(os.path.expanduser(str(key))), look_for_keys=False, allow_agent=False)
         password = v.get("ansible_password") or v.get("ansible_ssh_pass")
         if password and not host_key_checking(host):
             # As OpenSSH does: a password goes only to a server whose key was checked.
@@ -253,11 +254,13 @@ class SSHConnection:
         )
         client = conn.client
         if host_key_checking(host):
+            # Only this host's known keys, from files parsed once per run: paramiko's own loading
+            # compares every line with every other, per connection, which grows with the fleet squared.
             known = _ssh_options(host).get("userknownhostsfile")
+            lookup = f"[{conn.host}]:{conn.port}" if conn.port != 22 else conn.host
             for path in [known] if known else ["/etc/ssh/ssh_known_hosts", "~/.ssh/known_hosts"]:
-                path = os.path.expanduser(path)
-                if os.path.exists(path):
-                    client.load_host_keys(path)
+                for key_type, key in _known_hosts(os.path.expanduser(path)).keys_for(lookup):
+                    client.get_host_keys().add(lookup, key_type, key)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:
             client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
@@ -282,8 +285,10 @@ class SSHConnection:
             if stdin is not None:
                 chan.sendall(stdin.encode())
             chan.shutdown_write()
-            # A closed channel also reports its exit status ready: -1 if the host went away.
-            while not (chan.exit_status_ready() and (chan.eof_received or chan.closed)):
+            # Read until the command's output ends; select() on the channel wakes only for data or EOF.
+            # After EOF the channel stays readable for ever, so the exit status is waited on as an
+            # event (selecting again would spin a core until sshd reaps the command).
+            while not (chan.eof_received or chan.closed):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     chan.close()
@@ -293,6 +298,10 @@ class SSHConnection:
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+            # A closed channel also sets the event: its status is then -1, the host went away.
+            if not chan.status_event.wait(max(deadline - time.monotonic(), 0)):
+                chan.close()
+                raise TimedOut(self.name, f"command did not finish within {timeout:.0f}s")
             chan.settimeout(1.0)
             out += _drain(chan.recv)
             err += _drain(chan.recv_stderr)
@@ -382,6 +391,78 @@ def _ssh_stack():
     logging.getLogger("paramiko").addHandler(logging.NullHandler())
     logging.getLogger("paramiko").propagate = False
     return fabric, paramiko
+
+
+class KnownHosts:
+    """An OpenSSH known_hosts file, parsed once: its plain host names indexed, its hashed ones
+    (``|1|salt|hash``) kept to be hashed against; entries paramiko cannot read are skipped, as
+    paramiko skips them."""
+
+    def __init__(self, text: str):
+        _, paramiko = _ssh_stack()
+        self.plain: dict[str, list[tuple[str, object]]] = {}
+        self.hashed: list[tuple[str, str, object]] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            except paramiko.SSHException:
+                continue
+            if entry is None:
+                continue
+            for name in entry.hostnames:
+                found = (entry.key.get_name(), entry.key)
+                if name.startswith("|1|"):
+                    self.hashed.append((name, *found))
+                else:
+                    self.plain.setdefault(name, []).append(found)
+
+    def keys_for(self, name: str) -> list[tuple[str, object]]:
+        """(key type, key) of every entry naming *name* (``host`` or ``[host]:port``)."""
+        _, paramiko = _ssh_stack()
+        hashed = [(t, k) for h, t, k in self.hashed if paramiko.HostKeys.hash_host(name, h) == h]
+        return self.plain.get(name, []) + hashed
+
+
+# Held while a known_hosts or key file is parsed: the first fifty connections of a run all ask at once.
+_PARSING = threading.Lock()
+
+
+def _known_hosts(path: str) -> KnownHosts:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return KnownHosts("")
+    with _PARSING:
+        return _parsed_known_hosts(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_known_hosts(path: str, mtime_ns: int, size: int) -> KnownHosts:
+    """One parse per file version (a file changed since is read again)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return KnownHosts(f.read())
+
+
+def _private_key(path: str) -> dict:
+    """paramiko's connect arguments for the key file at *path*: the key itself, read once per file
+    version for every host of the run, or the file name where it needs a passphrase or cannot be
+    read (paramiko then tries it, and says why it failed, per host)."""
+    _, paramiko = _ssh_stack()
+    try:
+        stat = os.stat(path)
+        with _PARSING:
+            return {"pkey": _loaded_key(path, stat.st_mtime_ns, stat.st_size)}
+    except (OSError, ValueError, paramiko.SSHException):
+        return {"key_filename": path}
+
+
+@functools.lru_cache(maxsize=16)
+def _loaded_key(path: str, mtime_ns: int, size: int):
+    _, paramiko = _ssh_stack()
+    return paramiko.PKey.from_path(path)
 
 
 @functools.cache

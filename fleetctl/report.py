@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .facts import Facts
-from .fanout import Outcome
-from .plan import HostPlan
 from .status import Status
+
+if TYPE_CHECKING:  # only named in annotations: `fleetctl facts` does not load the planner
+    from .facts import Facts
+    from .fanout import Outcome
+    from .plan import HostPlan
 
 STATUS_STYLE = {Status.OK: "green", Status.CHANGED: "yellow", Status.FAILED: "red", Status.UNREACHABLE: "magenta",
                 Status.TIMEOUT: "red", Status.REFUSED: "red", Status.SKIPPED: "cyan", Status.CLEAN: "green",
@@ -33,6 +34,8 @@ def progress(console: Console, total: int, what: str) -> Iterator[Callable[[Outc
     if not console.is_terminal or total == 0:
         yield lambda outcome: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn(lit(what)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console, transient=True)
     with bar:

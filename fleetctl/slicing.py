@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from .inventory import Host
+if TYPE_CHECKING:
+    from .inventory import Host
 
 PLACEMENT = ("fleet_region", "fleet_datacenter")
 

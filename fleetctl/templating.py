@@ -15,14 +15,10 @@ are templates: ``!unsafe`` strings and ``!vault`` values reach the host verbatim
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-
-import jinja2
-import jinja2.sandbox
-from jinja2.nativetypes import NativeCodeGenerator, native_concat
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InventoryError
 
@@ -37,15 +33,24 @@ TEMPLATED = frozenset({
 })
 
 
-class _Environment(ImmutableSandboxedEnvironment):
-    """The sandbox, returning native values as Ansible does: ``"{{ 2222 }}"`` is the number 2222."""
-    code_generator_class = NativeCodeGenerator
-    concat = staticmethod(native_concat)
-
-
 _MAGIC = frozenset({"inventory_hostname", "inventory_hostname_short", "group_names", "groups", "hostvars",
                     "ansible_playbook_python"})
-_ENV = _Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+@functools.cache
+def _jinja():
+    """jinja2 and the sandbox, made on the first template: most inventories have none, and
+    importing jinja2 costs about what loading a thousand-host inventory does."""
+    import jinja2
+    import jinja2.sandbox
+    from jinja2.nativetypes import NativeCodeGenerator, native_concat
+
+    class Environment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        """The sandbox, returning native values as Ansible does: ``"{{ 2222 }}"`` is the number 2222."""
+        code_generator_class = NativeCodeGenerator
+        concat = staticmethod(native_concat)
+
+    return jinja2, Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 def is_template(value: Any) -> bool:
@@ -140,12 +145,13 @@ def _render(host: _HostVars, key: str, value: Any) -> Any:
         loop = " > ".join(f"{var}" for _, var in host.scope.busy[host.scope.busy.index(where):])
         raise _error(host.name, key, value, f"it refers to itself ({loop} > {key})")
     host.scope.busy.append(where)
+    jinja2, env = _jinja()
     try:
-        template = _ENV.from_string(value)
+        template = env.from_string(value)
         # shared=True: names are looked up in the host's vars one by one, so only what is used is templated
         context = template.new_context(_HostVars(host.scope, host.name), shared=True)
         # a lone {{ name }} comes back as an Undefined, not raised: _plain_result raises it
-        return _plain_result(_ENV.concat(template.root_render_func(context)))
+        return _plain_result(env.concat(template.root_render_func(context)))
     except InventoryError:
         raise
     except jinja2.UndefinedError as error:
@@ -163,7 +169,7 @@ def _render(host: _HostVars, key: str, value: Any) -> Any:
 
 def _plain_result(value: Any) -> Any:
     """A native result as plain data: an undefined inside a list or mapping is an error too."""
-    if isinstance(value, jinja2.Undefined):
+    if isinstance(value, _jinja()[0].Undefined):
         value._fail_with_undefined_error()
     if isinstance(value, Mapping) and not isinstance(value, _HostVars):
         return {k: _plain_result(v) for k, v in value.items()}

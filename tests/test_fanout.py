@@ -3,12 +3,14 @@ outcome's status: a task's value that reports a failure of its own makes the hos
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
 from fleetctl import Host, Status, exit_code, fan_out, gather, load_inventory
 from tests.conftest import fleetctl_json, wait_until
+from tests.lab import PORT
 
 
 def facts_run(lab, tmp_path, *, timeout=5.0, **extra_vars):
@@ -109,3 +111,31 @@ def test_a_value_with_an_unknown_status_is_a_bug_not_a_success():
                        timeout=10)
     assert outcomes["a"].status == Status.FAILED and not outcomes["a"].ok
     assert "internal error" in outcomes["a"].error
+
+
+def test_known_hosts_read_once_hashed_or_not_and_a_changed_key_refused(small_lab, tmp_path):
+    from fleetctl import connection
+
+    lab = small_lab(("one", "t4", {}), ("two", "l4", {}), ("three", None, {}))
+    connection._parsed_known_hosts.cache_clear()
+    outcomes, _ = facts_run(lab, tmp_path)
+    assert statuses(outcomes) == ["ok"] * 3
+    # One parse for the run, however many hosts: per-host parsing grows with the fleet squared.
+    assert connection._parsed_known_hosts.cache_info().misses == 1
+
+    # Hashed names (ssh-keygen -H, HashKnownHosts) are matched too.
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(lab.known_hosts)], check=True, capture_output=True)
+    assert "|1|" in lab.known_hosts.read_text() and "127." not in lab.known_hosts.read_text()
+    outcomes, _ = facts_run(lab, tmp_path)
+    assert statuses(outcomes) == ["ok"] * 3
+
+    # A host whose key is not the one known is refused; the others are not affected.
+    other = tmp_path / "other_key.pub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other_key")], check=True)
+    address = f"[{lab.hosts['two'].address}]:{PORT}"
+    subprocess.run(["ssh-keygen", "-q", "-R", address, "-f", str(lab.known_hosts)], check=True, capture_output=True)
+    lab.known_hosts.write_text(lab.known_hosts.read_text() + f"{address} {' '.join(other.read_text().split()[:2])}\n")
+    outcomes, _ = facts_run(lab, tmp_path)
+    assert outcomes["two"].status == "unreachable" and "does not match" in outcomes["two"].error
+    assert outcomes["one"].ok and outcomes["three"].ok
+
