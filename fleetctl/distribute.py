@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -165,6 +166,13 @@ def _ray():
 def _connect(ray, address: str | None) -> None:
     """Join the cluster at *address* (else RAY_ADDRESS, a cluster running on this machine, or a new
     local one, as ``ray.init`` decides), quietly: stdout is the merged result's."""
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:  # ray.init would retry a dead address for minutes
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise FleetError(f"no Ray cluster answers at {address}: {exc.strerror or exc}",
+                             fix="start one with `ray start --head --port PORT`, or name its head with --ray-address") from None
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -117,6 +117,15 @@ def test_a_bad_combination_is_one_line_and_exit_1_before_any_work(inventory, cap
     assert why in refused(["audit", inventory, *extra], capsys)
 
 
+def test_a_cluster_that_does_not_answer_is_one_line_not_a_wait(inventory, capsys):
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers there
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        err = refused(["facts", inventory, "--slices", "2", "--engine", "ray", "--ray-address", address], capsys)
+    assert f"no Ray cluster answers at {address}: Connection refused" in err
+
+
 def test_without_ray_the_error_says_how_to_install_it(inventory, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     err = refused(["facts", inventory, "--slices", "2", "--engine", "ray"], capsys)
@@ -252,19 +261,22 @@ def test_an_audit_as_3_ray_slices_survives_a_killed_worker_and_matches_one_contr
                       for region, names in REGIONS.items() for name in names], net=98)
     inventory = lab.write_inventory(tmp_path / "fleet.yml")
     assert fleetctl("plan", inventory, "--write-lock", "--limit", "!ap-2").returncode == 0  # ap-2 unlocked: drift
+    ray = ("--engine", "ray", "--ray-address", ray_cluster.address)
+    planned, sliced_plan = fleetctl("plan", inventory, "--json"), fleetctl("plan", inventory, "--slices", "3", *ray)
+    assert sliced_plan.stdout == planned.stdout and sliced_plan.returncode == planned.returncode == 0, \
+        sliced_plan.stderr[-3000:]  # a plan's JSON is the single run's, byte for byte
     d = gate(lab.hosts[GATED])
     one = fleetctl("audit", inventory, "--format", "json")
-    per_audit = query_calls(d)
-    assert one.returncode == 2 and per_audit >= 1, one.stderr[-2000:]
+    assert one.returncode == 2 and query_calls(d) == 1, one.stderr[-2000:]  # one probe per host and audit
 
     (d / "gate-open").unlink()
     (d / "smi-calls").unlink()
     spec = f"{assign(load_inventory(inventory).select(None), 3)[GATED]}/3"
-    sliced = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "audit", str(inventory), "--slices", "3",
-                               "--engine", "ray", "--ray-address", ray_cluster.address, "--format", "json",
+    sliced = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "audit", str(inventory), "--slices", "3", *ray,
+                               "--format", "json",
                                "-T", "300"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: query_calls(d) == per_audit, 180, f"{GATED}'s slice reaching its nvidia-smi")
+        wait_until(lambda: query_calls(d) == 1, 180, f"{GATED}'s slice reaching its nvidia-smi")
         controller = wait_until(lambda: controller_of(spec, ray_cluster), 30, f"the controller of slice {spec}")
         worker = int((Path("/proc") / str(controller) / "stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ray_cluster.node_of(worker) == "worker-1"  # the node offering fleet_region:us-east
@@ -281,6 +293,6 @@ def test_an_audit_as_3_ray_slices_survives_a_killed_worker_and_matches_one_contr
     assert merged["hosts"] == single["hosts"] and list(merged["hosts"]) == list(single["hosts"])
     assert merged["hosts"]["ap-2"]["status"] != "ok"
     assert len(merged["run_id"].split("+")) == 3
-    assert query_calls(d) == 2 * per_audit  # the slice ran twice: killed, then re-run by Ray
+    assert query_calls(d) == 2  # the slice ran twice: killed, then re-run by Ray
     assert "(us-east): on a node offering fleet_region:us-east" in err
     assert "(ap-south): no node of the cluster offers fleet_region:ap-south; it runs on any node" in err
