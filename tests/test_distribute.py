@@ -254,6 +254,13 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def timeless(value):
+    """*value* without what differs from run to run of the same hosts: how long things took."""
+    if isinstance(value, dict):
+        return {k: timeless(v) for k, v in value.items() if k != "duration"}
+    return [timeless(v) for v in value] if isinstance(value, list) else value
+
+
 def test_an_audit_as_3_ray_slices_survives_a_killed_worker_and_matches_one_controller(small_lab, ray_cluster,
                                                                                       tmp_path):
     profiles = ["h100-sxm-80gb", "l4", "a100-sxm4-80gb", "t4", "h200-sxm-141gb", "rtx4090"]
@@ -265,6 +272,11 @@ def test_an_audit_as_3_ray_slices_survives_a_killed_worker_and_matches_one_contr
     planned, sliced_plan = fleetctl("plan", inventory, "--json"), fleetctl("plan", inventory, "--slices", "3", *ray)
     assert sliced_plan.stdout == planned.stdout and sliced_plan.returncode == planned.returncode == 0, \
         sliced_plan.stderr[-3000:]  # a plan's JSON is the single run's, byte for byte
+    checked, sliced_check = (fleetctl("provision", inventory, "--check", "--json"),
+                             fleetctl("provision", inventory, "--check", "--slices", "3", *ray))
+    one_record, merged_record = json.loads(checked.stdout), json.loads(sliced_check.stdout)
+    assert sliced_check.returncode == checked.returncode and list(merged_record) == list(one_record)
+    assert timeless(merged_record["hosts"]) == timeless(one_record["hosts"]), sliced_check.stderr[-3000:]
     d = gate(lab.hosts[GATED])
     one = fleetctl("audit", inventory, "--format", "json")
     assert one.returncode == 2 and query_calls(d) == 1, one.stderr[-2000:]  # one probe per host and audit
