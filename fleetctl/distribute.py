@@ -223,9 +223,9 @@ def _result(ray, p: Placement, ref, retries: int) -> SliceRun:
         exit_status, stdout, stderr, node = ray.get(ref)
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None)
-        why = str(cause) if isinstance(cause, SliceKilled) else type(exc).__name__
-        raise FleetError(f"slice {p.spec} did not finish after {retries + 1} attempt(s): {why}",
-                         fix="see the cluster's logs (ray logs), or raise --retries") from None
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
+        raise FleetError(f"slice {p.spec} did not finish on the cluster ({why.splitlines()[0]})",
+                         fix=f"its worker died {retries + 1} times, or it could not start: see `ray logs`") from None
     return SliceRun(p.spec, exit_status, stdout, stderr, node)
 
 

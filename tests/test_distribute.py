@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fleetctl import cli
-from fleetctl.distribute import place, plan, slice_argv
+from fleetctl.distribute import Placement, _run_all, place, plan, slice_argv
 from fleetctl.inventory import Host, load_inventory
 from fleetctl.slicing import Slice, assign
 from tests.conftest import NET_OFFSET, ROOT, fleetctl, wait_until
@@ -57,6 +57,56 @@ def test_each_slice_is_placed_by_its_hosts_region():
         (Slice(3, 3), ("us-east",), "fleet_region:us-east"),
     ]
     assert plan(hosts, 3, {"CPU": 3.0})[1].resource is None  # a cluster with no regions runs everything anywhere
+
+
+class VanishingRegion:
+    """Just enough of Ray's API for _run_all: the one node offering fleet_region:us-east is gone
+    (cluster_resources no longer lists it), so the task waiting for it would wait for ever."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def __init__(self):
+        self.submitted, self.cancelled = [], []
+
+    def remote(self, fn):
+        ray = self
+
+        class Task:
+            def options(self, **kw):
+                ray.submitted.append(kw["resources"])
+                return self
+
+            def remote(self, argv):
+                return len(ray.submitted), tuple(argv)  # hashable, as an ObjectRef is
+
+        return Task()
+
+    def wait(self, refs, num_returns, timeout):
+        ready = [r for r in refs if self.submitted[r[0] - 1] == {}]
+        return ready, [r for r in refs if r not in ready]
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def cancel(self, ref, force=False):
+        self.cancelled.append(ref)
+
+    def get(self, ref):
+        argv = ref[1]
+        return 0, json.dumps({"hosts": {}, "slice": argv[argv.index("--slice") + 1]}), "", "node-2"
+
+
+def test_a_slice_whose_region_left_the_cluster_is_run_anywhere_not_waited_for():
+    ray, moved = VanishingRegion(), []
+    placed = [Placement(Slice(1, 2), ("eu-west",), None, "anywhere"),
+              Placement(Slice(2, 2), ("us-east",), "fleet_region:us-east", "on us-east")]
+    runs = _run_all(ray, placed, ["facts", "/inv.yml"], 2, moved.append)
+    assert [r.spec for r in runs] == [Slice(1, 2), Slice(2, 2)] and all(r.exit == 0 for r in runs)
+    assert ray.submitted == [{}, {"fleet_region:us-east": 0.001}, {}]  # submitted again, with no region
+    assert ray.cancelled == [(2, ("facts", "/inv.yml", "--slice", "2/2", "--json"))]
+    assert [m.note for m in moved] == ["slice 2/2 (us-east): no node offers fleet_region:us-east any more; "
+                                       "it runs on any node"]
 
 
 # ---------------------------------------------------------------- the slices' command line (pure)
