@@ -126,6 +126,21 @@ def slice_spec(text: str) -> Slice:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def slice_total(text: str) -> int:
+    """--slices N: at least 1."""
+    value = _number(int, text, "a whole number of slices")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 slice")
+    return value
+
+
+def retries(text: str) -> int:
+    value = _number(int, text, "a whole number of re-runs")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: 0 or more re-runs")
+    return value
+
+
 def _number(kind, text: str, what: str):
     try:
         return kind(text)
@@ -153,9 +168,18 @@ def host_options() -> argparse.ArgumentParser:
 
 
 def sliced(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--slice", type=slice_spec, metavar="I/N",
-                   help="only slice I of N of the selected hosts (by host name and fleet_region; "
-                        "`fleetctl merge` joins the slices' --json)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--slice", type=slice_spec, metavar="I/N",
+                       help="only slice I of N of the selected hosts (by host name and fleet_region; "
+                            "`fleetctl merge` joins the slices' --json)")
+    which.add_argument("--slices", type=slice_total, metavar="N",
+                       help="run all N slices on a distributed engine (--engine ray), each next to its hosts' "
+                            "fleet_region, and print the merged result with one run's exit code")
+    p.add_argument("--engine", choices=["ray"], help="what runs the --slices: ray (pip install 'fleetctl[ray]')")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster (default: RAY_ADDRESS, else one running on this machine)")
+    p.add_argument("--retries", type=retries, metavar="K",
+                   help="times a slice whose worker or node died is re-run (default 2); a slice that ran is never re-run")
     return p
 
 
@@ -556,18 +580,78 @@ def cmd_merge(args, console: Console) -> int:
     order = None
     if getattr(args, "inventories", None):
         order = [h.name for h in load_inventory(args.inventories).select(None)]
-    merged = merge.merge(args.kind, documents, order)
-    if args.format == "table":
+    return print_merged(args.kind, merge.merge(args.kind, documents, order), args.format, args.output, console)
+
+
+def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console: Console) -> int:
+    """A merged result as the single run prints it, and that run's exit code."""
+    if fmt == "table":
         console.print(report.audit_table(merged))
-        return merge.exit_status(args.kind, merged)
+        return merge.exit_status(kind, merged)
     # Written as the single run writes it, byte for byte: an audit's renderer, else print(json.dumps).
-    text = audit.FORMATS[args.format](merged) if args.kind == "audit" else json.dumps(merged, indent=2,
-                                                                                        default=str) + "\n"
-    if args.output:
-        records.atomic_write(Path(args.output), text)
+    text = audit.FORMATS[fmt](merged) if kind == "audit" else json.dumps(merged, indent=2, default=str) + "\n"
+    if output:
+        records.atomic_write(Path(output), text)
     else:
         sys.stdout.write(text)
-    return merge.exit_status(args.kind, merged)
+    return merge.exit_status(kind, merged)
+
+
+# What a slice run by an engine repeats of its command's options (output options aside: the merge
+# prints); PATHS are made absolute, as the slice runs in another process, on another node.
+FORWARDED = {
+    "facts": (),
+    "plan": ("cuda", "vllm", "mode", "cuda_compat", "driver", "matrix", "write_lock"),
+    "audit": ("lock", "validate", "since"),
+    "provision": ("playbook", "check", "revalidate", "wheelhouse", "cuda", "vllm"),
+}
+PATHS = {"matrix", "write_lock", "lock", "playbook", "wheelhouse"}
+ENGINE_OPTIONS = {"engine": "--engine", "ray_address": "--ray-address", "retries": "--retries"}
+
+
+def slice_command(args) -> list[str]:
+    """The arguments after ``fleetctl`` of every slice of this command (without its --slice)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() or "," not in path else path
+
+    words = [args.command, *map(absolute, args.inventories), "--forks", str(args.forks), "--timeout", str(args.timeout)]
+    if args.limit:
+        words += ["--limit", args.limit]
+    for dest in FORWARDED[args.command]:
+        value, option = getattr(args, dest), "--" + dest.replace("_", "-")
+        if dest == "write_lock" and value == "":
+            value = str(Lock.beside(args.inventory))
+        if value is True:
+            words.append(option)
+        elif value not in (None, False):
+            words += [option, absolute(value) if dest in PATHS else str(value)]
+    return words
+
+
+def cmd_sliced(args, console: Console) -> int:
+    """--slices N --engine ray: the command's N slices on a Ray cluster, merged; it prints and exits as
+    the single run would (JSON, or an audit's --format)."""
+    given = [option for dest, option in ENGINE_OPTIONS.items() if getattr(args, dest) is not None]
+    if args.slices is None:
+        raise FleetError(f"{given[0]} goes with --slices N")
+    if args.engine != "ray":
+        raise FleetError("--slices N needs --engine ray: the engine that runs the slices")
+    if getattr(args, "install_timer", None):
+        raise FleetError("--install-timer writes one controller's timer: leave out --slices")
+    if getattr(args, "diff", False):
+        raise FleetError("--diff is the recap table's; a sliced provision prints the merged --json record")
+    output = getattr(args, "output", None)
+    if output and Path(output).is_dir():
+        raise FleetError(f"-o {output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
+    from . import distribute  # only a distributed run pays for it (Ray itself is imported inside)
+
+    hosts = select(load_inventory(args.inventories), args.limit)
+    notes = Console(stderr=True, soft_wrap=True)
+    result = distribute.run(args.command, slice_command(args), hosts, args.slices, order=[h.name for h in hosts],
+                            address=args.ray_address, retries=2 if args.retries is None else args.retries,
+                            on_placed=lambda p: notes.print(escape(p.note), highlight=False))
+    fmt = args.format if args.command == "audit" and not args.json else "json"
+    return print_merged(args.command, result.merged, fmt, output, console)
 
 
 def cmd_rollout(args, console: Console) -> int:
@@ -642,8 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     stream = sys.stderr if to_stderr else sys.stdout
     # Piped output is read by people too: don't squeeze tables into 80 columns.
     console = Console(stderr=to_stderr, width=None if stream.isatty() else 200)
+    distributed = args.__dict__.get("slices") is not None or any(
+        args.__dict__.get(dest) is not None for dest in ENGINE_OPTIONS)
     try:
-        return COMMANDS[args.command](args, console)
+        return (cmd_sliced if distributed else COMMANDS[args.command])(args, console)
     except FleetError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {escape(str(exc))}", highlight=False)
         return Exit.ERROR
