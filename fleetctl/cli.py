@@ -571,8 +571,6 @@ def cmd_audit(args, console: Console) -> int:
 
 def cmd_merge(args, console: Console) -> int:
     """`merge KIND FILE...`: the slices' --json as one run's, with that run's exit code."""
-    from . import audit
-
     if args.format in ("table", "junit", "prometheus") and args.kind != "audit":
         raise FleetError(f"--format {args.format} is for audit; a merged {args.kind} is json")
     documents = [records.read_state(Path(f), f"{args.kind} --json output", json.loads, shape={"hosts": dict})
@@ -585,6 +583,8 @@ def cmd_merge(args, console: Console) -> int:
 
 def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console: Console) -> int:
     """A merged result as the single run prints it, and that run's exit code."""
+    from . import audit
+
     if fmt == "table":
         console.print(report.audit_table(merged))
         return merge.exit_status(kind, merged)
@@ -611,6 +611,8 @@ ENGINE_OPTIONS = {"engine": "--engine", "ray_address": "--ray-address", "retries
 
 def slice_command(args) -> list[str]:
     """The arguments after ``fleetctl`` of every slice of this command (without its --slice)."""
+    from .plan import Lock
+
     def absolute(path: str) -> str:
         return str(Path(path).resolve()) if Path(path).exists() or "," not in path else path
 
