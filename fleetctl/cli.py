@@ -48,24 +48,26 @@ class Parser(argparse.ArgumentParser):
 
 # Option values, checked as argparse reads them: a value the run could not use never reaches a host.
 
-def forks(text: str) -> int:
-    value = _number(int, text, "a whole number of hosts")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 host at a time")
-    return value
+def whole(minimum: int, what: str, bound: str):
+    """An argparse type: a whole number of *what*, at least *minimum* (*bound* says so)."""
+    def check(text: str) -> int:
+        value = _number(int, text, f"a whole number of {what}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: {bound}")
+        return value
+    return check
+
+
+forks = whole(1, "hosts", "at least 1 host at a time")
+canary = whole(0, "hosts", "0 or more hosts")
+slice_total = whole(1, "slices", "at least 1 slice")  # --slices N
+retries = whole(0, "re-runs", "0 or more re-runs")
 
 
 def seconds(text: str) -> float:
     value = _number(float, text, "a number of seconds")
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a finite number of seconds above 0")
-    return value
-
-
-def canary(text: str) -> int:
-    value = _number(int, text, "a whole number of hosts")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: 0 or more hosts")
     return value
 
 
@@ -124,21 +126,6 @@ def slice_spec(text: str) -> Slice:
         return Slice.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def slice_total(text: str) -> int:
-    """--slices N: at least 1."""
-    value = _number(int, text, "a whole number of slices")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 slice")
-    return value
-
-
-def retries(text: str) -> int:
-    value = _number(int, text, "a whole number of re-runs")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: 0 or more re-runs")
-    return value
 
 
 def _number(kind, text: str, what: str):
