@@ -301,7 +301,7 @@ def print_row(key, r: Run, floor: Run) -> None:
           f"{rss:>7} {r.wall:>7.2f} {r.hosts_per_min:>9.0f} {r.failed:>6}", flush=True)
 
 
-def cpu_table(sizes: list[int], ansible_max: int, work: Path) -> None:
+def cpu_table(sizes: list[int], ansible_max: int, unchecked: bool, work: Path) -> None:
     _, _, usage = measured([sys.executable, "-c", "import fleetctl.cli"], env=fleetctl_env(work))
     print(f"\n== 1. Controller CPU per host (probe {len(PROBE)} bytes; 50 hosts at a time; "
           f"start-up included: `import fleetctl.cli` alone = {1000 * cpu_of(usage):.0f} ms CPU)", flush=True)
@@ -316,9 +316,17 @@ def cpu_table(sizes: list[int], ansible_max: int, work: Path) -> None:
             warm_up(lab)
             floor = openssh_pass(f"OpenSSH {KEX}", [ssh_argv(lab, h.address, PROBE) for h in lab.hosts.values()])
             facts = fleetctl_pass("fleetctl facts", ["facts", str(inventory), "--json"], n, work)
+            if unchecked:
+                # Diagnostic, not a setting to use: what facts costs without reading known_hosts, which
+                # paramiko parses per connection in time quadratic in its length (N lines here).
+                no_kh = lab.write_inventory(work / f"lab{n}" / "unchecked.yml", ansible_host_key_checking=False)
+                runs_extra = [fleetctl_pass("fleetctl facts, no known_hosts read", ["facts", str(no_kh), "--json"],
+                                            n, work)]
+            else:
+                runs_extra = []
             write_lock(inventory, work)
             audit = fleetctl_pass("fleetctl audit", ["audit", str(inventory), "--format", "json"], n, work)
-            runs = [floor, facts, audit]
+            runs = [floor, facts, *runs_extra, audit]
             if n <= ansible_max:
                 runs.append(ansible_pass(inventory, n, work))
             for r in runs:
@@ -449,6 +457,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[10, 50, 100, 500, 1000], help="lab sizes for table 1")
     parser.add_argument("--ansible-max", type=int, default=100, help="run Ansible in table 1 up to this size")
+    parser.add_argument("--no-unchecked-row", dest="unchecked_row", action="store_false",
+                        help="skip table 1's diagnostic facts row with host key checking off (no known_hosts read)")
     parser.add_argument("--delays", default="20,100", help="round trips added in table 2, ms")
     parser.add_argument("--latency-hosts", type=int, default=100)
     parser.add_argument("--reuse-hosts", type=int, default=100)
@@ -462,7 +472,7 @@ def main() -> None:
     started = time.monotonic()
     try:
         if "cpu" in only:
-            cpu_table(args.sizes, args.ansible_max, work)
+            cpu_table(args.sizes, args.ansible_max, args.unchecked_row, work)
         if "latency" in only:
             latency_table(args.latency_hosts, [float(d) for d in args.delays.split(",") if d], work)
         if "reuse" in only:
