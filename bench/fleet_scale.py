@@ -50,7 +50,8 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -82,6 +83,7 @@ class Run:
     cpu: float  # controller CPU seconds, user + system
     failed: int
     rss_mib: int | None = None
+    errors: dict[str, int] = field(default_factory=dict)  # {what a failed host said: how many}
 
     @property
     def ms_per_host(self) -> float:
@@ -153,10 +155,11 @@ def fleetctl_pass(tool: str, args: list[str], hosts: int, work: Path) -> Run:
     with open(out, "w") as f:
         wall, code, usage = measured([sys.executable, "-m", "fleetctl.cli", *args], env=fleetctl_env(work), stdout=f)
     try:
-        failed = sum("error" in h for h in json.loads(out.read_text())["hosts"].values())
+        errors = Counter(f"{h['status']}: {h['error']}"[:100] for h in json.loads(out.read_text())["hosts"].values()
+                         if "error" in h)
     except (ValueError, KeyError):
-        failed = hosts  # no JSON at all: the run failed as a whole (exit code {code})
-    return Run(tool, hosts, wall, cpu_of(usage), failed, usage.ru_maxrss // 1024)
+        errors = Counter({f"no JSON, exit code {code}": hosts})  # the run failed as a whole
+    return Run(tool, hosts, wall, cpu_of(usage), sum(errors.values()), usage.ru_maxrss // 1024, dict(errors))
 
 
 def write_lock(inventory: Path, work: Path) -> None:
@@ -299,6 +302,8 @@ def print_row(key, r: Run, floor: Run) -> None:
     rss = f"{r.rss_mib}" if r.rss_mib is not None else "-"
     print(f"{key:>6}  {r.tool:<34} {r.ms_per_host:>11.1f} {r.ms_per_host / floor.ms_per_host:>9.2f} "
           f"{rss:>7} {r.wall:>7.2f} {r.hosts_per_min:>9.0f} {r.failed:>6}", flush=True)
+    for error, count in sorted(r.errors.items(), key=lambda e: -e[1])[:3]:
+        print(f"{'':>8}! {count} x {error}", flush=True)
 
 
 def cpu_table(sizes: list[int], ansible_max: int, unchecked: bool, work: Path) -> None:
