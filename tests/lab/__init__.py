@@ -188,9 +188,12 @@ class LabHost:
 class Lab:
     """Start with ``Lab(root).add(...)`` for each host, ``start()``, ``write_inventory()``; ``stop()``."""
 
-    def __init__(self, root: Path, *, net: int = 77, namespaces: bool | None = None):
+    def __init__(self, root: Path, *, net: int = 77, namespaces: bool | None = None, watchers: bool = True):
         self.root = Path(root).resolve()
         self.net = net  # hosts live on 127.<net>.x.y, so several labs can run side by side
+        # watchers=False: no reboot watcher per host (a reboot then never returns), for labs of a
+        # thousand hosts that only answer probes (bench/fleet_scale.py): a process per host fewer.
+        self.watchers = watchers
         self.hosts: dict[str, LabHost] = {}
         self.namespaces = _can_unshare() if namespaces is None else namespaces
         self.root.mkdir(parents=True, exist_ok=True)
@@ -295,7 +298,8 @@ class Lab:
             Path("/opt/fleetctl").mkdir(parents=True, exist_ok=True)
         known, started = [], []
         for host in self.hosts.values():
-            self._start_watcher(host)
+            if self.watchers:
+                self._start_watcher(host)
             if host.running:
                 continue
             (host.dir / "sshd_config").write_text(self.sshd_config(host))
