@@ -244,7 +244,7 @@ class SSHConnection:
                                   "ansible_host_key_checking: false, or use ansible_ssh_private_key_file")
         if password:
             kwargs["password"] = str(password)
-        conn = fabric.Connection(
+        conn = _connection_class()(
             host=str(v.get("ansible_host") or host.name),
             user=str(v["ansible_user"]) if v.get("ansible_user") else None,
             port=int(v["ansible_port"]) if v.get("ansible_port") else None,
@@ -463,6 +463,21 @@ def _private_key(path: str) -> dict:
 def _loaded_key(path: str, mtime_ns: int, size: int):
     _, paramiko = _ssh_stack()
     return paramiko.PKey.from_path(path)
+
+
+@functools.cache
+def _connection_class():
+    """fabric's Connection, with ``inline_ssh_env`` declared as its own attribute. fabric assigns
+    it in every Connection's __init__ and, not declared, invoke's config proxy writes it into the
+    Config, which every connection of a run shares (see _fabric_config): each write rebuilds that
+    Config while other threads read it, and they failed with "No attribute or config key found
+    for 'gateway'" (12 hosts of 100 in one benchmark audit)."""
+    fabric, _ = _ssh_stack()
+
+    class Connection(fabric.Connection):
+        inline_ssh_env = None
+
+    return Connection
 
 
 @functools.cache

@@ -139,3 +139,15 @@ def test_known_hosts_read_once_hashed_or_not_and_a_changed_key_refused(small_lab
     assert outcomes["two"].status == "unreachable" and "does not match" in outcomes["two"].error
     assert outcomes["one"].ok and outcomes["three"].ok
 
+
+
+def test_connections_leave_the_shared_fabric_config_alone(small_lab, tmp_path):
+    """A run's connections share one fabric Config. One that wrote to it (fabric's inline_ssh_env)
+    rebuilt it under the other threads' reads, failing hosts at random ("No attribute or config
+    key found for 'gateway'")."""
+    from fleetctl import connection
+
+    lab = small_lab(("a", "t4", {}), ("b", None, {}))
+    outcomes, _ = facts_run(lab, tmp_path)
+    assert statuses(outcomes) == ["ok", "ok"]
+    assert connection._fabric_config()._modifications == {}
