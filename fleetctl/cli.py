@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -711,6 +712,10 @@ COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inv
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # What is loaded by now lives for the whole run: frozen (collected first, so no garbage is frozen
+    # with it), the collections the fan-out makes between rounds of hosts walk only what the run allocates.
+    gc.collect()
+    gc.freeze()
     to_stderr = args.__dict__.get("json", False)
     stream = sys.stderr if to_stderr else sys.stdout
     # Piped output is read by people too: don't squeeze tables into 80 columns.

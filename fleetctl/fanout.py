@@ -9,6 +9,7 @@ replacement worker takes over the queue.
 from __future__ import annotations
 
 import collections
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -141,11 +142,18 @@ class _FanOut:
             threading.Thread(target=self.worker, daemon=True).start()
 
     def watch(self) -> None:
-        """Wait for every host, cutting off those past their deadline."""
+        """Wait for every host, cutting off those past their deadline; collect the garbage of each
+        round of *forks* hosts. A closed SSH connection leaves reference cycles (paramiko's transport,
+        its thread, its channels) that only a full collection frees, and Python runs those ever more
+        rarely as the heap grows: left to it, a run's memory grew ~40 KB a host (~16 KB collected)."""
         by_name = {h.name: h for h in self.hosts}
+        collected = 0
         while len(self.outcomes) < len(self.hosts):
             self.changed.wait(0.25)
             self.changed.clear()
+            if len(self.outcomes) >= collected + self.forks:
+                collected = len(self.outcomes)
+                gc.collect()
             now = time.monotonic()
             with self.lock:
                 overdue = [(n, t, o) for n, (t, o) in self.running.items() if now > t + self.timeout + GRACE]
