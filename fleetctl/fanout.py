@@ -145,7 +145,7 @@ class _FanOut:
         """Wait for every host, cutting off those past their deadline; collect the garbage of each
         round of *forks* hosts. A closed SSH connection leaves reference cycles (paramiko's transport,
         its thread, its channels) that only a full collection frees, and Python runs those ever more
-        rarely as the heap grows: left to it, a run's memory grew ~40 KB a host (~16 KB collected)."""
+        rarely as the heap grows: left to it, a run's memory grew with its hosts (README, Speed)."""
         by_name = {h.name: h for h in self.hosts}
         collected = 0
         while len(self.outcomes) < len(self.hosts):
