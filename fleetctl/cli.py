@@ -17,7 +17,6 @@ import sys
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
 
 # The resolver, installer, rollout and audit machinery are imported by the commands that use them:
 # `fleetctl facts` over a thousand hosts starts without loading them.
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is fleetctl's own error: one line on stderr and exit 1 (2 means a
@@ -343,8 +343,7 @@ def cmd_plan(args, console: Console) -> int:
     from .matrix import load_matrix
     from .plan import Lock, plan_host
 
-    if args.driver and not args.cuda:
-        raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
+    driver_needs_cuda(args)
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
         raise FleetError("--driver plans a move, not a lock: run plan --write-lock once the drivers have moved")
     matrix = load_matrix(args.matrix)
@@ -372,6 +371,18 @@ def cmd_plan(args, console: Console) -> int:
         report.print_errors(console, outcomes.values())
         report.print_refusals(console, plans.values())
     return exit_code(plans[name].status if name in plans else o.status for name, o in outcomes.items())
+
+
+def report_file(output: str | None) -> None:
+    """Refuse, before any host is contacted, an -o that names a directory."""
+    if output and Path(output).is_dir():
+        raise FleetError(f"-o {output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
+
+
+def driver_needs_cuda(args) -> None:
+    """A driver move is planned for a CUDA: --driver without --cuda is refused."""
+    if args.driver and not args.cuda:
+        raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
 
 
 def writable(path: Path, option: str) -> None:
@@ -537,8 +548,7 @@ def cmd_audit(args, console: Console) -> int:
         return Exit.OK
     lock = Lock.read(Path(args.lock) if args.lock else Lock.beside(args.inventory))
     hosts = in_slice(args, select(inventory, args.limit))
-    if args.output and Path(args.output).is_dir():
-        raise FleetError(f"-o {args.output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
+    report_file(args.output)
     with report.progress(console, len(hosts), "audit") as advance:
         audit_report = audit.audit_fleet(hosts, lock, load_matrix(), validate=args.validate, since_id=args.since,
                                          forks=args.forks, timeout=args.timeout, on_done=advance)
@@ -631,8 +641,7 @@ def cmd_sliced(args, console: Console) -> int:
     if getattr(args, "diff", False):
         raise FleetError("--diff is the recap table's; a sliced provision prints the merged --json record")
     output = getattr(args, "output", None)
-    if output and Path(output).is_dir():
-        raise FleetError(f"-o {output}: is a directory", fix="name the report's file, e.g. DIR/fleetctl.prom")
+    report_file(output)
     from . import distribute  # only a distributed run pays for it (Ray itself is imported inside)
 
     hosts = select(load_inventory(args.inventories), args.limit)
@@ -663,8 +672,7 @@ def cmd_rollout(args, console: Console) -> int:
         return print_rollout(args, console, journal)
     matrix = load_matrix()
     if not args.resume:
-        if args.driver and not args.cuda:
-            raise FleetError("--driver needs --cuda X: the CUDA the hosts' drivers must run")
+        driver_needs_cuda(args)
         overrides = {"cuda": args.cuda, "vllm": args.vllm}
         selected = select(inventory, args.limit)
         with report.progress(console, len(selected), "plan") as advance:
