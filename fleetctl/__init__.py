@@ -5,6 +5,8 @@ inventory → connection → facts → resolve → plan → execute → report, 
 
 import importlib
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here (tool.setuptools.dynamic)
+
 # Each public name and the module it lives in, imported on first use: `fleetctl facts` starts
 # without the resolver, the templates or the rollout machinery it never calls.
 _MODULES = {
@@ -17,7 +19,7 @@ _MODULES = {
     "inventory": "Host Inventory Selection load_inventory",
     "container": "render_dockerfile render_service",
     "matrix": "Matrix load_matrix",
-    "plan": "HostPlan Lock changes plan_host",
+    "plan": "HostPlan Lock changes plan_host request_for",
     "recorded": "RecordedConnection Reply",
     "resolve": "Request Resolution Stack resolve",
     "serving": "ServeConfig ServePlan plan_serving smoke_argv",

@@ -28,14 +28,17 @@ from .connection import Connection
 from .errors import FleetError, StateError
 from .facts import Facts, FleetState, gather
 from .fanout import Deadline, Outcome, fan_out
+from .health import health_drift
 from .inventory import Host
 from .matrix import Matrix
 from .plan import Lock, LockedHost, class_facts
+from .prerequisites import decide as decide_prerequisites
 from .resolve import Request, flashinfer_in_use, resolve
 from .status import Status, parse_verdict
+from .target import UNIT, HostState, read_state, target_for
 
 KINDS = ("unlocked", "driver", "cuda_driver", "gpus", "python", "platform", "environment", "current",
-         "package", "service", "validation", "stack_outdated", "incompatible")
+         "package", "host_package", "service", "validation", "stack_outdated", "incompatible", "health", "xid", "ecc")
 AUDITED = (Status.CLEAN, Status.DRIFT)  # the host answered; anything else is why it could not be read
 
 
@@ -75,8 +78,8 @@ def drift(facts: Facts, locked: LockedHost | None, matrix: Matrix) -> list[Drift
                                 ("flashinfer-python", stack.flashinfer, inst.flashinfer)):
             if want and got != want and (got or "").split("+")[0] != want:
                 out.append(Drift("package", f"{name} {got} in the environment, locked {want}"))
-    if fleet.service == "dead":
-        out.append(Drift("service", "the vLLM service is not running (its pid is gone)"))
+    if fleet.current == wanted:
+        out += host_package_drift(facts, stack)
     out += container_drift(fleet, stack.id)
     again = resolve(facts, Request(**locked.request), matrix)
     if not again.ok:
@@ -84,6 +87,14 @@ def drift(facts: Facts, locked: LockedHost | None, matrix: Matrix) -> list[Drift
     elif again.stack.id != stack.id:
         out.append(Drift("stack_outdated", f"the resolver now picks {again.stack.id} (locked {stack.id})"))
     return out
+
+
+def host_package_drift(facts: Facts, stack) -> list[Drift]:
+    """The host packages the installed stack needs to run (prerequisites.yaml; venv only made it) that are
+    gone from the host since: removed by hand or by an image's clean-up."""
+    need = decide_prerequisites(facts, stack, venv_by_pip=False, container=stack.container_image is not None)
+    return [Drift("host_package", f"{m.package or m.fact} is missing from the host: {m.why} "
+                                  "(fleetctl provision installs it again)") for m in need.missing]
 
 
 def container_drift(fleet: FleetState, stack_id: str) -> list[Drift]:
@@ -158,7 +169,8 @@ def audit_fleet(hosts: list[Host], lock: Lock, matrix: Matrix, *, validate: bool
     read), with what changed since the audit *since_id* where one is named. The facts are kept
     as this audit's snapshot, for a later ``--since``."""
     old = snapshot_facts(since_id) if since_id else None  # a wrong id fails before any host is asked
-    outcomes = fan_out(hosts, audit_task(lock, matrix, validate), forks=forks, timeout=timeout, on_done=on_done)
+    outcomes = fan_out(hosts, audit_task(lock, matrix, validate, last_audit_facts()), forks=forks, timeout=timeout,
+                       on_done=on_done)
     results = {name: host_result(o.value.drifts) if o.ok else {"status": o.status, "error": o.error}
                for name, o in outcomes.items()}
     snapshot = {name: o.value.facts.to_dict() for name, o in outcomes.items() if o.ok}
@@ -182,22 +194,69 @@ def snapshot_facts(run_id: str) -> dict[str, dict]:
     return facts
 
 
-def audit_task(lock: Lock, matrix: Matrix, validate: bool):
-    """The fan-out task of an audit: a host's facts against its lock entry, and with *validate*
-    the validation kernel, run read-only in the host's current environment."""
+def last_audit_facts() -> dict[str, dict]:
+    """Each host's facts as the latest audit that saw it kept them ({host: facts}), for health drift since
+    then: an audit of other hosts (--limit) is no host's baseline. A record that does not read is passed
+    over (an audit is never stopped by an older one's record)."""
+    def written(path):
+        try:
+            return path.stat().st_mtime_ns, path.name
+        except OSError:
+            return 0, path.name
+    facts: dict[str, dict] = {}
+    for path in sorted((records.state_dir() / "audits").glob("audit-*.json"), key=written):
+        try:
+            facts.update(json.loads(path.read_text()).get("facts") or {})
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return facts
+
+
+def audit_task(lock: Lock, matrix: Matrix, validate: bool, last: dict[str, dict] | None = None):
+    """The fan-out task of an audit: a host's facts against its lock entry and its GPU health against the
+    *last* audit's facts (:func:`audit_host`)."""
     def task(host: Host, conn: Connection, deadline: Deadline) -> HostAudit:
-        facts = gather(host, conn, deadline)
-        locked = lock.hosts.get(host.name)
-        found = drift(facts, locked, matrix)
-        stack = locked.stack if locked else None
-        if stack and stack.vllm and facts.fleet and facts.fleet.service == "running":
-            found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
-        if validate and facts.fleet and facts.fleet.current and facts.installed:
-            verdict = _validate(host, conn, deadline, facts, locked)
-            if verdict.get("verdict") != "pass":
-                found.append(Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
-        return HostAudit(facts, tuple(found))
+        return audit_host(host, conn, deadline, gather(host, conn, deadline), lock.hosts.get(host.name), matrix,
+                          validate=validate, before=_facts_or_none((last or {}).get(host.name)))
     return task
+
+
+def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, locked: LockedHost | None,
+               matrix: Matrix, *, validate: bool, before: Facts | None = None) -> HostAudit:
+    """A host's drift from its lock entry: the facts compared, its GPU health and how that drifted since
+    *before* (the last audit's facts), the service as the host's state says it runs (a systemd unit's
+    is-active, or a pid that is still the server: :class:`~fleetctl.target.HostState`, read as provision
+    reads it), what its port answers, and with *validate* the validation kernel, run read-only in the
+    host's current environment."""
+    found = drift(facts, locked, matrix)
+    found += [Drift(kind, detail) for kind, detail in health_drift(facts, before)]
+    stack = locked.stack if locked else None
+    if stack and stack.vllm and not stack.container_image:  # a container's service: container_drift
+        state = read_state(conn, target_for(facts, stack), deadline.left(host.name))
+        found += service_drift(state)
+        if state.service_alive:
+            found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
+    if validate and facts.fleet and facts.fleet.current and facts.installed:
+        verdict = _validate(host, conn, deadline, facts, locked)
+        if verdict.get("verdict") != "pass":
+            found.append(Drift("validation", f"the validation kernel fails: {verdict.get('error') or 'checks'}"))
+    return HostAudit(facts, tuple(found))
+
+
+def _facts_or_none(data: dict | None) -> Facts | None:
+    try:
+        return Facts.from_dict(data) if isinstance(data, dict) else None
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def service_drift(state: HostState) -> list[Drift]:
+    """A service fleetctl started (service.stack says what) that no longer runs (pure)."""
+    if not state.service or state.service_alive:
+        return []
+    if state.systemd:
+        return [Drift("service", f"{UNIT} is not active (the unit stopped, failed or was disabled)")]
+    return [Drift("service", "the vLLM service is not running (its pid is gone)")]
 
 
 def service_port(host: Host) -> int:

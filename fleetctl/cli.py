@@ -11,6 +11,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from . import merge, records, report
+from . import __version__, merge, records, report
 from .errors import FleetError
 from .facts import gather
 from .fanout import fan_out
@@ -152,7 +153,61 @@ def host_options() -> argparse.ArgumentParser:
     common.add_argument("-f", "--forks", type=forks, default=50, help="hosts at a time (default 50)")
     common.add_argument("-T", "--timeout", type=seconds, default=60.0, help="seconds per host (default 60)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    secret_options(common)
     return common
+
+
+def secret_options(p: argparse.ArgumentParser, become: bool = True) -> argparse.ArgumentParser:
+    """Ansible's become and vault options (become.py, vault.py)."""
+    if become:
+        p.add_argument("-b", "--become", action="store_true", help="run what needs root through sudo "
+                       "(as ansible_become: true on every host)")
+        p.add_argument("-K", "--ask-become-pass", action="store_true",
+                       help="ask for the sudo password once, on the terminal")
+        p.add_argument("--become-password-file", metavar="FILE", help="the sudo password: this file's first line")
+    p.add_argument("--vault-password-file", action="append", default=[], metavar="FILE",
+                   help="decrypt ansible-vault files and !vault values with this password file (or script)")
+    p.add_argument("--vault-id", action="append", default=[], metavar="[LABEL@]FILE",
+                   help="a vault password with its vault id, as Ansible's --vault-id")
+    return p
+
+
+def load(args, sources=None) -> Inventory:
+    """The inventory the command names, its vaults opened, with the command line's become over its vars."""
+    inventory = load_inventory(sources or args.inventories, vault=getattr(args, "vault", None))
+    extra = {}
+    if getattr(args, "become", False):
+        extra["ansible_become"] = True
+    if getattr(args, "become_password", None) is not None:
+        extra["ansible_become_password"] = args.become_password
+    return replace(inventory, extra_vars=extra) if extra else inventory
+
+
+def read_secrets(args) -> None:
+    """The run's vault passwords and become password, read once before any host is touched; each is
+    registered with redact.py, so it is masked wherever fleetctl prints."""
+    from .redact import register_secret
+    from .vault import load_vault
+
+    args.vault = load_vault(getattr(args, "vault_password_file", []), getattr(args, "vault_id", []))
+    args.become_password = None
+    if getattr(args, "become_password_file", None):
+        try:
+            text = Path(args.become_password_file).expanduser().read_text()
+        except OSError as exc:
+            raise FleetError(f"cannot read --become-password-file {args.become_password_file}: "
+                             f"{exc.strerror or exc}") from None
+        args.become_password = (text.splitlines() or [""])[0]
+    elif getattr(args, "ask_become_pass", False):
+        if not sys.stdin.isatty():
+            raise FleetError("-K asks for the sudo password on a terminal, and stdin is not one",
+                             fix="pass --become-password-file FILE instead")
+        import getpass
+        args.become_password = getpass.getpass("BECOME password: ")
+    if args.become_password is not None:
+        if not args.become_password:
+            raise FleetError("the become password is empty", fix="check --become-password-file or what -K read")
+        register_secret(args.become_password)
 
 
 def sliced(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -173,8 +228,15 @@ def sliced(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="fleetctl", description="Provision and keep right GPU serving fleets.")
+    p.add_argument("--version", action="version", version=f"fleetctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sliced(sub.add_parser("facts", parents=[host_options()], help="gather every host's facts"))
+    for add in (provision_parser, audit_parser, health_parser, rollout_parser, plan_parser, other_parsers):
+        add(sub)
+    return p
+
+
+def provision_parser(sub) -> None:
     prov = sliced(sub.add_parser("provision", parents=[host_options()],
                                  help="facts → resolve → install → validate → smoke → activate, "
                                       "with a recap"))
@@ -182,10 +244,15 @@ def parser() -> argparse.ArgumentParser:
     prov.add_argument("-C", "--check", action="store_true", help="decide everything, change nothing")
     prov.add_argument("-D", "--diff", action="store_true", help="show what would change on each host")
     prov.add_argument("--revalidate", action="store_true", help="run validate and smoke even where they passed before")
+    prov.add_argument("--ignore-health", action="store_true",
+                      help="provision hosts whose GPUs are unhealthy (recorded in the run record)")
     prov.add_argument("--wheelhouse", help="a directory of wheels to push to hosts and install from, with no index")
     prov.add_argument("--cuda", type=cuda_version, help="CUDA to resolve for (default: fleet_cuda or auto)")
     prov.add_argument("--vllm", type=vllm_policy, help="vLLM policy (default: fleet_vllm or latest)")
     prov.set_defaults(timeout=3600.0)
+
+
+def audit_parser(sub) -> None:
     aud = sliced(sub.add_parser("audit", parents=[host_options()],
                                 help="drift of live facts against fleet.lock (read-only)"))
     aud.add_argument("--format", choices=["table", "json", "junit", "prometheus"], default="table")
@@ -196,7 +263,17 @@ def parser() -> argparse.ArgumentParser:
     aud.add_argument("--install-timer", metavar="SCHEDULE",
                      help="write a systemd timer + service (and a cron line) running this audit, e.g. daily")
     aud.add_argument("--timer-dir", help="where --install-timer writes (default: the systemd unit directory)")
-    roll = sub.add_parser("rollout", help="move the fleet to a new CUDA or vLLM in gated waves")
+
+
+def health_parser(sub) -> None:
+    hl = sub.add_parser("health", parents=[host_options()],
+                        help="each GPU's health and NVIDIA's action for what is wrong (read-only)")
+    hl.add_argument("--format", choices=["table", "json", "prometheus"], default="table")
+    hl.add_argument("-o", "--output", help="write the report to this file (atomically) instead of stdout")
+
+
+def rollout_parser(sub) -> None:
+    roll = secret_options(sub.add_parser("rollout", help="move the fleet to a new CUDA or vLLM in gated waves"))
     roll.add_argument("inventory", nargs="?", help="Ansible inventory, YAML or INI (not needed with --resume/--rollback)")
     roll.add_argument("-l", "--limit")
     roll.add_argument("-f", "--forks", type=forks, default=50)
@@ -213,12 +290,16 @@ def parser() -> argparse.ArgumentParser:
                       help="hosts per later wave: a count or a percentage (default 25%%)")
     roll.add_argument("--max-fail", type=share(0), default="10%",
                       help="failed + timed-out + unreachable hosts tolerated before no further wave starts")
-    roll.add_argument("-C", "--check", action="store_true", help="show the plan and the waves; change nothing")
+    roll.add_argument("-C", "--check", action="store_true",
+                      help="show the plan, the waves and each host's planned actions (with --rollback: the "
+                           "rollback's); change nothing")
+    roll.add_argument("--ignore-health", action="store_true",
+                      help="move hosts whose GPUs are unhealthy (kept in the journal, so --resume keeps it)")
     roll.add_argument("--resume", metavar="ROLLOUT_ID", help="carry on a rollout whose controller stopped")
     roll.add_argument("--rollback", metavar="ROLLOUT_ID", help="return every host a rollout moved")
-    retry = sub.add_parser("retry", help="provision again only the hosts that did not succeed in a run")
-    retry.add_argument("run_id")
-    retry.add_argument("--json", action="store_true")
+
+
+def plan_parser(sub) -> None:
     plan = sliced(sub.add_parser("plan", parents=[host_options()], help="resolve each host's stack; change nothing"))
     plan.add_argument("--cuda", type=cuda_version, help="what if the fleet moved to this CUDA (e.g. 12.9)")
     plan.add_argument("--vllm", type=vllm_policy, help="vLLM policy: latest, a version or a range (default: fleet_vllm or latest)")
@@ -232,12 +313,21 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--matrix", help="another compatibility matrix file")
     plan.add_argument("--write-lock", nargs="?", const="", metavar="PATH",
                       help="write fleet.lock (default: beside the inventory)")
+
+
+def other_parsers(sub) -> None:
+    """retry, wheelhouse, matrix, inventory and merge."""
+    retry = secret_options(sub.add_parser("retry", help="provision again only the hosts that did not succeed in a run"))
+    retry.add_argument("run_id")
+    retry.add_argument("--json", action="store_true")
     wh = sub.add_parser("wheelhouse", parents=[host_options()],
                         help="download each host class's wheels for its platform, for an offline provision")
     wh.add_argument("dir", help="directory for the wheels and manifest.json")
     wh.add_argument("--playbook", help="playbook whose vars and install settings apply (default: the built-in one)")
     wh.add_argument("--facts", metavar="FILE",
                     help="facts saved from `fleetctl facts INVENTORY --json` instead of contacting the hosts")
+    wh.add_argument("--resolver", choices=["auto", "uv", "pip"], default="auto",
+                    help="what resolves each class's closure (auto: uv where this controller has it, else pip)")
     mx = sub.add_parser("matrix", help="maintainers: the compatibility matrix")
     mx_sub = mx.add_subparsers(dest="matrix_command", required=True)
     ref = mx_sub.add_parser("refresh",
@@ -249,7 +339,8 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
     ref.add_argument("--arches", action="store_true",
                      help="also download each new vLLM wheel (hundreds of MB) and read its SASS/PTX from the binary")
-    inv = sub.add_parser("inventory", help="show the inventory as ansible-inventory does")
+    inv = secret_options(sub.add_parser("inventory", help="show the inventory as ansible-inventory does"),
+                         become=False)
     inv.add_argument("inventory", nargs="+", action=Sources)
     mode = inv.add_mutually_exclusive_group(required=True)
     mode.add_argument("--list", action="store_true", help="JSON, as ansible-inventory --list (vars untemplated)")
@@ -264,7 +355,6 @@ def parser() -> argparse.ArgumentParser:
     mrg.add_argument("--format", choices=["json", "table", "junit", "prometheus"], default="json",
                      help="json (any kind), table, junit or prometheus (audit)")
     mrg.add_argument("-o", "--output", help="write the merged result to this file (atomically) instead of stdout")
-    return p
 
 
 def cmd_matrix(args, console: Console) -> int:
@@ -296,7 +386,7 @@ def cmd_matrix(args, console: Console) -> int:
 
 
 def cmd_inventory(args, console: Console) -> int:
-    inventory = load_inventory(args.inventories)
+    inventory = load(args)
     if args.list_hosts is None:
         print(json.dumps(inventory.to_ansible_list(), indent=4, sort_keys=True))
         return Exit.OK
@@ -324,7 +414,7 @@ def slice_key(args) -> dict:
 
 
 def cmd_facts(args, console: Console) -> int:
-    hosts = in_slice(args, select(load_inventory(args.inventories), args.limit))
+    hosts = in_slice(args, select(load(args), args.limit))
     with report.progress(console, len(hosts), "facts") as advance:
         outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
     if args.json:
@@ -339,6 +429,31 @@ def cmd_facts(args, console: Console) -> int:
     return exit_code(o.status for o in outcomes.values())
 
 
+def cmd_health(args, console: Console) -> int:
+    from . import health
+
+    hosts = select(load(args), args.limit)
+    report_file(args.output)
+    with report.progress(console, len(hosts), "health") as advance:
+        outcomes = fan_out(hosts, gather, forks=args.forks, timeout=args.timeout, on_done=advance)
+    result = {"time": records.now(), "hosts": {
+        name: health.host_report(o.value) if o.ok else {"status": o.status, "error": o.error}
+        for name, o in outcomes.items()}}
+    fmt = "json" if args.json else args.format
+    if fmt == "table":
+        console.print(report.health_table(result))
+        report.print_errors(console, outcomes.values())
+    else:
+        text = json.dumps(result, indent=2) + "\n" if fmt == "json" else health.to_prometheus(result)
+        if args.output:
+            records.atomic_write(Path(args.output), text)
+        else:
+            sys.stdout.write(text)
+    # unhealthy is a failed host (2), as Ansible's; degraded and unknown are reported, not failed
+    return exit_code(Status.FAILED if h["status"] == health.UNHEALTHY else Status.OK if "verdict" in h else h["status"]
+                     for h in result["hosts"].values())
+
+
 def cmd_plan(args, console: Console) -> int:
     from .matrix import load_matrix
     from .plan import Lock, plan_host
@@ -347,7 +462,7 @@ def cmd_plan(args, console: Console) -> int:
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
         raise FleetError("--driver plans a move, not a lock: run plan --write-lock once the drivers have moved")
     matrix = load_matrix(args.matrix)
-    hosts = in_slice(args, select(load_inventory(args.inventories), args.limit))
+    hosts = in_slice(args, select(load(args), args.limit))
     lock_path = None
     if args.write_lock is not None:
         lock_path = Path(args.write_lock) if args.write_lock else Lock.beside(args.inventory)
@@ -358,9 +473,7 @@ def cmd_plan(args, console: Console) -> int:
                              mode=args.mode, cuda_compat=args.cuda_compat)
              for name, o in outcomes.items() if o.ok}
     if lock_path is not None:
-        with Lock.updating(lock_path) as lock:  # a run at once with another --limit keeps both runs' hosts
-            for name, p in plans.items():
-                lock.record(name, p.facts, p.request, p.resolution, matrix.digest)
+        Lock.record_plans(lock_path, plans.values(), matrix.digest)
         console.print(f"wrote {escape(str(lock_path))}", highlight=False)
     if args.json:
         print(json.dumps({"hosts": {name: plans[name].to_json() if name in plans
@@ -394,59 +507,59 @@ def writable(path: Path, option: str) -> None:
 
 
 def cmd_provision(args, console: Console) -> int:
+    from . import wheelhouse
     from .matrix import load_matrix
     from .plan import Lock
     from .playbook import load_playbook
     from .provision import Options, provision_host
 
-    inventory = load_inventory(args.inventories)
+    inventory = load(args)
     path, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     limited = set(h.name for h in in_slice(args, select(inventory, args.limit)))
     lock_path = Lock.beside(args.inventory)
+    records.ready()
     if not args.check:
         writable(lock_path, "fleet.lock")
+        Lock.read_or_new(lock_path)  # a corrupt fleet.lock is refused now, not after the hosts changed
     run_id, started = records.new_run_id("provision"), records.now()
     options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm},
-                      run_id=run_id)
+                      run_id=run_id, ignore_health=args.ignore_health)
+    if args.wheelhouse:
+        plays = [replace(play, install={**play.install, "wheelhouse": str(Path(args.wheelhouse).resolve())})
+                 for play in plays]
+    for play in plays:
+        if play.install.get("wheelhouse"):
+            wheelhouse.check_dir(play.install["wheelhouse"])  # before any host: one line, not a host's traceback
     outcomes: dict = {}
     for play in plays:
-        if args.wheelhouse:
-            play = replace(play, install={**play.install, "wheelhouse": str(Path(args.wheelhouse).resolve())})
         hosts = [h for h in select(inventory, None, play.hosts) if h.name in limited]  # the play's order
         with report.progress(console, len(hosts), f"{play.name}") as advance:
             outcomes.update(fan_out(hosts, provision_host(play, matrix, options), forks=args.forks,
                                     timeout=args.timeout, on_done=advance))
+    lock_fault = None
     if not args.check:
-        record_lock(lock_path, outcomes, matrix.digest)
+        try:
+            Lock.record_runs(lock_path, outcomes.values(), matrix.digest)
+        except FleetError as exc:  # the hosts changed: their record and recap come first, then the fault
+            lock_fault = exc
     wheels = str(Path(args.wheelhouse).resolve()) if args.wheelhouse else None
     record = records.provision_record(run_id, started, outcomes, inventory=str(Path(args.inventory).resolve()),
                                       playbook=str(path), limit=args.limit, check=args.check, cuda=args.cuda,
                                       vllm=args.vllm, wheelhouse=wheels, revalidate=args.revalidate,
+                                      ignore_health=args.ignore_health,
                                       **slice_key(args))
     saved = records.save(record)
     if args.json:
-        print(json.dumps(record, indent=2, default=str))
+        print(records.dumps(record))
     else:
         console.print(report.recap_table(outcomes.values(), diff=args.diff))
         report.print_errors(console, outcomes.values())
         report.print_failed_steps(console, outcomes.values())
         console.print(f"run {record['run_id']} recorded in {escape(str(saved))}", highlight=False)
+    if lock_fault:
+        raise lock_fault
     return exit_code(o.status for o in outcomes.values())
-
-
-def record_lock(path: Path, outcomes: dict, matrix_digest: str) -> None:
-    """What provision resolved and installed, in fleet.lock, for each host that succeeded: an audit
-    right after a provision compares against it. Merged under the lock, as plan's writes are."""
-    from .plan import Lock
-
-    done = {name: o.value for name, o in outcomes.items()
-            if o.ok and o.status in (Status.OK, Status.CHANGED) and o.value.stack and o.value.request}
-    if not done:
-        return
-    with Lock.updating(path) as lock:
-        for name, run in done.items():
-            lock.record_run(name, run.facts, run.request, run.stack, run.reasons, matrix_digest)
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
@@ -454,7 +567,7 @@ def cmd_wheelhouse(args, console: Console) -> int:
     from .matrix import load_matrix
     from .playbook import load_playbook
 
-    inventory = load_inventory(args.inventories)
+    inventory = load(args)
     _, plays = load_playbook(args.playbook)
     matrix = load_matrix()
     hosts = select(inventory, args.limit)
@@ -470,7 +583,7 @@ def cmd_wheelhouse(args, console: Console) -> int:
     inputs, refused = wheelhouse.host_inputs(plays, inventory, [h.name for h in hosts], facts, matrix)
     problems.update(refused)
     dest = Path(args.dir)
-    results = wheelhouse.build(wheelhouse.plan_classes(inputs), dest)
+    results = wheelhouse.build(wheelhouse.plan_classes(inputs), dest, resolver=args.resolver)
     if args.json:
         print(json.dumps({"manifest": str(dest / wheelhouse.MANIFEST),
                           "classes": {r.plan.name: r.entry if r.ok else {"hosts": list(r.plan.hosts), "error": r.error}
@@ -498,7 +611,8 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
         return
     entry = result.entry
     mib = sum(f["size"] for f in entry["files"]) / 2 ** 20
-    console.print(f"  files: {len(entry['files'])} ({mib:.1f} MiB), {len(result.new_files)} new"
+    console.print(f"  files: {len(entry['files'])} ({mib:.1f} MiB), {len(result.new_files)} new, "
+                  f"resolved by {entry.get('resolver', 'pip')}"
                   + (" (no_deps: the listed packages only)" if plan.no_deps else ""), highlight=False)
     if entry["provided_by_host"]:
         console.print(f"  skipped, the host has: {escape(' '.join(entry['provided_by_host']))}", highlight=False)
@@ -516,20 +630,13 @@ def print_wheelhouse_class(console: Console, result, dest: Path) -> None:
 
 
 def cmd_retry(args, console: Console) -> int:
-    record = records.load(args.run_id)
-    todo = [name for name, h in record["hosts"].items()
-            if not isinstance(h, dict) or h.get("status") not in (Status.OK, Status.CHANGED)]
+    todo, argv = records.retry_argv(records.load(args.run_id))
     if not todo:
         console.print(f"every host of {escape(args.run_id)} succeeded: nothing to retry", highlight=False)
         return Exit.OK
-    # The run's own choices, not today's defaults: a retry installs what the run was asked to.
-    repeated = [word for option in ("cuda", "vllm", "wheelhouse") if record.get(option)
-                for word in (f"--{option}", str(record[option]))]
-    again = parser().parse_args(["provision", record["inventory"], "--playbook", record["playbook"],
-                                 "--limit", ",".join(todo), *repeated,
-                                 *(["--revalidate"] if record.get("revalidate") else []),
-                                 *(["--check"] if record.get("check") else []),
-                                 *(["--json"] if args.json else [])])
+    again = parser().parse_args([*argv, *(["--json"] if args.json else [])])
+    # This run's become and vault (a record never keeps a password).
+    again.vault, again.become_password, again.become = args.vault, args.become_password, args.become
     return cmd_provision(again, console)
 
 
@@ -538,7 +645,7 @@ def cmd_audit(args, console: Console) -> int:
     from .matrix import load_matrix
     from .plan import Lock
 
-    inventory = load_inventory(args.inventories)
+    inventory = load(args)
     if args.install_timer:
         timer = audit.install_timer(args.inventory, args.install_timer, output=args.output, where=args.timer_dir)
         scope = " --user" if timer.user else ""
@@ -575,7 +682,7 @@ def cmd_merge(args, console: Console) -> int:
                  for f in args.files]
     order = None
     if getattr(args, "inventories", None):
-        order = [h.name for h in load_inventory(args.inventories).select(None)]
+        order = [h.name for h in load(args).select(None)]
     return print_merged(args.kind, merge.merge(args.kind, documents, order), args.format, args.output, console)
 
 
@@ -586,8 +693,8 @@ def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console:
     if fmt == "table":
         console.print(report.audit_table(merged))
         return merge.exit_status(kind, merged)
-    # Written as the single run writes it, byte for byte: an audit's renderer, else print(json.dumps).
-    text = audit.FORMATS[fmt](merged) if kind == "audit" else json.dumps(merged, indent=2, default=str) + "\n"
+    # Written as the single run writes it, byte for byte: an audit's renderer, else records.dumps.
+    text = audit.FORMATS[fmt](merged) if kind == "audit" else records.dumps(merged) + "\n"
     if output:
         records.atomic_write(Path(output), text)
     else:
@@ -595,37 +702,16 @@ def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console:
     return merge.exit_status(kind, merged)
 
 
-# What a slice run by an engine repeats of its command's options (output options aside: the merge
-# prints); PATHS are made absolute, as the slice runs in another process, on another node.
-FORWARDED = {
-    "facts": (),
-    "plan": ("cuda", "vllm", "mode", "cuda_compat", "driver", "matrix", "write_lock"),
-    "audit": ("lock", "validate", "since"),
-    "provision": ("playbook", "check", "revalidate", "wheelhouse", "cuda", "vllm"),
-}
-PATHS = {"matrix", "write_lock", "lock", "playbook", "wheelhouse"}
+# The options that hand a command's slices to an engine (the slice protocol itself: fleetctl.distribute).
 ENGINE_OPTIONS = {"engine": "--engine", "ray_address": "--ray-address", "retries": "--retries"}
 
 
 def slice_command(args) -> list[str]:
     """The arguments after ``fleetctl`` of every slice of this command (without its --slice)."""
-    from .plan import Lock
+    from .distribute import FORWARDED, command_words
 
-    def absolute(path: str) -> str:
-        return str(Path(path).resolve()) if Path(path).exists() or "," not in path else path
-
-    words = [args.command, *map(absolute, args.inventories), "--forks", str(args.forks), "--timeout", str(args.timeout)]
-    if args.limit:
-        words += ["--limit", args.limit]
-    for dest in FORWARDED[args.command]:
-        value, option = getattr(args, dest), "--" + dest.replace("_", "-")
-        if dest == "write_lock" and value == "":
-            value = str(Lock.beside(args.inventory))
-        if value is True:
-            words.append(option)
-        elif value not in (None, False):
-            words += [option, absolute(value) if dest in PATHS else str(value)]
-    return words
+    return command_words(args.command, args.inventories, args.forks, args.timeout, args.limit,
+                         {dest: getattr(args, dest) for dest in FORWARDED[args.command]}, inventory=args.inventory)
 
 
 def cmd_sliced(args, console: Console) -> int:
@@ -644,7 +730,7 @@ def cmd_sliced(args, console: Console) -> int:
     report_file(output)
     from . import distribute  # only a distributed run pays for it (Ray itself is imported inside)
 
-    hosts = select(load_inventory(args.inventories), args.limit)
+    hosts = select(load(args), args.limit)
     notes = Console(stderr=True, soft_wrap=True)
     result = distribute.run(args.command, slice_command(args), hosts, args.slices, order=[h.name for h in hosts],
                             address=args.ray_address, retries=2 if args.retries is None else args.retries,
@@ -655,48 +741,36 @@ def cmd_sliced(args, console: Console) -> int:
 
 def cmd_rollout(args, console: Console) -> int:
     from . import rollout
-    from .matrix import load_matrix
-    from .plan import Lock, plan_host
-    from .playbook import load_playbook
-    from .provision import Options
+    from .plan import Lock
 
     if args.resume or args.rollback:
         journal = rollout.Journal.load(args.resume or args.rollback)
-        args.inventory = journal.data["inventory"]
+        inventory = load(args, [journal.data["inventory"]])
     elif not args.inventory:
         raise FleetError("rollout needs an inventory, or --resume/--rollback ROLLOUT_ID")
-    inventory = load_inventory(args.inventory)
+    else:
+        driver_needs_cuda(args)
+        inventory = load(args, [args.inventory])
+    # The journal's directory and fleet.lock are checked before any host is contacted.
+    records.ready(rollout.KIND)
+    Lock.read_or_new(Path(journal.data["lock"]) if args.resume or args.rollback else Lock.beside(args.inventory))
     hosts = {h.name: h for h in inventory.select(None)}
     if args.rollback:
-        journal = rollout.rollback(journal, hosts, forks=args.forks, timeout=args.timeout)
-        return print_rollout(args, console, journal)
-    matrix = load_matrix()
+        return print_rollout(args, console, rollout.rollback(journal, hosts, forks=args.forks, timeout=args.timeout,
+                                                             check=args.check))
     if not args.resume:
-        driver_needs_cuda(args)
-        overrides = {"cuda": args.cuda, "vllm": args.vllm}
         selected = select(inventory, args.limit)
         with report.progress(console, len(selected), "plan") as advance:
-            outcomes = fan_out(selected, gather, forks=args.forks, timeout=min(args.timeout, 120), on_done=advance)
-        plans = {n: plan_host(o.host, o.value, matrix, driver=args.driver, **overrides)
-                 for n, o in outcomes.items() if o.ok}
-        unreached = {n: o for n, o in outcomes.items() if not o.ok}
-        journal = rollout.Journal.start(str(Path(args.inventory).resolve()), args.playbook, overrides, plans,
-                                        args.canary, args.batch, args.max_fail,
-                                        Lock.read_or_new(Lock.beside(args.inventory)))
-        journal.data["left_alone"].update({n: {"reason": o.status, "why": o.error} for n, o in unreached.items()})
-        if args.check:
-            journal.data["status"] = "planned"
-        journal.save()
+            journal = rollout.start(inventory, str(Path(args.inventory).resolve()), selected, args.playbook,
+                                    {"cuda": args.cuda, "vllm": args.vllm}, driver=args.driver, canary=args.canary,
+                                    batch=args.batch, max_fail=args.max_fail, check=args.check, forks=args.forks,
+                                    timeout=args.timeout, on_done=advance, ignore_health=args.ignore_health)
         if not args.json:
             console.print(report.rollout_plan(journal), highlight=False)
         if args.check:
             return print_rollout(args, console, journal)
-    _, plays = load_playbook(journal.data["playbook"])
-    overrides = journal.data["overrides"]
-    options = Options(overrides={k: v for k, v in overrides.items() if v})
     with report.progress(console, sum(len(w) for w in journal.data["waves"]), "rollout") as advance:
-        journal = rollout.execute(journal, hosts, plays[0], matrix, options, forks=args.forks,
-                                  timeout=args.timeout, on_done=advance)
+        journal = rollout.resume(journal, hosts, forks=args.forks, timeout=args.timeout, on_done=advance)
     return print_rollout(args, console, journal)
 
 
@@ -707,15 +781,25 @@ def print_rollout(args, console: Console, journal) -> int:
         print(rollout.to_json(journal))
     else:
         console.print(report.rollout_table(journal), highlight=False)
+        report.print_planned_actions(console, journal)
         console.print(f"rollout {escape(journal.id)}: {escape(journal.data['status'])} "
                       f"(--resume / --rollback {escape(journal.id)})",
                       highlight=False)
     return Exit.OK if journal.data["status"] in ("done", "rolled_back", "planned") else Exit.FAILED
 
 
-COMMANDS = {"facts": cmd_facts, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
+COMMANDS = {"facts": cmd_facts, "health": cmd_health, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
             "retry": cmd_retry, "merge": cmd_merge,
             "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
+
+
+class _Warnings(logging.Handler):
+    """What the library says on the "fleetctl" logger (a skipped known_hosts line), printed as
+    fleetctl's other warnings are: one line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]fleetctl: warning:[/] {escape(record.getMessage())}",
+                                                   highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -728,9 +812,13 @@ def main(argv: list[str] | None = None) -> int:
     stream = sys.stderr if to_stderr else sys.stdout
     # Piped output is read by people too: don't squeeze tables into 80 columns.
     console = Console(stderr=to_stderr, width=None if stream.isatty() else 200)
+    library = logging.getLogger("fleetctl")
+    if not any(isinstance(h, _Warnings) for h in library.handlers):  # main() called again in one process
+        library.addHandler(_Warnings())
     distributed = args.__dict__.get("slices") is not None or any(
         args.__dict__.get(dest) is not None for dest in ENGINE_OPTIONS)
     try:
+        read_secrets(args)
         return (cmd_sliced if distributed else COMMANDS[args.command])(args, console)
     except FleetError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]fleetctl: error:[/] {escape(str(exc))}", highlight=False)

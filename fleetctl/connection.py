@@ -7,11 +7,16 @@ Connection settings come from the host's Ansible vars (``ansible_host``,
 ``-o UserKnownHostsFile=`` in ``ansible_ssh_common_args``) and, below them,
 ``~/.ssh/config``, read through fabric as OpenSSH reads it for Ansible.
 paramiko and socket errors are translated into :mod:`fleetctl.errors` here.
+
+A command whose action needs root (``root=True``) runs through the host's become (``ansible_become``
+and its vars, see :mod:`fleetctl.become`): :class:`Escalation` checks sudo once per connection, the
+password only ever on stdin, and wraps the command; every other command runs as the login user.
 """
 
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import os
 import select
@@ -25,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .errors import CommandFailed, TimedOut, Unreachable
-from .inventory import Host
+from .become import (NEEDS_PASSWORD, NOT_ALLOWED, Become, BecomeFailed, become_for, check_command, judge,
+                     validate_command, wrap)
+from .errors import CommandFailed, InventoryError, TimedOut, Unreachable
+from .inventory import Host, Vaulted
 
 FALSY = {"false", "no", "off", "0", "n"}
 FILE_MODE = 0o644  # of every file copied to a host: the controller's file modes are not the host's business
@@ -62,13 +69,67 @@ class Result:
 class Connection(Protocol):
     name: str
 
-    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result: ...
+    def run(self, command: str, *, timeout: float, stdin: str | None = None, root: bool = False) -> Result: ...
 
-    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]: ...
+    def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]: ...
 
-    def put(self, local: Path, remote: str, mode: int = ...) -> None: ...
+    def put(self, local: Path, remote: str, mode: int = ..., root: bool = False) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Escalation:
+    """One connection's become: the sudo check, run once before its first root command (a refusal is
+    remembered, so the host's sudo is tried once per run), then every root command wrapped."""
+
+    def __init__(self, name: str, login: str | None, become: Become):
+        self.name, self.login, self.become = name, login or "the login user", become
+        self.with_password: bool | None = None  # decided by the check
+        self.refused: BecomeFailed | None = None
+
+    def wrap(self, run: Callable[..., Result], command: str, stdin: str | None, timeout: float
+             ) -> tuple[str, str | None]:
+        """*command* and *stdin* as they run as the become user (*run* runs the check, unwrapped)."""
+        if self.refused:
+            raise self.refused
+        if self.with_password is None:
+            self.with_password = self._check(run, timeout)
+        return wrap(command, stdin, self.become, with_password=self.with_password)
+
+    def _check(self, run: Callable[..., Result], timeout: float) -> bool:
+        """Whether root commands send the password: not where sudo needs none (NOPASSWD), which is asked
+        first with ``-n`` (no password read, no try counted); else the one try with the password."""
+        quiet, _ = wrap("true", None, self.become, with_password=False)
+        result = run(quiet, timeout=min(timeout, 30), stdin=None)
+        if result.ok:
+            return False
+        if any(m in result.stderr for m in NEEDS_PASSWORD):  # said to a user with no sudo too: -v tells which
+            told = run(validate_command(), timeout=min(timeout, 30), stdin=None)
+            if any(m in told.stderr for m in NOT_ALLOWED):
+                result = told
+            elif self.become.password is not None:
+                command, stdin = check_command(self.become)
+                result = run(command, timeout=min(timeout, 60), stdin=stdin)
+        self.refused = judge(self.name, self.login, self.become, result.exited, result.stderr + result.stdout)
+        if self.refused:
+            raise self.refused
+        return True
+
+
+def escalation_for(host: Host, login: str | None) -> Escalation | None:
+    """The host's become as an Escalation, None where it does not become (or logs in as the become user)."""
+    password = host.vars.get("ansible_become_password", host.vars.get("ansible_become_pass"))
+    if isinstance(password, Vaulted):
+        raise InventoryError(f"{host.name}: ansible_become_password is vault-encrypted and no vault password was "
+                             "given", fix="pass --vault-password-file FILE or --vault-id, or set "
+                                          "ANSIBLE_VAULT_PASSWORD_FILE")
+    try:
+        become = become_for(host.vars)
+    except ValueError as exc:
+        raise InventoryError(f"{host.name}: {exc}", fix="set ansible_become_method: sudo") from None
+    if become is None or (login is not None and login == become.user):
+        return None
+    return Escalation(host.name, login, become)
 
 
 def is_local(host: Host) -> bool:
@@ -78,18 +139,24 @@ def is_local(host: Host) -> bool:
 def connect(host: Host, *, timeout: float) -> Connection:
     """Open a connection to *host* within *timeout* seconds, or raise Unreachable/TimedOut."""
     if is_local(host):
-        return LocalConnection(host.name)
+        return LocalConnection(host.name, escalation_for(host, getpass.getuser()))
     return SSHConnection.open(host, timeout=timeout)
 
 
 class LocalConnection:
     """Commands on the controller itself (``ansible_connection: local``)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, escalation: Escalation | None = None):
         self.name = name
         self.running: set[subprocess.Popen] = set()
+        self.escalation = escalation
 
-    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+    def run(self, command: str, *, timeout: float, stdin: str | None = None, root: bool = False) -> Result:
+        if root and self.escalation:
+            command, stdin = self.escalation.wrap(self._run, command, stdin, timeout)
+        return self._run(command, timeout=timeout, stdin=stdin)
+
+    def _run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
         start = time.monotonic()
         # A new session lets a timeout (or close) kill the whole tree, not just the shell.
         proc = subprocess.Popen(
@@ -111,10 +178,16 @@ class LocalConnection:
             self.running.discard(proc)
         return Result(self.name, command, proc.returncode, out, err, time.monotonic() - start)
 
-    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+    def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]:
         """As SSHConnection.hold: *command* left running with its stdin open until released."""
+        first = None
+        if root and self.escalation:
+            command, first = self.escalation.wrap(self._run, command, None, timeout)
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 start_new_session=True)
+        if first:
+            proc.stdin.write(first.encode())
+            proc.stdin.flush()
         if not select.select([proc.stdout], [], [], timeout)[0]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -130,7 +203,9 @@ class LocalConnection:
                 proc.wait()
         return line.strip(), release
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False) -> None:
+        if root and self.escalation:
+            return put_as_root(self, local, remote, mode)
         target = Path(remote)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +265,14 @@ def _translate(exc: Exception, name: str, conn, timeout: float, elapsed: float) 
         return Unreachable(name, f"authentication as {conn.user} failed",
                            fix="check ansible_user and ansible_ssh_private_key_file")
     # A host that accepts TCP but never completes the SSH handshake ends in a banner error or
-    # a session that never came up (paramiko: "No existing session"): a hang, not a refusal.
+    # a session that never came up (paramiko: "No existing session"): a hang where it took the
+    # whole timeout, a closed connection where it ended at once (the same words from paramiko).
     hung = any(s in text for s in ("banner", "No existing session", "Negotiation"))
+    if (hung or isinstance(exc, EOFError) or "reset by peer" in text) and elapsed < timeout / 2:
+        return Unreachable(name, f"{where} accepted and closed the connection {elapsed:.1f}s later, "
+                                 "before any SSH answer",
+                           fix="check that sshd listens there and admits this controller (MaxStartups, "
+                               "AllowUsers, tcp wrappers, a firewall that resets)")
     if hung or isinstance(exc, socket.timeout) or elapsed >= timeout - 0.5:
         return TimedOut(name, f"no SSH answer from {where} within {timeout:.0f}s",
                         fix="check the host is not hung; raise --timeout if it is just slow")
@@ -219,9 +300,10 @@ def _killed_remotely_after(command: str, seconds: float) -> str:
 class SSHConnection:
     """One SSH session to one host, through fabric (imported on first use, see _ssh_stack)."""
 
-    def __init__(self, name: str, fabric_conn):
+    def __init__(self, name: str, fabric_conn, escalation: Escalation | None = None):
         self.name = name
         self._conn = fabric_conn
+        self.escalation = escalation
 
     @classmethod
     def open(cls, host: Host, *, timeout: float) -> SSHConnection:
@@ -258,20 +340,34 @@ class SSHConnection:
             # compares every line with every other, per connection, which grows with the fleet squared.
             known = _ssh_options(host).get("userknownhostsfile")
             lookup = f"[{conn.host}]:{conn.port}" if conn.port != 22 else conn.host
+            revoked: set[bytes] = set()
             for path in [known] if known else ["/etc/ssh/ssh_known_hosts", "~/.ssh/known_hosts"]:
-                for key_type, key in _known_hosts(os.path.expanduser(path)).keys_for(lookup):
+                parsed = _known_hosts(os.path.expanduser(path))
+                revoked |= parsed.revoked
+                for key_type, key in parsed.keys_for(lookup):
                     client.get_host_keys().add(lookup, key_type, key)
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.set_missing_host_key_policy(_reject_policy(revoked))
         else:
             client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
         started = time.monotonic()
         try:
             conn.open()
+        except _RevokedHostKey:
+            raise Unreachable(host.name, f"host key of {conn.host}:{conn.port} is marked @revoked in known_hosts",
+                              fix="give the host a new key, or remove the @revoked line if it was a mistake") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise _translate(exc, host.name, conn, timeout, time.monotonic() - started) from None
-        return cls(host.name, conn)
+        return cls(host.name, conn, escalation_for(host, conn.user))
 
-    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+    def run(self, command: str, *, timeout: float, stdin: str | None = None, root: bool = False) -> Result:
+        if root and self.escalation:
+            # The host's timeout(1) inside sudo: outside, running as the login user, it could not signal the
+            # root processes of a command that hangs (they outlived it on a lab host).
+            command, stdin = self.escalation.wrap(self._run, _killed_remotely_after(command, timeout), stdin, timeout)
+            return self._run(command, timeout=timeout, stdin=stdin, remote_timeout=False)
+        return self._run(command, timeout=timeout, stdin=stdin)
+
+    def _run(self, command: str, *, timeout: float, stdin: str | None = None, remote_timeout: bool = True) -> Result:
         _, paramiko = _ssh_stack()
         # One session channel read with select(): no runner threads per command, which matters
         # with hundreds of hosts on a few cores.
@@ -281,7 +377,7 @@ class SSHConnection:
         try:
             transport = self._conn.client.get_transport()
             chan = transport.open_session(timeout=timeout)
-            chan.exec_command(_killed_remotely_after(command, timeout))
+            chan.exec_command(_killed_remotely_after(command, timeout) if remote_timeout else command)
             if stdin is not None:
                 chan.sendall(stdin.encode())
             chan.shutdown_write()
@@ -316,17 +412,22 @@ class SSHConnection:
         return Result(self.name, command, exited, out.decode(errors="replace"), err.decode(errors="replace"),
                       time.monotonic() - start)
 
-    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+    def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]:
         """Start *command* and leave it running, its stdin open, on a channel of its own (a host lock's
         holder: it ends when released, or when this controller dies and the session closes). Returns
         its first line of output (stderr merged by the command), or all it printed where it exited
         first, and the function that releases it."""
         _, paramiko = _ssh_stack()
         out = bytearray()
+        first = None
+        if root and self.escalation:
+            command, first = self.escalation.wrap(self._run, command, None, timeout)
         try:
             chan = self._conn.client.get_transport().open_session(timeout=timeout)
             chan.settimeout(timeout)
             chan.exec_command(command)
+            if first:
+                chan.sendall(first.encode())
             while b"\n" not in out and (chunk := chan.recv(4096)):
                 out += chunk
         except socket.timeout:
@@ -335,10 +436,12 @@ class SSHConnection:
             raise Unreachable(self.name, f"connection lost: {exc}", fix="check the host is up") from None
         return out.decode(errors="replace").strip(), chan.close
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False) -> None:
         """Copy *local* to *remote* over SFTP with *mode* (not the controller file's); a host that refuses
         the write (disk full, read-only, no permission) is CommandFailed naming the cause, with the partial
-        file removed."""
+        file removed. As root: through the login user's own temporary file (see put_as_root)."""
+        if root and self.escalation:
+            return put_as_root(self, local, remote, mode)
         try:
             self._conn.put(str(local), remote, preserve_mode=False)
             self._conn.sftp().chmod(remote, mode)
@@ -359,6 +462,25 @@ class SSHConnection:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def put_as_root(conn, local: Path, remote: str, mode: int) -> None:
+    """Copy *local* where only root may write: to a file of the login user's own (mktemp, in its home),
+    then moved into place by root with *mode*, owned by root. Files copied are fleetctl's scripts and
+    wheels, never a secret."""
+    made = conn.run("mktemp \"${HOME:-/tmp}/.fleetctl-put.XXXXXX\"", timeout=30)
+    temp = made.stdout.strip()
+    if made.failed or not temp:
+        raise CommandFailed(conn.name, f"cannot make a temporary file for {remote}: {made.stderr.strip()}")
+    try:
+        conn.put(local, temp, mode)
+        moved = conn.run(f"mkdir -p -- {shlex.quote(str(Path(remote).parent))} && install -m {mode:o} "
+                         f"-- {shlex.quote(temp)} {shlex.quote(remote)}", timeout=120, root=True)
+        if moved.failed:
+            raise CommandFailed(conn.name, f"{write_error(moved.stderr) or 'copy failed'} on {conn.name} writing "
+                                           f"{remote}")
+    finally:
+        conn.run(f"rm -f -- {shlex.quote(temp)}", timeout=30)
 
 
 # Why a file could not be written at {path}: a small write beside it (while the partial copy still holds
@@ -395,22 +517,33 @@ def _ssh_stack():
 
 class KnownHosts:
     """An OpenSSH known_hosts file, parsed once: its plain host names indexed, its hashed ones
-    (``|1|salt|hash``) kept to be hashed against; entries paramiko cannot read are skipped, as
-    paramiko skips them."""
+    (``|1|salt|hash``) kept to be hashed against, its ``@revoked`` keys refused whatever names
+    them (as sshd(8) says of the marker). ``@cert-authority`` lines are skipped and counted:
+    paramiko's client negotiates plain host keys only, so it never sees a host certificate to
+    check against them. Lines paramiko cannot read are skipped, as paramiko skips them."""
 
     def __init__(self, text: str):
         _, paramiko = _ssh_stack()
         self.plain: dict[str, list[tuple[str, object]]] = {}
         self.hashed: list[tuple[str, str, object]] = []
-        for line in text.splitlines():
+        self.revoked: set[bytes] = set()
+        self.cert_authorities: list[int] = []  # line numbers
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-            except paramiko.SSHException:
+            marker, _, rest = line.partition(" ") if line.startswith("@") else ("", "", line)
+            if marker == "@cert-authority":
+                self.cert_authorities.append(number)
                 continue
-            if entry is None:
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(rest.strip())
+            except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey):
+                continue
+            if entry is None or (marker and marker != "@revoked"):
+                continue
+            if marker == "@revoked":
+                self.revoked.add(entry.key.asbytes())
                 continue
             for name in entry.hostnames:
                 found = (entry.key.get_name(), entry.key)
@@ -420,10 +553,27 @@ class KnownHosts:
                     self.plain.setdefault(name, []).append(found)
 
     def keys_for(self, name: str) -> list[tuple[str, object]]:
-        """(key type, key) of every entry naming *name* (``host`` or ``[host]:port``)."""
+        """(key type, key) of every entry naming *name* (``host`` or ``[host]:port``), less the revoked."""
         _, paramiko = _ssh_stack()
         hashed = [(t, k) for h, t, k in self.hashed if paramiko.HostKeys.hash_host(name, h) == h]
-        return self.plain.get(name, []) + hashed
+        return [(t, k) for t, k in self.plain.get(name, []) + hashed if k.asbytes() not in self.revoked]
+
+
+class _RevokedHostKey(Exception):
+    """The server offered a key known_hosts marks ``@revoked``."""
+
+
+def _reject_policy(revoked: set[bytes]):
+    """paramiko's RejectPolicy, saying so where the unknown key is a revoked one (revoked keys are
+    never among the known, so paramiko always asks the policy about them)."""
+    _, paramiko = _ssh_stack()
+
+    class Policy(paramiko.RejectPolicy):
+        def missing_host_key(self, client, hostname, key):
+            if key.asbytes() in revoked:
+                raise _RevokedHostKey(hostname)
+            super().missing_host_key(client, hostname, key)
+    return Policy()
 
 
 # Held while a known_hosts or key file is parsed: the first fifty connections of a run all ask at once.
@@ -441,9 +591,16 @@ def _known_hosts(path: str) -> KnownHosts:
 
 @functools.lru_cache(maxsize=16)
 def _parsed_known_hosts(path: str, mtime_ns: int, size: int) -> KnownHosts:
-    """One parse per file version (a file changed since is read again)."""
+    """One parse per file version (a file changed since is read again); its skipped certificate
+    authorities are one warning (on the "fleetctl" logger, which the CLI prints)."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        return KnownHosts(f.read())
+        known = KnownHosts(f.read())
+    if known.cert_authorities:
+        lines = ", ".join(map(str, known.cert_authorities))
+        logging.getLogger("fleetctl").warning(
+            f"{path}: @cert-authority line(s) {lines} skipped: fleetctl (paramiko) checks a host's own key, "
+            "not host certificates; list the hosts' keys too (ssh-keyscan) or they are not in known_hosts")
+    return known
 
 
 def _private_key(path: str) -> dict:

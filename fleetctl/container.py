@@ -11,6 +11,10 @@ Every value from a stack, an inventory or the caller is escaped for the file it 
 in: compose strings are JSON-quoted with ``$`` doubled (compose interpolates ``$``),
 ExecStart words take systemd's own quoting (:func:`fleetctl.systemd.quote`: ExecStart is no
 shell, and expands ``%`` and ``$`` even inside quotes), Dockerfile RUN words take shlex.quote.
+
+:func:`gpu_run_args` and :func:`gpu_refusal` render the device request from the host's facts: the
+NVIDIA runtime (``docker run --gpus all``), CDI specs (``--device nvidia.com/gpu=all``, podman's only
+way), nothing on a CPU host, and a refusal with the fix on a GPU host whose engine has neither.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import json
 import re
 import shlex
 from importlib import resources
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import jinja2
 
 from . import systemd
 from .errors import FleetError
-from .resolve import Stack
+
+if TYPE_CHECKING:  # the resolver reads this module's GPU rules: stacks are only annotations here
+    from .resolve import Stack
 
 # The nvidia/cuda tag for each CUDA a stack can carry: the last patch release of each minor.
 # vLLM's docker/Dockerfile builds on 12.8.1 and its docker/versions.json on 13.0.2; seed 001
@@ -108,3 +114,52 @@ def _render(name: str, context: dict) -> str:
                              keep_trailing_newline=True)
     env.filters.update(compose=_compose, systemd=systemd.quote, sh=_sh)
     return env.from_string(text).render(context)
+
+
+RUNTIMES = ("docker", "podman")
+CDI_ALL = "nvidia.com/gpu=all"  # the CDI device name nvidia-ctk generates for every GPU
+
+
+def gpu_refusal(gpus: int, runtime: str, nvidia_runtime: bool, cdi: bool) -> str | None:
+    """Why a container cannot reach this host's GPUs, in one line with the fix; None where it can (or needs none)."""
+    _check(runtime, gpus)
+    if gpus == 0 or cdi or (runtime == "docker" and nvidia_runtime):
+        return None
+    cdi_fix = "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
+    if runtime == "podman":
+        return (f"{gpus} GPU(s), but podman has no CDI specs for them (podman reaches NVIDIA GPUs only through CDI): "
+                f"install nvidia-container-toolkit, then {cdi_fix}")
+    return (f"{gpus} GPU(s), but docker has neither the NVIDIA container runtime nor CDI specs for them: install "
+            f"nvidia-container-toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker` and restart "
+            f"docker (or {cdi_fix})")
+
+
+def gpu_run_args(runtime: str, gpus: int, nvidia_runtime: bool, cdi: bool) -> list[str]:
+    """The ``<runtime> run`` words that give the container every GPU of the host; none on a CPU host.
+
+    ValueError where :func:`gpu_refusal` refuses: a GPU host's container never silently runs without GPUs."""
+    if refusal := gpu_refusal(gpus, runtime, nvidia_runtime, cdi):
+        raise ValueError(refusal)
+    if gpus == 0:
+        return []
+    if runtime == "docker" and nvidia_runtime:
+        return ["--gpus", "all"]
+    return ["--device", CDI_ALL]
+
+
+def gpu_compose(runtime: str, gpus: int, nvidia_runtime: bool, cdi: bool) -> dict:
+    """The same request as compose service keys: the NVIDIA runtime's device reservation, CDI's device
+    name, or nothing on a CPU host (where a reservation with ``driver: nvidia`` fails the service's start)."""
+    if not gpu_run_args(runtime, gpus, nvidia_runtime, cdi):
+        return {}
+    if runtime == "docker" and nvidia_runtime:
+        return {"deploy": {"resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}}
+    return {"devices": [CDI_ALL]}
+
+
+def _check(runtime: str, gpus: int) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not {' or '.join(RUNTIMES)}")
+    if type(gpus) is not int or gpus < 0:
+        raise ValueError(f"gpus {gpus!r} is not a whole number of GPUs")

@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from .errors import FleetError
@@ -101,6 +102,40 @@ def plan(hosts: Iterable[Host], count: int, offered: Mapping[str, float]) -> lis
     """Each of the *count* slices' placement, from the hosts' regions and what the cluster offers."""
     regions = placements(hosts, count)
     return [place(Slice(i, count), regions[i], offered) for i in range(1, count + 1)]
+
+
+# The slice protocol: the options of each command a slice repeats (the rest are the controller's own), and
+# which of them are paths (made absolute: a slice's worker may run elsewhere).
+FORWARDED = {
+    "facts": (),
+    "plan": ("cuda", "vllm", "mode", "cuda_compat", "driver", "matrix", "write_lock"),
+    "audit": ("lock", "validate", "since"),
+    "provision": ("playbook", "check", "revalidate", "wheelhouse", "cuda", "vllm"),
+}
+PATHS = {"matrix", "write_lock", "lock", "playbook", "wheelhouse"}
+
+
+def command_words(command: str, inventories: list[str], forks: int, timeout: float, limit: str | None,
+                  options: Mapping[str, object], *, inventory: str) -> list[str]:
+    """The arguments after ``fleetctl`` of every slice of *command* (without its --slice): the inventories
+    and paths absolute, each forwarded option of *options* (dest → value) as its flag."""
+    from .plan import Lock
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() or "," not in path else path
+
+    words = [command, *map(absolute, inventories), "--forks", str(forks), "--timeout", str(timeout)]
+    if limit:
+        words += ["--limit", limit]
+    for dest, value in options.items():
+        option = "--" + dest.replace("_", "-")
+        if dest == "write_lock" and value == "":
+            value = str(Lock.beside(inventory))
+        if value is True:
+            words.append(option)
+        elif value not in (None, False):
+            words += [option, absolute(str(value)) if dest in PATHS else str(value)]
+    return words
 
 
 def slice_argv(argv: list[str], spec: Slice) -> list[str]:

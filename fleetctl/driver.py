@@ -24,6 +24,7 @@ from datetime import date
 
 from packaging.version import Version
 
+from .become import facts_privileges
 from .facts import Facts
 from .matrix import DriverBranch, Matrix
 from .resolve import Request, _compat
@@ -52,6 +53,7 @@ class DriverMove:
     reasons: tuple[str, ...]
     refusal: str | None = None
     fix: str | None = None
+    fabric_manager: tuple[str, ...] = ()  # NVSwitch hosts: nvidia-fabricmanager (and NSCQ) at the driver's version
 
     @property
     def ok(self) -> bool:
@@ -68,7 +70,7 @@ class DriverMove:
         return {"from": self.from_version, "branch": self.branch, "min_version": self.min_version, "cuda": self.cuda,
                 "flavor": self.flavor, "distro": self.distro, "source": self.source, "packages": list(self.packages),
                 "install": list(self.install), "rollback": list(self.rollback), "reasons": list(self.reasons),
-                "refusal": self.refusal, "fix": self.fix}
+                "refusal": self.refusal, "fix": self.fix, "fabric_manager": list(self.fabric_manager)}
 
 
 def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_compat: str = "minor",
@@ -90,6 +92,10 @@ def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_comp
         return DriverMove(now, target, row.min_version if row else "", row.cuda if row else "", None, None, None,
                           (), (), (), tuple(why), refusal, fix)
 
+    if not facts_privileges(facts).system:  # packages, a reboot: root's, and this login cannot become root
+        return refuse(branch, f"a driver move needs root: {facts.user} logs in without it and the host does not become "
+                              f"root (sudo: {facts.sudo})", "log in as a user with sudo and set ansible_become: true "
+                                                            "(or pass -b), or move the driver by hand")
     if any(g.sm is None for g in facts.gpus):
         return refuse(branch, "the driver did not report a compute capability for every GPU",
                       "repair nvidia-smi on the host, or move its driver by hand")
@@ -140,8 +146,15 @@ def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_comp
     why.append(source_why)
     rollback, rollback_why = _rollback(facts, distro, lowest, highest, matrix)
     why.append(rollback_why)
+    install, fabric = _install(distro, packages), ()
+    if facts.health is not None and facts.health.nvswitch:
+        fabric = fabric_manager_packages(distro, row.branch)
+        install += _fabric_install(distro, fabric, packages)
+        rollback += _fabric_rollback(distro, facts) if rollback else ()
+        why.append(f"an NVSwitch host: {', '.join(fabric)} at exactly the driver's version, held, started after the "
+                   "reboot; the fabric must complete before the host serves")
     return DriverMove(now, row.branch, row.min_version, row.cuda, flavor, distro, source, packages,
-                      _install(distro, packages), rollback, tuple(why))
+                      install, rollback, tuple(why), fabric_manager=fabric)
 
 
 def facts_after(facts: Facts, move: DriverMove) -> Facts:
@@ -242,6 +255,39 @@ def _rollback(facts: Facts, distro: str, lowest: int, highest: int, matrix: Matr
     return (_install(distro, packages, facts.driver_version),
             f"rollback: {', '.join(packages)}{exact}, held (assumes the host ran R{old.branch}'s {flavor} "
             f"modules{'' if distro != 'rhel-9' else '; the stream brings the branch’s newest release'})")
+
+
+def fabric_manager_packages(distro: str, branch: str) -> tuple[str, ...]:
+    """nvidia-fabricmanager and the NSCQ library NVSwitch hosts need, by the distribution's names: Ubuntu's
+    archive splits them per branch (fabric-manager-<branch>: nvidia-fabricmanager-<branch>, libnvidia-nscq-<branch>);
+    NVIDIA's RHEL repository has one name each, its module stream holding the branch."""
+    if distro == "rhel-9":
+        return ("nvidia-fabric-manager", "libnvidia-nscq")
+    return (f"nvidia-fabricmanager-{branch}", f"libnvidia-nscq-{branch}")
+
+
+def _fabric_install(distro: str, fabric: tuple[str, ...], driver_packages: tuple[str, ...]) -> tuple[str, ...]:
+    """Install *fabric* at exactly the version of the driver just installed (the fabric manager refuses to
+    run at another), hold it, and enable its service so that it starts with the new driver at boot."""
+    names = " ".join(map(shlex.quote, fabric))
+    if distro == "rhel-9":  # the enabled stream brings the branch's fabric manager with its driver
+        return (f"dnf -y install {names}", "systemctl enable nvidia-fabricmanager")
+    first = shlex.quote(driver_packages[0])
+    pinned = " ".join(f'{shlex.quote(p)}="$v-*"' for p in fabric)
+    return (f"v=$(dpkg-query -W -f='${{Version}}' {first} | cut -d- -f1) && [ -n \"$v\" ] && "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends --allow-change-held-packages "
+            f"--allow-downgrades {pinned}",
+            f"apt-mark hold {names}", "systemctl enable nvidia-fabricmanager")
+
+
+def _fabric_rollback(distro: str, facts: Facts) -> tuple[str, ...]:
+    """The fabric manager the host ran before, at exactly its driver's version, held and enabled."""
+    old = branch_of(facts.driver_version)
+    if distro == "rhel-9":
+        return (f"dnf -y distro-sync --allowerasing {' '.join(fabric_manager_packages(distro, old or ''))}",
+                "systemctl enable nvidia-fabricmanager")
+    fabric = fabric_manager_packages(distro, old or "")
+    return _install(distro, fabric, facts.driver_version) + ("systemctl enable nvidia-fabricmanager",)
 
 
 def _lifecycle(row: DriverBranch, month: str) -> str:

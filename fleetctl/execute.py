@@ -10,6 +10,11 @@ shows exactly the planned actions. A command that fails where its action says it
 ends the step as failed, with the tail of its output; so does a copy the host refuses (a full
 disk, a read-only root: the connection names the cause). Details, tails and actions as recorded
 have every URL credential redacted (:mod:`fleetctl.redact`).
+
+An action declares the privilege it needs (:attr:`Action.privilege`): ``fleet`` (it writes under the
+fleet_root: as root only where that root is not the login user's own), ``system`` (a unit, a package, a
+driver, the kernel log: always root) or ``user`` (never). The executor tells the connection which commands
+need root; the connection's become wraps them (:mod:`fleetctl.become`), and nothing else does.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .connection import Connection, Result
+from .connection import Connection, LocalConnection, Result
 from .errors import CommandFailed
 from .fanout import Deadline
 from .redact import redact, redact_data
 from .status import Status
 
 TAIL_LINES = 40  # of a failed command's output, kept in the step and the run record
+USER, FLEET, SYSTEM = "user", "fleet", "system"  # the privilege an action needs (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,17 @@ class Action:
     reads: bool = False  # its result is the one the step's outcome reads
     timeout: float | None = None  # at most this (never past the host's deadline)
     stdin: str | None = None
+    controller: bool = False  # runs on the controller, not the host (fleet_drain_command: a cordon is its call)
+    privilege: str = FLEET  # USER, FLEET or SYSTEM: who must run it (on the host)
 
     def to_dict(self) -> dict:
         what = {"put": str(self.put), "to": self.command} if self.put else {"command": self.command}
-        return redact_data({**what, "why": self.why, "change": self.change})
+        extra = {"on": "controller"} if self.controller else {"as": "root"} if self.privilege == SYSTEM else {}
+        return redact_data({**what, "why": self.why, "change": self.change, **extra})
+
+    def as_root(self, fleet_as_root: bool) -> bool:
+        """Whether this action runs through become, where the fleet_root is root's (*fleet_as_root*) or not."""
+        return not self.controller and (self.privilege == SYSTEM or (self.privilege == FLEET and fleet_as_root))
 
 
 @dataclass(frozen=True)
@@ -82,8 +95,10 @@ def failed(name: str, detail: str, result: Result | None = None, **extra) -> Ste
     return Step(name, Status.FAILED, redact(detail), tail=tail, **extra)
 
 
-def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check: bool = False) -> Step:
-    """Run *plan*'s actions on *conn* in order (none with *check*) and return its step."""
+def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check: bool = False,
+            fleet_as_root: bool = False) -> Step:
+    """Run *plan*'s actions on *conn* in order (none with *check*) and return its step; an action runs as
+    root where its privilege asks (*fleet_as_root*: the fleet_root is root's, not the login user's)."""
     if isinstance(plan, Step):
         return plan
     done = tuple(a.to_dict() for a in plan.actions)
@@ -100,11 +115,13 @@ def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check
         left = deadline.left(conn.name)
         if action.put:
             try:
-                conn.put(action.put, action.command)
+                conn.put(action.put, action.command, root=action.as_root(fleet_as_root))
             except CommandFailed as exc:  # the host refused the write: this step failed, the host is there
                 return replace(failed(plan.name, exc.reason), actions=ran)
             continue
-        result = conn.run(action.command, timeout=min(action.timeout or left, left), stdin=action.stdin)
+        runner = LocalConnection(conn.name) if action.controller else conn
+        result = runner.run(action.command, timeout=min(action.timeout or left, left), stdin=action.stdin,
+                            root=action.as_root(fleet_as_root))
         if action.fails and result.failed:
             return replace(failed(plan.name, action.fails, result), actions=ran)
         if action.reads:

@@ -16,25 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .connection import Connection, connect
-from .errors import FleetError, HostError, TimedOut
+from .deadline import Deadline  # noqa: F401 - re-exported: the tasks' deadline
+from .errors import FleetError, HostError
 from .inventory import Host
 from .status import Status
 
 GRACE = 2.0  # seconds past a host's deadline before the watchdog steps in
-
-
-class Deadline:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def left(self, host: str = "") -> float:
-        """Seconds left; raises TimedOut once none are."""
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise TimedOut(host, f"did not finish within {self.seconds:.0f}s",
-                           fix="raise --timeout if the host is just slow")
-        return left
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ pushed) into the :class:`~fleetctl.execute.Action` list that gets the image ther
   failed pull becomes a failed step whose detail is the registry's own message
   (:func:`pull_failure`, :func:`pull_failed_detail`), not "exit status 1".
 
-:func:`gpu_run_args` and :func:`gpu_refusal` render the device request from the host's facts: the
-NVIDIA runtime (``docker run --gpus all``), CDI specs (``--device nvidia.com/gpu=all``, podman's only
-way), nothing on a CPU host, and a refusal with the fix on a GPU host whose engine has neither.
+How a container reaches the host's GPUs (``gpu_run_args``, ``gpu_refusal``) is pure and lives in
+:mod:`fleetctl.container`, where the resolver can read it; it is re-exported here.
 
 Nothing here touches a host; the only I/O is hashing the local tarball.
 """
@@ -28,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .connection import Result
+from .container import CDI_ALL, RUNTIMES, gpu_compose, gpu_refusal, gpu_run_args  # noqa: F401 - re-exported
 from .execute import Action
 
-RUNTIMES = ("docker", "podman")
-CDI_ALL = "nvidia.com/gpu=all"  # the CDI device name nvidia-ctk generates for every GPU
 DETAIL_CHARS = 400  # of the registry's message kept in a step's detail (the tail keeps the rest)
 
 # docker's reference grammar: the first path component names a registry host where it has a '.' or a
@@ -200,48 +198,3 @@ def pull_failed_detail(stderr: str, *, image: str = "") -> str:
         said = said[:DETAIL_CHARS] + "…"
     what = f"pulling {image}" if image else "the pull"
     return f"{what} failed: {said}" if said else f"{what} failed, and the engine said nothing"
-
-
-def gpu_refusal(gpus: int, runtime: str, nvidia_runtime: bool, cdi: bool) -> str | None:
-    """Why a container cannot reach this host's GPUs, in one line with the fix; None where it can (or needs none)."""
-    _check(runtime, gpus)
-    if gpus == 0 or cdi or (runtime == "docker" and nvidia_runtime):
-        return None
-    cdi_fix = "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
-    if runtime == "podman":
-        return (f"{gpus} GPU(s), but podman has no CDI specs for them (podman reaches NVIDIA GPUs only through CDI): "
-                f"install nvidia-container-toolkit, then {cdi_fix}")
-    return (f"{gpus} GPU(s), but docker has neither the NVIDIA container runtime nor CDI specs for them: install "
-            f"nvidia-container-toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker` and restart "
-            f"docker (or {cdi_fix})")
-
-
-def gpu_run_args(runtime: str, gpus: int, nvidia_runtime: bool, cdi: bool) -> list[str]:
-    """The ``<runtime> run`` words that give the container every GPU of the host; none on a CPU host.
-
-    ValueError where :func:`gpu_refusal` refuses: a GPU host's container never silently runs without GPUs."""
-    if refusal := gpu_refusal(gpus, runtime, nvidia_runtime, cdi):
-        raise ValueError(refusal)
-    if gpus == 0:
-        return []
-    if runtime == "docker" and nvidia_runtime:
-        return ["--gpus", "all"]
-    return ["--device", CDI_ALL]
-
-
-def gpu_compose(runtime: str, gpus: int, nvidia_runtime: bool, cdi: bool) -> dict:
-    """The same request as compose service keys: the NVIDIA runtime's device reservation, CDI's device
-    name, or nothing on a CPU host (where a reservation with ``driver: nvidia`` fails the service's start)."""
-    if not gpu_run_args(runtime, gpus, nvidia_runtime, cdi):
-        return {}
-    if runtime == "docker" and nvidia_runtime:
-        return {"deploy": {"resources": {"reservations": {"devices": [
-            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}}
-    return {"devices": [CDI_ALL]}
-
-
-def _check(runtime: str, gpus: int) -> None:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime {runtime!r} is not {' or '.join(RUNTIMES)}")
-    if type(gpus) is not int or gpus < 0:
-        raise ValueError(f"gpus {gpus!r} is not a whole number of GPUs")

@@ -27,8 +27,9 @@ import fnmatch
 import json
 import re
 import string
+from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -39,7 +40,9 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from fleetctl.errors import InventoryError
 from fleetctl.inventory_ini import parse_ini
 from fleetctl.records import check_yaml_expansion
+from fleetctl.redact import MASK, register_secret
 from fleetctl.templating import host_vars
+from fleetctl.vault import Vault, is_vault
 
 __all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Selection", "Unsafe", "Vaulted", "load_inventory"]
 
@@ -50,8 +53,22 @@ CONNECTIONS = frozenset({"ssh", "paramiko", "smart", "local"})
 
 @dataclass(frozen=True)
 class Vaulted:
-    """A ``!vault`` value. fleetctl keeps the ciphertext and never decrypts it."""
+    """A ``!vault`` value read with no vault password: the ciphertext, as Ansible keeps it until a task
+    uses it (fleetctl refuses to use one: see become.py)."""
     ciphertext: str
+
+
+class VaultText(str):
+    """A value decrypted from a vault (a ``!vault`` value, or any string of a vault-encrypted vars file);
+    registered with redact.py, so it is masked wherever printed. ``--list`` shows a ``!vault`` value's
+    ciphertext, as Ansible does, and a string from an encrypted file as ``***``."""
+    ciphertext: str | None = None
+
+    def __new__(cls, text: str, ciphertext: str | None = None):
+        value = super().__new__(cls, text)
+        value.ciphertext = ciphertext
+        register_secret(text)
+        return value
 
 
 class Unsafe(str):
@@ -81,6 +98,9 @@ class Inventory:
     path: Path
     hosts: Mapping[str, Host]
     groups: Mapping[str, Group]
+    # The command line's vars (-b, a become password): over every host's own, as Ansible's extra vars; never
+    # in --list.
+    extra_vars: Mapping[str, Any] = field(default_factory=dict)
 
     def select(self, limit: str | None) -> list[Host]:
         """The hosts ``--limit`` picks, in Ansible's order for 'all'; None picks every host.
@@ -111,7 +131,8 @@ class Inventory:
         """Host *name* with its vars templated as Ansible does when it uses them (see templating.py):
         what the hosts of a selection carry. ``hosts`` keeps the vars as written."""
         host = self.hosts[name]
-        return Host(name, host_vars(name, self._raw_vars, _GroupHosts(self), self._group_names), host.groups)
+        templated = host_vars(name, self._raw_vars, _GroupHosts(self), self._group_names)
+        return Host(name, ChainMap(dict(self.extra_vars), templated) if self.extra_vars else templated, host.groups)
 
     @property
     def _raw_vars(self) -> Mapping[str, Mapping[str, Any]]:
@@ -228,11 +249,13 @@ class Selection:
     warnings: tuple[str, ...] = ()
 
 
-def load_inventory(sources: str | Path | Sequence[str | Path]) -> Inventory:
+def load_inventory(sources: str | Path | Sequence[str | Path], vault: Vault | None = None) -> Inventory:
     """Read and check one or more inventory sources, as ``ansible-inventory -i A -i B`` would.
 
     A source is a YAML or INI file (told apart as Ansible does) or a directory of them; the
-    ``group_vars/`` and ``host_vars/`` beside each source are merged into its hosts' vars.
+    ``group_vars/`` and ``host_vars/`` beside each source are merged into its hosts' vars. With *vault*'s
+    passwords, vault-encrypted files and ``!vault`` values are decrypted (see vault.py); without, an encrypted
+    file is an error and a ``!vault`` value stays :class:`Vaulted`.
     """
     paths = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(source) for source in sources]
     if not paths:
@@ -247,13 +270,13 @@ def load_inventory(sources: str | Path | Sequence[str | Path]) -> Inventory:
                                  fix="put YAML or INI inventory files in it")
         for file in files:
             known = {item.name for item in listings if item.kind == "group"}
-            found = _read_source(file, known)
+            found = _read_source(file, known, vault)
             if not found:  # Ansible lists nothing, silently; a command meant for a fleet must not
                 raise InventoryError(f"{file}: the inventory is empty", fix="list hosts under 'all:' / 'hosts:'")
             listings += found
     # As Ansible's host_group_vars: a directory source is its own base, a file's base is its directory.
     bases = tuple(path if path.is_dir() else path.parent for path in paths)
-    return _assemble(paths[0], listings, bases)
+    return _assemble(paths[0], _expanded(listings), bases, vault)
 
 
 # Ansible's INVENTORY_IGNORE_EXTS (REJECT_EXTS plus .orig, .cfg, .retry) and the names it always skips.
@@ -271,9 +294,9 @@ def _source_files(path: Path) -> list[Path]:
             for file in _source_files(entry)]
 
 
-def _read_source(path: Path, known: set[str]) -> list[_Listing]:
+def _read_source(path: Path, known: set[str], vault: Vault | None = None) -> list[_Listing]:
     """One file's listings: YAML where Ansible's yaml plugin takes it, else (or when that fails) INI."""
-    text = _read_text(path)
+    text = _read_text(path, vault)
     if text.startswith("#!"):
         raise InventoryError(f"{path}: this is an inventory script, which fleetctl does not run",
                              fix=_EXPORT.format(path))
@@ -282,7 +305,7 @@ def _read_source(path: Path, known: set[str]) -> list[_Listing]:
     if path.suffix not in _YAML_EXTS:
         return _ini_listings(path, text, known)
     try:
-        return _yaml_listings(path, text)
+        return _yaml_listings(path, text, vault)
     except _NotYamlInventory as not_yaml:  # Ansible hands a file its yaml plugin rejects to the ini plugin
         try:
             return _ini_listings(path, text, known)
@@ -305,9 +328,11 @@ class _NotYamlInventory(Exception):
         self.error = error
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, vault: Vault | None = None, decrypt: bool = True) -> str:
+    """A file's text; a vault-encrypted one's plaintext (VaultError where no password opens it)."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        return _opened(text, path, vault) if decrypt else text
     except FileNotFoundError:
         raise InventoryError(f"{path}: no such inventory file", fix="check the path given with -i") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -315,10 +340,10 @@ def _read_text(path: Path) -> str:
         raise InventoryError(f"{path}: cannot read the inventory: {reason}", fix="give a UTF-8 YAML file") from None
 
 
-def _yaml_listings(path: Path, text: str) -> list[_Listing]:
+def _yaml_listings(path: Path, text: str, vault: Vault | None = None) -> list[_Listing]:
     """A YAML file's listings; _NotYamlInventory where the text is not a YAML mapping at all."""
     try:
-        loader = _Loader(text)
+        loader = _loader(text, path, vault)
         root = loader.get_single_node()
     except yaml.YAMLError as error:
         raise _NotYamlInventory(_yaml_error(path, error)) from None
@@ -368,12 +393,27 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """PyYAML's safe loader plus the tags Ansible allows in inventories."""
+    """PyYAML's safe loader plus the tags Ansible allows in inventories; ``!vault`` values decrypted with
+    the loader's vault where it has passwords."""
+    vault: Vault | None = None
+    where: str = ""
     yaml_constructors = {
         **yaml.SafeLoader.yaml_constructors,
-        "!vault": lambda loader, node: Vaulted(loader.construct_scalar(node)),
+        "!vault": lambda loader, node: _vault_value(loader, loader.construct_scalar(node)),
         "!unsafe": lambda loader, node: Unsafe(loader.construct_scalar(node)),
     }
+
+
+def _loader(text: str, path: Path, vault: Vault | None) -> _Loader:
+    loader = _Loader(text)
+    loader.vault, loader.where = vault, str(path)
+    return loader
+
+
+def _vault_value(loader: _Loader, ciphertext: str) -> Vaulted | VaultText:
+    if loader.vault is None or not loader.vault.secrets:
+        return Vaulted(ciphertext)
+    return VaultText(loader.vault.decrypt(ciphertext, f"{loader.where}: a !vault value"), ciphertext)
 
 
 @dataclass(frozen=True)
@@ -472,17 +512,41 @@ def _host_listings(path: Path, line: int, entry: str, host_vars: dict[str, Any],
         raise InventoryError(f"{path}:{line}: host range '{entry}' names {count:,} hosts, more than the "
                              f"{MAX_RANGE_HOSTS:,} one entry may",
                              fix=f"split it into entries of at most {MAX_RANGE_HOSTS:,} hosts each")
-    try:
-        hosts = _expand_range(entry)
-    except ValueError:
-        raise InventoryError(f"{path}:{line}: host range in '{entry}' is not valid",
-                             fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
-    return [_Listing("host", host, group, host_vars, line, path) for host in hosts]
+    # Left unexpanded ("range") until the whole inventory's hosts are counted (_expanded).
+    return [_Listing("range" if "[" in entry else "host", entry, group, host_vars, line, path)]
+
+
+def _expanded(listings: list[_Listing]) -> list[_Listing]:
+    """Every range listing as its hosts, once the whole inventory's count (every source) is within
+    MAX_INVENTORY_HOSTS: a hundred entries of 10,000 each would otherwise expand for minutes."""
+    ranges = [item for item in listings if item.kind == "range"]
+    total = sum(_range_size(item.name) for item in ranges) + sum(item.kind == "host" for item in listings)
+    if total > MAX_INVENTORY_HOSTS:
+        where = ranges[0].file if ranges else None
+        raise InventoryError(f"{where}: the inventory names {total:,} hosts, more than the {MAX_INVENTORY_HOSTS:,} "
+                             "one fleetctl run may", fix="split the fleet into several inventories")
+    if not ranges:
+        return listings
+    out = []
+    for item in listings:
+        if item.kind != "range":
+            out.append(item)
+            continue
+        try:
+            hosts = _expand_range(item.name)
+        except ValueError:
+            raise InventoryError(f"{item.file}:{item.line}: host range in '{item.name}' is not valid",
+                                 fix="write ranges as [01:16], [a:f] or [0:10:2], both ends padded alike") from None
+        out += [replace(item, kind="host", name=host) for host in hosts]
+    return out
 
 
 # One inventory entry expands to at most this many hosts: gpu[0:999999] would otherwise take hours
 # to load (and every --limit after it), for what is surely a typo.
 MAX_RANGE_HOSTS = 10_000
+# A whole inventory (all its sources) at most this many: ten times the largest fleet measured
+# (README, the benchmark's 1,000 hosts) and then some; counted before any range is expanded.
+MAX_INVENTORY_HOSTS = 100_000
 
 
 def _range_size(name: str) -> int:
@@ -536,7 +600,8 @@ class _Draft:
     vars: dict[str, Any] = field(default_factory=dict)
 
 
-def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = ()) -> Inventory:
+def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = (),
+              vault: Vault | None = None) -> Inventory:
     """Merge each host's vars in Ansible's order, check them, and freeze the result.
 
     The order is Ansible's: all's inventory vars, group_vars/all, the other groups' inventory vars
@@ -544,7 +609,7 @@ def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = ()
     host_vars/. Each later one replaces a whole top-level key, as Ansible's default 'replace' does.
     """
     drafts, host_vars = _collect(path, listings)
-    files = _VarsFiles(bases)
+    files = _VarsFiles(bases, vault)
     parents: dict[str, list[str]] = {name: [] for name in drafts}
     for name, draft in drafts.items():
         for child in draft.children:
@@ -579,8 +644,8 @@ def _assemble(path: Path, listings: list[_Listing], bases: tuple[Path, ...] = ()
 class _VarsFiles:
     """The group_vars/ and host_vars/ beside each inventory source, each file read once."""
 
-    def __init__(self, bases: tuple[Path, ...]):
-        self.bases = tuple(dict.fromkeys(bases))
+    def __init__(self, bases: tuple[Path, ...], vault: Vault | None = None):
+        self.bases, self.vault = tuple(dict.fromkeys(bases)), vault
         self.cache: dict[tuple[Path, str], dict[str, Any]] = {}
 
     def groups(self, names: list[str]) -> dict[str, Any]:
@@ -595,7 +660,8 @@ class _VarsFiles:
         # Cached per group and host: every host of a 5,000-host group asks for the same files.
         if (folder, name) not in self.cache:
             files = _vars_files(folder, name) if folder.is_dir() else []
-            self.cache[folder, name] = {key: value for file in files for key, value in _read_vars(file).items()}
+            self.cache[folder, name] = {key: value for file in files
+                                        for key, value in _read_vars(file, self.vault).items()}
         return self.cache[folder, name]
 
 
@@ -623,13 +689,19 @@ def _dir_vars_files(folder: Path) -> list[Path]:
     return found
 
 
-def _read_vars(path: Path) -> dict[str, Any]:
-    text = _read_text(path)
+def _opened(text: str, path: Path, vault: Vault | None) -> str:
+    return (vault or Vault()).decrypt(text, str(path)) if is_vault(text) else text
+
+
+def _read_vars(path: Path, vault: Vault | None = None) -> dict[str, Any]:
+    raw = _read_text(path, decrypt=False)
+    text = _opened(raw, path, vault)
     try:
-        loader = _Loader(text)
+        loader = _loader(text, path, vault)
         root = loader.get_single_node()
         check_yaml_expansion(root, str(path), InventoryError)
-        return _Source(path, loader).values(root, f"the vars file {path.name}")
+        values = _Source(path, loader).values(root, f"the vars file {path.name}")
+        return _secret_strings(values) if is_vault(raw) else values
     except yaml.YAMLError as error:
         raise _yaml_error(path, error) from None
 
@@ -757,10 +829,23 @@ def _no_match(limit: str, path: Path) -> InventoryError:
                           fix="check it against the host and group names: fleetctl inventory INV --list-hosts")
 
 
+def _secret_strings(value: Any) -> Any:
+    """The values of a vault-encrypted vars file, each string a VaultText (masked wherever printed)."""
+    if isinstance(value, str) and not isinstance(value, VaultText):
+        return VaultText(value)
+    if isinstance(value, dict):
+        return {key: _secret_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_secret_strings(item) for item in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
-    """A variable as Ansible's ``--list`` JSON shows it."""
+    """A variable as Ansible's ``--list`` JSON shows it; a string decrypted from a vault file as ``***``."""
     if isinstance(value, Vaulted):
         return {"__ansible_vault": value.ciphertext}
+    if isinstance(value, VaultText):
+        return {"__ansible_vault": value.ciphertext} if value.ciphertext else MASK
     if isinstance(value, Unsafe):
         return {"__ansible_unsafe": str(value)}
     if isinstance(value, (datetime.date, datetime.time)):

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import yaml
 
@@ -24,9 +24,13 @@ from .errors import StateError
 from .facts import Facts, Installed
 from .inventory import Host
 from .matrix import Matrix
+from .playbook import Play
+from .prerequisites import decide as decide_prerequisites
+from .proofmode import ProofMode, decide
 from .records import atomic_write, read_state, safe_load_yaml
 from .redact import redact_data
 from .resolve import Request, Resolution, Stack, resolve
+from .serving import plan_serving
 from .status import Status
 
 LOCK_VERSION = 1
@@ -42,6 +46,7 @@ class HostPlan:
     resolution: Resolution
     changes: tuple[str, ...]
     driver: DriverMove | None = None  # plan --driver: the driver move the requested CUDA needs
+    proof: ProofMode | None = None  # where its proofs would run: beside the serving stack, or in its place
 
     @property
     def status(self) -> Status:
@@ -52,23 +57,57 @@ class HostPlan:
         driver = {"driver": self.driver.to_json()} if self.driver else {}
         if not r.ok:
             return {"status": self.status, "reasons": list(r.reasons), "fix": r.fix, **driver}
+        proof = {"proof": self.proof.to_dict()} if self.proof else {}
         return {"status": self.status, "stack": {**r.stack.to_dict(), "id": r.stack.id}, "reasons": list(r.reasons),
-                "changes": list(self.changes), **driver}
+                "changes": list(self.changes), **proof, **driver}
 
 
-def plan_host(host: Host, facts: Facts, matrix: Matrix, driver: str | None = None, **overrides) -> HostPlan:
-    """Resolve *host* from its facts, its fleet_* vars and command-line *overrides*. With *driver* ("auto" or a
-    branch) and a requested CUDA, a host whose driver cannot run that CUDA gets a driver move, and its stack is
-    resolved as it will be once the move is made."""
-    request = Request.from_vars(host.vars, **overrides)
+def request_for(host: Host, play: Play | None = None, overrides: Mapping[str, str | None] | None = None) -> Request:
+    """What is asked of *host*: its inventory vars, the play's vars over them (as provision templates them),
+    then the command line's *overrides* (--cuda, --vllm, …; None leaves a var as it is). The one way plan,
+    provision, rollout, retry and wheelhouse build a request."""
+    hostvars = play.hostvars(host.vars) if play is not None else dict(host.vars)
+    return Request.from_vars(hostvars, **{k: v for k, v in (overrides or {}).items() if v})
+
+
+def plan_host(host: Host, facts: Facts, matrix: Matrix, driver: str | None = None, play: Play | None = None,
+              **overrides) -> HostPlan:
+    """Resolve *host* from its facts and its request (:func:`request_for`: its fleet_* vars, *play*'s vars and
+    command-line *overrides*). With *driver* ("auto" or a branch) and a requested CUDA, a host whose driver
+    cannot run that CUDA gets a driver move, and its stack is resolved as it will be once the move is made."""
+    request = request_for(host, play, overrides)
     move = plan_move(facts, request.cuda, driver, matrix, cuda_compat=request.cuda_compat) \
         if driver and request.cuda != "auto" else None
     resolution = resolve(facts_after(facts, move) if move and move.ok else facts, request, matrix)
     if move and move.ok:
         resolution = replace(resolution, reasons=(f"after the driver move to R{move.branch} ({move.min_version})",
                                                   *resolution.reasons))
-    return HostPlan(host, facts, request, resolution,
-                    tuple(changes(resolution.stack, facts.installed)) if resolution.ok else (), move)
+    planned = [*changes(resolution.stack, facts.installed), *host_packages(host, play, facts, resolution.stack)] \
+        if resolution.ok else []
+    return HostPlan(host, facts, request, resolution, tuple(planned), move,
+                    proof_mode(host, facts, resolution.stack) if resolution.ok else None)
+
+
+def host_packages(host: Host, play: Play | None, facts: Facts, stack: Stack) -> list[str]:
+    """The host packages provision would install first, each with why (prerequisites.yaml). Python's venv makes
+    the environment where fleet_installer is pip; otherwise uv does (the host's or the one fleetctl carries)."""
+    if facts.installed and facts.installed.stack_id == stack.id:
+        return []
+    hostvars = play.hostvars(host.vars) if play is not None else dict(host.vars)
+    need = decide_prerequisites(facts, stack, venv_by_pip=str(hostvars.get("fleet_installer")) == "pip",
+                                container=stack.container_image is not None)
+    if not need.missing:
+        return []
+    if need.command is None:
+        return [f"cannot install host packages: {need.unknown}; the host lacks {need.reasons()}"]
+    return [f"install {m.package} with {need.manager} as root: {m.why}" for m in need.missing]
+
+
+def proof_mode(host: Host, facts: Facts, stack: Stack) -> ProofMode:
+    """Where the host's proofs would run, from its facts and serving vars (plan reads no model directory: a
+    fleet_model's size is the host's to measure when the proof starts)."""
+    serve = plan_serving(facts, stack, host.vars) if stack.vllm else None
+    return decide(facts, serve.config if serve and serve.ok else None, host.vars)
 
 
 def changes(stack: Stack, installed: Installed | None) -> list[str]:
@@ -199,6 +238,26 @@ class Lock:
             lock = cls.read_or_new(path)
             yield lock
             lock.write()
+
+    @classmethod
+    def record_plans(cls, path: Path, plans: Iterable[HostPlan], matrix: str) -> None:
+        """plan --write-lock: every planned host's resolution (a refusal too), merged under the lock so that
+        a run at once with another --limit keeps both runs' hosts."""
+        with cls.updating(path) as lock:
+            for p in plans:
+                lock.record(p.host.name, p.facts, p.request, p.resolution, matrix)
+
+    @classmethod
+    def record_runs(cls, path: Path, outcomes: Iterable, matrix: str) -> None:
+        """What provision resolved and installed, for each host that succeeded (a fan-out Outcome whose
+        value is its HostRun): an audit right after a provision compares against it."""
+        done = [o.value for o in outcomes if o.ok and o.status in (Status.OK, Status.CHANGED)
+                and o.value.stack and o.value.request]
+        if not done:
+            return
+        with cls.updating(path) as lock:
+            for run in done:
+                lock.record_run(run.host, run.facts, run.request, run.stack, run.reasons, matrix)
 
     def record(self, name: str, facts: Facts, request: Request, resolution: Resolution, matrix: str) -> None:
         cf = class_facts(facts)

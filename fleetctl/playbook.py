@@ -20,7 +20,7 @@ import yaml
 from .errors import PlaybookError
 from .records import safe_load_yaml
 
-STEPS = ("check", "install", "verify", "validate", "smoke", "activate", "service")
+STEPS = ("check", "packages", "install", "verify", "validate", "smoke", "activate", "service")
 PLAY_KEYS = {"name", "hosts", "vars", "steps", "validate", "smoke", "install", "service"}
 SETTINGS = {
     "validate": {"tolerance": 0.02, "timeout": 900},
@@ -121,5 +121,7 @@ def _play(path: Path, index: int, raw) -> Play:
     variables = raw.get("vars") or {}
     if not isinstance(variables, dict):
         raise PlaybookError(f"{where}: vars must be a mapping")
+    if "install" in steps:  # install cannot run without the host packages it needs (nothing where none lacks)
+        steps = [*steps, "packages"]
     return Play(str(raw.get("name", f"play {index + 1}")), str(raw.get("hosts", "all")), variables,
                 tuple(s for s in STEPS if s in steps), **settings)

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+from .become import facts_privileges
 from .connection import Connection
 from .errors import HostError, WheelhouseError
 from .execute import Planned, Step, execute, failed
@@ -40,16 +41,19 @@ from .facts import Facts, gather
 from .fanout import Deadline
 from .inventory import Host
 from .matrix import Matrix
-from .plan import changes
+from .plan import changes, request_for
 from .playbook import Play
+from .proofmode import decide
 from .resolve import Request, Stack, resolve
 from .serving import backend_option, plan_serving
+from .installer import UvBinary, cache_dir, extract, obtain
 from .status import Status
 from .steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
     ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
-    summary, wheels_for,
+    summary, undrain, vacate, wheels_for,
 )
 from .target import MARKER, q, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
+from .wheelhouse import Platform
 
 
 @dataclass
@@ -63,6 +67,8 @@ class HostRun:
     reasons: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    proof: dict | None = None  # where the proofs ran: beside the serving stack, or in its place (proofmode)
+    downtime_s: float | None = None  # exclusive proofs: from stopping the service to a service serving again
 
     @property
     def status(self) -> Status:
@@ -93,23 +99,48 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
     try:
         facts = record("facts", lambda: gather(host, conn, deadline))
         run.facts = facts.to_dict()
-        stack = record("resolve", lambda: _resolve(run, facts, play.hostvars(host.vars), matrix, options))
+        may = facts_privileges(facts)
+        if may.refusal:  # before anything runs: a fleet_root this login cannot write, and no become
+            record("reach", lambda: failed("reach", may.refusal))
+        stack = record("resolve", lambda: _resolve(run, facts, request_for(host, play, options.overrides), matrix))
         if not options.check:  # --check changes nothing, so it takes no lock
-            release = record("lock", lambda: lock_host(conn, facts, options.run_id, deadline.left(host.name)))
+            release = record("lock", lambda: lock_host(conn, facts, options.run_id, deadline.left(host.name),
+                                                       root=may.fleet_as_root))
         c = record("state", lambda: context(host, conn, deadline, play, matrix, options, facts, stack, run.changes))
+        run.proof = c.proof.to_dict() if c.proof else None
         was = None  # current and previous before this run's activate switched them
+        stopped = None  # when the serving stack stopped for exclusive proofs
+        served = c.state.service_alive
         for name in c.play.steps:
             plan = STEPS[name](c)
             try:
-                step = record(name, lambda: execute(plan, conn, deadline, check=options.check))
+                if stopped is None and name in PROOF_STEPS and isinstance(plan, Planned) and c.proof \
+                        and c.proof.exclusive and c.state.service_alive:
+                    stopped = time.monotonic()
+                    record("vacate", lambda: execute(vacate(c, _drain(play, host, "fleet_drain_command")), conn,
+                                                     deadline, check=options.check,
+                                                     fleet_as_root=c.target.fleet_as_root))
+                    if not options.check:  # nothing serves now: the service step starts one, even of this stack
+                        c = replace(c, state=replace(c.state, service_alive=False))
+                step = record(name, lambda: execute(plan, conn, deadline, check=options.check,
+                                                    fleet_as_root=c.target.fleet_as_root))
             except Stopped:
-                if was is not None:
-                    run.steps.extend(put_back(host, conn, deadline, play, matrix, options, c, was))
+                if was is not None:  # the old service starts again where it served before this run
+                    before = replace(c, state=replace(c.state, service_alive=served))
+                    run.steps.extend(put_back(host, conn, deadline, play, matrix, options, before, was))
+                elif stopped is not None and not options.check:
+                    run.steps.extend(restore(host, conn, deadline, play, matrix, options, c))
+                if stopped is not None and not options.check:
+                    run.downtime_s = round(time.monotonic() - stopped, 2)
+                    serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"))
                 raise
             if name == "activate" and step.status == Status.CHANGED and not options.check:
                 was = step.data.get("was")
             if not options.check and not isinstance(plan, Step):
                 c = replace(c, state=c.state.after(plan.puts))  # what this step sent, no later step sends again
+        if stopped is not None and not options.check:
+            run.downtime_s = round(time.monotonic() - stopped, 2)
+            serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"))
     except Stopped:
         pass
     finally:
@@ -121,12 +152,15 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
 # The host lock, in POSIX sh: flock(1) on <root>/.lock (Python's fcntl where flock is missing), the
 # holder's line written into the file, then held by a process reading stdin, which ends when the run
 # releases it — or by itself when the controller dies and its SSH session closes: no lock outlives its
-# run. A second run is refused at once, naming the holder.
+# run. A second run is refused at once, naming the holder. The install holds <root>/.install-lock
+# itself (its installer inherits the descriptor), which can outlive a killed controller's session:
+# the host lock is not granted while it is held, so no second install starts beside it.
 LOCK = """exec 2>&1
 mkdir -p {root} || exit 1
 if command -v flock >/dev/null 2>&1; then
   exec 9>>{root}/.lock || exit 1
   if ! flock -n 9; then echo "held: $(cat {root}/.lock)"; exit 1; fi
+  if ! flock -n 8 8>>{root}/.install-lock; then echo "installing: $(cat {root}/.install-lock)"; exit 1; fi
   printf '%s\\n' {holder} > {root}/.lock
   echo locked
   exec cat >/dev/null
@@ -138,8 +172,14 @@ try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except OSError:
     f.seek(0); print("held: " + f.read().strip()); sys.exit(1)
+g = open(sys.argv[3], "a+")
+try:
+    fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    g.seek(0); print("installing: " + g.read().strip()); sys.exit(1)
+g.close()
 f.truncate(0); f.write(sys.argv[2] + "\\n"); f.flush(); print("locked", flush=True); sys.stdin.read()
-' {root}/.lock {holder}
+' {root}/.lock {holder} {root}/.install-lock
 """
 
 
@@ -149,20 +189,25 @@ def holder(run_id: str) -> str:
             f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
 
 
-def lock_host(conn: Connection, facts: Facts, run_id: str, timeout: float) -> Callable[[], None] | Step:
+def lock_host(conn: Connection, facts: Facts, run_id: str, timeout: float,
+              root: bool = False) -> Callable[[], None] | Step:
     """Hold the host's lock for the rest of this run (the function that releases it), or a failed "lock"
-    step naming the run that holds it."""
-    root = facts.fleet_root
+    step naming the run that holds it. *root*: through become (a fleet_root that is root's)."""
+    path = facts.fleet_root
     python = facts.python.path if facts.python else "python3"
-    answer, release = conn.hold(LOCK.format(root=q(root), holder=q(holder(run_id)), python=q(python)),
-                                timeout=timeout)
+    answer, release = conn.hold(LOCK.format(root=q(path), holder=q(holder(run_id)), python=q(python)),
+                                timeout=timeout, root=root)
     if answer == "locked":
         return release
     release()
+    if answer.startswith("installing: "):
+        return failed("lock", f"an install is still running on the host ({answer[12:] or 'pid unknown'}), "
+                              "left by a run that ended: wait for it to end, then run again (it holds "
+                              f"{path}/.install-lock)")
     if answer.startswith("held: "):
-        return failed("lock", f"{root} is locked by {answer[6:] or 'another fleetctl run'}: wait for that run "
+        return failed("lock", f"{path} is locked by {answer[6:] or 'another fleetctl run'}: wait for that run "
                               "to finish (a run that died releases the lock when its SSH session closes)")
-    return failed("lock", f"cannot lock {root}/.lock: {answer or 'no answer'}")
+    return failed("lock", f"cannot lock {path}/.lock: {answer or 'no answer'}")
 
 
 def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, options: Options,
@@ -175,14 +220,14 @@ def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matri
     try:
         undo = execute(Planned("revert", (revert(c.target.root, back, was.get("previous")),),
                                lambda _: Step("revert", Status.CHANGED, f"current back to {back or 'nothing'}")),
-                       conn, deadline)
+                       conn, deadline, fleet_as_root=c.target.fleet_as_root)
         if undo.status == Status.FAILED or not back or not c.state.service_alive:
             return [replace(undo, duration=round(time.monotonic() - start, 2))]
-        old = _old_stack(conn, c.target.root, back, deadline.left(host.name))
+        old = stack_at(conn, c.target.root, back, deadline.left(host.name))
         if isinstance(old, str):
             return [replace(undo, status=Status.FAILED, detail=f"current back to {back}; its service not restarted: {old}")]
         oc = context(host, conn, deadline, play, matrix, options, c.facts, old, [])
-        again = execute(STEPS["service"](oc), conn, deadline)
+        again = execute(STEPS["service"](oc), conn, deadline, fleet_as_root=oc.target.fleet_as_root)
     except HostError as exc:
         return [failed("revert", f"putting current back to {back or 'nothing'} failed: {exc.reason}")]
     restarted = again.status != Status.FAILED
@@ -192,7 +237,45 @@ def put_back(host: Host, conn: Connection, deadline: Deadline, play: Play, matri
                     duration=round(time.monotonic() - start, 2), tail=None if restarted else again.tail)]
 
 
-def _old_stack(conn: Connection, root: str, env_rel: str, timeout: float) -> Stack | str:
+PROOF_STEPS = ("validate", "smoke")
+
+
+def _drain(play: Play, host: Host, name: str) -> str | None:
+    return str(play.hostvars(host.vars).get(name) or "") or None
+
+
+def restore(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, options: Options,
+            c: Context) -> list[Step]:
+    """Exclusive proofs failed before activate: the stack that served before (current, untouched) serves
+    again; the step saying so is "restore" (its service step's verdict: the old server generated)."""
+    start = time.monotonic()
+    back = c.state.current
+    try:
+        old = stack_at(conn, c.target.root, back, deadline.left(host.name)) if back else "nothing is current"
+        if isinstance(old, str):
+            return [failed("restore", f"the serving stack was stopped for the proofs and not started again: {old}")]
+        oc = context(host, conn, deadline, play, matrix, options, c.facts, old, [])
+        again = execute(STEPS["service"](oc), conn, deadline, fleet_as_root=oc.target.fleet_as_root)
+    except HostError as exc:
+        return [failed("restore", f"starting the old service again failed: {exc.reason}")]
+    ok = again.status != Status.FAILED
+    return [Step("restore", Status.CHANGED if ok else Status.FAILED,
+                 f"the service of {old.id} " + ("serves again" if ok else f"did not start again: {again.detail}"),
+                 duration=round(time.monotonic() - start, 2), data=again.data, tail=None if ok else again.tail)]
+
+
+def serve_again(run: HostRun, c: Context, conn: Connection, deadline: Deadline, command: str | None) -> None:
+    """After exclusive proofs (passed or not): the downtime said, and fleet_undrain_command where one drained."""
+    run.steps.append(Step("downtime", Status.OK, f"no service for {run.downtime_s:.1f} s (exclusive proofs)",
+                          data={"downtime_s": run.downtime_s}))
+    if command:
+        try:
+            run.steps.append(execute(undrain(c, command), conn, deadline))
+        except HostError as exc:
+            run.steps.append(failed("undrain", exc.reason))
+
+
+def stack_at(conn: Connection, root: str, env_rel: str, timeout: float) -> Stack | str:
     """The stack of the environment *env_rel* under *root*, from its marker; or why not."""
     marker = conn.run(f"cat {q(root)}/{q(env_rel)}/{MARKER}", timeout=timeout)
     try:
@@ -223,8 +306,7 @@ def _recorder(run: HostRun, host: str, on_step: Callable[[str, str], None]):
     return record
 
 
-def _resolve(run: HostRun, facts: Facts, hostvars: dict, matrix: Matrix, options: Options) -> Stack | Step:
-    request = Request.from_vars(hostvars, **options.overrides)
+def _resolve(run: HostRun, facts: Facts, request: Request, matrix: Matrix) -> Stack | Step:
     result = resolve(facts, request, matrix)
     run.request = asdict(request)
     run.reasons = list(result.reasons)
@@ -251,11 +333,27 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
     model = str(hostvars.get("fleet_model") or smoke_model or "")
     state = read_state(conn, target, deadline.left(host.name), wheelhouse=getattr(wheels, "remote", None),
                        model=model if model.startswith("/") else None)
+    installer = str(hostvars.get("fleet_installer") or "auto")
+    uv = None
+    if not (state.installed or state.uv or target.container or installer == "pip"):
+        uv = carried_uv(facts, stack, getattr(wheels, "uv_wheel", None))
     serve = None
     if stack.vllm:
         serve = plan_serving(facts, stack, hostvars, model=smoke_model, model_config=state.model_config)
+    proof = decide(facts, serve.config if serve and serve.ok else None, hostvars, weights_mib=state.model_weights_mib,
+                   model_config=state.model_config)
     return Context(host.name, facts, stack, target, state, hostplay, options, tuple(planned_changes), serve,
-                   backend_option(matrix, stack.vllm), wheels)
+                   backend_option(matrix, stack.vllm), wheels, proof, installer, uv)
+
+
+def carried_uv(facts: Facts, stack: Stack, wheel) -> UvBinary | str:
+    """uv's binary for a host that has none: from its wheelhouse class's uv wheel, else the controller's cache
+    or a download; or why there is none (the install then uses pip)."""
+    if not facts.glibc or facts.arch not in ("x86_64", "aarch64"):
+        return (f"uv is carried to glibc hosts on x86_64 or aarch64 (this one: {facts.arch}, "
+                f"glibc {facts.glibc or 'unknown'})")
+    platform = Platform(stack.python, facts.glibc, facts.arch)
+    return extract(wheel, cache_dir()) if wheel else obtain(platform)
 
 
 def provision_host(play: Play, matrix: Matrix, options: Options, on_step=None):

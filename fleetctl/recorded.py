@@ -50,6 +50,7 @@ class RecordedConnection:
         self.default = default
         self.ran: list[str] = []  # every command, in order
         self.stdin: list[str | None] = []  # what each command was given on stdin
+        self.as_root: list[bool] = []  # whether each command's action asked for root (become)
         self.puts: list[tuple[Path, str]] = []  # (local file, remote path), in order
         self.released: list[str] = []  # commands left running (hold) that were released
         self.closed = False
@@ -59,9 +60,10 @@ class RecordedConnection:
         self.rules.insert(0, (re.compile(pattern), answer))
         return self
 
-    def run(self, command: str, *, timeout: float, stdin: str | None = None) -> Result:
+    def run(self, command: str, *, timeout: float, stdin: str | None = None, root: bool = False) -> Result:
         self.ran.append(command)
         self.stdin.append(stdin)
+        self.as_root.append(root)
         answer = next((a for p, a in self.rules if p.search(command)), self.default)
         if answer is None:
             raise LookupError(f"{self.name}: no rule answers {command[:200]!r}")
@@ -71,11 +73,12 @@ class RecordedConnection:
             raise answer
         return Result(self.name, command, answer.exited, answer.stdout, answer.stderr, 0.0)
 
-    def hold(self, command: str, *, timeout: float) -> tuple[str, Callable[[], None]]:
+    def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]:
         """A command left running (the host lock): answered by a rule that matches it, else "locked" — a
         recorded host grants every lock no rule refuses. Releasing it is recorded in ``released``."""
         self.ran.append(command)
         self.stdin.append(None)
+        self.as_root.append(root)
         answer = next((a for p, a in self.rules if p.search(command)), Reply("locked\n"))
         if callable(answer) and not isinstance(answer, (Reply, BaseException)):
             answer = answer(command, None)
@@ -83,7 +86,7 @@ class RecordedConnection:
             raise answer
         return answer.stdout.strip(), lambda: self.released.append(command)
 
-    def put(self, local: Path, remote: str) -> None:
+    def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False) -> None:
         self.puts.append((Path(local), remote))
 
     def close(self) -> None:
@@ -92,3 +95,7 @@ class RecordedConnection:
     def commands(self, pattern: str) -> list[str]:
         """The commands that ran and match *pattern* (re.search), in order."""
         return [c for c in self.ran if re.search(pattern, c)]
+
+    def root_commands(self) -> list[str]:
+        """The commands that ran asking for root."""
+        return [c for c, root in zip(self.ran, self.as_root) if root]

@@ -76,10 +76,29 @@ def atomic_write(path: Path, text: str, mode: int | None = None) -> Path:
     return path
 
 
+def dumps(record: dict) -> str:
+    """A record as text, its credentials redacted: the one form a record takes on disk and in --json
+    (a rollout's --json once printed the request's token that its journal on disk hid)."""
+    return json.dumps(redact_data(record), indent=2, default=str)
+
+
+def ready(kind: str = "runs") -> Path:
+    """The directory records of *kind* go to, made and checked writable: a run calls it before it
+    contacts any host, so a run that changed hosts can always leave its record."""
+    directory = state_dir() / kind
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot make the records directory {directory}: {exc.strerror or exc}",
+                         fix="set XDG_STATE_HOME to a directory this user can write") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StateError(f"cannot write records in {directory}: permission denied",
+                         fix="set XDG_STATE_HOME to a directory this user can write")
+    return directory
+
+
 def save(record: dict, kind: str = "runs") -> Path:
-    path = state_dir() / kind / f"{record['run_id']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, json.dumps(redact_data(record), indent=2, default=str))
+    return atomic_write(ready(kind) / f"{record['run_id']}.json", dumps(record))
 
 
 # What each kind of record must hold to be used: key → type.
@@ -183,3 +202,16 @@ def safe_load_yaml(text: str, where: str, error: type[FleetError] = StateError) 
         return loader.construct_document(root) if root is not None else None
     finally:
         loader.dispose()
+
+
+def retry_argv(record: dict) -> tuple[list[str], list[str]]:
+    """The hosts of the run *record* that did not succeed, and the provision arguments that run them again
+    with the run's own choices (not today's defaults: a retry installs what the run was asked to)."""
+    todo = [name for name, h in record["hosts"].items()
+            if not isinstance(h, dict) or h.get("status") not in ("ok", "changed")]
+    repeated = [word for option in ("cuda", "vllm", "wheelhouse") if record.get(option)
+                for word in (f"--{option}", str(record[option]))]
+    return todo, ["provision", record["inventory"], "--playbook", record["playbook"], "--limit", ",".join(todo),
+                  *repeated, *(["--revalidate"] if record.get("revalidate") else []),
+                  *(["--ignore-health"] if record.get("ignore_health") else []),
+                  *(["--check"] if record.get("check") else [])]

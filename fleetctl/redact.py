@@ -7,6 +7,10 @@ JSON-like value. They are applied where values become data (a Stack's dict, a re
 reasons, an action's command, a failed command's output) and again where data becomes a file
 (fleet.lock, run records, journals). On a host the credential reaches pip or uv only through a
 0600 file written from the install's stdin (see :data:`fleetctl.steps.INSTALL`), never argv.
+
+Secrets that are not URLs — a become password, a value decrypted from a vault — are registered once
+(:func:`register_secret`) when fleetctl reads them; from then on :func:`redact` masks each of them
+wherever it appears in a text.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ _QUERY = re.compile(r"(?P<name>[?&](?:[a-z0-9_.-]*(?:token|key|secret|password|p
                     r"credential)[a-z0-9_.-]*))=(?P<value>[^&#\s'\"]+)", re.IGNORECASE)
 
 
+# Registered secrets (a process-wide set: a secret read anywhere must be masked everywhere), longest
+# first so that a secret holding another is masked whole.
+_SECRETS: list[str] = []
+MIN_SECRET = 4  # shorter values (a vaulted "22", "true") would mask ordinary text
+
+
+def register_secret(value: str) -> None:
+    """Mask *value* in every later :func:`redact` (each line of a multi-line one, too)."""
+    for part in {value.strip(), *value.strip().splitlines()}:
+        part = part.strip()
+        if len(part) >= MIN_SECRET and part not in _SECRETS:
+            _SECRETS.append(part)
+    _SECRETS.sort(key=len, reverse=True)
+
+
 def _userinfo(m: re.Match) -> str:
     user, sep, _ = m["userinfo"].partition(":")
     return f"{m['scheme']}{user}:{MASK}@" if sep else f"{m['scheme']}{MASK}@"
@@ -29,6 +48,9 @@ def _userinfo(m: re.Match) -> str:
 
 def redact(text: str) -> str:
     """*text* with every URL credential replaced by ``***`` (idempotent)."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
     if "://" not in text and "=" not in text:
         return text
     return _QUERY.sub(lambda m: f"{m['name']}={MASK}", _USERINFO.sub(_userinfo, text))

@@ -70,11 +70,12 @@ def installed_summary(facts: Facts) -> str:
 
 def facts_table(outcomes: Iterable[Outcome]) -> Table:
     table = Table(title="fleet facts", show_lines=True)
-    for column in ("host", "status", "GPUs", "driver / CUDA", "OS", "arch / glibc", "Python", "nvcc", "installed"):
+    for column in ("host", "status", "GPUs", "driver / CUDA", "OS", "arch / glibc", "Python", "nvcc", "installed",
+                   "reached as"):
         table.add_column(column)
     for o in outcomes:
         if not o.ok:
-            table.add_row(lit(o.host.name), status(o.status), f"[red]{lit(o.error)}[/]", "", "", "", "", "", "")
+            table.add_row(lit(o.host.name), status(o.status), f"[red]{lit(o.error)}[/]", "", "", "", "", "", "", "")
             continue
         f: Facts = o.value
         table.add_row(
@@ -85,8 +86,15 @@ def facts_table(outcomes: Iterable[Outcome]) -> Table:
             lit(f.python.version) if f.python else "[red]none[/]",
             lit(f.nvcc or "-"),
             installed_summary(f),
+            lit(reached_as(f)),
         )
     return table
+
+
+def reached_as(f: Facts) -> str:
+    """``admin, sudo as root (password)``: the login user, its become and its sudo mode."""
+    how = f"{f.become} ({f.sudo})" if f.become else f"sudo: {f.sudo}" if f.sudo and f.sudo != "root" else ""
+    return ", ".join(part for part in (f.user or "?", how) if part)
 
 
 def print_errors(console: Console, outcomes: Iterable[Outcome]) -> None:
@@ -126,7 +134,8 @@ def plan_table(plans: Iterable[HostPlan], what_if_cuda: str | None = None) -> Ta
             s.container_image) if x)
         runtime = "\n".join(x for x in (s.attention_backend, s.cudagraph_mode,
                                          f"arch {s.torch_cuda_arch_list}" if s.torch_cuda_arch_list else None) if x)
-        table.add_row(lit(p.host.name), status(p.status), lit(stack), lit(runtime or "-"), lit("\n".join(r.reasons)),
+        why = [*r.reasons, *([p.proof.text()] if p.proof else [])]
+        table.add_row(lit(p.host.name), status(p.status), lit(stack), lit(runtime or "-"), lit("\n".join(why)),
                       lit("\n".join(p.changes) or "none"), *extra)
     return table
 
@@ -209,7 +218,9 @@ def rollout_plan(journal) -> str:
     lines = [f"rollout {lit(d['run_id'])}: {sum(len(w) for w in d['waves'])} host(s) move in {len(d['waves'])} "
              f"wave(s) (failure budget {d['budget']})"]
     lines += [f"  wave {i}: {lit(', '.join(w))}" for i, w in enumerate(d["waves"], 1)]
-    for name, h in d["hosts"].items():  # what a driver move will run there, command for command
+    for name, h in d["hosts"].items():  # where its proofs run; what a driver move will run there, command for command
+        if proof := h.get("proof"):
+            lines.append(f"  {lit(name)}: proofs {lit(proof['mode'])}: {lit(proof['refusal'] or proof['reason'])}")
         if move := h.get("driver"):
             lines.append(f"  {lit(name)}: driver {lit(move['from'] or 'none')} → R{lit(move['branch'])} "
                          f"({lit(move['flavor'] or '')} modules, {lit(move['distro'] or '')}): drain, then")
@@ -220,6 +231,28 @@ def rollout_plan(journal) -> str:
     return "\n".join(lines)
 
 
+def print_planned_actions(console: Console, journal) -> None:
+    """rollout --check and --rollback --check: each host's planned actions, as provision --check --json
+    records them (the step, what it changes, the command or the file copied)."""
+    for name, h in journal.data["hosts"].items():
+        steps = (h.get("planned") or {}).get("steps") or (h.get("rollback_plan") or {}).get("steps") or []
+        plan = h.get("rollback_plan") or {}
+        if not steps and not plan and not (h.get("planned") or {}).get("error"):
+            continue
+        console.print(f"{lit(name)}:", highlight=False)
+        if error := (h.get("planned") or {}).get("error") or plan.get("error"):
+            console.print(f"  [red]{lit(error)}[/]", highlight=False)
+        for command in plan.get("driver") or []:
+            console.print(f"  driver back: {lit(command)}", highlight=False)
+        if plan.get("reboot"):
+            console.print("  reboot, then verify the previous driver branch", highlight=False)
+        for step in steps:
+            for action in step.get("actions") or ():
+                what = action.get("command") or f"copy {action.get('put')} → {action.get('to')}"
+                console.print(f"  {lit(step['name'])}: {lit(action.get('change') or action['why'])}: "
+                              f"{lit(what.splitlines()[0] if what else '')}", highlight=False, soft_wrap=True)
+
+
 def rollout_table(journal) -> Table:
     d = journal.data
     table = Table(title=f"rollout {lit(d['run_id'])}: {lit(d['status'])}")
@@ -228,6 +261,8 @@ def rollout_table(journal) -> Table:
     for name, h in d["hosts"].items():
         style = {"done": "green", "reverted": "cyan", "rolled_back": "yellow"}.get(h["state"], "red")
         detail = h.get("rollback") or h.get("error") or ""
+        if h.get("downtime_s") is not None:  # exclusive proofs: the service was stopped for them
+            detail = f"proofs exclusive, {h['downtime_s']:.0f} s without service" + (f"; {detail}" if detail else "")
         if h.get("driver"):
             detail = (f"driver → R{h['driver']['branch']}" + (f", stopped at {h['stopped_at']}" if h.get("stopped_at")
                                                               else "") + (" (drained)" if h.get("drained") else "")
@@ -237,4 +272,23 @@ def rollout_table(journal) -> Table:
     for name, a in d["left_alone"].items():
         table.add_row(lit(name), "-", "left alone", "-", "-",
                       lit(f"{a['reason']}{': ' + a['why'] if a.get('why') else ''}"))
+    return table
+
+
+HEALTH_STYLE = {"healthy": "green", "degraded": "yellow", "unhealthy": "red", "unknown": "white"}
+
+
+def health_table(result: dict) -> Table:
+    """`fleetctl health`: a row per host, its GPUs' verdicts, what was found with NVIDIA's action, and what was not read."""
+    table = Table(title="GPU health", show_lines=True)
+    for column in ("host", "health", "GPUs", "findings and actions", "not read"):
+        table.add_column(column)
+    for name, h in result["hosts"].items():
+        if "verdict" not in h:
+            table.add_row(lit(name), status(h["status"]), "", f"[red]{lit(h.get('error'))}[/]", "")
+            continue
+        v = h["verdict"]
+        gpus = " ".join(f"[{HEALTH_STYLE[s]}]{i}[/]" for i, s in v["gpus"].items()) or "none"
+        table.add_row(lit(name), f"[{HEALTH_STYLE[h['status']]}]{h['status']}[/]", gpus,
+                      lit("\n".join(f["reason"] for f in v["findings"]) or "-"), lit("\n".join(v["notes"]) or "-"))
     return table

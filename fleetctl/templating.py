@@ -30,6 +30,8 @@ TEMPLATED = frozenset({
     "ansible_host", "ansible_port", "ansible_user", "ansible_password", "ansible_ssh_pass",
     "ansible_ssh_private_key_file", "ansible_private_key_file", "ansible_host_key_checking",
     "ansible_ssh_common_args", "ansible_ssh_extra_args", "ansible_python_interpreter",
+    "ansible_become", "ansible_become_method", "ansible_become_user", "ansible_become_password",
+    "ansible_become_pass", "ansible_become_flags",
 })
 
 

@@ -9,7 +9,9 @@ journal before it starts, so a controller that dies mid-reboot resumes where it 
     install  the branch's packages, pinned (the host's package manager)
     reboot   the host reboots; the controller waits for its session to end
     back     the controller waits for the host to answer again, within fleet_reboot_timeout
-    verify   facts again: the new branch runs, and every GPU the host had before is still there
+    verify   facts again: the new branch runs, and every GPU the host had before is still there; on an
+             NVSwitch host the fabric manager (installed with the driver, at its version) is started and
+             every GPU's fabric must complete before the host serves
     serve    provision the new stack, gated on its proofs (validate + smoke)
     undrain  fleet_undrain_command; the host is done
 
@@ -32,6 +34,7 @@ from .driver import branch_of
 from .errors import FleetError, HostError
 from .facts import Facts, gather
 from .fanout import Deadline, fan_out
+from .health import judge
 from .inventory import Host
 from .status import Status
 from .steps import stop_service
@@ -135,7 +138,7 @@ class Mover:
             self.phase(name, "drain")
             port = int(host.vars.get("fleet_service_port", 8000))
             python = (facts.get("python") or {}).get("path") or "python3"
-            stopped = conn.run(drain_script(facts["fleet_root"], port, python), timeout=deadline.left(name))
+            stopped = conn.run(drain_script(facts["fleet_root"], port, python), timeout=deadline.left(name), root=True)
             if not stopped.ok:
                 return self.stop(name, "drain", f"the service did not stop: {stopped.stderr.strip()[-300:]}")
             self.journal.mark(name, "running", drain_stopped="stopped" in stopped.stdout.split())
@@ -172,6 +175,9 @@ class Mover:
                                                  f"branch {move['branch']}: the new driver did not load")
             if lost := gpus_lost(entry["facts_before"].get("gpus") or [], facts):
                 return self.stop(name, "verify", lost)
+            if move.get("fabric_manager"):
+                if why := fabric_up(host, conn, deadline):
+                    return self.stop(name, "verify", why)
             self.journal.mark(name, "running", phase="serve", driver_after=facts.driver_version)
         if self.entry(name).get("phase") == "serve":
             run = self.provision_task(host, conn, deadline)
@@ -198,7 +204,7 @@ def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline, *, resta
 def run_all(conn: Connection, commands, name: str, deadline: Deadline) -> str | None:
     """Run *commands* in order on the host; None where each exited 0, else which one failed and how."""
     for command in commands:
-        done = conn.run(command, timeout=deadline.left(name))
+        done = conn.run(command, timeout=deadline.left(name), root=True)
         if not done.ok:
             return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-400:]}"
     return None
@@ -207,7 +213,7 @@ def run_all(conn: Connection, commands, name: str, deadline: Deadline) -> str | 
 def reboot(conn: Connection, name: str, deadline: Deadline) -> str | None:
     """Ask the host to reboot and wait until it ends this session (its sshd goes down with it); None where
     it did, else why not."""
-    asked = conn.run(REBOOT, timeout=deadline.left(name))
+    asked = conn.run(REBOOT, timeout=deadline.left(name), root=True)
     if not asked.ok:
         return f"reboot refused (exit {asked.exited}): {asked.stderr.strip()[-300:]}"
     end = time.monotonic() + DOWN_TIMEOUT
@@ -226,6 +232,29 @@ def old_driver_back(host: Host, conn: Connection, deadline: Deadline, entry: dic
     if branch_of(was) != branch_of(now):
         return f"the driver is {now or 'not running'} after the rollback's reboot, not branch {branch_of(was)}"
     return None
+
+
+FABRIC_CHECKS = ("fabric_manager_missing", "fabric_manager_version", "fabric_manager_stopped", "fabric_incomplete")
+FABRIC_TIMEOUT = 300.0  # seconds for the NVSwitch fabric to complete once the fabric manager runs (fleet_fabric_timeout)
+
+
+def fabric_problem(facts: Facts) -> str | None:
+    """Why an NVSwitch host cannot serve yet: its fabric manager not at the driver's version or not running,
+    or a GPU whose fabric is not completed (CUDA does not initialise until it is); None where it can."""
+    wrong = [f.reason for f in judge(facts).findings if f.check in FABRIC_CHECKS]
+    return "; ".join(wrong) or None
+
+
+def fabric_up(host: Host, conn: Connection, deadline: Deadline) -> str | None:
+    """After a driver move's reboot on an NVSwitch host: start the fabric manager and wait, within
+    fleet_fabric_timeout, until every GPU's fabric completed; None then, else why not."""
+    started = conn.run("systemctl start nvidia-fabricmanager", timeout=deadline.left(host.name))
+    if not started.ok:
+        return f"nvidia-fabricmanager did not start: {(started.stderr.strip() or started.stdout.strip())[-300:]}"
+    end = time.monotonic() + float(host.vars.get("fleet_fabric_timeout", FABRIC_TIMEOUT))
+    while (why := fabric_problem(gather(host, conn, deadline))) and time.monotonic() < end:
+        time.sleep(2)  # the fabric manager trains the NVLinks: seconds to minutes
+    return why and f"{why} (after {float(host.vars.get('fleet_fabric_timeout', FABRIC_TIMEOUT)):.0f} s)"
 
 
 def back_on(host: Host, timeout: float) -> Connection | None:

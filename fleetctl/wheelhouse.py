@@ -4,7 +4,8 @@ host's platform, fetched on a connected controller: the offline half of an air-g
 
     DIR/*.whl            every class's wheels, flat, shared by file name
     DIR/manifest.json    {"version": 1, "classes": {CLASS: {hosts, stack_id, platform, requirements,
-                          indexes, no_deps, files: [{name, sha256, size}], provided_by_host, left_out}}}
+                          indexes, no_deps, files: [{name, sha256, size}], provided_by_host, left_out,
+                          installer: {name, sha256, size}}}}
 
 A host class is the hosts whose resolved stack and platform (Python, glibc, arch) are equal
 (and whose packages are equal, where the stack reuses the host Python's). pip matches
@@ -14,11 +15,15 @@ the controller is refused before anything is pushed, and the host checks every p
 before installing from a private copy of them (:data:`fleetctl.steps.INSTALL`).
 
 Planning is pure (:func:`plan_classes`, :func:`platform_tags`, :func:`pip_resolve_args`,
-:func:`closure`, :func:`left_out`); :func:`build` runs pip on the controller, per class:
-a metadata-only resolution (``pip install --dry-run --report``: PEP 658 metadata, no wheels)
-gives the dependency closure, then ``pip download --no-deps`` fetches the exact pins of what the
-host lacks. With ``install.no_deps`` only the listed packages are fetched, and the closure
-says what such an install leaves out. A class pip cannot serve is a failed class with one line.
+:func:`uv_compile_args`, :func:`closure`, :func:`uv_closure`, :func:`left_out`); :func:`build`
+runs on the controller, per class: one resolution gives the dependency closure, then
+``pip download --no-deps`` fetches the exact pins of what the host lacks. The resolution is uv's
+(``uv pip compile --python-platform``: one pass over the foreign platform's closure, the host's
+packages as preferences, so a package the stack needs at another version simply gets it and is
+named) where uv is on the controller, else pip's (``pip install --dry-run --report``, the host's
+packages as constraints, let go one conflict at a time). With ``install.no_deps`` only the listed
+packages are fetched, and the closure says what such an install leaves out. A class neither can
+serve is a failed class with one line.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import WheelhouseError
 from .facts import Facts
+from .plan import request_for
 from .records import atomic_write
 from .redact import redact
-from .resolve import Request, Stack, resolve
+from .resolve import Stack, install_pins, resolve
 from .status import Status
 
 MANIFEST = "manifest.json"
@@ -136,8 +142,6 @@ class ClassPlan:
 def requirements(stack: Stack, install: Mapping) -> list[str]:
     """What provision installs for *stack* under a play's install settings: the pins, the stack's
     extra packages, the play's extra_packages; in that order, each once."""
-    from .provision import install_pins  # provision reads manifests from here: import it late
-
     seen: dict[str, None] = {}
     for r in [*install_pins(stack), *stack.packages, *(install.get("extra_packages") or [])]:
         seen.setdefault(str(r), None)
@@ -189,21 +193,98 @@ def plan_classes(inputs: Iterable[HostInput]) -> list[ClassPlan]:
 
 
 def pip_resolve_args(plan: ClassPlan, report: str, target: str, constraints: str | None,
-                     requirements: Iterable[str] | None = None) -> list[str]:
+                     requirements: Iterable[str] | None = None, indexes: str | None = None) -> list[str]:
     """``pip install`` arguments that resolve the class's closure from metadata alone (the target
     directory is required by pip with --platform, and never written to with --dry-run)."""
     return ["install", "--dry-run", "--ignore-installed", "--disable-pip-version-check",
-            "--target", target, "--report", report, *plan.platform.pip_args(), *index_args(plan),
+            "--target", target, "--report", report, *plan.platform.pip_args(), *index_args(indexes),
             *(["-c", constraints] if constraints else []), *(requirements or plan.requirements)]
 
 
-def pip_download_args(plan: ClassPlan, dest: str, pins: Iterable[str]) -> list[str]:
+def pip_download_args(plan: ClassPlan, dest: str, pins: Iterable[str], indexes: str | None = None) -> list[str]:
     return ["download", "--no-deps", "--quiet", "--disable-pip-version-check", "--dest", dest,
-            *plan.platform.pip_args(), *index_args(plan), *pins]
+            *plan.platform.pip_args(), *index_args(indexes), *pins]
 
 
-def index_args(plan: ClassPlan) -> list[str]:
-    return [a for url in plan.indexes for a in ("--extra-index-url", url)]
+def index_args(indexes: str | None) -> list[str]:
+    """The class's index URLs reach pip as a requirements file (:func:`write_indexes`), never argv:
+    any user's ``ps`` shows a command line, and an index URL may hold a credential."""
+    return ["-r", indexes] if indexes else []
+
+
+def write_indexes(plan: ClassPlan, directory: str) -> str | None:
+    """The class's ``--extra-index-url`` lines in a file only this user reads (0600, in the build's
+    private temporary directory, removed with it), as provision gives them to hosts."""
+    if not plan.indexes:
+        return None
+    path = os.path.join(directory, "indexes.txt")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"--extra-index-url {url}\n" for url in plan.indexes)
+    return path
+
+
+def uv_platform(platform: Platform) -> str | None:
+    """uv's ``--python-platform`` for a host: the newest manylinux uv names that the host's glibc admits
+    (uv knows 2_17, 2_28 and 2_31 to 2_40); None where uv names none (pip then resolves)."""
+    if platform.arch not in ("x86_64", "aarch64"):
+        return None
+    major, minor = (int(p) for p in platform.glibc.split(".")[:2])
+    fits = [m for m in UV_MANYLINUX if major == 2 and m <= minor]
+    return f"{platform.arch}-manylinux_2_{max(fits)}" if fits else None
+
+
+UV_MANYLINUX = (17, 28, *range(31, 41))  # `uv pip compile --help`, uv 0.13.9
+
+
+def uv_compile_args(plan: ClassPlan, requirements_in: str, output: str) -> list[str]:
+    """``uv pip compile`` arguments resolving the class's closure for the host's platform and Python
+    (markers included: uv evaluates them for --python-version, not for itself). *output* is read
+    first as preferences: seeded with the host's packages, they are kept wherever the stack admits
+    them. Index URLs are not here: they go in the environment (:func:`uv_env`), never in argv."""
+    return ["pip", "compile", requirements_in, "--output-file", output, "--python-platform", uv_platform(plan.platform),
+            "--python-version", plan.platform.python, "--only-binary", ":all:", "--no-header",
+            "--annotation-style", "line", "--quiet"]
+
+
+def uv_env(plan: ClassPlan) -> dict[str, str]:
+    """uv's settings for a class: its extra indexes (which may carry a credential: the environment of
+    a process is its owner's alone, a command line is every user's), every index's best match as pip
+    takes it, and no Python downloaded (a foreign platform's closure needs none)."""
+    env = {"UV_INDEX_STRATEGY": "unsafe-best-match", "UV_PYTHON_DOWNLOADS": "never"}
+    if plan.indexes:
+        env["UV_EXTRA_INDEX_URL"] = " ".join(plan.indexes)
+    return env
+
+
+def uv_closure(compiled: str) -> dict[str, dict]:
+    """``uv pip compile`` output (``--annotation-style line``) → {name: {version, file, sha256, via}}
+    like :func:`closure`'s (uv names no files: those are pip download's)."""
+    chosen = {}
+    for line in compiled.splitlines():
+        pin, _, note = line.partition("#")
+        if not pin.strip() or pin.startswith((" ", "-")):
+            continue
+        req = Requirement(pin.strip())
+        via = [v.strip() for v in note.strip().removeprefix("via").split(",")]
+        via = [v for v in via if v and not v.startswith("-")]  # "-r requirements.in" is no package
+        chosen[canonicalize_name(req.name)] = {"version": next(iter(req.specifier)).version, "file": None,
+                                               "sha256": None, "via": via}
+    return chosen
+
+
+def uv_host_conflicts(chosen: Mapping[str, dict], host: Mapping[str, str]) -> list[str]:
+    """The host's packages the closure takes at another release, with who asked for it."""
+    return [f"{asked_by(c.get('via') or [])} needs {name}=={c['version']} (the host has {name} {host[name]})"
+            for name, c in sorted(chosen.items()) if name in host and not same_release(c["version"], host[name])]
+
+
+def asked_by(via: list[str]) -> str:
+    """"vllm", or "numba, torch, vllm and 13 more": who in the closure depends on a package."""
+    if not via:
+        return "the stack"
+    return ", ".join(via[:3]) + (f" and {len(via) - 3} more" if len(via) > 3 else "")
+
 
 
 def closure(report: Mapping) -> dict[str, dict]:
@@ -273,6 +354,24 @@ class ClassResult:
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
 
 
+UvRunner = Callable[[list[str], Mapping[str, str]], subprocess.CompletedProcess]
+
+
+def find_uv() -> str | None:
+    """The controller's uv: the one fleetctl's own environment installs (the ``uv`` wheel), else one on PATH."""
+    try:
+        from uv import find_uv_bin
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
+
+
+def uv_runner(binary: str) -> UvRunner:
+    def run(args: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([binary, *args], capture_output=True, text=True, env={**os.environ, **env})
+    return run
+
+
 def pip_runner(python: str = sys.executable) -> Runner:
     def run(args: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([python, "-m", "pip", *args], capture_output=True, text=True)
@@ -289,14 +388,23 @@ def controller_python(version: str) -> str:
     return sys.executable
 
 
-def build(plans: Iterable[ClassPlan], dest: Path, runner: Runner | None = None) -> list[ClassResult]:
-    """Fetch every class's wheels into *dest* and write its manifest; one result per class."""
+def build(plans: Iterable[ClassPlan], dest: Path, runner: Runner | None = None, uv: UvRunner | None = None,
+          resolver: str = "auto") -> list[ClassResult]:
+    """Fetch every class's wheels into *dest* and write its manifest; one result per class. *resolver*:
+    "uv", "pip", or "auto" (uv where the controller has it and names the host's platform, else pip). A pip
+    *runner* given with no *uv* one is a seam for pip alone: the controller's uv is not looked for."""
     dest.mkdir(parents=True, exist_ok=True)
+    if resolver != "pip" and uv is None and runner is None and (binary := find_uv()):
+        uv = uv_runner(binary)
+    if resolver == "uv" and uv is None:
+        raise WheelhouseError("uv is not on this controller", fix="pip install uv (or choose --resolver pip)")
     results = []
     for plan in plans:
         python = controller_python(plan.platform.python)
-        result = build_class(plan, dest, runner or pip_runner(python))
-        if runner is None and python == sys.executable and f"{sys.version_info.major}.{sys.version_info.minor}" != plan.platform.python:
+        with_uv = uv if resolver != "pip" and uv_platform(plan.platform) else None
+        result = build_class(plan, dest, runner or pip_runner(python), with_uv)
+        if (runner is None and with_uv is None and python == sys.executable
+                and f"{sys.version_info.major}.{sys.version_info.minor}" != plan.platform.python):
             result = replace(result, note=f"no python{plan.platform.python} with pip on this machine: pip evaluated "
                                           f"environment markers for Python {sys.version_info.major}.{sys.version_info.minor}")
         results.append(result)
@@ -304,25 +412,32 @@ def build(plans: Iterable[ClassPlan], dest: Path, runner: Runner | None = None) 
     return results
 
 
-def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
+def build_class(plan: ClassPlan, dest: Path, runner: Runner, uv: UvRunner | None = None) -> ClassResult:
     where = f"class {plan.name} ({', '.join(plan.hosts)})"
     host = dict(plan.host_packages)
+    tool = "uv" if uv else "pip"
     with tempfile.TemporaryDirectory(prefix="fleetctl-wheelhouse-") as tmp:
         constraints = None
         if plan.constraints:
             constraints = os.path.join(tmp, "host-constraints.txt")
             Path(constraints).write_text("\n".join(plan.constraints) + "\n")
         conflicts: list[str] = []
-        chosen, why = resolve_closure(plan, tmp, constraints, runner, conflicts=conflicts)
+        indexes = write_indexes(plan, tmp)
+
+        def closure_of(requirements=None):
+            if uv:
+                return resolve_with_uv(plan, tmp, uv, requirements, conflicts)
+            return resolve_closure(plan, tmp, constraints, runner, requirements, conflicts, indexes)
+        chosen, why = closure_of()
         note = None
         if chosen is None and plan.no_deps and plan.stack_requirements and plan.stack_requirements != plan.requirements:
             # Hand-picked extra packages may contradict the stack's own pins (that is why no_deps is
             # used): what the stack alone needs still says what the host must provide.
-            chosen, again = resolve_closure(plan, tmp, constraints, runner, plan.stack_requirements, conflicts)
-            note = f"closure of the stack's own pins only; with the extra packages pip says: {why}"
+            chosen, again = closure_of(plan.stack_requirements)
+            note = f"closure of the stack's own pins only; with the extra packages {tool} says: {why}"
             why = again or why
         if chosen is None and not plan.no_deps:
-            return ClassResult(plan, error=f"{where}: pip cannot resolve {' '.join(plan.requirements)} for "
+            return ClassResult(plan, error=f"{where}: {tool} cannot resolve {' '.join(plan.requirements)} for "
                                f"{describe(plan.platform)}: {why} (pin versions that have wheels for this "
                                "platform, or check the index URLs)")
         if plan.no_deps:  # the listed packages alone, at the versions the closure chose where they fit
@@ -333,7 +448,7 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
         drop_corrupt(dest, chosen or {})
         before = set(os.listdir(dest))
         if pins:
-            done = runner(pip_download_args(plan, str(dest), pins))
+            done = runner(pip_download_args(plan, str(dest), pins, indexes))
             if done.returncode != 0:
                 return ClassResult(plan, error=f"{where}: pip cannot download for {describe(plan.platform)}: "
                                    f"{pip_error(done)} (pin versions that have wheels for this platform, "
@@ -347,6 +462,7 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
     if missing:
         return ClassResult(plan, error=f"{where}: pip reported success but no wheel of {', '.join(missing)} for "
                            f"{describe(plan.platform)} is in {dest} (remove stale files there and run again)")
+    uv_wheel = fetch_uv(plan, dest, runner)
     entry = {
         "hosts": list(plan.hosts), "stack_id": plan.stack_id, "platform": plan.platform.to_dict(),
         "requirements": list(plan.requirements), "indexes": [redact(u) for u in plan.indexes], "no_deps": plan.no_deps,
@@ -354,6 +470,10 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
                   for f in sorted(set(files))],
         "provided_by_host": provided_by_host(chosen or {}, host),
         "host_conflicts": conflicts,
+        "resolver": tool,
+        # uv's wheel for the platform: the binary provision carries to hosts without uv (fleetctl.installer).
+        **({"installer": {"name": uv_wheel, "sha256": sha256(dest / uv_wheel),
+                          "size": (dest / uv_wheel).stat().st_size}} if uv_wheel else {}),
         "left_out": (left_out(chosen, map(requirement_name, plan.requirements), host) if plan.no_deps else [])
         if chosen is not None else None,
     }
@@ -362,6 +482,28 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner) -> ClassResult:
     elif note:
         entry["left_out_note"] = note
     return ClassResult(plan, entry, new_files=tuple(sorted(set(files) - before)))
+
+
+def fetch_uv(plan: ClassPlan, dest: Path, runner: Runner) -> str | None:
+    """The uv wheel for the class's platform, in *dest* (fetched where missing); None where the index has none
+    (those hosts install with pip, or their own uv)."""
+    found = wheel_for(os.listdir(dest), "uv", UV_VERSION, plan.platform)
+    if found is None:
+        runner(uv_download_args(plan.platform, dest))
+        found = wheel_for(os.listdir(dest), "uv", UV_VERSION, plan.platform)
+    return found
+
+
+# The uv fleetctl carries to hosts (fleetctl/installer.py) and each class's wheelhouse holds: one version
+# for every host, so a fleet installs alike; uv's own changelog (github.com/astral-sh/uv, CHANGELOG.md)
+# says what changed.
+UV_VERSION = "0.13.9"
+
+
+def uv_download_args(platform: Platform, dest: Path | str, version: str = UV_VERSION) -> list[str]:
+    """pip's arguments fetching uv's wheel for *platform* from the default index (no credential)."""
+    return ["download", "--no-deps", "--quiet", "--disable-pip-version-check", "--dest", str(dest),
+            *platform.pip_args(), f"uv=={version}"]
 
 
 def closure_pin(requirement: str, chosen: Mapping[str, dict] | None) -> str:
@@ -393,7 +535,8 @@ def host_has(pin: str, host: Mapping[str, str]) -> bool:
 
 
 def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: Runner,
-                    requirements: Iterable[str] | None = None, conflicts: list[str] | None = None):
+                    requirements: Iterable[str] | None = None, conflicts: list[str] | None = None,
+                    indexes: str | None = None):
     """({name: chosen}, None) from pip's metadata-only resolution, or (None, pip's reason).
     A host package the stack needs at another version (vLLM 0.26.0 pins numba 0.65.0, an image
     has 0.68.0) is let go from the constraints and named in *conflicts*: the environment then
@@ -403,7 +546,7 @@ def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: 
     for _ in range(MAX_CONFLICTS):
         if os.path.exists(report):
             os.unlink(report)
-        done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints, requirements))
+        done = runner(pip_resolve_args(plan, report, os.path.join(tmp, "target"), constraints, requirements, indexes))
         if done.returncode == 0 and os.path.exists(report):
             return closure(json.loads(Path(report).read_text())), None
         clash = host_conflicts(done.stdout + "\n" + done.stderr)
@@ -416,6 +559,30 @@ def resolve_closure(plan: ClassPlan, tmp: str, constraints: str | None, runner: 
             conflicts += [f"{why} (the host has {name} {dict(plan.host_packages).get(name)})"
                           for name, why in sorted(clash.items())]
     return None, pip_error(done)
+
+
+def resolve_with_uv(plan: ClassPlan, tmp: str, uv: UvRunner, requirements: Iterable[str] | None = None,
+                    conflicts: list[str] | None = None):
+    """({name: chosen}, None) from one ``uv pip compile``, or (None, uv's reason). The host's packages
+    are preferences, not constraints: one the stack needs at another version is taken at that
+    version (shadowing the host's) and named in *conflicts*, with no second resolution."""
+    requirements_in, output = os.path.join(tmp, "requirements.in"), os.path.join(tmp, "compiled.txt")
+    Path(requirements_in).write_text("\n".join(requirements or plan.requirements) + "\n")
+    Path(output).write_text("".join(f"{line}\n" for line in plan.constraints))
+    done = uv(uv_compile_args(plan, requirements_in, output), uv_env(plan))
+    if done.returncode != 0:
+        return None, uv_error(done)
+    chosen = uv_closure(Path(output).read_text())
+    if conflicts is not None:
+        conflicts += uv_host_conflicts(chosen, dict(plan.host_packages))
+    return chosen, None
+
+
+def uv_error(done: subprocess.CompletedProcess) -> str:
+    """uv's reason on one line: its error and the causes it gives, indentation and prefixes dropped."""
+    lines = [l.strip().removeprefix("error:").removeprefix("cause:").strip() for l in done.stderr.splitlines()]
+    lines = [l for l in lines if l and not l.startswith(("warning:", "hint:"))]
+    return redact(" ".join(lines) or f"uv exited {done.returncode}")
 
 
 MAX_CONFLICTS = 10
@@ -476,6 +643,20 @@ def sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- the manifest
+
+def check_dir(dest: str | Path) -> Path:
+    """*dest* if it can serve as a wheelhouse (a directory with a readable manifest, or with wheels
+    and none); else one WheelhouseError naming it. Provision asks before it contacts any host."""
+    path = Path(dest)
+    build = "build one with fleetctl wheelhouse INVENTORY DIR, or name the directory it wrote"
+    if not path.exists():
+        raise WheelhouseError(f"wheelhouse {path}: no directory there", fix=build)
+    if not path.is_dir():
+        raise WheelhouseError(f"wheelhouse {path}: not a directory", fix=build)
+    if read_manifest(path) is None and not any(path.glob("*.whl")):
+        raise WheelhouseError(f"wheelhouse {path}: neither a {MANIFEST} nor any wheels in it", fix=build)
+    return path
+
 
 def read_manifest(dest: Path) -> dict | None:
     """DIR's manifest, or None where DIR has none (a plain directory of wheels)."""
@@ -538,7 +719,7 @@ def host_inputs(plays, inventory, selected: Iterable[str], facts: Mapping[str, F
         for host in inventory.select(play.hosts):
             if host.name not in selected or host.name not in facts:
                 continue
-            result = resolve(facts[host.name], Request.from_vars(play.hostvars(host.vars)), matrix)
+            result = resolve(facts[host.name], request_for(host, play), matrix)
             if not result.ok:
                 problems[host.name] = f"{host.name}: no stack fits: {result.reasons[-1]} ({result.fix})"
             elif result.stack.container_image:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.engine import start as start_engine
 from tests.lab import Lab
+from tests.lab.systemd import DEFAULT_SUITE, SystemdLab, missing as systemd_lab_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 # The labs' loopback networks (127.N.0.x) and the serving hosts' ports, movable so that two checkouts can
@@ -58,17 +59,57 @@ def private_state_dir(tmp_path_factory):
         os.environ["XDG_STATE_HOME"] = old
 
 
+# In CI (CI=true) a test that needs root, sshd or an engine fails where they are missing instead of skipping:
+# a CI machine that lost them would otherwise pass while testing nothing on a host.
+CI = os.environ.get("CI", "").lower() == "true"
+
+# Markers by the fixtures a test uses (`pytest -m "not lab and not engine"`: the quick suite): lab hosts
+# (real sshd), a container engine, ansible-core as the specification.
+MARKED_BY = {"lab": {"lab", "lab_inventory", "small_lab", "serve_lab", "provisioned", "systemd_lab", "systemd_host"},
+             "engine": {"engine"},
+             "oracle": {"ansible_cli"}}
+MARKED_MODULES = {"lab": {"test_container_lab", "test_driver_rollout", "test_lab_reboot", "test_facts_lab",
+                           "test_health_lab"},
+                  "engine": {"test_container_lab"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        skips = [m for m in item.iter_markers("skipif") if "sshd" in str(m.kwargs.get("reason", ""))]
+        for marker, fixtures in MARKED_BY.items():
+            if used & fixtures or module in MARKED_MODULES.get(marker, ()) or (marker == "lab" and skips):
+                item.add_marker(marker)
+        if any("ansible" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker("oracle")
+
+
+def unavailable(reason: str):
+    """Skip for want of *reason*, or in CI fail loudly."""
+    if CI:
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def _sshd_available() -> bool:
     return Path("/usr/sbin/sshd").exists() and os.geteuid() == 0
 
 
-needs_sshd = pytest.mark.skipif(not _sshd_available(), reason="the lab needs root and openssh-server")
+needs_sshd = pytest.mark.skipif(not _sshd_available() and not CI, reason="the lab needs root and openssh-server")
+
+
+@pytest.fixture(autouse=True)
+def _ci_needs_the_lab(request):
+    """CI=true: a lab test whose host cannot run (no root, no sshd) fails here, named, instead of skipping."""
+    if CI and request.node.get_closest_marker("lab") and not _sshd_available():
+        pytest.fail("CI=true: the lab needs root and openssh-server (.ci/run installs it)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     if not _sshd_available():
-        pytest.skip("the lab needs root and openssh-server (.ci/run installs it)")
+        unavailable("the lab needs root and openssh-server (.ci/run installs it)")
     lab = Lab(tmp_path_factory.mktemp("lab"), net=LAB_NET)
     for name, (hardware, os_release) in FLEET.items():
         lab.add(name, hardware, os_release=os_release)
@@ -87,7 +128,7 @@ def lab_inventory(lab, tmp_path_factory) -> Path:
 def small_lab(tmp_path):
     """A private lab for fault tests, on its own addresses, torn down after each test."""
     if not _sshd_available():
-        pytest.skip("the lab needs root and openssh-server")
+        unavailable("the lab needs root and openssh-server")
     labs = []
 
     def make(*hosts, net=78):
@@ -142,7 +183,7 @@ def serve_lab(tmp_path_factory):
     """Hosts that really install and serve (the CPU build of vLLM) for the provision, audit and
     rollout tests; a test that needs cpu-a serving asks for `provisioned` instead of relying on order."""
     if not _sshd_available():
-        pytest.skip("the lab needs root and openssh-server")
+        unavailable("the lab needs root and openssh-server")
     lab = Lab(tmp_path_factory.mktemp("serve-lab"), net=SERVE_NET)
     # The lab's hosts share this machine's loopback: each serves on a port of its own.
     lab.add("cpu-a", None, os_release="ubuntu-24.04", fleet_service_port=SERVICE_PORT)
@@ -170,7 +211,7 @@ def provisioned(serve_lab) -> dict:
 
 # ---------------------------------------------------------------- a real container engine
 
-needs_engine = pytest.mark.skipif(shutil.which("docker") is None,
+needs_engine = pytest.mark.skipif(shutil.which("docker") is None and not CI,
                                   reason="container mode needs docker (bootstrap.sh --test installs docker.io)")
 
 
@@ -179,7 +220,7 @@ def engine(tmp_path_factory):
     """A real engine with the base image (tests/engine.py), stopped at the end if this session started it."""
     started = start_engine(tmp_path_factory.mktemp("engine"))
     if started is None:
-        pytest.skip("no container engine: docker answers nowhere and dockerd cannot be started here "
+        unavailable("no container engine: docker answers nowhere and dockerd cannot be started here "
                     "(needs root and docker.io: bootstrap.sh --test)")
     yield started
     started.stop()
@@ -210,3 +251,30 @@ def ansible_cli(tmp_path_factory):
 
     return run
 
+
+
+# ---------------------------------------------------------------- hosts with a real systemd and sudo users
+
+@pytest.fixture(scope="session")
+def systemd_lab(tmp_path_factory):
+    """The session's systemd lab (tests/lab/systemd.py: its docstring is the API): ``systemd_lab.host(name,
+    suite=...)`` starts a host. Skipped where the machine cannot run it, but a failure under CI=true:
+    CI must not pass by skipping the real hosts."""
+    reason = systemd_lab_missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    lab = SystemdLab(tmp_path_factory.mktemp("systemd-lab"))
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture
+def systemd_host(systemd_lab, request):
+    """One fresh host (bookworm; another suite through ``indirect`` parametrization), removed after the test."""
+    suite = getattr(request, "param", DEFAULT_SUITE)
+    name = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:40].rstrip("-")
+    host = systemd_lab.host(name, suite=suite)
+    yield host
+    host.stop()

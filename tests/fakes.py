@@ -31,7 +31,7 @@ def fake_host(state: str = "", *, name: str = "cpu-01", validate: Reply | None =
     """A CPU host (a real probe capture) whose proofs pass unless told otherwise; every other command succeeds."""
     return RecordedConnection(name, [
         (r"@@fleetctl", Reply(PROBE)),
-        (r"^echo @@marker", Reply(state)),
+        (r"^echo @@marker", Reply(state + "\n@@uv\n/usr/local/bin/uv\n")),  # uv on its PATH: nothing carried
         (r"import json, torch", Reply(json.dumps(VERSIONS) + "\n")),
         (r"lib/validate\.py", validate or verdict(device="cpu", checks=["sdpa"])),
         (r"lib/smoke\.py .*--keep-serving", verdict(completion_tokens=8, service_pid=4242)),

@@ -23,6 +23,7 @@ from fleetctl.matrix import load_matrix
 from fleetctl.plan import Lock
 from fleetctl.resolve import Request, resolve
 from fleetctl.status import exit_code
+from fleetctl.target import HostState
 from tests.conftest import exec_words, fleetctl, fleetctl_json
 
 MATRIX = load_matrix()
@@ -78,7 +79,12 @@ def test_each_drift_kind(tmp_path):
     assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "current": None}), entry) == {"current"}
     assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "envs": [], "current": None}), entry) == {
         "environment", "current"}
-    assert kinds(installed(H100, entry, fleet={**clean.to_dict()["fleet"], "service": "dead"}), entry) == {"service"}
+    # The service: fleetctl started one (service.stack) that no longer runs (a pid gone, a unit not active).
+    assert audit.service_drift(HostState(service="s 1", service_alive=True)) == []
+    assert audit.service_drift(HostState(service=None)) == []
+    assert [d.detail for d in audit.service_drift(HostState(service="s 1"))] == [
+        "the vLLM service is not running (its pid is gone)"]
+    assert "fleetctl-vllm.service is not active" in audit.service_drift(HostState(service="s 1", systemd=True))[0].detail
     # A host whose driver fell below anything: incompatible.
     old = Facts.from_dict({**clean.to_dict(), "driver_version": "470.182.03", "cuda_driver_version": "11.4"})
     assert "incompatible" in kinds(old, entry)
@@ -277,3 +283,19 @@ def test_a_serving_container_drifts_when_stopped_gone_another_stack_or_its_image
                         f"runs {old[:19]}")]
     assert kinds(f"{line}\ncontainer_image_now=") == [
         ("environment", f"image fleetctl/vllm-cpu:s1 is gone from the engine (container fleetctl-vllm runs {old[:19]})")]
+
+
+def test_each_hosts_baseline_is_the_latest_audit_that_saw_it(tmp_path, monkeypatch):
+    """Health drift compares with the last audit of *that* host: a later audit of other hosts (--limit),
+    or two records of one second whose names sort the other way, is no host's baseline."""
+    import os
+    from fleetctl.audit import last_audit_facts
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    audits = tmp_path / "fleetctl" / "audits"
+    audits.mkdir(parents=True)
+    for name, facts, when in (("audit-1-b.json", {"h100": {"n": 1}, "a100": {"n": 1}}, 1),
+                              ("audit-1-a.json", {"a100": {"n": 2}}, 2)):
+        (audits / name).write_text(json.dumps({"facts": facts}))
+        os.utime(audits / name, ns=(when * 10**9, when * 10**9))
+    (audits / "audit-0-broken.json").write_text("{not json")
+    assert last_audit_facts() == {"h100": {"n": 1}, "a100": {"n": 2}}

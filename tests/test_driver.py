@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 from rich.console import Console
 
 from fleetctl.driver import DriverMove, branch_of, plan_move
-from fleetctl.facts import Facts, OsRelease, PythonInfo, parse_nvidia_smi_header, parse_nvidia_smi_query
+from fleetctl.facts import (FabricManager, Facts, GpuHealth, Health, OsRelease, PythonInfo, parse_nvidia_smi_header,
+                            parse_nvidia_smi_query)
 from fleetctl.inventory import Host
 from fleetctl.matrix import DRIVER_DISTROS, load_matrix
 from fleetctl.plan import plan_host
@@ -282,7 +284,7 @@ def test_plan_host_with_a_driver_move_resolves_the_stack_after_it():
     assert after.driver.branch == "580" and after.resolution.ok, after.resolution
     assert after.resolution.reasons[0] == "after the driver move to R580 (580.65.06)"
     data = json.loads(json.dumps(after.to_json()))
-    assert set(data) == {"status", "stack", "reasons", "changes", "driver"}
+    assert set(data) == {"status", "stack", "reasons", "changes", "proof", "driver"}
     assert data["driver"]["install"][-1] == "apt-mark hold nvidia-driver-580-server-open"
     assert data["driver"]["rollback"] and data["driver"]["flavor"] == "open"
     console = Console(width=400, record=True)
@@ -309,3 +311,34 @@ def test_plan_validates_driver_before_any_host(tmp_path, args, error):
     inventory.write_text("all:\n  hosts:\n    nowhere: {ansible_host: 127.0.0.1, ansible_port: 1}\n")
     proc = fleetctl("plan", inventory, *args, timeout=60)
     assert proc.returncode != 0 and error in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- NVSwitch hosts: the fabric manager moves with the driver
+
+def nvswitch(facts: Facts) -> Facts:
+    """*facts* on an NVSwitch system: every GPU's fabric completed, R570's fabric manager running."""
+    gpus = tuple(GpuHealth(g.index, fabric_state="completed", fabric_status="success") for g in facts.gpus)
+    fm = FabricManager("nvidia-fabricmanager-570", facts.driver_version, "active")
+    return replace(facts, health=Health(gpus=gpus, source="nvidia-smi", fabric_manager=fm))
+
+
+def test_an_nvswitch_hosts_move_installs_its_fabric_manager_at_the_drivers_version_and_rolls_it_back():
+    m = move(nvswitch(hardware("a100-sxm4-80gb", "ubuntu-22.04")))
+    assert m.fabric_manager == ("nvidia-fabricmanager-580", "libnvidia-nscq-580")
+    first = shlex.quote(m.packages[0])
+    assert m.install[-3:] == (
+        f"v=$(dpkg-query -W -f='${{Version}}' {first} | cut -d- -f1) && [ -n \"$v\" ] && DEBIAN_FRONTEND=noninteractive "
+        "apt-get install -y --no-install-recommends --allow-change-held-packages --allow-downgrades "
+        "nvidia-fabricmanager-580=\"$v-*\" libnvidia-nscq-580=\"$v-*\"",
+        "apt-mark hold nvidia-fabricmanager-580 libnvidia-nscq-580", "systemctl enable nvidia-fabricmanager")
+    assert "'nvidia-fabricmanager-570=570.133.20-*' 'libnvidia-nscq-570=570.133.20-*'" in " ".join(m.rollback)
+    assert m.rollback[-1] == "systemctl enable nvidia-fabricmanager"
+    assert "an NVSwitch host" in m.reasons[-1]
+    rhel = move(nvswitch(hardware("a100-sxm4-80gb", "rocky-9")))
+    assert rhel.fabric_manager == ("nvidia-fabric-manager", "libnvidia-nscq")
+    assert rhel.install[-2:] == ("dnf -y install nvidia-fabric-manager libnvidia-nscq", "systemctl enable nvidia-fabricmanager")
+
+
+def test_a_host_without_nvswitch_moves_its_driver_alone():
+    plain = move(hardware("a100-sxm4-80gb", "ubuntu-22.04"))
+    assert plain.fabric_manager == () and not any("fabric" in c for c in plain.install + plain.rollback)

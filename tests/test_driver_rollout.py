@@ -22,6 +22,7 @@ import yaml
 
 from fleetctl import records
 from tests.conftest import fleetctl_json, needs_sshd, wait_until
+from tests.lab.standins import write_installed
 
 pytestmark = needs_sshd
 BASE = "a100-sxm4-80gb"  # R570 (570.133.20), CUDA 12.8: R580 is the oldest branch that runs CUDA 13.0
@@ -169,3 +170,88 @@ def test_after_a_driver_move_the_lock_holds_the_new_driver_and_an_audit_is_clean
     code, audit = fleetctl_json("audit", str(inventory))
     drifts = {d["kind"] for d in audit["hosts"]["a1"]["drift"]}
     assert not drifts & {"driver", "cuda_driver", "gpus"}, audit["hosts"]["a1"]
+
+
+FM_OLD, FM_NEW = "nvidia-fabricmanager-570", "nvidia-fabricmanager-580"
+
+
+def test_an_nvswitch_host_moves_its_fabric_manager_with_the_driver_and_back(small_lab, tmp_path):
+    """An HGX A100 (NVSwitch: its GPUs report a fabric state) on R570 with its fabric manager at 570.133.20:
+    the move installs R580's at exactly the new driver's version, held and enabled, starts it after the reboot
+    and serves only once every GPU's fabric completed; the rollback puts 570.133.20's back."""
+    lab = small_lab(("hgx", BASE, {"os_release": "ubuntu-22.04"}), net=89)
+    old = lab.derive_health(BASE, "a100-nvswitch", nvswitch=True)
+    new = lab.derive_health(lab.derive_profile(BASE, driver="580.65.06", cuda="13.0"), "a100-nvswitch-580", nvswitch=True)
+    host = lab.hosts["hgx"]
+    host.set_hardware(old)
+    host.driver_packages({NEW: new, OLD: old}, installed=[OLD])
+    write_installed(host.dir, {**host.packages, FM_OLD: "570.133.20-1", "libnvidia-nscq-570": "570.133.20-1"})
+    host.set_service("nvidia-fabricmanager", "active")
+    (host.dir / "services" / "nvidia-fabricmanager.enabled").touch()
+    host.reboot_delay = 2
+    playbook = tmp_path / "check-only.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": ["check"]}]))
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_reboot_timeout=60, fleet_fabric_timeout=20)
+
+    code, check = rollout(inventory, playbook, "--check")
+    move = check["hosts"]["hgx"]["driver"]
+    assert code == 0 and move["fabric_manager"] == [FM_NEW, "libnvidia-nscq-580"]
+    assert any(f'{FM_NEW}="$v-*"' in c for c in move["install"]) and "systemctl enable nvidia-fabricmanager" in move["install"]
+    assert any(f"{FM_OLD}=570.133.20-*" in c for c in move["rollback"])
+
+    code, out = rollout(inventory, playbook)
+    entry = out["hosts"]["hgx"]
+    assert code == 0 and entry["state"] == "done", entry
+    assert host.packages[FM_NEW] == "580.65.06" and FM_OLD not in host.packages and FM_NEW in host.held
+    assert host.service("nvidia-fabricmanager") == "active"
+    code, health = fleetctl_json("health", str(inventory))
+    assert code == 0 and health["hosts"]["hgx"]["status"] == "healthy", health["hosts"]["hgx"]["summary"]
+
+    code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
+    assert code == 0 and back["hosts"]["hgx"]["state"] == "reverted", back["hosts"]["hgx"]
+    assert host.packages[FM_OLD] == "570.133.20" and FM_NEW not in host.packages and FM_OLD in host.held
+    assert host.service("nvidia-fabricmanager") == "active" and driver(inventory, "hgx") == "570.133.20"
+
+
+def test_an_nvswitch_host_whose_fabric_never_completes_stops_at_verify_drained(small_lab, tmp_path):
+    """Where the fabric does not complete after the new fabric manager started (an NVSwitch or NVLink fault:
+    the GPUs' fabric state stays In Progress), the host stops at verify, drained: it never serves without CUDA."""
+    lab = small_lab(("hgx", BASE, {"os_release": "ubuntu-22.04"}), net=89)
+    old = lab.derive_health(BASE, "a100-nvswitch", nvswitch=True)
+    stuck = lab.derive_health(lab.derive_profile(BASE, driver="580.65.06", cuda="13.0"), "a100-nvswitch-580-stuck",
+                              nvswitch=True, changes={"fabric.state": "In Progress", "fabric.status": "N/A"})
+    host = lab.hosts["hgx"]
+    host.set_hardware(old)
+    host.driver_packages({NEW: stuck, OLD: old}, installed=[OLD])
+    write_installed(host.dir, {**host.packages, FM_OLD: "570.133.20-1"})
+    host.reboot_delay = 2
+    playbook = tmp_path / "check-only.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": ["check"]}]))
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_reboot_timeout=60, fleet_fabric_timeout=3)
+
+    code, out = rollout(inventory, playbook)
+    entry = out["hosts"]["hgx"]
+    assert code != 0 and (entry["state"], entry["stopped_at"], entry["drained"]) == ("failed", "verify", True), entry
+    assert entry["error"].startswith("GPU 0: NVSwitch fabric not completed (state in progress") and "(after 3 s)" in entry["error"]
+    assert host.service("nvidia-fabricmanager") == "active" and host.packages[FM_NEW] == "580.65.06"
+
+
+def test_a_host_sick_after_its_driver_moves_reboot_is_stopped_by_the_gates_health_read(small_lab, tmp_path):
+    """The wave's gate reads health before (check, on the facts before the move) and after the reboot (the serve
+    phase's check, on the facts the new driver gives): a GPU whose row remap is pending after the reboot fails
+    there, named with its action, and the waves stop."""
+    lab = small_lab(("a1", BASE, {"os_release": "ubuntu-22.04"}), ("a2", BASE, {"os_release": "ubuntu-22.04"}), net=89)
+    sick = lab.derive_health(lab.derive_profile(BASE, driver="580.65.06", cuda="13.0"), "a100-580-remap",
+                             changes={"remapped_rows.pending": "Yes"}, gpu=3)
+    for host in lab.hosts.values():
+        host.driver_packages({NEW: sick, OLD: BASE}, installed=[OLD])
+        host.reboot_delay = 2
+    playbook = tmp_path / "check-only.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "gate", "hosts": "all", "steps": ["check"]}]))
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_reboot_timeout=60)
+    code, out = rollout(inventory, playbook)
+    canary = out["hosts"]["a1"]
+    assert code != 0 and out["status"] == "stopped"
+    assert (canary["state"], canary["stopped_at"], canary["step"]) == ("failed", "serve", "check"), canary
+    assert canary["error"].startswith("unhealthy: GPU 3: a memory row is waiting to be remapped: RESET_GPU")
+    assert out["hosts"]["a2"]["state"] == "pending"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fleetctl.facts import (
-    ContainerRuntime, Gpu, OsRelease, PythonInfo, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
+    ContainerRuntime, Facts, Gpu, GpuProcess, OsRelease, PythonInfo, parse_compute_apps, parse_fleet_state,
+    parse_nvml_processes, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
     parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_packages, parse_probe, split_sections,
     canonical_name,
 )
@@ -63,6 +66,46 @@ def test_nvml_json():
     assert (driver, cuda) == ("580.159.04", "13.0")
     assert (gpus[0].compute_capability, gpus[0].memory_mib) == ("9.0", 81559)
     assert parse_nvml('{"driver": "575.57.08", "cuda_driver": 12090, "gpus": []}')[2] == "12.9"
+
+
+def test_nvml_memory_and_processes():
+    """The fields the probe reads since issue 25 (NVML's nvmlDeviceGetMemoryInfo and
+    nvmlDeviceGetComputeRunningProcesses; a pid's memory None where the driver does not say). Constructed from
+    the issue's figures, not captured: tests/gpu/prove.sh beside records the real one (nvml-apps.json)."""
+    text = ('{"driver": "580.159.04", "cuda_driver": 13000, "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", '
+            '"uuid": "GPU-x", "cc": [9, 0], "memory_bytes": 85520809984, "memory_used_bytes": 78921072640, '
+            '"memory_free_bytes": 6096420864, "processes": [[1796, 78416707584], [2210, null]], '
+            '"pci_bus_id": "00000000:00:06.0", "mig_mode": "Disabled"}]}')
+    gpus, _, _ = parse_nvml(text)
+    assert (gpus[0].memory_mib, gpus[0].memory_used_mib, gpus[0].memory_free_mib) == (81559, 75265, 5814)
+    assert parse_nvml_processes(text) == (GpuProcess(0, 1796, 74784), GpuProcess(0, 2210, None))
+    older = text.replace(', "processes": [[1796, 78416707584], [2210, null]]', "")
+    assert parse_nvml_processes(older) == () and parse_nvml(older)[0][0].memory_free_mib == 5814
+
+
+def test_compute_apps_csv():
+    gpus, _ = parse_nvidia_smi_query((HW / "h100-sxm-80gb" / "query.csv").read_text())
+    assert gpus[0].memory_used_mib is None  # captured before the query asked for memory.used/free
+    apps = (DATA.parent / "gpu-memory" / "compute-apps-h100-serving.csv").read_text()
+    assert parse_compute_apps(apps, gpus) == (GpuProcess(0, 1796, 74784), GpuProcess(0, 2210, None))
+    assert parse_compute_apps((DATA.parent / "gpu-memory" / "compute-apps-none.csv").read_text(), gpus) == ()
+    assert parse_compute_apps("fake nvidia-smi: unsupported arguments", gpus) == ()
+    # The real answer on the GPU test host with the service up (an extra process_name column, by header).
+    captured = (DATA.parent / "gpu-memory" / "compute-apps-h100-captured.csv").read_text()
+    assert parse_compute_apps(captured, (replace(gpus[0], uuid="GPU-00000000-0000-0000-0000-000000000000"),)) == (
+        GpuProcess(0, 2171, 75206),)
+    with_memory = "index, uuid, memory.total [MiB], memory.used [MiB], memory.free [MiB], name\n" \
+                  "0, GPU-x, 81559 MiB, 75265 MiB, 5814 MiB, NVIDIA H100 80GB HBM3\n"
+    (gpu,), _ = parse_nvidia_smi_query(with_memory)
+    assert (gpu.memory_used_mib, gpu.memory_free_mib) == (75265, 5814)
+
+
+def test_service_processes_and_gpu_processes_round_trip():
+    fleet = parse_fleet_state("current=envs/a\nservice=running\nservice_pids=1796 1797 \nservice_pids=1797 1800\n")
+    assert fleet.service_pids == (1796, 1797, 1800)
+    facts = Facts(fleet=fleet, gpu_processes=(GpuProcess(0, 1796, 74784),))
+    again = Facts.from_dict(json.loads(json.dumps(facts.to_dict())))
+    assert again == facts and again.fleet.service_pids == (1796, 1797, 1800)
 
 
 def test_os_release_and_friends():

@@ -3,13 +3,14 @@ outcome's status: a task's value that reports a failure of its own makes the hos
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
 from fleetctl import Host, Status, exit_code, fan_out, gather, load_inventory
-from tests.conftest import fleetctl_json, wait_until
+from tests.conftest import fleetctl, fleetctl_json, wait_until
 from tests.lab import PORT
 
 
@@ -151,3 +152,40 @@ def test_connections_leave_the_shared_fabric_config_alone(small_lab, tmp_path):
     outcomes, _ = facts_run(lab, tmp_path)
     assert statuses(outcomes) == ["ok", "ok"]
     assert connection._fabric_config()._modifications == {}
+
+
+def test_known_hosts_markers_revoked_refused_cert_authority_skipped_with_one_warning(small_lab, tmp_path):
+    """Issue 26 item 4: a known_hosts with @cert-authority or @revoked lines failed every host with
+    "internal error: InvalidHostKey" while OpenSSH connected. The host here presents a real host
+    certificate (ssh-keygen -s CA -h) that OpenSSH accepts through the @cert-authority line alone."""
+    lab = small_lab(("certified", "t4", {}), net=95)
+    host = lab.hosts["certified"]
+    ca = tmp_path / "ca"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ca)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", "lab-host", "-h", "-n", host.address,
+                    str(host.dir / "ssh_host_ed25519_key.pub")], check=True, capture_output=True)
+    host.kill()
+    lab.start()  # sshd again, now with its HostCertificate
+    plain = lab.known_hosts.read_text().strip()
+    name, key_type, key = plain.split()[:3]
+    ca_line = f"@cert-authority {name} {' '.join(ca.with_suffix('.pub').read_text().split()[:2])}"
+    inventory = lab.write_inventory(tmp_path / "inv.yml")
+
+    lab.known_hosts.write_text(ca_line + "\n")
+    assert lab.ssh("certified", "true").returncode == 0  # OpenSSH: the certificate is good
+    proc = fleetctl("facts", inventory, "--json", timeout=60)
+    out = json.loads(proc.stdout)["hosts"]["certified"]
+    assert "internal error" not in json.dumps(out) and "known_hosts" in out["error"], out
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "@cert-authority" in warnings[0] and str(lab.known_hosts) in warnings[0], warnings
+
+    lab.known_hosts.write_text(f"{ca_line}\n{plain}\n")  # the host's own key beside it: it connects
+    proc = fleetctl("facts", inventory, "--json", timeout=60)
+    assert json.loads(proc.stdout)["hosts"]["certified"]["status"] == "ok", proc.stdout[-500:]
+    assert len([line for line in proc.stderr.splitlines() if "warning" in line]) == 1
+
+    lab.known_hosts.write_text(f"@revoked * {key_type} {key}\n{plain}\n")  # listed, but revoked: refused
+    proc = fleetctl("facts", inventory, "--json", timeout=60)
+    out = json.loads(proc.stdout)["hosts"]["certified"]
+    assert out["status"] == "unreachable" and "revoked" in out["error"], out
+    assert lab.ssh("certified", "true").returncode != 0  # as OpenSSH refuses it

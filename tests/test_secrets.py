@@ -74,7 +74,7 @@ class HeldIndex(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, held: str = "/simple/torch"):
         self.seen: list[tuple[str, str]] = []
         self.waiting = threading.Event()
         self.release = threading.Event()
@@ -84,7 +84,7 @@ class HeldIndex(http.server.ThreadingHTTPServer):
             def do_GET(self):
                 auth = self.headers.get("Authorization", "")
                 server.seen.append((self.path, base64.b64decode(auth.split()[-1]).decode() if auth else ""))
-                if self.path.startswith("/simple/torch"):
+                if self.path.startswith(held):
                     server.waiting.set()
                     server.release.wait(120)
                 self.send_error(404)
@@ -233,7 +233,7 @@ def test_a_wheel_changed_on_the_host_after_the_push_is_not_installed(small_lab, 
     finally:
         conn.close()
     step = steps.install(c).outcome(result)
-    assert result.exited == steps.WHEEL_MISMATCH, result.stdout + result.stderr
+    assert result.exited == 1 and steps.INSTALL_FAULT in result.stderr, result.stdout + result.stderr
     assert step.status == "failed" and step.detail == (
         f"a wheel on the host differs from the controller's (sha256): {good.name}; nothing was installed")
     assert not (host.fleet_root / "envs").exists() and not list(host.fleet_root.glob(".install.*"))
@@ -407,3 +407,79 @@ def test_the_probe_does_not_run_an_environment_another_user_owns(small_lab, tmp_
     installed = out["hosts"]["cpu-o"]["facts"]["installed"]
     assert installed["torch"] == "2.13.0+cpu" and installed["python"] == "3.11.2", installed
     assert installed["stack_id"] == "kernels-torch-2.13.0-abc"
+
+
+# ---------------------------------------------------------------- issue 26, item 1
+
+def test_rollout_json_shows_the_request_as_the_journal_has_it(small_lab, tmp_path):
+    """rollout --json printed hosts.<h>.run.request.torch_index with the token although the journal
+    on disk was redacted: both now come from one serialisation."""
+    env = {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}
+    lab = small_lab(("cpu-j", None, {"env": env}), net=94)
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_torch_index=f"http://fleet:{TOKEN}@127.0.0.1:9/simple")
+    playbook = tmp_path / "play.yml"
+    playbook.write_text("- name: install only\n  hosts: all\n  steps: [check, install]\n")
+    proc = fleetctl("rollout", inventory, "--vllm", "0.31.0", "--playbook", playbook, "--json", timeout=600)
+    out = json.loads(proc.stdout)
+    host = out["hosts"]["cpu-j"]
+    assert host["state"] == "failed" and host["run"]["request"]["torch_index"] == "http://fleet:***@127.0.0.1:9/simple"
+    journal = Path(os.environ["XDG_STATE_HOME"]).rglob(f"{out['run_id']}.json")
+    assert TOKEN not in proc.stdout + proc.stderr and TOKEN not in next(journal).read_text()
+
+
+def test_the_controllers_pip_gets_index_urls_from_a_private_file_never_argv(tmp_path, monkeypatch):
+    """`fleetctl wheelhouse` ran `pip download … --extra-index-url http://user:TOKEN@…`: any user's
+    `ps` showed the token. The index server looks at every process's command line while pip asks it."""
+    from fleetctl.wheelhouse import HostInput, build, plan_classes
+    from tests.test_wheelhouse import KERNELS, facts
+
+    for name, value in {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                        "PIP_RETRIES": "0"}.items():  # this machine's pip asks the held index alone
+        monkeypatch.setenv(name, value)
+    index = HeldIndex(held="/simple/")
+    url = f"http://fleet:{TOKEN}@127.0.0.1:{index.server_address[1]}/simple"
+    (plan,) = plan_classes([HostInput("gpu", facts(), replace(KERNELS, torch_index=url), {})])
+    seen: list[str] = []
+
+    def watch():
+        index.waiting.wait(120)
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                seen.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+        index.release.set()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    (result,) = build([plan], tmp_path / "wh")
+    watcher.join()
+    assert not result.ok and index.waiting.is_set()  # pip asked the index (and found nothing there)
+    assert any(path.startswith("/simple/") and cred == f"fleet:{TOKEN}" for path, cred in index.seen)
+    assert any(" pip " in c for c in seen), seen  # looked while pip ran
+    assert not [c for c in seen if TOKEN in c]
+    assert TOKEN not in result.error
+
+
+# ---------------------------------------------------------------- issue 26, item 5
+
+def test_a_full_disk_during_the_environment_build_is_named_and_the_partial_environment_removed(small_lab, tmp_path):
+    """The build said only "installing … failed (exit 1)" (ensurepip's tail) and left the partial
+    environment filling the disk. A real 150 MiB tmpfs as the fleet root: the wheel is pushed and
+    copied, then the venv's pip no longer fits."""
+    lab = namespaced_host(small_lab, 90)
+    mounted = lab.ssh("gpu-f", "mount -t tmpfs -o size=150m fleet-full /opt/fleetctl")
+    assert mounted.returncode == 0, mounted.stderr
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_vllm="none")
+    play = tmp_path / "play.yml"  # the check's free-space estimate (0.1 GiB seen) is let through
+    play.write_text("- name: p\n  hosts: all\n  install: {min_free_gib: 0.05}\n")
+    house = tmp_path / "wheelhouse"  # 70 MiB pushed, 70 copied for the install: 10 left for the venv
+    house.mkdir()
+    (house / "big-1.0-py3-none-any.whl").write_bytes(os.urandom(70 << 20))
+    code, record = fleetctl_json("provision", inventory, "--playbook", play, "--wheelhouse", house, timeout=600)
+    run = record["hosts"]["gpu-f"]
+    install = next((s for s in run["steps"] if s["name"] == "install"), run)
+    assert install["status"] == "failed", install
+    assert install.get("detail", "").startswith("No space left on device under /opt/fleetctl: "), run["steps"]
+    assert install["detail"].endswith(" MiB free"), install["detail"]
+    left = lab.ssh("gpu-f", "ls -A /opt/fleetctl/envs 2>/dev/null; ls -d /opt/fleetctl/.install.* 2>/dev/null; true")
+    assert left.returncode == 0 and left.stdout.strip() == "", left.stdout  # no partial environment, no work dir

@@ -143,6 +143,9 @@ def test_smoke_argv_is_the_one_command_line():
                    "--data-parallel-size", "1", "--max-model-len", "256", "--gpu-memory-utilization", "0.3",
                    "--keep-serving", "/w/pid"]
     assert backend_option(load_matrix(), "0.8.5.post1") == "env"
+    # A proof (not the service) sizes its memory on the host as it starts, under the serving fraction.
+    proof = smoke_argv(GPU_STACK, serve, option, port=0, work="/w", proof_memory=True)
+    assert proof[-1] == "--proof-memory" and "--keep-serving" not in proof
 
 
 def test_a_refused_layout_fails_the_check_step_before_anything_is_installed(small_lab, tmp_path):
@@ -158,5 +161,6 @@ def test_a_refused_layout_fails_the_check_step_before_anything_is_installed(smal
         run = out["hosts"][name]
         assert [(s["name"], s["status"]) for s in run["steps"]] == [("check", "failed")], run["steps"]
         assert reason in run["steps"][0]["detail"]
-        # Only the host lock, taken before the steps: nothing installed, nothing half-installed.
-        assert [p.name for p in lab.hosts[name].fleet_root.iterdir()] == [".lock"]
+        # Only the host's locks (the run's, and the install's it checks), taken before the steps: nothing
+        # installed, nothing half-installed.
+        assert {p.name for p in lab.hosts[name].fleet_root.iterdir()} <= {".lock", ".install-lock"}

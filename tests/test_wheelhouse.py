@@ -151,7 +151,7 @@ def test_extra_packages_that_contradict_the_stack_still_get_a_left_out_list(tmp_
             return subprocess.CompletedProcess(args, 1, "", "ERROR: ResolutionImpossible: conflicting apache-tvm-ffi\n")
         return fake(args)
     (result,) = build([plan], tmp_path, runner=refuse_extras)
-    assert [c[0] for c in calls] == ["install", "install", "download"]
+    assert [c[0] for c in calls] == ["install", "install", "download", "download"]  # the last: uv's wheel
     assert calls[2][-2:] == ["flashinfer-python==0.7.2.post1", "apache-tvm-ffi==0.1.10"]
     entry = result.entry
     assert "numpy==2.4.6" in entry["left_out"] and not any(p.startswith("apache-tvm-ffi") for p in entry["left_out"])
@@ -173,7 +173,7 @@ def fake_pip(report: dict, calls: list, fail_download: str | None = None):
         dest = Path(args[args.index("--dest") + 1])
         for pin in (a for a in args if "==" in a):
             name, version = pin.split("==")
-            file = chosen[name]["file"] if chosen[name]["version"] == version else \
+            file = chosen[name]["file"] if name in chosen and chosen[name]["version"] == version else \
                 f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
             (dest / file).write_bytes(pin.encode())
         return subprocess.CompletedProcess(args, 0, "", "")
@@ -188,13 +188,16 @@ def test_full_closure_skips_what_the_host_has(tmp_path):
     calls = []
     (result,) = build([plan], tmp_path, runner=fake_pip(report, calls))
     assert result.ok, result.error
-    install, download = calls
+    install, download, uv = calls
+    assert uv[-1] == "uv==0.13.9" and "manylinux_2_39_x86_64" in uv  # the binary provision carries, for the platform
     constraints = Path(install[install.index("-c") + 1])  # gone with its temporary directory, but was passed
     assert constraints.name == "host-constraints.txt"
     assert "--no-deps" in download and "torch==2.11.0" not in download and "numpy==2.4.6" not in download
     assert "nvidia-cutlass-dsl==4.8.1" in download and "flashinfer-python==0.7.2.post1" in download
     entry = read_manifest(tmp_path)["classes"][plan.name]
     assert entry["provided_by_host"] == ["numpy==2.4.6", "torch==2.11.0+cu130"] and entry["left_out"] == []
+    assert entry["installer"]["name"] == "uv-0.13.9-py3-none-any.whl" and entry["installer"]["sha256"] == \
+        hashlib.sha256(b"uv==0.13.9").hexdigest()
     assert len(entry["files"]) == len(closure(report)) - 2
     for f in entry["files"]:
         assert f["sha256"] == hashlib.sha256((tmp_path / f["name"]).read_bytes()).hexdigest()
@@ -376,3 +379,81 @@ def test_a_host_package_the_stack_needs_at_another_version_is_named():
     from fleetctl.wheelhouse import host_conflicts
     assert host_conflicts(PIP_CONFLICT) == {"numba": "vllm 0.26.0 depends on numba==0.65.0"}
     assert host_conflicts("ERROR: No matching distribution found for vllm==9.9") == {}
+
+
+# ---------------------------------------------------------------- uv's resolution
+
+UV_COMPILED = Path(__file__).parent / "data" / "wheelhouse" / "uv-compile-vllm-0.26.0-cp312-manylinux_2_39.txt"
+UV_CONFLICT = Path(__file__).parent / "data" / "wheelhouse" / "uv-compile-conflict.stderr"
+
+
+@pytest.mark.parametrize("glibc, arch, want", [("2.39", "x86_64", "x86_64-manylinux_2_39"),
+                                               ("2.29", "x86_64", "x86_64-manylinux_2_28"),
+                                               ("2.17", "aarch64", "aarch64-manylinux_2_17"),
+                                               ("2.43", "aarch64", "aarch64-manylinux_2_40"),
+                                               ("2.12", "x86_64", None), ("2.39", "ppc64le", None)])
+def test_uv_is_told_the_newest_manylinux_it_names_that_the_host_admits(glibc, arch, want):
+    from fleetctl.wheelhouse import uv_platform
+    assert uv_platform(Platform("3.12", glibc, arch)) == want
+
+
+def test_uvs_compiled_closure_with_who_asked_for_each():
+    """Recorded: vLLM 0.26.0's closure for the GPU test host (cp312, glibc 2.39), one uv pass."""
+    from fleetctl.wheelhouse import uv_closure, uv_host_conflicts
+    chosen = uv_closure(UV_COMPILED.read_text())
+    assert len(chosen) == 197 and chosen["numba"] == {"version": "0.65.0", "file": None, "sha256": None, "via": ["vllm"]}
+    assert chosen["flashinfer-python"]["via"] == ["vllm"]  # the requirements file is not a package
+    host = {"numba": "0.68.0", "torch": "2.11.0+cu130", "pyyaml": "6.0.3"}
+    assert uv_host_conflicts(chosen, host) == ["vllm needs numba==0.65.0 (the host has numba 0.68.0)"]
+
+
+def fake_uv(calls: list, compiled: str | None = None, stderr: str = ""):
+    """uv as a seam: ``pip compile`` reads its output file (the preferences), then writes *compiled*."""
+    def run(args, env):
+        output = Path(args[args.index("--output-file") + 1])
+        calls.append((args, dict(env), output.read_text()))
+        if compiled is None:
+            return subprocess.CompletedProcess(args, 1, "", stderr)
+        output.write_text(compiled)
+        return subprocess.CompletedProcess(args, 0, "", "")
+    return run
+
+
+def test_uv_resolves_in_one_pass_and_names_what_shadows_the_host(tmp_path):
+    """The host's packages go to uv as preferences (the seeded output file), not constraints: the
+    numba vLLM pins is simply chosen, and named, with no second resolution; the index URL, which
+    carries a credential, is in uv's environment, never its argv."""
+    host = {"numba": "0.68.0", "torch": "2.11.0+cu130", "six": "1.17.0"}
+    stack = replace(KERNELS, torch_index="https://user:s3cret@download.example/whl/cu130")
+    (plan,) = plan_classes([HostInput("gpu", facts(packages=host, torch="2.11.0+cu130"), stack, {"no_deps": True})])
+    uv_calls, pip_calls = [], []
+    (result,) = build([plan], tmp_path, runner=fake_pip(json.loads(REPORT.read_text()), pip_calls),
+                      uv=fake_uv(uv_calls, UV_COMPILED.read_text()))
+    assert result.ok, result.error
+    ((args, env, preferences),) = uv_calls
+    assert preferences.splitlines() == ["numba==0.68.0", "six==1.17.0", "torch==2.11.0"]
+    assert args[args.index("--python-platform") + 1] == "x86_64-manylinux_2_39"
+    assert not any("s3cret" in a for a in args) and "s3cret" in env["UV_EXTRA_INDEX_URL"]
+    assert [c[0] for c in pip_calls] == ["download", "download"]  # pip resolves nothing
+    entry = result.entry
+    assert entry["resolver"] == "uv" and entry["host_conflicts"] == [
+        "vllm needs numba==0.65.0 (the host has numba 0.68.0)"]
+    assert "torch==2.11.0+cu130" in entry["provided_by_host"] and "numpy==2.3.5" in entry["left_out"]
+    assert "s3cret" not in json.dumps(read_manifest(tmp_path))
+
+
+def test_a_closure_uv_cannot_resolve_is_one_line(tmp_path):
+    (plan,) = plan_classes([HostInput("gpu-1", facts(), VLLM, {})])
+    (result,) = build([plan], tmp_path, runner=fake_pip({}, []), uv=fake_uv([], stderr=UV_CONFLICT.read_text()))
+    assert not result.ok and "\n" not in result.error
+    assert result.error.startswith(f"class {plan.name} (gpu-1): uv cannot resolve torch==2.14.0 vllm==0.33.0 ")
+    assert "Because vllm==0.26.0 depends on numba==0.65.0 and numba==0.68.0" in result.error
+
+
+def test_pip_resolves_when_asked_to(tmp_path):
+    (plan,) = plan_classes([HostInput("gpu", facts(), KERNELS, {})])
+    uv_calls, pip_calls = [], []
+    (result,) = build([plan], tmp_path, runner=fake_pip(json.loads(REPORT.read_text()), pip_calls),
+                      uv=fake_uv(uv_calls, UV_COMPILED.read_text()), resolver="pip")
+    assert result.ok and uv_calls == [] and [c[0] for c in pip_calls] == ["install", "download", "download"]
+    assert result.entry["resolver"] == "pip"

@@ -15,6 +15,20 @@ probe() {
 
 s user; id -un; e
 s fleet-root; echo "$ROOT"; e
+# How the host is reached: the login's uid, whether sudo answers without a password (-n reads none and
+# counts no try), and whether this user may write the fleet_root (or, where it does not exist yet, the
+# directory it would be made in).
+s reach
+echo "uid=$(id -u)"
+if command -v sudo >/dev/null 2>&1; then
+  o=$(sudo -n true 2>&1 </dev/null); r=$?
+  # "a password is required" is said to a user with no sudo too; -v tells them apart ("may not run sudo")
+  [ "$r" = 0 ] || o=$(sudo -n -v 2>&1 </dev/null)
+  echo "sudo_rc=$r"; printf 'sudo_said=%s\n' "$(printf '%s' "$o" | head -n 1)"
+else echo "sudo_rc=127"; fi
+d=$ROOT; while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+[ -w "$d" ] && echo root_writable=yes || echo root_writable=no
+e
 s os-release; cat /etc/os-release; e
 s uname; uname -r -m; e
 s glibc; getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1; e
@@ -75,6 +89,52 @@ try:
 except nv.NVMLError as exc:
     print(f"NVML: {exc}\n@@rc 1")
     raise SystemExit(1)
+
+
+def ask(call, *args):
+    """One NVML answer, or None where this GPU, driver or binding does not support it."""
+    try:
+        return call(*args)
+    except (nv.NVMLError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def nvlinks(h):
+    """Each NVLink's state (1 up, 0 down) up to the first link the GPU does not have."""
+    states = []
+    for link in range(getattr(nv, "NVML_NVLINK_MAX_LINKS", 18)):
+        state = ask(nv.nvmlDeviceGetNvLinkState, h, link)
+        if state is None:
+            break
+        states.append(state)
+    return states
+
+
+def fabric(h):
+    """NVML's GPU fabric info: [state, status] (state 0: not an NVSwitch system)."""
+    import ctypes
+    info = nv.c_nvmlGpuFabricInfo_t()
+    return None if ask(nv.nvmlDeviceGetGpuFabricInfo, h, ctypes.byref(info)) is None else [info.state, info.status]
+
+
+def health(h):
+    reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+    unc = getattr(nv, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1)
+    return {
+        "ecc_mode": (ask(nv.nvmlDeviceGetEccMode, h) or [None])[0],
+        "ecc_uncorrected": [ask(nv.nvmlDeviceGetTotalEccErrors, h, unc, getattr(nv, "NVML_VOLATILE_ECC", 0)),
+                            ask(nv.nvmlDeviceGetTotalEccErrors, h, unc, getattr(nv, "NVML_AGGREGATE_ECC", 1))],
+        "retired_pages_pending": ask(nv.nvmlDeviceGetRetiredPagesPendingStatus, h),
+        "remapped_rows": ask(nv.nvmlDeviceGetRemappedRows, h),
+        "clock_event_reasons": ask(reasons, h),
+        "pcie": [ask(nv.nvmlDeviceGetCurrPcieLinkGeneration, h), ask(nv.nvmlDeviceGetMaxPcieLinkGeneration, h),
+                 ask(nv.nvmlDeviceGetCurrPcieLinkWidth, h), ask(nv.nvmlDeviceGetMaxPcieLinkWidth, h)],
+        "nvlink": nvlinks(h),
+        "persistence": ask(nv.nvmlDeviceGetPersistenceMode, h),
+        "fabric": ask(fabric, h),
+    }
+
+
 gpus = []
 for i in range(nv.nvmlDeviceGetCount()):
     h = nv.nvmlDeviceGetHandleByIndex(i)
@@ -82,11 +142,17 @@ for i in range(nv.nvmlDeviceGetCount()):
         mig = "Enabled" if nv.nvmlDeviceGetMigMode(h)[0] else "Disabled"
     except nv.NVMLError:
         mig = None
+    memory = nv.nvmlDeviceGetMemoryInfo(h)
+    try:  # who holds the memory: [pid, bytes] (bytes None where the driver does not say, as in some containers)
+        apps = [[p.pid, p.usedGpuMemory] for p in nv.nvmlDeviceGetComputeRunningProcesses(h)]
+    except nv.NVMLError:
+        apps = None
     gpus.append({
         "index": i, "name": text(nv.nvmlDeviceGetName(h)), "uuid": text(nv.nvmlDeviceGetUUID(h)),
         "cc": list(nv.nvmlDeviceGetCudaComputeCapability(h)),
-        "memory_bytes": nv.nvmlDeviceGetMemoryInfo(h).total,
-        "pci_bus_id": text(nv.nvmlDeviceGetPciInfo(h).busId), "mig_mode": mig,
+        "memory_bytes": memory.total, "memory_used_bytes": memory.used, "memory_free_bytes": memory.free,
+        "processes": apps, "pci_bus_id": text(nv.nvmlDeviceGetPciInfo(h).busId), "mig_mode": mig,
+        "health": health(h),
     })
 print(json.dumps({
     "driver": text(nv.nvmlSystemGetDriverVersion()),
@@ -100,8 +166,54 @@ rc=$?
 if [ "$rc" != 0 ]; then
   s nvidia-smi-query; nvidia-smi --query-gpu=@QUERY@ --format=csv 2>&1; e
   s nvidia-smi; nvidia-smi 2>&1; e
+  # Health fields, NVML's answers above where it answered. Drivers before R550 have no fabric.*
+  # and before R460 no remapped_rows.*: an unknown field fails the whole query, so ask without them.
+  s gpu-health
+  nvidia-smi --query-gpu=@HEALTH@ --format=csv 2>&1 || nvidia-smi --query-gpu=@HEALTH_OLD@ --format=csv 2>&1; e
+  s nvlink; nvidia-smi nvlink -s 2>&1; e
+  s nvidia-smi-apps; nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv 2>&1; e
+fi
+# GPU hosts only (an NVIDIA driver's device or nvidia-smi): the fabric manager and the kernel log's Xid events.
+if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then
+s fabric-manager
+# Needed on NVSwitch hosts only (their GPUs' fabric state says so): the package at the driver's version, and its
+# service. The package database is read only where the package's binary is on the host.
+if command -v nv-fabricmanager >/dev/null 2>&1; then
+  command -v dpkg-query >/dev/null 2>&1 && dpkg-query -W -f='package=${Package} ${Version} ${Status}\n' 'nvidia-fabricmanager*' 2>/dev/null
+  command -v rpm >/dev/null 2>&1 && rpm -qa --qf 'package=%{NAME} %{VERSION} install ok installed\n' 'nvidia-fabric*manager*' 2>/dev/null
+fi
+command -v systemctl >/dev/null 2>&1 && echo "service=$(systemctl is-active nvidia-fabricmanager 2>/dev/null)"
+true; e
+s kernel-log
+# Xid events since boot. The kernel log needs root (kernel.dmesg_restrict): this one command,
+# kernel_log, is all that needs it; as another user it runs through sudo -n where that asks no password.
+kernel_log() { dmesg 2>&1; }
+if [ "$(id -u)" = 0 ]; then K=kernel_log
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then K="sudo -n dmesg"
+else K=; fi
+if [ -z "$K" ]; then echo "unread=reading the kernel log needs root: run as root, or allow this user sudo dmesg without a password"
+elif O=$($K 2>&1); then echo "read=yes"; printf '%s\n' "$O" | grep -E 'NVRM: Xid' | tail -n 200
+else echo "unread=dmesg failed: $(printf '%s\n' "$O" | tail -n 1)"; fi
+true; e
 fi
 
+# What a stack may need from the host's packages (issue: a bare image has python3 without venv): venv and
+# ensurepip for the host's Python and its headers (one Python start), a C++ compiler, libnuma, the package manager.
+s host-packages
+"$PY" - 2>/dev/null <<'PYEOF'
+import os, sysconfig
+try:
+    import ensurepip, venv  # noqa: F401 - Debian's python3 has neither without python3-venv
+    print("venv=yes")
+except ImportError:
+    print("venv=no")
+print("python_headers=" + ("yes" if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else "no"))
+PYEOF
+command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 && echo cxx=yes || echo cxx=no
+n=no; for f in /usr/lib/*/libnuma.so.1 /usr/lib64/libnuma.so.1 /lib/*/libnuma.so.1 /usr/lib/libnuma.so.1; do
+  [ -e "$f" ] && { n=yes; break; }; done; echo "libnuma=$n"
+for m in apt-get dnf yum zypper; do command -v $m >/dev/null 2>&1 && { echo "manager=$m"; break; }; done
+e
 s nvcc; N=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null) && "$N" --version; e
 s disk; d=$ROOT; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"; e
 s container
@@ -230,6 +342,16 @@ echo "previous=$(readlink "$ROOT/previous" 2>/dev/null)"
 for d in "$ROOT"/envs/* "$ROOT"/containers/*; do [ -f "$d/fleetctl-stack.json" ] && echo "env=${d#"$ROOT"/}"; done
 if [ -f "$ROOT/service.pid" ]; then
   if kill -0 "$(cat "$ROOT/service.pid")" 2>/dev/null; then echo service=running; else echo service=dead; fi
+  # The service's processes (its process group: vLLM's engine holds the GPU, not its leader), to tell
+  # its GPU memory from another's.
+  sp=$(head -n 1 "$ROOT/service.pid")
+  case "$sp" in ''|*[!0-9]*) ;; *) echo "service_pids=$(ps -eo pid=,pgid= 2>/dev/null | awk -v g="$sp" '$2 == g {printf "%s ", $1}')" ;; esac
+fi
+# A systemd unit's processes: its control group's.
+cg=$(systemctl show -p ControlGroup --value fleetctl-vllm.service 2>/dev/null)
+if [ -n "$cg" ] && [ -r "/sys/fs/cgroup$cg/cgroup.procs" ]; then
+  systemctl is-active --quiet fleetctl-vllm.service && echo service=running
+  echo "service_pids=$(tr '\n' ' ' < "/sys/fs/cgroup$cg/cgroup.procs")"
 fi
 # container mode: "<runtime> <name>" of the serving container; its state, and whether its image is still the tag's
 if read -r rt cn 2>/dev/null < "$ROOT/service.container" && command -v "$rt" >/dev/null; then

@@ -6,13 +6,16 @@ Run with the new environment's Python, alone (it never imports fleetctl):
                     [--served-model-name NAME] [--tensor-parallel-size N] [--data-parallel-size N]
                     [--max-model-len N] [--gpu-memory-utilization F] [--extra-args JSON-LIST]
                     [--env JSON-OBJECT] [--compilation-config JSON-OBJECT] [--pycache DIR]
-                    [--max-tokens 8] [--timeout 300] [--keep-serving PIDFILE]
+                    [--max-tokens 8] [--timeout 300] [--keep-serving PIDFILE] [--proof-memory]
 It owns one verdict: the server came up, a completion returned exactly max_tokens tokens
 (/health alone proves nothing: it answers 200 while every completion fails), and the attention
 backend and CUDA-graph mode vLLM's log says it used are the ones asked for (one the log does not
 name is recorded as null, not failed). With no --model it serves a tiny random-weight Llama
 generated under --work, its heads split by the tensor-parallel size. The server runs in its own
 process group, and that group is always stopped: on return, on error, on SIGTERM or SIGINT.
+With --proof-memory (a proof beside a serving stack) the server's memory fraction is sized from what
+the GPUs have free as it starts (gpumem.py, shipped beside this file; --gpu-memory-utilization is
+then the most it gets), and where even that cannot hold the model it fails at once, naming the MiB.
 It prints exactly one JSON line on stdout and exits 0 on pass, 1 on fail.
 """
 
@@ -32,6 +35,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+if __package__:
+    from . import gpumem  # imported as fleetctl.remote.*
+else:  # run as a script from <root>/lib, where fleetctl ships gpumem.py beside it (or loaded by path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpumem
 
 MARKER = ".fleetctl-tiny-model"
 TINY_MAX_MODEL_LEN = 256
@@ -74,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generate the model where none is given, and start nothing (a systemd unit serves it)")
     p.add_argument("--keep-serving", metavar="PIDFILE",
                    help="on a pass, leave the server running as the host's service and write its pid here")
+    p.add_argument("--proof-memory", action="store_true",
+                   help="size the GPU memory fraction from what is free now (a proof beside a serving stack)")
     return p.parse_args(argv)
 
 
@@ -399,7 +410,10 @@ def run(args, report: dict, server: list) -> None:
     args.port = report["port"] = pick_port(args.port)
     if args.pycache:
         Path(args.pycache).mkdir(parents=True, exist_ok=True)
-    argv, env = server_command(args, sys.executable, str(model), on_cpu(args.vllm_package))
+    cpu = on_cpu(args.vllm_package)
+    if args.proof_memory and not cpu and not size_memory(args, report):
+        return
+    argv, env = server_command(args, sys.executable, str(model), cpu)
     report["command"] = argv
     report["env"] = env
     start = time.monotonic()
@@ -414,6 +428,25 @@ def run(args, report: dict, server: list) -> None:
     if ok and mismatch:
         ok, report["error"] = False, mismatch
     report["verdict"] = "pass" if ok else "fail"
+
+
+def size_memory(args, report: dict) -> bool:
+    """Give the server the fraction of GPU memory that is free now (gpumem's rule), into args; False (with
+    the verdict's error set) where the model does not fit, before any server starts."""
+    gpus = gpumem.visible(gpumem.read_gpus(), args.tensor_parallel_size * args.data_parallel_size)
+    if not gpus:  # neither NVML nor nvidia-smi answered: vLLM sizes itself
+        report["memory"] = None
+        return True
+    weights = gpumem.weights_mib(args.model)
+    need = gpumem.smoke_need_mib(weights, gpumem.model_config(args.model), args.max_model_len,
+                                 args.tensor_parallel_size)
+    sizing = gpumem.size(gpus, need, args.gpu_memory_utilization)
+    report["memory"] = sizing.to_dict()
+    if not sizing.fits:
+        report["error"] = gpumem.refusal("the smoke test's server", sizing)
+        return False
+    args.gpu_memory_utilization = sizing.fraction
+    return True
 
 
 def start_time(pid: int) -> str:
@@ -452,6 +485,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # any failure is a verdict on stdout, never a traceback
         report["verdict"], report["error"] = "fail", f"{type(exc).__name__}: {exc}"
     finally:
+        # Whether a server was ever started: a test that could not begin (a read-only work
+        # directory) says nothing about whether the environment serves.
+        report["started"] = bool(server)
         if server and args.keep_serving and report["verdict"] == "pass":
             write_pidfile(Path(args.keep_serving), server[0].pid)
             report["service_pid"] = server[0].pid

@@ -2,13 +2,16 @@
 
 Run with the new environment's Python, alone (it never imports fleetctl or vllm):
     python validate.py --expect-gpus N --expect-cc 9.0[,8.6] --backend NAME|none
-                       [--flashinfer|--no-flashinfer] [--sampler] [--tolerance 0.02]
+                       [--flashinfer|--no-flashinfer] [--sampler] [--tolerance 0.02] [--proof-memory]
 It owns one verdict: does torch see the GPUs the facts promised, and does the attention kernel
 (FlashInfer decode + prefill and a CUDA-graph replay of the decode, or torch SDPA where FlashInfer
 does not apply, or SDPA on the CPU) match a higher-precision reference within the tolerance; with
 --sampler, FlashInfer's top-k/top-p sampler (vLLM's sampler on CUDA) must keep every draw inside
 its row's top k. Its first calls JIT-build those modules into FlashInfer's cache, so the server
 that the smoke test starts next finds them built.
+With --proof-memory (beside a serving stack) it first checks that the GPUs have room for it (gpumem.py,
+shipped beside this file) and caps torch's allocator at that share; where they have not, it fails at
+once naming the MiB free and needed.
 It prints exactly one JSON line on stdout and exits 0 on pass, 1 on fail; anything the kernels
 print (FlashInfer's JIT build) is sent to stderr so the last stdout line is always the JSON.
 """
@@ -22,8 +25,21 @@ import os
 import sys
 import time
 
+
+def load_gpumem():
+    """The memory rule (gpumem.py), wanted only with --proof-memory: imported then, so the script also runs
+    where it is fed on stdin with nothing beside it (audit --validate writes nothing on the host)."""
+    if __package__:
+        from . import gpumem  # imported as fleetctl.remote.*
+    else:  # run as a script from <root>/lib, where fleetctl ships gpumem.py beside it (or loaded by path)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gpumem
+    return gpumem
+
+
 HEADS, KV_HEADS, HEAD_DIM, KV_LEN, PREFILL_LEN = 32, 8, 128, 1024, 128
 GRAPH_REPLAYS = 200
+ALLREDUCE_MIB, ALLREDUCE_WARMUP, ALLREDUCE_ITERS = 256, 2, 5
 FLASHINFER_MIN_CC = (7, 5)
 
 
@@ -36,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validate FlashInfer's kernels (default: only when --backend is FLASHINFER)")
     p.add_argument("--sampler", action="store_true", help="also prove FlashInfer's top-k/top-p sampler")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--allreduce-min-gbps", type=float, default=None,
+                   help="on hosts of 2+ GPUs, the bus bandwidth NCCL's all-reduce over all of them must reach")
+    p.add_argument("--proof-memory", action="store_true",
+                   help="check the GPUs have room for the kernels now, and cap torch's allocator at it")
     return p.parse_args(argv)
 
 
@@ -188,6 +208,67 @@ def sampler_check(torch, index: int) -> tuple[dict, dict]:
                           f"(first call {seconds:.1f} s)")
 
 
+def busbw_gbps(size_bytes: int, seconds: float, ranks: int) -> float:
+    """nccl-tests' bus bandwidth of an all-reduce, in GB/s: the algorithm bandwidth × 2(n-1)/n, the
+    share of the data each link carries in a ring, so the figure compares across GPU counts."""
+    return size_bytes / seconds * 2 * (ranks - 1) / ranks / 1e9
+
+
+def allreduce_rank(rank: int, ranks: int, init: str, backend: str, mib: int, out: str) -> None:
+    """One rank of the all-reduce (a process of its own, as NCCL wants): ALLREDUCE_WARMUP then
+    ALLREDUCE_ITERS sums of *mib* MiB of ones; rank 0 writes the timing and whether the sum is exact."""
+    import torch
+    import torch.distributed as dist
+    cuda = backend == "nccl"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=ranks)
+    try:
+        x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=f"cuda:{rank}" if cuda else "cpu")
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for _ in range(ALLREDUCE_WARMUP):
+            dist.all_reduce(x)
+        sync()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(ALLREDUCE_ITERS):
+            dist.all_reduce(x)
+        sync()
+        seconds = (time.perf_counter() - start) / ALLREDUCE_ITERS
+        exact = float(x[0]) == float(ranks) ** (ALLREDUCE_WARMUP + ALLREDUCE_ITERS) and float(x[-1]) == float(x[0])
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"seconds": seconds, "exact": exact}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce(torch, ranks: int, min_gbps: float | None, backend: str = "nccl", mib: int = ALLREDUCE_MIB) -> dict:
+    """The host's all-reduce check: one process per GPU (torch.multiprocessing), *mib* MiB a message;
+    its bus bandwidth judged against *min_gbps* where the controller knows the model's figure."""
+    if ranks < 2:
+        return check("allreduce", True, "one GPU: no all-reduce to measure (skipped)", applies=False)
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    with socket.socket() as s:  # a free port for the ranks' rendezvous, on loopback only
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with tempfile.TemporaryDirectory() as work:
+        out = os.path.join(work, "rank0.json")
+        mp.spawn(allreduce_rank, args=(ranks, init, backend, mib, out), nprocs=ranks, join=True)
+        with open(out) as f:
+            result = json.load(f)
+    gbps = busbw_gbps(mib * 2**20, result["seconds"], ranks)
+    fast = min_gbps is None or gbps >= min_gbps
+    judged = f", needs {min_gbps} GB/s" if min_gbps is not None else " (no expected figure: not judged)"
+    detail = f"{backend} all-reduce of {mib} MiB over {ranks} ranks: bus bandwidth {gbps:.1f} GB/s{judged}"
+    if not result["exact"]:
+        detail += "; the sum is WRONG"
+    return check("allreduce", fast and result["exact"], detail, busbw_gbps=round(gbps, 1), ranks=ranks,
+                 mib=mib, seconds=result["seconds"], min_gbps=min_gbps)
+
+
 def run_gpu(torch, args) -> tuple[list[dict], list[dict]]:
     count = torch.cuda.device_count()
     ccs = ["{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(count)]
@@ -213,6 +294,10 @@ def run_gpu(torch, args) -> tuple[list[dict], list[dict]]:
             gpu, gpu_checks = {"index": i, "cc": cc}, [check(f"gpu{i} kernels", False, f"{type(exc).__name__}: {exc}")]
         gpus.append(gpu)
         checks += gpu_checks
+    try:  # after the kernels, which leave their GPUs to the ranks' processes
+        checks.append(allreduce(torch, count, args.allreduce_min_gbps))
+    except Exception as exc:
+        checks.append(check("allreduce", False, f"all-reduce over {count} GPUs failed: {type(exc).__name__}: {exc}"))
     return gpus, checks
 
 
@@ -242,6 +327,26 @@ def run_cpu(torch, args) -> list[dict]:
     return checks
 
 
+def size_memory(torch, report: dict) -> bool:
+    """Room for the kernels on every GPU (gpumem's rule, read through NVML before torch touches a GPU), and
+    torch's allocator capped at it; False (with the verdict's error set) where a GPU lacks it."""
+    gpumem = load_gpumem()
+    gpus = gpumem.read_gpus()
+    gpus = gpumem.visible(gpus, len(gpus))
+    if not gpus:
+        report["memory"] = None
+        return True
+    sizing = gpumem.size(gpus, gpumem.VALIDATE_NEED_MIB)
+    report["memory"] = sizing.to_dict()
+    if not sizing.fits:
+        report["error"] = gpumem.refusal("the validation kernel", sizing)
+        report["verdict"] = "fail"
+        return False
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(sizing.fraction, index)
+    return True
+
+
 def run(args) -> dict:
     report = {"verdict": "fail", "device": None, "backend": args.backend, "checks": [], "gpus": [], "error": None}
     try:
@@ -251,6 +356,8 @@ def run(args) -> dict:
         report["import_s"] = time.perf_counter() - start
         if torch.cuda.is_available():
             report["device"] = "cuda"
+            if args.proof_memory and not size_memory(torch, report):
+                return report
             report["gpus"], report["checks"] = run_gpu(torch, args)
         else:
             report["device"] = "cpu"

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from .profiles import HARDWARE, derive_profile
-from .standins import (SYSTEMCTL, TOOLS, WATCHER, WRAPPER, alive, apply_pending_hardware, installed, kill_host,
+from .profiles import HARDWARE, derive_health, derive_profile
+from .standins import (DMESG, SYSTEMCTL, TOOLS, WATCHER, WRAPPER, alive, apply_pending_hardware, installed, kill_host,
                        package_version, process_tree, read_count, write_installed, write_nvidia_smi)
 
 STANDINS = Path(__file__).parent / "standins.py"
@@ -118,6 +118,19 @@ class LabHost:
         """Swap the host's GPUs (the fake nvidia-smi) for another capture, or none;
         *delay* makes it as slow as a driver without persistence mode."""
         write_nvidia_smi(self.dir, self.name, profile, delay)
+
+    def kernel_log(self, text: str) -> None:
+        """The host's kernel log from now on, as its dmesg stand-in prints it."""
+        (self.dir / "kernel.log").write_text(text)
+
+    def service(self, unit: str) -> str:
+        """A lab service's state (nvidia-fabricmanager): "active", else "inactive"."""
+        path = self.dir / "services" / unit
+        return path.read_text().strip() if path.exists() else "inactive"
+
+    def set_service(self, unit: str, state: str) -> None:
+        (self.dir / "services").mkdir(exist_ok=True)
+        (self.dir / "services" / unit).write_text(state + "\n")
 
     # ------------------------------------------------------------ a driver upgrade, played
 
@@ -238,6 +251,9 @@ class Lab:
             "LogLevel ERROR",
             f"SetEnv PATH={path}" + "".join(f" {k}={v}" for k, v in host.env.items()),
             "Subsystem sftp internal-sftp",
+            # A host certificate (ssh-keygen -s CA -h) beside the host key is presented too, as sshd does with it.
+            *([f"HostCertificate {host.dir}/ssh_host_ed25519_key-cert.pub"]
+              if (host.dir / "ssh_host_ed25519_key-cert.pub").exists() else []),
             "",
         ])
 
@@ -248,6 +264,11 @@ class Lab:
         add(), set_hardware() or driver_packages()."""
         return derive_profile(base, self.root / "hardware", driver=driver, cuda=cuda, drop_gpus=drop_gpus)
 
+    def derive_health(self, base: str, name: str, **kw) -> str:
+        """A profile of *base*'s GPUs with health values, sick ones changed one at a time
+        (tests/lab/profiles.py:derive_health says what is derived), in this lab's own directory."""
+        return derive_health(base, self.root / "hardware", name, **kw)
+
     def _install_standins(self, host: LabHost) -> None:
         """The host's package manager, reboot and systemctl (for `systemctl reboot`), first on its PATH."""
         words = {"python": shlex.quote(sys.executable), "standins": shlex.quote(str(STANDINS)),
@@ -257,6 +278,7 @@ class Lab:
         scripts["systemctl"] = SYSTEMCTL.format(real=f'exec {real} "$@"' if real else
                                                 'echo "System has not been booted with systemd as init system '
                                                 '(PID 1). Can\'t operate." >&2; exit 1', **words)
+        scripts["dmesg"] = DMESG.format(**words)
         for tool, script in scripts.items():
             (host.dir / "bin" / tool).write_text(script)
             (host.dir / "bin" / tool).chmod(0o755)

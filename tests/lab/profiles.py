@@ -107,3 +107,85 @@ def derive_profile(base: str, into: Path, *, driver: str | None = None, cuda: st
         f"CUDA Version {old_cuda} -> {cuda} (nvidia-smi header){lost}.\n"
         "Everything else, the table layout of the captured driver included, is the capture's.\n")
     return name
+
+
+# ---------------------------------------------------------------- sick GPUs
+
+def derive_health_csv(text: str, changes: dict[str, str], gpu: int | None = None) -> str:
+    """A health ``--query-gpu`` CSV with each field of *changes* set (every GPU's, or GPU *gpu*'s only),
+    in nvidia-smi's own words for it (pure). The columns are found by their header name."""
+    header, *rows = [line for line in text.splitlines() if line.strip()]
+    names = [h.split(" [")[0] for h in header.split(", ")]
+    unknown = set(changes) - set(names)
+    if unknown:
+        raise ValueError(f"no such column: {sorted(unknown)}")
+    out = [header]
+    for row in rows:
+        cells = row.split(", ")
+        if gpu is None or int(cells[names.index("index")]) == gpu:
+            for name, value in changes.items():
+                cells[names.index(name)] = value
+        out.append(", ".join(cells))
+    return "\n".join(out) + "\n"
+
+
+def nvlink_status(gpus: int, links: int = 18, down: dict[int, set[int]] | None = None, speed: str = "26.562 GB/s") -> str:
+    """``nvidia-smi nvlink -s`` in NVIDIA's documented format: a ``GPU N: …`` line per GPU, then
+    ``Link L: <speed>`` per link, ``<inactive>`` for a link that is down (pure)."""
+    down = down or {}
+    out = []
+    for g in range(gpus):
+        out.append(f"GPU {g}: NVIDIA GPU (UUID: GPU-00000000-0000-0000-0000-{g:012d})")
+        out += [f"\t Link {link}: {'<inactive>' if link in down.get(g, ()) else speed}" for link in range(links)]
+    return "\n".join(out) + "\n"
+
+
+def xid_line(pci: str, xid: int, message: str, at: float = 1234.5) -> str:
+    """A kernel log line of an Xid event in the driver's format, e.g. ``NVRM: Xid (PCI:0000:3b:00): 79, pid=…``."""
+    return f"[{at:12.6f}] NVRM: Xid (PCI:{pci}): {xid}, pid=0, name=fleetctl-lab, {message}\n"
+
+
+HEALTH_CAPTURE = Path(__file__).parents[1] / "data" / "health" / "h100-sxm-2026-12" / "health.csv"
+
+
+def health_for_every_gpu(query_csv: str, health_csv: str) -> str:
+    """The captured GPU's health row, given to each GPU of a ``--query-gpu`` capture (its index and bus id) (pure)."""
+    header, row = [line for line in health_csv.splitlines() if line.strip()][:2]
+    cells = row.split(", ")
+    rows = []
+    for line in [line for line in query_csv.splitlines()[1:] if line.strip()]:
+        gpu = line.split(", ")
+        rows.append(", ".join([gpu[0], gpu[6], *cells[2:]]))
+    return "\n".join([header, *rows]) + "\n"
+
+
+def derive_health(base: str, into: Path, name: str, *, changes: dict[str, str] | None = None, gpu: int | None = None,
+                  nvswitch: bool = False, nvlink_down: dict[int, set[int]] | None = None) -> str:
+    """Write profile *name* under *into*: *base*'s GPUs (its query.csv and nvidia-smi.txt as they are), with the
+    H100 health capture's values for each GPU, *changes* made to GPU *gpu*'s (every GPU's where None), and
+    on *nvswitch* the fabric Completed and every GPU's 18 NVLinks up (*nvlink_down*: {gpu: links down})."""
+    src = profile_dir(base, into)
+    dest = into / name
+    dest.mkdir(parents=True, exist_ok=True)
+    query = (src / "query.csv").read_text()
+    for f in ("query.csv", "nvidia-smi.txt", "exit"):
+        if (src / f).exists():
+            (dest / f).write_text((src / f).read_text())
+    health = health_for_every_gpu(query, HEALTH_CAPTURE.read_text())
+    said = ["each GPU's health row: the H100 capture's (tests/data/health/h100-sxm-2026-12/health.csv), "
+            "its index and bus id from query.csv"]
+    if nvswitch:
+        health = derive_health_csv(health, {"fabric.state": "Completed", "fabric.status": "Success"})
+        gpus = len(health.strip().splitlines()) - 1
+        (dest / "nvlink-s.txt").write_text(nvlink_status(gpus, down=nvlink_down))
+        said.append("fabric.state Completed and fabric.status Success on every GPU (an NVSwitch system, NVML's "
+                    "documented states); nvlink-s.txt: 18 links per GPU in nvidia-smi nvlink -s's format"
+                    + (f", links down: {nvlink_down}" if nvlink_down else ""))
+    if changes:
+        health = derive_health_csv(health, changes, gpu)
+        said.append(f"changed on {'every GPU' if gpu is None else f'GPU {gpu}'}: "
+                    + ", ".join(f"{k} = {v}" for k, v in changes.items()))
+    (dest / "health.csv").write_text(health)
+    (dest / "README.md").write_text(f"Derived by tests/lab/profiles.py:derive_health from {src}.\n"
+                                    + "".join(f"- {s}\n" for s in said) + "Nothing else is derived.\n")
+    return name

@@ -53,6 +53,10 @@ NVIDIA_SMI = """#!/bin/sh
 # Fake nvidia-smi for lab host {name}: replays a capture of {profile}.
 hw={hw}
 case "$*" in
+  *--query-gpu=index,pci.bus_id,ecc*)  # the health query: a profile without health.csv has no health capture
+    [ -f "$hw/health.csv" ] || {{ echo 'Field "ecc.mode.current" is not a valid field to query (lab: no health capture).'; exit 2; }}
+    cat "$hw/health.csv" ;;
+  "nvlink -s") [ ! -f "$hw/nvlink-s.txt" ] || cat "$hw/nvlink-s.txt" ;;
   *--query-gpu=*) cat "$hw/query.csv"; ! grep -q "is not a valid field" "$hw/query.csv" || exit 2 ;;
   "") cat "$hw/nvidia-smi.txt" ;;
   *) echo "fake nvidia-smi: unsupported arguments: $*" >&2; exit 2 ;;
@@ -73,12 +77,24 @@ exec {python} -I {standins} {dir} {tool} "$@"
 """
 
 SYSTEMCTL = """#!/bin/sh
-# Lab stand-in for `systemctl reboot` (tests/lab/standins.py); every other verb is the real systemctl's.
+# Lab stand-in for `systemctl reboot` and the lab's own services (tests/lab/standins.py: nvidia-fabricmanager);
+# every other verb is the real systemctl's.
 for a; do
   case "$a" in -*) ;; reboot) exec {python} -I {standins} {dir} systemctl "$@" ;; *) break ;; esac
 done
+for a; do
+  case "$a" in nvidia-fabricmanager|nvidia-fabricmanager.service) exec {python} -I {standins} {dir} service "$@" ;; esac
+done
 {real}
 """
+
+DMESG = """#!/bin/sh
+# Lab stand-in for dmesg: the host's kernel log is {dir}/kernel.log (LabHost.kernel_log writes it).
+cat {dir}/kernel.log 2>/dev/null
+exit 0
+"""
+
+LAB_SERVICES = ("nvidia-fabricmanager",)
 
 WATCHER = """#!/bin/sh
 # Reboot watcher of lab host {name}: outside its namespaces, so that killing the host does not kill it.
@@ -108,8 +124,22 @@ def installed(host_dir: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in _lines(host_dir / "packages"))
 
 
+FABRIC_MANAGER_BIN = """#!/bin/sh
+# Lab stand-in for nv-fabricmanager, there while its package is installed (tests/lab/standins.py).
+echo "Fabric Manager version is : {version}"
+"""
+
+
 def write_installed(host_dir: Path, packages: dict[str, str]) -> None:
+    """The host's packages; a fabric manager package brings its binary (nv-fabricmanager) onto the host's PATH."""
     (host_dir / "packages").write_text("".join(f"{n}\t{v}\n" for n, v in packages.items()))
+    binary = host_dir / "bin" / "nv-fabricmanager"
+    fm = [v for n, v in packages.items() if n.startswith(("nvidia-fabricmanager", "nvidia-fabric-manager"))]
+    if fm and binary.parent.is_dir():
+        binary.write_text(FABRIC_MANAGER_BIN.format(version=fm[0].split("-")[0]))
+        binary.chmod(0o755)
+    elif not fm:
+        binary.unlink(missing_ok=True)
 
 
 def _driver_config(host_dir: Path) -> tuple[dict[str, str], set[str]]:
@@ -180,15 +210,29 @@ class Transaction:
     blocked: list[str] = field(default_factory=list)  # held, and the install would replace them
 
 
-def _install(host_dir: Path, names: list[str], *, change_held: bool = True) -> Transaction:
+FABRIC_FAMILY = ("nvidia-fabricmanager", "nvidia-fabric-manager", "libnvidia-nscq")  # one of each at a time
+
+
+def _family(name: str) -> str | None:
+    return next((f for f in FABRIC_FAMILY if name.startswith(f)), None)
+
+
+def _install(host_dir: Path, names: list[str], *, change_held: bool = True,
+             versions: dict[str, str] | None = None) -> Transaction:
     """Install *names*. A driver package replaces any other driver package installed (as Ubuntu's
     nvidia-driver-XXX and RHEL's module streams do), and its profile becomes the host's pending
-    hardware; a name marked failing fails the whole call; any other name installs as nothing."""
+    hardware; a fabric manager or NSCQ package replaces another branch's (they conflict); a name
+    marked failing fails the whole call; any other name installs as nothing, at the version pinned in
+    *versions* (apt's name=version) where one is, else 1.0. A pinned version other than the installed
+    one installs again at it (an upgrade or a downgrade)."""
     mapping, failing = _driver_config(host_dir)
+    versions = versions or {}
     packages = installed(host_dir)
-    new = [n for n in dict.fromkeys(names) if n not in packages]
+    new = [n for n in dict.fromkeys(names) if n not in packages or (n in versions and packages[n] != versions[n])]
     drivers = [n for n in new if n in mapping]
-    replaced = [n for n in packages if n in mapping and drivers and n not in names]
+    families = {_family(n) for n in new} - {None}
+    replaced = [n for n in packages if (n in mapping and drivers and n not in names)
+                or (_family(n) in families and n not in names)]
     held = [n for n in replaced if n in _lines(host_dir / "held")]
     if [n for n in names if n in failing]:
         return Transaction(failed=[n for n in names if n in failing])
@@ -197,7 +241,7 @@ def _install(host_dir: Path, names: list[str], *, change_held: bool = True) -> T
     _remove(host_dir, replaced)
     packages = installed(host_dir)
     for name in new:
-        packages[name] = package_version(host_dir, name)
+        packages[name] = versions.get(name) or package_version(host_dir, name)
     write_installed(host_dir, packages)
     if drivers:
         (host_dir / "pending-hardware").write_text(mapping[drivers[-1]] + "\n")
@@ -223,9 +267,10 @@ def _apt_name(spec: str) -> str:
 def apt_get(host_dir: Path, args: list[str]) -> int:
     verb, specs = _specs(args, ("-o", "-c", "-t", "--target-release", "--option"))
     names = [_apt_name(s) for s in specs]
+    pinned = {_apt_name(s): s.split("=", 1)[1].removesuffix("-*") for s in specs if "=" in s}
     print("Reading package lists... Done")
     if verb == "install":
-        done = _install(host_dir, names, change_held="--allow-change-held-packages" in args)
+        done = _install(host_dir, names, change_held="--allow-change-held-packages" in args, versions=pinned)
         if done.blocked:
             print(f"The following held packages will be changed:\n  {' '.join(done.blocked)}")
             print("E: Held packages were changed and -y was used without --allow-change-held-packages.",
@@ -464,6 +509,7 @@ def boot(host_dir: Path, timeout: float = 20) -> subprocess.Popen:
     """Start the host's sshd by its start script (a session of its own; the script writes lab.pgid)
     and wait until it listens; count the boot."""
     apply_pending_hardware(host_dir)
+    boot_services(host_dir)
     proc = subprocess.Popen(["sh", str(host_dir / "start-sshd")], start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (host_dir / "lab.pgid").write_text(str(proc.pid))
@@ -494,6 +540,56 @@ def restart(host_dir: Path) -> int:
     return 0
 
 
+def fabric_manager_start(host_dir: Path) -> str | None:
+    """Why the host's nvidia-fabricmanager would not start (not installed, or not at the running driver's
+    version: the real one exits then), or None."""
+    versions = [v for n, v in installed(host_dir).items() if n.startswith(("nvidia-fabricmanager", "nvidia-fabric-manager"))]
+    if not versions:
+        return "Unit nvidia-fabricmanager.service not found."
+    hardware = (host_dir / "hardware").read_text().strip() if (host_dir / "hardware").exists() else ""
+    driver = capture_driver((profile_dir(hardware, _derived(host_dir)) / "query.csv").read_text()) if hardware else None
+    if versions[0].split("-")[0] != driver:
+        return f"fabric manager {versions[0]} does not match the driver {driver}: it exits (see the journal)"
+    return None
+
+
+def service(host_dir: Path, args: list[str]) -> int:
+    """``systemctl VERB [--now] UNIT``: a lab service's state is a file, services/<unit> ("inactive" where
+    none), enabled where services/<unit>.enabled exists; an enabled one starts at boot (boot_services)."""
+    words = [a for a in args if not a.startswith("-")]
+    verb, units = words[0], [w.removesuffix(".service") for w in words[1:]]
+    (host_dir / "services").mkdir(exist_ok=True)
+    rc = 0
+    for unit in units:
+        path = host_dir / "services" / unit
+        state = path.read_text().strip() if path.exists() else "inactive"
+        if verb == "is-active":
+            print(state)
+            rc = rc or (0 if state == "active" else 3)
+        if verb == "enable":
+            (host_dir / "services" / f"{unit}.enabled").touch()
+        if verb in ("start", "restart") or (verb == "enable" and "--now" in args):
+            if why := fabric_manager_start(host_dir):
+                path.write_text("failed\n")
+                print(f"Job for {unit}.service failed: {why}", file=sys.stderr)
+                return 1
+            path.write_text("active\n")
+        elif verb == "stop" or (verb == "disable" and "--now" in args):
+            path.write_text("inactive\n")
+        if verb == "disable":
+            (host_dir / "services" / f"{unit}.enabled").unlink(missing_ok=True)
+    return rc
+
+
+def boot_services(host_dir: Path) -> None:
+    """At boot every lab service stops; an enabled one starts again (or fails, as it would)."""
+    for unit in LAB_SERVICES:
+        path = host_dir / "services" / unit
+        if path.exists() or (host_dir / "services" / f"{unit}.enabled").exists():
+            enabled = (host_dir / "services" / f"{unit}.enabled").exists()
+            path.write_text("inactive\n" if not enabled else "failed\n" if fabric_manager_start(host_dir) else "active\n")
+
+
 TOOL_MAIN = {"apt-get": apt_get, "apt": apt_get, "apt-mark": apt_mark, "dpkg-query": dpkg_query, "dnf": dnf, "rpm": rpm}
 
 
@@ -501,6 +597,8 @@ def main(argv: list[str]) -> int:
     host_dir, tool, args = Path(argv[0]), argv[1], argv[2:]
     if tool == "restart":
         return restart(host_dir)
+    if tool == "service":
+        return service(host_dir, args)
     if tool in ("reboot", "shutdown", "systemctl"):
         return request_reboot(host_dir, tool, args)
     with open(host_dir / "packages.log", "a") as log:
