@@ -134,9 +134,13 @@ def served(systemd_lab, tmp_path_factory):
     password_file.chmod(0o600)
     state = os.environ["XDG_STATE_HOME"]
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "provision", str(inv), "--become-password-file",
-                             str(password_file), "--playbook", str(playbook), "-T", str(RUN_DEADLINE), "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # Its output goes to files (scanned with the rest of /tmp): the record of three hosts is larger than a pipe
+    # holds, and a pipe nobody reads until the run ends would stop the run at its last print.
+    out_path, err_path = work / "provision.json", work / "provision.err"
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "provision", str(inv), "--become-password-file",
+                                 str(password_file), "--playbook", str(playbook), "-T", str(RUN_DEADLINE), "--json"],
+                                cwd=ROOT, stdout=out_file, stderr=err_file)
     found: set[str] = set()
     scans = 0
     while proc.poll() is None:  # each scan takes its own time: they follow one another until the run ends
@@ -144,7 +148,7 @@ def served(systemd_lab, tmp_path_factory):
         for host in hosts:
             found.update(f"{host.name}:{p}" for p in host_scan(host, []))
         scans += 1
-    out, err = proc.communicate()
+    out, err = out_path.read_text(), err_path.read_text()
     found.update(controller_scan([state, "/tmp"], since=started))
     for host in hosts:
         found.update(f"{host.name}:{p}" for p in host_scan(host, ["/opt/fleetctl", f"/home/{USERS[host.name][0]}",
