@@ -21,6 +21,7 @@ import pytest
 
 from fleetctl import cli
 from fleetctl.distribute import Placement, _run_all, place, plan, slice_argv
+from fleetctl.facts import QUERY_FIELDS
 from fleetctl.inventory import Host, load_inventory
 from fleetctl.slicing import Slice, assign
 from tests.conftest import NET_OFFSET, ROOT, fleetctl, wait_until
@@ -279,8 +280,9 @@ def gate(lab_host) -> Path:
 
 
 def query_calls(d: Path) -> int:
+    """How many probes reached the host's GPU inventory query (one a probe; its health queries are others)."""
     path = d / "smi-calls"
-    return sum("--query-gpu" in line for line in path.read_text().splitlines()) if path.exists() else 0
+    return sum(f"--query-gpu={QUERY_FIELDS}" in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 def controller_of(slice_spec: str, cluster: RayCluster) -> int | None:
