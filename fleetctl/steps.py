@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping
 
+from packaging.utils import parse_wheel_filename
+
 from . import systemd
 from .connection import Result
 from .container import render_dockerfile, render_service
@@ -199,6 +201,13 @@ def install(c: Context) -> Step | Planned:
         args.append("--no-deps")
         notes.append("--no-deps: dependencies are NOT checked, the host must provide them (install.no_deps)")
     pins = [*install_pins(stack), *stack.packages, *settings["extra_packages"]]
+    if uv and stack.system_site_packages and isinstance(c.wheels, Wheels) and not settings["no_deps"]:
+        # The class is the closure resolved against the host's packages, less those the host has; uv,
+        # which does not see the host's, would look for them among the class's files and fail: it installs
+        # every file of the class, and nothing else.
+        args.append("--no-deps")
+        pins = [*pins, *(p for p in class_pins(c.wheels.files) if p not in pins)]
+        notes.append("--no-deps: the wheelhouse class is the whole closure beside the host's own packages")
     detail = f"installed {' '.join(pins)} into {env}" + (f"; {'; '.join(notes)}" if notes else "")
 
     def outcome(result: Result) -> Step:
@@ -213,6 +222,16 @@ def install(c: Context) -> Step | Planned:
                     change=f"create {env} with {' '.join(pins)}", reads=True, timeout=float(settings["timeout"]),
                     stdin=index_env([] if c.wheels else [stack.torch_index, stack.flashinfer_index]))
     return Planned("install", (*pushes, script), outcome, would="would install: " + "; ".join(c.changes))
+
+
+def class_pins(files: tuple[Path, ...]) -> list[str]:
+    """``name==version`` of each wheel file (PEP 427 names)."""
+    pins = []
+    for path in files:
+        if path.suffix == ".whl":
+            name, version, *_ = parse_wheel_filename(path.name)
+            pins.append(f"{name}=={version}")
+    return pins
 
 
 def wheel_pushes(c: Context) -> tuple[list[Action], list[str], dict]:
@@ -249,6 +268,10 @@ def installer_for(c: Context) -> tuple[str, str, list[Action], str] | Step:
         return failed("install", f"fleet_installer is {c.installer!r}: set it to auto, uv or pip")
     if c.installer == "pip":
         return "", "", [], "installed with pip (fleet_installer: pip)"
+    if c.installer == "auto" and c.stack.system_site_packages and not isinstance(c.wheels, Wheels):
+        # uv counts nothing of the base environment as installed (uv #7358, #4466): it would put a second
+        # torch over the image's. A wheelhouse class needs no resolution on the host (see install).
+        return "", "", [], "installed with pip: the stack uses the host's own packages, which uv does not see"
     if c.state.uv:
         return c.state.uv, "", [], f"installed with the host's uv ({c.state.uv})"
     if c.state.pip_config and c.installer == "auto" and not isinstance(c.wheels, Wheels):

@@ -199,3 +199,22 @@ def test_a_host_that_configures_pips_index_keeps_pip_unless_told_uv(tmp_path):
             "PIP_FIND_LINKS), which uv does not read") in kept.outcome(Result("cpu-01", "", 0, "", "", 0)).detail
     told = steps.install(context(uv=uv, state=state, installer="uv"))
     assert told.actions[1].put == uv.path and "uv=/opt/fleetctl/bin/uv\n" in told.actions[-1].command
+
+
+def test_a_stack_on_the_hosts_own_torch_is_installed_by_pip_or_as_its_whole_wheelhouse_class(tmp_path):
+    """uv counts nothing of the base environment as installed (uv #7358): online it would put a second torch
+    over the host's, so `auto` takes pip there; from a wheelhouse class (the closure beside the host's own
+    packages) uv installs every file of the class with --no-deps, and nothing else."""
+    uv, reuse = carried(tmp_path), replace(STACK, system_site_packages=True)
+    online = steps.install(context(uv=uv, stack=reuse))
+    assert "uv=''\n" in online.actions[-1].command and not any(a.put for a in online.actions)
+    assert "installed with pip: the stack uses the host's own packages" in online.outcome(
+        Result("cpu-01", "", 0, "", "", 0)).detail
+    files = tuple(wheel(tmp_path, name, "1.0") for name in ("requests", "urllib3"))
+    wheels = steps.Wheels(tmp_path, "/opt/fleetctl/wheelhouse/c", files, "c", {}, tuple("0" * 64 for _ in files))
+    offline = steps.install(context(uv=uv, stack=reuse, wheels=wheels))
+    script = offline.actions[-1].command
+    assert "uv=/opt/fleetctl/bin/uv\n" in script and '"$@" --no-deps ' in script
+    assert "requests==1.0" in script and "urllib3==1.0" in script
+    plain = steps.install(context(uv=uv, wheels=wheels)).actions[-1].command  # its own torch: uv resolves
+    assert '"$@" --no-deps' not in plain and "urllib3==1.0" not in plain
