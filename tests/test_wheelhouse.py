@@ -330,7 +330,7 @@ def test_wheelhouse_then_an_offline_provision_on_the_lab(small_lab, tmp_path):
     assert any("-cp310-cp310-manylinux" in f["name"] for f in b["files"])  # charset-normalizer, for Python 3.10
 
     code, record = fleetctl_json("provision", inventory, "--playbook", playbook, "--wheelhouse", dest, timeout=900)
-    assert code == 0, [(h, s["name"], s["detail"], s.get("data"), s.get("output")) for h, run in record["hosts"].items() for s in run["steps"]
+    assert code == 0, [(h, s["name"], s["detail"], s.get("tail")) for h, run in record["hosts"].items() for s in run["steps"]
                        if s["status"] == "failed"] or record
     for host, (name, c) in by_host.items():
         run = record["hosts"][host]
