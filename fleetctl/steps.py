@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping
 
-from packaging.utils import parse_wheel_filename
+from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
 
 from . import systemd
 from .connection import Result
@@ -225,12 +225,14 @@ def install(c: Context) -> Step | Planned:
 
 
 def class_pins(files: tuple[Path, ...]) -> list[str]:
-    """``name==version`` of each wheel file (PEP 427 names)."""
+    """``name==version`` of each wheel (PEP 427 names) and source distribution (PEP 625) among *files*."""
     pins = []
     for path in files:
-        if path.suffix == ".whl":
-            name, version, *_ = parse_wheel_filename(path.name)
-            pins.append(f"{name}=={version}")
+        try:
+            name, version, *_ = (parse_wheel_filename if path.suffix == ".whl" else parse_sdist_filename)(path.name)
+        except (InvalidWheelFilename, InvalidSdistFilename):
+            continue
+        pins.append(f"{name}=={version}")
     return pins
 
 

@@ -210,11 +210,13 @@ def test_a_stack_on_the_hosts_own_torch_is_installed_by_pip_or_as_its_whole_whee
     assert "uv=''\n" in online.actions[-1].command and not any(a.put for a in online.actions)
     assert "installed with pip: the stack uses the host's own packages" in online.outcome(
         Result("cpu-01", "", 0, "", "", 0)).detail
-    files = tuple(wheel(tmp_path, name, "1.0") for name in ("requests", "urllib3"))
+    sdist = tmp_path / "idna-3.20.tar.gz"  # a source distribution is pinned too
+    sdist.write_bytes(b"")
+    files = (*(wheel(tmp_path, name, "1.0") for name in ("requests", "urllib3")), sdist)
     wheels = steps.Wheels(tmp_path, "/opt/fleetctl/wheelhouse/c", files, "c", {}, tuple("0" * 64 for _ in files))
     offline = steps.install(context(uv=uv, stack=reuse, wheels=wheels))
     script = offline.actions[-1].command
     assert "uv=/opt/fleetctl/bin/uv\n" in script and '"$@" --no-deps ' in script
-    assert "requests==1.0" in script and "urllib3==1.0" in script
+    assert "requests==1.0" in script and "urllib3==1.0" in script and "idna==3.20" in script
     plain = steps.install(context(uv=uv, wheels=wheels)).actions[-1].command  # its own torch: uv resolves
     assert '"$@" --no-deps' not in plain and "urllib3==1.0" not in plain
