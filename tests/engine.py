@@ -36,12 +36,7 @@ class Engine:
         """Stop the dockerd this module started (never one that was running before)."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
+        end(self.process)
 
 
 def answers(docker: str) -> bool:
@@ -110,3 +105,13 @@ def apt_mirror() -> str:
         if m:
             return m.group(1)
     raise RuntimeError("no Debian mirror found in apt's sources")
+
+
+def end(process: subprocess.Popen) -> None:
+    """Stop a dockerd this suite started: SIGTERM (it stops its containers), SIGKILL after a minute."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)

@@ -43,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.engine import end
+
 CACHE = Path(os.environ.get("FLEETCTL_LAB_CACHE", "/var/tmp/fleetctl-lab"))
 SUITES = ("bullseye", "bookworm", "trixie")  # glibc 2.31/2.36/2.41, Python 3.9/3.11/3.13, systemd 247/252/257
 PYTHON = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}  # Debian's python3 of each suite
@@ -294,12 +296,7 @@ class SystemdLab:
         for name in list(self.hosts):
             self.remove(name)
         if self.dockerd.poll() is None:
-            self.dockerd.terminate()
-            try:
-                self.dockerd.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.dockerd.kill()
-                self.dockerd.wait(timeout=30)
+            end(self.dockerd)
         self.dockerd = None
         # What the engine mounted under its exec root and left (its network namespace's nsfs mount).
         for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
