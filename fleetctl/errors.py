@@ -18,7 +18,7 @@ so nothing above this tree ever reaches the user as a traceback.
 
 from __future__ import annotations
 
-from .status import Status
+from fleetctl.status import Status
 
 
 class FleetError(Exception):

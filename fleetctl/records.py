@@ -20,8 +20,8 @@ from typing import Any, Callable
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from .errors import FleetError, StateError
-from .redact import redact_data
+from fleetctl.errors import FleetError, StateError
+from fleetctl.redact import redact_data
 
 # A document whose aliases expand past this many nodes is refused: a few lines of nested anchors
 # ("billion laughs") would otherwise expand to more objects than the controller has memory for.

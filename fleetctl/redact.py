@@ -6,7 +6,7 @@ a ``?token=…`` query). :func:`redact` turns any text into one where every such
 JSON-like value. They are applied where values become data (a Stack's dict, a resolution's
 reasons, an action's command, a failed command's output) and again where data becomes a file
 (fleet.lock, run records, journals). On a host the credential reaches pip or uv only through a
-0600 file written from the install's stdin (see :data:`fleetctl.steps.INSTALL`), never argv.
+0600 file written from the install's stdin (see :data:`fleetctl.apply.steps.INSTALL`), never argv.
 
 Secrets that are not URLs — a become password, a value decrypted from a vault — are registered once
 (:func:`register_secret`) when fleetctl reads them; from then on :func:`redact` masks each of them

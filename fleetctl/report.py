@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .status import Status
+from fleetctl.status import Status
 
 if TYPE_CHECKING:  # only named in annotations: `fleetctl facts` does not load the planner
-    from .facts import Facts
-    from .fanout import Outcome
-    from .plan import HostPlan
+    from fleetctl.facts.probe import Facts
+    from fleetctl.reach.fanout import Outcome
+    from fleetctl.decide.plan import HostPlan
 
 STATUS_STYLE = {Status.OK: "green", Status.CHANGED: "yellow", Status.FAILED: "red", Status.UNREACHABLE: "magenta",
                 Status.TIMEOUT: "red", Status.REFUSED: "red", Status.SKIPPED: "cyan", Status.CLEAN: "green",

@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.facts import Gpu
-from fleetctl.health import allreduce_floor, load_rules
+from fleetctl.apply import steps
+from fleetctl.facts.probe import Gpu
+from fleetctl.decide.health import allreduce_floor, load_rules
 from fleetctl.remote import validate
-from fleetctl.serving import plan_serving
+from fleetctl.decide.serving import plan_serving
 from tests.fakes import H100, STACK
 from tests.test_steps import context
 

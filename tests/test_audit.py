@@ -14,16 +14,16 @@ from dataclasses import replace
 
 import pytest
 
-from fleetctl import audit
-from fleetctl.connection import Result
+from fleetctl.fleet import audit
+from fleetctl.reach.connection import Result
 from fleetctl.errors import FleetError
-from fleetctl.facts import Facts, Gpu
-from fleetctl.inventory import Host
-from fleetctl.matrix import load_matrix
-from fleetctl.plan import Lock
-from fleetctl.resolve import Request, resolve
+from fleetctl.facts.probe import Facts, Gpu
+from fleetctl.hosts.inventory import Host
+from fleetctl.knowledge.matrix import load_matrix
+from fleetctl.decide.plan import Lock
+from fleetctl.decide.resolve import Request, resolve
 from fleetctl.status import exit_code
-from fleetctl.target import HostState
+from fleetctl.apply.target import HostState
 from tests.conftest import exec_words, fleetctl, fleetctl_json
 
 MATRIX = load_matrix()
@@ -262,7 +262,7 @@ def test_no_lock_is_one_line(tmp_path):
 
 def test_a_serving_container_drifts_when_stopped_gone_another_stack_or_its_image_changed():
     """The probe's container lines (as a CI machine's docker answers them) → facts → drift."""
-    from fleetctl.facts import FleetState, parse_fleet_state
+    from fleetctl.facts.probe import FleetState, parse_fleet_state
     old, new = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     line = f"container=fleetctl-vllm running {old} fleetctl/vllm-cpu:s1 s1"
     state = parse_fleet_state(f"current=containers/s1\n{line}\ncontainer_image_now={old}\n")
@@ -289,7 +289,7 @@ def test_each_hosts_baseline_is_the_latest_audit_that_saw_it(tmp_path, monkeypat
     """Health drift compares with the last audit of *that* host: a later audit of other hosts (--limit),
     or two records of one second whose names sort the other way, is no host's baseline."""
     import os
-    from fleetctl.audit import last_audit_facts
+    from fleetctl.fleet.audit import last_audit_facts
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     audits = tmp_path / "fleetctl" / "audits"
     audits.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Become as data and through the connection's seam (fleetctl/become.py, connection.Escalation): Ansible's
+"""Become as data and through the connection's seam (fleetctl/hosts/become.py, connection.Escalation): Ansible's
 vars in, sudo command lines out; the one sudo check; which actions run as root; sudo's words → reasons.
 The same on real hosts with real sudo: tests/test_become_lab.py, tests/test_become_serve.py."""
 
@@ -8,11 +8,11 @@ import shlex
 
 import pytest
 
-from fleetctl.become import Become, become_for, judge, parse_reach, privileges, wrap
-from fleetctl.connection import Escalation
-from fleetctl.execute import FLEET, SYSTEM, USER, Action, Planned, Step, execute
-from fleetctl.fanout import Deadline
-from fleetctl.recorded import RecordedConnection, Reply
+from fleetctl.hosts.become import Become, become_for, judge, parse_reach, privileges, wrap
+from fleetctl.reach.connection import Escalation
+from fleetctl.apply.execute import FLEET, SYSTEM, USER, Action, Planned, Step, execute
+from fleetctl.reach.fanout import Deadline
+from fleetctl.testing import RecordedConnection, Reply
 from fleetctl.status import Status
 
 
@@ -94,7 +94,7 @@ class Host:
         self.mode, self.password, self.ran = mode, password, []
 
     def run(self, command: str, *, timeout: float, stdin: str | None = None):
-        from fleetctl.connection import Result
+        from fleetctl.reach.connection import Result
         self.ran.append((command, stdin))
         words = shlex.split(command)
         if self.mode == "nopasswd" or words[:2] != ["sudo", "-n"] and (stdin or "").split("\n")[0] == self.password:

@@ -1,5 +1,5 @@
 """driver.py: the driver move per host, as data — the lab's hardware fixtures and the GPU test hosts'
-captures (through fleetctl.facts' parsers) × distributions — and the package names checked against the
+captures (through fleetctl.facts.probe' parsers) × distributions — and the package names checked against the
 real distributions' package indexes recorded in tests/data/driver/ (SOURCES.md says from where)."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleetctl.driver import DriverMove, branch_of, plan_move
-from fleetctl.facts import (FabricManager, Facts, GpuHealth, Health, OsRelease, PythonInfo, parse_nvidia_smi_header,
+from fleetctl.decide.driver import DriverMove, branch_of, plan_move
+from fleetctl.facts.probe import (FabricManager, Facts, GpuHealth, Health, OsRelease, PythonInfo, parse_nvidia_smi_header,
                             parse_nvidia_smi_query)
-from fleetctl.inventory import Host
-from fleetctl.matrix import DRIVER_DISTROS, load_matrix
-from fleetctl.plan import plan_host
+from fleetctl.hosts.inventory import Host
+from fleetctl.knowledge.matrix import DRIVER_DISTROS, load_matrix
+from fleetctl.decide.plan import plan_host
 from fleetctl.report import plan_table
 from tests.conftest import ROOT, fleetctl
 
@@ -264,7 +264,7 @@ def test_every_row_names_known_distributions_and_sources():
 
 def test_the_matrix_refuses_a_bad_drivers_row(tmp_path):
     from fleetctl.errors import MatrixError
-    text = (ROOT / "fleetctl" / "matrix.yaml").read_text()
+    text = (ROOT / "fleetctl" / "knowledge" / "matrix.yaml").read_text()
     bad = tmp_path / "matrix.yaml"
     bad.write_text(text.replace("    kind: LTSB\n    min_version: \"580.65.06\"", "    kind: LTS\n    min_version: \"580.65.06\""))
     with pytest.raises(MatrixError, match=r"drivers\[4\]: kind 'LTS'"):

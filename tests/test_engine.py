@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from fleetctl.facts import ContainerRuntime, Facts, parse_container, parse_probe
+from fleetctl.facts.probe import ContainerRuntime, Facts, parse_container, parse_probe
 from tests.conftest import fleetctl_json, needs_sshd
 
 DATA = Path(__file__).parent / "data" / "container"

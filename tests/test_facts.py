@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.facts import (
+from fleetctl.facts.probe import (
     ContainerRuntime, Facts, Gpu, GpuProcess, OsRelease, PythonInfo, parse_compute_apps, parse_fleet_state,
     parse_nvml_processes, parse_container, parse_df, parse_glibc, parse_nvcc, parse_nvidia_smi_header,
     parse_nvidia_smi_query, parse_nvml, parse_os_release, parse_packages, parse_probe, split_sections,

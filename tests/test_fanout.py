@@ -115,7 +115,7 @@ def test_a_value_with_an_unknown_status_is_a_bug_not_a_success():
 
 
 def test_known_hosts_read_once_hashed_or_not_and_a_changed_key_refused(small_lab, tmp_path):
-    from fleetctl import connection
+    from fleetctl.reach import connection
 
     lab = small_lab(("one", "t4", {}), ("two", "l4", {}), ("three", None, {}))
     connection._parsed_known_hosts.cache_clear()
@@ -146,7 +146,7 @@ def test_connections_leave_the_shared_fabric_config_alone(small_lab, tmp_path):
     """A run's connections share one fabric Config. One that wrote to it (fabric's inline_ssh_env)
     rebuilt it under the other threads' reads, failing hosts at random ("No attribute or config
     key found for 'gateway'")."""
-    from fleetctl import connection
+    from fleetctl.reach import connection
 
     lab = small_lab(("a", "t4", {}), ("b", None, {}))
     outcomes, _ = facts_run(lab, tmp_path)

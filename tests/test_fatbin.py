@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from fleetctl.errors import BinaryError, FleetError
-from fleetctl.fatbin import (
+from fleetctl.knowledge.fatbin import (
     KIND_PTX, KIND_SASS, Arches, Entry, arches_of, parse_modules, read_arches, read_modules, wheel_arches,
 )
-from fleetctl.matrix import covers, load_matrix
+from fleetctl.knowledge.matrix import covers, load_matrix
 
 DATA = Path(__file__).parent / "data" / "fatbin"
 FIXTURES = {

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.facts import (HEALTH_FIELDS, HEALTH_FIELDS_OLD, Facts, FabricManager, Gpu, Health, parse_fabric_manager,
+from fleetctl.facts.probe import (HEALTH_FIELDS, HEALTH_FIELDS_OLD, Facts, FabricManager, Gpu, Health, parse_fabric_manager,
                             parse_health_query, parse_kernel_log, parse_nvlink_status, parse_nvml_health, parse_probe)
-from fleetctl.health import DEGRADED, HEALTHY, UNHEALTHY, UNKNOWN, judge, load_rules
+from fleetctl.decide.health import DEGRADED, HEALTHY, UNHEALTHY, UNKNOWN, judge, load_rules
 from tests.lab.profiles import derive_health_csv, nvlink_status, xid_line
 
 H100 = Path(__file__).parent / "data" / "health" / "h100-sxm-2026-12"
@@ -298,8 +298,8 @@ def test_the_probes_nvml_code_on_the_captured_answers_gives_the_captured_health(
     import os
     import subprocess
 
-    from fleetctl.facts import probe_script
-    from fleetctl.inventory import Host
+    from fleetctl.facts.probe import probe_script
+    from fleetctl.hosts.inventory import Host
 
     (tmp_path / "pynvml.py").write_text(FAKE_PYNVML)
     script = probe_script(Host("h", {"fleet_root": str(tmp_path / "root")}))
@@ -313,8 +313,8 @@ def test_the_probes_nvml_code_on_the_captured_answers_gives_the_captured_health(
 # ---------------------------------------------------------------- the gate before install and serve
 
 def test_provision_check_fails_an_unhealthy_host_naming_the_gpu_and_action():
-    from fleetctl import steps
-    from fleetctl.steps import Options
+    from fleetctl.apply import steps
+    from fleetctl.apply.steps import Options
     from tests.fakes import H100 as FAKE_H100
     from tests.test_steps import context
 
@@ -333,7 +333,7 @@ def test_provision_check_fails_an_unhealthy_host_naming_the_gpu_and_action():
 # ---------------------------------------------------------------- drift between audits
 
 def test_health_drift_new_xids_rising_ecc_and_what_is_unhealthy_now():
-    from fleetctl.health import health_drift
+    from fleetctl.decide.health import health_drift
 
     before = facts_with(csv_health(kernel="read=yes\n" + xid_line("0000:00:06", 94, "Contained ECC error.")))
     now = facts_with(csv_health(derive_health_csv(CSV, {"ecc.errors.uncorrected.aggregate.total": "3"}), kernel="read=yes\n"
@@ -348,7 +348,7 @@ def test_health_drift_new_xids_rising_ecc_and_what_is_unhealthy_now():
 
 
 def test_an_nvlink_down_or_fabric_not_completed_is_health_drift():
-    from fleetctl.health import health_drift
+    from fleetctl.decide.health import health_drift
 
     down = facts_with(csv_health(nvswitch_csv(2), nvlink_status(2, down={1: {0}}), fm=FM_OK), gpus=2)
     assert [k for k, _ in health_drift(down, down)] == ["health"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fleetctl.facts import HostPackages, parse_host_packages
+from fleetctl.facts.probe import HostPackages, parse_host_packages
 from tests.conftest import fleetctl_json
 
 

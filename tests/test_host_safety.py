@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.fanout import Deadline
-from fleetctl.inventory import Host
-from fleetctl.provision import provision
-from fleetctl.recorded import Reply
-from fleetctl.resolve import Request, resolve
-from fleetctl.steps import Options
-from fleetctl.target import parse_state, state_script, target_for
+from fleetctl.apply import steps
+from fleetctl.reach.fanout import Deadline
+from fleetctl.hosts.inventory import Host
+from fleetctl.apply.provision import provision
+from fleetctl.testing import Reply
+from fleetctl.decide.resolve import Request, resolve
+from fleetctl.apply.steps import Options
+from fleetctl.apply.target import parse_state, state_script, target_for
 from tests.conftest import ROOT, needs_sshd, wait_until
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
 from tests.test_steps import context
@@ -126,7 +126,7 @@ def test_the_host_state_believes_a_service_pid_only_while_it_is_the_service(tmp_
 
 def test_smoke_records_its_service_pid_with_its_start_time(tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("smoke", Path(steps.__file__).parent / "remote" / "smoke.py")
+    spec = importlib.util.spec_from_file_location("smoke", Path(steps.__file__).parents[1] / "remote" / "smoke.py")
     smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smoke)
     smoke.write_pidfile(tmp_path / "service.pid", os.getpid())
@@ -155,7 +155,7 @@ def test_activate_never_sets_previous_to_current(tmp_path):
 def test_a_no_op_rerun_after_a_failed_proof_neither_reactivates_nor_moves_previous():
     """current is already this stack but its marker is not validated (its proof failed, or the mark did):
     the run marks it once its proofs pass, and the links stay as they are."""
-    from fleetctl.target import HostState
+    from fleetctl.apply.target import HostState
     state = HostState(marker={"id": STACK.id, "validated": False}, current=f"envs/{STACK.id}", previous="envs/old")
     plan = steps.activate(context(state=state))
     assert [a.change for a in plan.actions] == [f"mark {STACK.id} validated"]
@@ -198,7 +198,7 @@ def test_a_service_failing_after_activate_puts_current_back_and_restarts_the_old
 # ---------------------------------------------------------------- the host lock
 
 def lock_script(root: Path, run_id: str) -> str:
-    from fleetctl.provision import LOCK, holder
+    from fleetctl.apply.provision import LOCK, holder
     return LOCK.format(root=shlex.quote(str(root)), holder=shlex.quote(holder(run_id)), python=PYTHON)
 
 
@@ -344,7 +344,7 @@ def http_server():
 
 
 def test_the_audit_reports_a_port_that_serves_another_stack_or_nothing(http_server):
-    from fleetctl import audit
+    from fleetctl.fleet import audit
     port, answers = http_server
     served = lambda: json.loads(sh(f"{PYTHON} - {port}", input=audit.SERVED).stdout)  # noqa: E731
     answers.update({"/version": {"version": STACK.vllm}, "/v1/models": {"data": [{"id": "tiny"}]}})
@@ -362,7 +362,7 @@ def test_the_audit_reports_a_port_that_serves_another_stack_or_nothing(http_serv
 
 def test_on_a_systemd_host_the_service_is_a_unit_restarted_and_proven_by_systemctl():
     import configparser
-    from fleetctl.target import HostState
+    from fleetctl.apply.target import HostState
     from tests.conftest import exec_words
     assert parse_state("@@service\n@@init\nsystemd\nunit-active\n", target_for(FACTS, STACK)).service_alive
     assert not parse_state("@@service\nx 1\nalive\n@@init\nsystemd\n", target_for(FACTS, STACK)).service_alive

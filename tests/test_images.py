@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.connection import LocalConnection, Result
-from fleetctl.execute import Planned, Step, execute, failed
-from fleetctl.fanout import Deadline
-from fleetctl.images import (CDI_ALL, ImageState, gpu_compose, gpu_refusal, gpu_run_args, image_state_script,
+from fleetctl.reach.connection import LocalConnection, Result
+from fleetctl.apply.execute import Planned, Step, execute, failed
+from fleetctl.reach.fanout import Deadline
+from fleetctl.apply.images import (CDI_ALL, ImageState, gpu_compose, gpu_refusal, gpu_run_args, image_state_script,
                              mirrored, obtain, parse_image_state, pull_failed_detail, pull_failure)
 from fleetctl.status import Status
 

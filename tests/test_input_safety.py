@@ -19,12 +19,12 @@ from rich.console import Console
 
 from fleetctl import records, report
 from fleetctl.errors import InventoryError, PlaybookError, StateError
-from fleetctl.execute import Step
-from fleetctl.fanout import Outcome
-from fleetctl.inventory import MAX_RANGE_HOSTS, Host, load_inventory
-from fleetctl.plan import Lock
-from fleetctl.playbook import load_playbook
-from fleetctl.provision import HostRun
+from fleetctl.apply.execute import Step
+from fleetctl.reach.fanout import Outcome
+from fleetctl.hosts.inventory import MAX_RANGE_HOSTS, Host, load_inventory
+from fleetctl.decide.plan import Lock
+from fleetctl.hosts.playbook import load_playbook
+from fleetctl.apply.provision import HostRun
 from fleetctl.status import Status
 from tests.conftest import ROOT, fleetctl, fleetctl_json
 
@@ -216,7 +216,7 @@ def test_an_error_message_keeps_its_brackets(tmp_path):
 WRITER = """
 import sys
 import time
-from fleetctl.plan import Lock
+from fleetctl.decide.plan import Lock
 start, path, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 while open(start).read() != "go":
     pass
@@ -333,7 +333,7 @@ def test_a_run_that_changed_hosts_leaves_its_record_when_fleet_lock_cannot_be_wr
     """fleet.lock going bad during the run (after the check above) still leaves the run's record
     and recap; the lock's fault is the run's last line and exit 1."""
     from fleetctl import cli
-    from fleetctl.fanout import Outcome
+    from fleetctl.reach.fanout import Outcome
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     lock = tmp_path / "fleet.lock"
@@ -382,7 +382,7 @@ def test_a_wheelhouse_that_is_not_one_is_refused_before_any_host(tmp_path, where
 def test_a_million_hosts_in_many_small_ranges_are_refused_at_once(tmp_path):
     """100 entries of 10,000 hosts each passed the per-entry cap and ran on for minutes (1.3 s and
     19 MB per 10,000 hosts): the whole inventory's hosts are counted before any range is expanded."""
-    from fleetctl.inventory import MAX_INVENTORY_HOSTS
+    from fleetctl.hosts.inventory import MAX_INVENTORY_HOSTS
 
     entries = "".join(f"    rack{r}-gpu[0:9999]:\n" for r in range(100))
     (tmp_path / "inv.yml").write_text(f"all:\n  hosts:\n{entries}")

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.connection import Result, connect
-from fleetctl.execute import Planned, execute
-from fleetctl.fanout import Deadline
-from fleetctl.installer import UV_VERSION, UvBinary, extract, obtain
-from fleetctl.inventory import load_inventory
-from fleetctl.target import HostState, read_state
-from fleetctl.wheelhouse import Platform
+from fleetctl.apply import steps
+from fleetctl.reach.connection import Result, connect
+from fleetctl.apply.execute import Planned, execute
+from fleetctl.reach.fanout import Deadline
+from fleetctl.apply.installer import UV_VERSION, UvBinary, extract, obtain
+from fleetctl.hosts.inventory import load_inventory
+from fleetctl.apply.target import HostState, read_state
+from fleetctl.apply.wheelhouse import Platform
 from tests.fakes import FACTS, STACK
 from tests.test_secrets import wheel
 from tests.test_steps import context
@@ -176,7 +176,7 @@ def test_an_offline_hosts_uv_comes_from_its_wheelhouse_class_checked_like_its_wh
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "classes": {"c1": entry}}))
     wheels = steps.wheels_for(str(tmp_path), "cpu-01", STACK, FACTS, "/opt/fleetctl")
     assert wheels.uv_wheel == uvw
-    from fleetctl.provision import carried_uv
+    from fleetctl.apply.provision import carried_uv
     assert carried_uv(FACTS, STACK, wheels.uv_wheel).sha256 == hashlib.sha256(b"#!/bin/sh\necho uv\n").hexdigest()
     with zipfile.ZipFile(uvw, "a") as z:
         z.writestr("extra", "changed after the manifest")
@@ -188,7 +188,7 @@ def test_a_host_that_configures_pips_index_keeps_pip_unless_told_uv(tmp_path):
     """uv reads no pip.conf nor PIP_*: a host pointing pip at a mirror or find-links would silently lose
     them, so there pip installs (and says why); fleet_installer: uv, or a wheelhouse (which ignores both
     anyway), installs with the carried uv."""
-    from fleetctl.target import parse_state, target_for
+    from fleetctl.apply.target import parse_state, target_for
     t = target_for(FACTS, STACK)
     state = parse_state("@@uv\n@@pip-config\n/root/.config/pip/pip.conf\nPIP_FIND_LINKS\n", t)
     assert state.uv is None and state.pip_config == ("/root/.config/pip/pip.conf", "PIP_FIND_LINKS")

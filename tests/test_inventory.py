@@ -1,4 +1,4 @@
-"""Tests for fleetctl.inventory: Ansible YAML inventories read, merged and selected as Ansible does.
+"""Tests for fleetctl.hosts.inventory: Ansible YAML inventories read, merged and selected as Ansible does.
 
 The fixtures are real-world-shaped files under data/inventories/; where ansible-core is installed
 next to this Python, each one is also checked against what the real Ansible CLI prints for it.
@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import requires_ansible
 
 from fleetctl.errors import InventoryError
-from fleetctl.inventory import Host, Unsafe, Vaulted, load_inventory
+from fleetctl.hosts.inventory import Host, Unsafe, Vaulted, load_inventory
 
 DATA = Path(__file__).parent / "data" / "inventories"
 INVENTORIES = sorted(path.name for path in DATA.glob("*.yml"))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import rollout
+from fleetctl.fleet import rollout
 from fleetctl.errors import InventoryError
-from fleetctl.inventory import MAX_RANGE_HOSTS, load_inventory
+from fleetctl.hosts.inventory import MAX_RANGE_HOSTS, load_inventory
 from tests.conftest import requires_ansible
 
 DATA = Path(__file__).parent / "data" / "inventories"

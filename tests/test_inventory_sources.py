@@ -17,7 +17,7 @@ import pytest
 
 from fleetctl import cli
 from fleetctl.errors import InventoryError
-from fleetctl.inventory import Unsafe, load_inventory
+from fleetctl.hosts.inventory import Unsafe, load_inventory
 from tests.conftest import requires_ansible
 
 REAL = Path(__file__).parent / "data" / "inventories" / "real"

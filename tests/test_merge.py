@@ -11,7 +11,7 @@ import pytest
 
 from fleetctl import cli
 from fleetctl.errors import FleetError, Unreachable
-from fleetctl.merge import exit_status, merge
+from fleetctl.fleet.merge import exit_status, merge
 from tests.fakes import fake_host
 
 # Out of name order, regions and a host with none: the merge must put them back in inventory order.
@@ -35,7 +35,7 @@ def fleet(tmp_path, monkeypatch):
             raise Unreachable(host.name, "connection refused")
         return fake_host(name=host.name)
 
-    monkeypatch.setattr("fleetctl.fanout.connect", connect)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", connect)
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(INVENTORY)
     return inventory

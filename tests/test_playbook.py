@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from fleetctl.errors import PlaybookError
-from fleetctl.playbook import STEPS, load_playbook
-from fleetctl.provision import install_pins, mismatches
-from fleetctl.resolve import Stack
+from fleetctl.hosts.playbook import STEPS, load_playbook
+from fleetctl.apply.provision import install_pins, mismatches
+from fleetctl.decide.resolve import Stack
 from tests.conftest import ROOT, fleetctl
 
 

@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.execute import SYSTEM, Planned
-from fleetctl.facts import HostPackages, parse_probe
-from fleetctl.inventory import Host
-from fleetctl.plan import plan_host
-from fleetctl.prerequisites import decide, knowledge
-from fleetctl.recorded import RecordedConnection, Reply
+from fleetctl.apply import steps
+from fleetctl.apply.execute import SYSTEM, Planned
+from fleetctl.facts.probe import HostPackages, parse_probe
+from fleetctl.hosts.inventory import Host
+from fleetctl.decide.plan import plan_host
+from fleetctl.decide.prerequisites import decide, knowledge
+from fleetctl.testing import RecordedConnection, Reply
 from tests.fakes import FACTS, MATRIX, PLAY, PROBE, STACK, fake_host
 from tests.test_steps import context, run
 
@@ -62,7 +62,7 @@ def test_one_install_command_per_manager_held_packages_untouched():
 def test_every_prerequisite_names_its_sources():
     import yaml
     from importlib import resources
-    data = yaml.safe_load(resources.files("fleetctl").joinpath("prerequisites.yaml").read_text())
+    data = yaml.safe_load(resources.files("fleetctl.knowledge").joinpath("prerequisites.yaml").read_text())
     for p in knowledge():
         assert p["sources"] and set(p["sources"]) <= set(data["sources"]), p
 
@@ -150,10 +150,10 @@ def test_plan_says_what_it_installs_and_why():
 # ---------------------------------------------------------------- audit
 
 def test_audit_notices_a_prerequisite_removed_from_an_installed_host(tmp_path):
-    from fleetctl import audit
-    from fleetctl.facts import Facts
-    from fleetctl.plan import Lock
-    from fleetctl.resolve import Request, resolve
+    from fleetctl.fleet import audit
+    from fleetctl.facts.probe import Facts
+    from fleetctl.decide.plan import Lock
+    from fleetctl.decide.resolve import Request, resolve
     every = facts(HostPackages(True, True, True, True, "apt-get"))
     lock = Lock(tmp_path / "fleet.lock")
     lock.record("h", every, Request(), resolve(every, Request(), MATRIX), MATRIX.digest)

@@ -1,4 +1,4 @@
-"""Where a host's proofs run (fleetctl.proofmode): recorded GPU memory facts in, proof mode and sizing out.
+"""Where a host's proofs run (fleetctl.decide.proofmode): recorded GPU memory facts in, proof mode and sizing out.
 
 The figures are the recorded ones of tests/data/gpu-memory (the H100 80GB with the service at vLLM's 0.9:
 5,814 MiB free; idle: 81,079 MiB) and the compute-apps fixture (the service's engine, pid 1796, holding
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.facts import Facts, FleetState, GpuProcess, parse_compute_apps, parse_nvidia_smi_query
-from fleetctl.proofmode import decide, service_memory
+from fleetctl.facts.probe import Facts, FleetState, GpuProcess, parse_compute_apps, parse_nvidia_smi_query
+from fleetctl.decide.proofmode import decide, service_memory
 from fleetctl.remote.gpumem import parse_memory_csv
-from fleetctl.resolve import Request, resolve
-from fleetctl.serving import plan_serving
+from fleetctl.decide.resolve import Request, resolve
+from fleetctl.decide.serving import plan_serving
 from tests.fakes import MATRIX
 
 HW = Path(__file__).parent / "lab" / "hardware"
@@ -107,8 +107,8 @@ def test_without_memory_facts_or_a_gpu_the_host_sizes_itself():
 def test_plan_says_each_hosts_proof_mode():
     from rich.console import Console
 
-    from fleetctl.inventory import Host
-    from fleetctl.plan import plan_host
+    from fleetctl.hosts.inventory import Host
+    from fleetctl.decide.plan import plan_host
     from fleetctl.report import plan_table
 
     plans = [plan_host(Host("h100-serving", {"fleet_vllm": "0.26.0"}), h100(), MATRIX),

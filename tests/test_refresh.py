@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleetctl import cli, refresh
-from fleetctl.matrix import Derived, load_matrix
+from fleetctl import cli
+
+from fleetctl.knowledge import refresh
+from fleetctl.knowledge.matrix import Derived, load_matrix
 
 from tests.conftest import fleetctl, fleetctl_json
 
 DATA = Path(__file__).parent / "data" / "refresh"
-MATRIX = Path(cli.__file__).parent / "matrix.yaml"
+MATRIX = Path(cli.__file__).parent / "knowledge" / "matrix.yaml"
 
 
 def report(name: str) -> dict:
@@ -53,7 +55,7 @@ def test_torch_arches_read_from_libtorch_cuda_replace_the_carried_variant(tmp_pa
     """--arches on a CUDA torch: the default variant's SM (and PTX, where there is some) is what the
     binary holds, with the CUDA from the metadata; nothing is carried and the source says fatbin.
     A CPU-only torch has no binary to read and is not downloaded."""
-    from fleetctl.fatbin import Arches
+    from fleetctl.knowledge.fatbin import Arches
 
     text = MATRIX.read_text()
     stale = "".join(line for line in text.splitlines(True) if not line.startswith('  - {version: "2.15.0"'))
@@ -192,7 +194,7 @@ def test_arches_read_from_the_real_binary_replace_the_carried_sm_lists(tmp_path)
     by hand for 0.33.0, with sm and ptx read, not carried."""
     import lzma
 
-    from fleetctl.fatbin import read_arches
+    from fleetctl.knowledge.fatbin import read_arches
 
     library = tmp_path / "_C_stable_libtorch.abi3.so"
     library.write_bytes(lzma.decompress((Path(__file__).parent / "data" / "fatbin" /

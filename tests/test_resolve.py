@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from fleetctl.errors import MatrixError
-from fleetctl.facts import Facts, Gpu
-from fleetctl.matrix import covers, load_matrix
-from fleetctl.resolve import Request, resolve
+from fleetctl.facts.probe import Facts, Gpu
+from fleetctl.knowledge.matrix import covers, load_matrix
+from fleetctl.decide.resolve import Request, resolve
 
 CASES = yaml.safe_load((Path(__file__).parent / "data" / "resolve" / "cases.yaml").read_text())
 MATRIX = load_matrix()

@@ -16,16 +16,18 @@ import yaml
 
 from dataclasses import replace
 
-from fleetctl import audit, records, rollout
+from fleetctl.fleet import audit, rollout
+
+from fleetctl import records
 from fleetctl.errors import FleetError, StateError, Unreachable
-from fleetctl.facts import Facts
-from fleetctl.fanout import Deadline
-from fleetctl.inventory import Host, load_inventory
-from fleetctl.plan import Lock, plan_host
-from fleetctl.playbook import Play
-from fleetctl.recorded import RecordedConnection, Reply
-from fleetctl.resolve import Request, resolve
-from fleetctl.steps import Options
+from fleetctl.facts.probe import Facts
+from fleetctl.reach.fanout import Deadline
+from fleetctl.hosts.inventory import Host, load_inventory
+from fleetctl.decide.plan import Lock, plan_host
+from fleetctl.hosts.playbook import Play
+from fleetctl.testing import RecordedConnection, Reply
+from fleetctl.decide.resolve import Request, resolve
+from fleetctl.apply.steps import Options
 from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
 
@@ -44,9 +46,9 @@ def marker_host(stack: dict | None) -> RecordedConnection:
 def test_rollout_serves_the_previous_environment_as_provision_would():
     """The re-proof after a failed gate and the rollback restart pass the old stack's attention backend
     and CUDA-graph mode and the host's serving settings: the same builder as provision's."""
-    from fleetctl.facts import Gpu
-    from fleetctl.resolve import Stack
-    from fleetctl.target import HostState, target_for
+    from fleetctl.facts.probe import Gpu
+    from fleetctl.decide.resolve import Stack
+    from fleetctl.apply.target import HostState, target_for
     stack = Stack(python="3.12", torch="2.11.0", cuda="13.0", torch_index=None, vllm="0.26.0", vllm_package="vllm",
                   flashinfer="0.6.14", flashinfer_index=None, container_image=None, attention_backend="FLASH_ATTN",
                   cudagraph_mode="FULL_AND_PIECEWISE", torch_cuda_arch_list="9.0")
@@ -83,7 +85,7 @@ OLD = f"envs/{OLD_STACK.id}"  # what every fake host served before the rollout
 
 def fleet(hosts: dict[str, RecordedConnection], monkeypatch, tmp_path, **kw) -> rollout.Journal:
     """A rollout journal over fake hosts, every one serving OLD; fan_out reaches them through *hosts*."""
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: hosts[host.name])
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: hosts[host.name])
     facts = Facts(**{**FACTS.__dict__, "fleet": {"current": OLD}})
     plans = {n: plan_host(Host(n), facts, MATRIX) for n in hosts}
     return rollout.Journal.start("inv.yml", None, {}, plans, kw.get("canary", 1), kw.get("batch", "1"),
@@ -139,7 +141,7 @@ def test_an_exclusive_gate_records_its_downtime_and_a_failed_one_serves_the_old_
     bad_smoke = Reply('{"verdict": "fail", "error": "engine died"}\n', 1)
     c1 = kept_serving(fake_host(serving, name="c1", smoke=bad_smoke))
     exclusive = {"fleet_proof_mode": "exclusive"}
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: c1)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: c1)
     facts = Facts(**{**FACTS.__dict__, "fleet": {"current": OLD, "service": "running"}})
     journal = rollout.Journal.start("inv.yml", None, {}, {"c1": plan_host(Host("c1", exclusive), facts, MATRIX)}, 1,
                                     "1", "0", Lock(tmp_path / "fleet.lock"))
@@ -176,7 +178,7 @@ def test_an_unreachable_canary_spends_the_budget_and_a_rollback_returns_the_move
     journal = run_rollout(fleet(hosts, monkeypatch, tmp_path, max_fail="1"), hosts)
     assert {n: h["state"] for n, h in journal.data["hosts"].items()} == {"c1": "done", "c2": "done"}
     back = {n: kept_serving(fake_host(name=n)) for n in hosts}
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: back[host.name])
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: back[host.name])
     journal = rollout.rollback(journal, {n: Host(n) for n in back}, forks=4, timeout=30, matrix=MATRIX)
     assert {n: h["state"] for n, h in journal.data["hosts"].items()} == {"c1": "reverted", "c2": "reverted"}
     assert all(c.commands(rf"ln -sfn {OLD} \.current\.new") for c in back.values())
@@ -334,7 +336,7 @@ def test_rollback_restarts_a_systemd_unit_on_the_previous_stack(monkeypatch, tmp
     it through systemctl (the service step provision runs), and records what serves."""
     journal = moved_journal(tmp_path, {"c1": {}})
     conn = previous_host("c1", host_state(OLD_STACK, f"envs/{STACK.id}", f"{STACK.id} abc", systemd=True))
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: conn)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: conn)
     journal = rollout.rollback(journal, {"c1": Host("c1")}, forks=1, timeout=30, matrix=MATRIX)
     entry = journal.data["hosts"]["c1"]
     assert entry["state"] == "reverted", entry
@@ -402,12 +404,12 @@ def test_a_second_rollback_retries_a_host_that_was_down(monkeypatch, tmp_path):
     the next --rollback tries it again."""
     journal = moved_journal(tmp_path, {"c1": {}})
     down = RecordedConnection("c1", default=Unreachable("c1", "connection refused"))
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: down)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: down)
     journal = rollout.rollback(journal, {"c1": Host("c1")}, forks=1, timeout=30, matrix=MATRIX)
     assert journal.data["hosts"]["c1"]["state"] == "revert_failed"
     assert journal.data["status"] == "rollback_incomplete"
     back = previous_host("c1", host_state(OLD_STACK, f"envs/{STACK.id}", f"{STACK.id} abc"))
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: back)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: back)
     journal = rollout.rollback(rollout.Journal.load(journal.id), {"c1": Host("c1")}, forks=1, timeout=30,
                                matrix=MATRIX)
     assert journal.data["hosts"]["c1"]["state"] == "reverted" and journal.data["status"] == "rolled_back"
@@ -417,7 +419,7 @@ def test_a_second_rollback_retries_a_host_that_was_down(monkeypatch, tmp_path):
 def test_resume_after_a_pending_host_left_the_inventory_is_one_line(monkeypatch, tmp_path):
     """Case 6: a host of the journal that the inventory lost is named, before any host is marked running."""
     journal = moved_journal(tmp_path, {"c1": {"state": "pending"}, "c2": {"state": "pending"}}, status="stopped")
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: pytest.fail("no host is reached"))
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: pytest.fail("no host is reached"))
     with pytest.raises(FleetError, match=r"c2 .*not in the inventory"):
         rollout.execute(journal, {"c1": Host("c1")}, [PLAY], MATRIX, Options(), forks=1, timeout=30)
     assert {h["state"] for h in rollout.Journal.load(journal.id).data["hosts"].values()} == {"pending"}
@@ -446,7 +448,7 @@ def test_rollout_check_lists_each_hosts_planned_actions_and_changes_nothing(monk
 def test_rollback_check_lists_the_revert_and_the_service_restart_and_changes_nothing(monkeypatch, tmp_path):
     journal = moved_journal(tmp_path, {"c1": {}})
     conn = previous_host("c1", host_state(OLD_STACK, f"envs/{STACK.id}", f"{STACK.id} abc", systemd=True))
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: conn)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: conn)
     checked = rollout.rollback(journal, {"c1": Host("c1")}, forks=1, timeout=30, matrix=MATRIX, check=True)
     steps = checked.data["hosts"]["c1"]["rollback_plan"]["steps"]
     planned = [a.get("command", "") for s in steps for a in s["actions"]]
@@ -462,7 +464,7 @@ def test_a_rollback_whose_previous_marker_is_unreadable_still_switches_current(m
     """current goes back regardless; the service restart needs the stack and says why it could not."""
     journal = moved_journal(tmp_path, {"c1": {}})
     conn = fake_host(name="c1").answer(r"fleetctl-stack\.json$", Reply("", 1, "No such file or directory"))
-    monkeypatch.setattr("fleetctl.fanout.connect", lambda host, timeout: conn)
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: conn)
     journal = rollout.rollback(journal, {"c1": Host("c1")}, forks=1, timeout=30, matrix=MATRIX)
     entry = journal.data["hosts"]["c1"]
     assert entry["state"] == "reverted" and conn.commands(rf"ln -sfn {PREVIOUS} \.current\.new")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.connection import connect
+from fleetctl.apply import steps
+from fleetctl.reach.connection import connect
 from fleetctl.errors import WheelhouseError
-from fleetctl.inventory import load_inventory
+from fleetctl.hosts.inventory import load_inventory
 from fleetctl.redact import redact, redact_data
 from tests.conftest import fleetctl, fleetctl_json, wait_until
 from tests.test_steps import FACTS, STACK
@@ -430,7 +430,7 @@ def test_rollout_json_shows_the_request_as_the_journal_has_it(small_lab, tmp_pat
 def test_the_controllers_pip_gets_index_urls_from_a_private_file_never_argv(tmp_path, monkeypatch):
     """`fleetctl wheelhouse` ran `pip download … --extra-index-url http://user:TOKEN@…`: any user's
     `ps` showed the token. The index server looks at every process's command line while pip asks it."""
-    from fleetctl.wheelhouse import HostInput, build, plan_classes
+    from fleetctl.apply.wheelhouse import HostInput, build, plan_classes
     from tests.test_wheelhouse import KERNELS, facts
 
     for name, value in {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl import steps
-from fleetctl.connection import Result
-from fleetctl.execute import Action, Planned, Step, execute
-from fleetctl.facts import ContainerRuntime, Facts
-from fleetctl.images import ImageState
-from fleetctl.fanout import Deadline
-from fleetctl.inventory import Host
-from fleetctl.plan import changes
-from fleetctl.provision import provision
-from fleetctl.recorded import RecordedConnection, Reply
-from fleetctl.resolve import proofs
-from fleetctl.serving import plan_serving
-from fleetctl.steps import Context, Options
-from fleetctl.target import HostState, parse_state, state_script, target_for
+from fleetctl.apply import steps
+from fleetctl.reach.connection import Result
+from fleetctl.apply.execute import Action, Planned, Step, execute
+from fleetctl.facts.probe import ContainerRuntime, Facts
+from fleetctl.apply.images import ImageState
+from fleetctl.reach.fanout import Deadline
+from fleetctl.hosts.inventory import Host
+from fleetctl.decide.plan import changes
+from fleetctl.apply.provision import provision
+from fleetctl.testing import RecordedConnection, Reply
+from fleetctl.decide.resolve import proofs
+from fleetctl.decide.serving import plan_serving
+from fleetctl.apply.steps import Context, Options
+from fleetctl.apply.target import HostState, parse_state, state_script, target_for
 from tests.fakes import FACTS, H100, MATRIX, PLAY, PROBE, STACK, fake_host
 
 def run(conn: RecordedConnection, **options):
@@ -369,6 +369,6 @@ def test_the_install_scripts_python_snippets_are_valid_python():
     host as a line break, a syntax error that `|| true` hid (bytecode was never precompiled)."""
     import re
     import shlex
-    from fleetctl.steps import INSTALL
+    from fleetctl.apply.steps import INSTALL
     for snippet in re.findall(r"python -c ('[^']*')", INSTALL):
         compile(shlex.split(snippet)[0], "<install>", "exec")

@@ -1,4 +1,4 @@
-"""Ansible Vault (fleetctl/vault.py): files and ``!vault`` values that the real ``ansible-vault`` wrote,
+"""Ansible Vault (fleetctl/hosts/vault.py): files and ``!vault`` values that the real ``ansible-vault`` wrote,
 decrypted as Ansible decrypts them, compared with ``ansible-inventory``; decrypted values masked."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fleetctl.errors import FleetError
-from fleetctl.inventory import VaultText, Vaulted, load_inventory
+from fleetctl.hosts.inventory import VaultText, Vaulted, load_inventory
 from fleetctl.redact import redact
-from fleetctl.vault import Secret, Vault, VaultError, load_vault
+from fleetctl.hosts.vault import Secret, Vault, VaultError, load_vault
 from tests.conftest import fleetctl, requires_ansible
 
 ANSIBLE_VAULT = Path(sys.executable).parent / "ansible-vault"

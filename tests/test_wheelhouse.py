@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fleetctl.errors import WheelhouseError
-from fleetctl.facts import Facts, Gpu
-from fleetctl.resolve import Stack
-from fleetctl.wheelhouse import (
+from fleetctl.facts.probe import Facts, Gpu
+from fleetctl.decide.resolve import Stack
+from fleetctl.apply.wheelhouse import (
     HostInput, Platform, build, class_for, closure, left_out, plan_classes, platform_tags,
     provided_by_host, read_manifest, wheel_for,
 )
@@ -377,7 +377,7 @@ To fix this you could try to:
 def test_a_host_package_the_stack_needs_at_another_version_is_named():
     """pip's own words (vLLM 0.26.0 against the GPU test host's image, recorded): the constraint is
     let go and the conflict reported, not the whole closure lost."""
-    from fleetctl.wheelhouse import host_conflicts
+    from fleetctl.apply.wheelhouse import host_conflicts
     assert host_conflicts(PIP_CONFLICT) == {"numba": "vllm 0.26.0 depends on numba==0.65.0"}
     assert host_conflicts("ERROR: No matching distribution found for vllm==9.9") == {}
 
@@ -394,13 +394,13 @@ UV_CONFLICT = Path(__file__).parent / "data" / "wheelhouse" / "uv-compile-confli
                                                ("2.43", "aarch64", "aarch64-manylinux_2_40"),
                                                ("2.12", "x86_64", None), ("2.39", "ppc64le", None)])
 def test_uv_is_told_the_newest_manylinux_it_names_that_the_host_admits(glibc, arch, want):
-    from fleetctl.wheelhouse import uv_platform
+    from fleetctl.apply.wheelhouse import uv_platform
     assert uv_platform(Platform("3.12", glibc, arch)) == want
 
 
 def test_uvs_compiled_closure_with_who_asked_for_each():
     """Recorded: vLLM 0.26.0's closure for the GPU test host (cp312, glibc 2.39), one uv pass."""
-    from fleetctl.wheelhouse import uv_closure, uv_host_conflicts
+    from fleetctl.apply.wheelhouse import uv_closure, uv_host_conflicts
     chosen = uv_closure(UV_COMPILED.read_text())
     assert len(chosen) == 197 and chosen["numba"] == {"version": "0.65.0", "file": None, "sha256": None, "via": ["vllm"]}
     assert chosen["flashinfer-python"]["via"] == ["vllm"]  # the requirements file is not a package

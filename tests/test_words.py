@@ -12,12 +12,14 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from fleetctl import Host, Status, fan_out, gather, steps
-from fleetctl.connection import Result
+from fleetctl import Host, Status, fan_out, gather
+
+from fleetctl.apply import steps
+from fleetctl.reach.connection import Result
 from fleetctl.status import parse_verdict
 from tests.test_steps import context
 
-SMOKE = Path(steps.__file__).parent / "remote" / "smoke.py"
+SMOKE = Path(steps.__file__).parents[1] / "remote" / "smoke.py"
 
 
 def test_a_server_that_accepts_then_closes_is_not_a_timeout():
@@ -50,7 +52,7 @@ def test_an_installers_own_exit_status_3_is_not_a_wheel_mismatch():
 def test_a_smoke_test_that_could_not_start_does_not_say_the_old_stack_fails(tmp_path):
     """A read-only fleet root: smoke.py cannot make its work directory, so no server ever started;
     the journal said "smoke test there: fail (OSError …)" while the old stack still served."""
-    from fleetctl.rollout import proof_words
+    from fleetctl.fleet.rollout import proof_words
 
     blocked = tmp_path / "file"
     blocked.write_text("")

@@ -1,6 +1,6 @@
 """GPU memory for a proof: how much a proof needs, and the memory fraction it may take of what is free.
 
-One rule, used in two places: by the controller (fleetctl.proofmode decides, from the host's facts,
+One rule, used in two places: by the controller (fleetctl.decide.proofmode decides, from the host's facts,
 whether a host's proofs run beside its serving stack or in its place), and on the host, where
 smoke.py and validate.py import this file from beside them (<root>/lib) and size themselves again
 from the memory free when they start (it may have changed since the facts were read). Stdlib only;

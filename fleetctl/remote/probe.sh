@@ -1,5 +1,5 @@
 # fleetctl probe: every fact of a host in one execution.
-# Each section is "@@fleetctl NAME", its output, then "@@rc EXIT". Parsed by fleetctl/facts.py.
+# Each section is "@@fleetctl NAME", its output, then "@@rc EXIT". Parsed by fleetctl/facts/probe.py.
 PY=@PYTHON@
 ROOT=@FLEET_ROOT@
 [ -n "$PY" ] || PY=$(command -v python3 || command -v python)

@@ -129,7 +129,7 @@ health)
   fleet health "$inv"; echo "rc=$?"
   stamp "facts"; fleet facts "$inv" --json > "$out/facts.json"; echo "rc=$?"
   python3 -c "import json; h=json.load(open('$out/health.json'))['hosts']; print({n: (v['status'], v.get('summary')) for n, v in h.items()})"
-  nvidia-smi --query-gpu="$(python3 -c 'from fleetctl.facts import HEALTH_FIELDS; print(HEALTH_FIELDS)')" --format=csv \
+  nvidia-smi --query-gpu="$(python3 -c 'from fleetctl.facts.probe import HEALTH_FIELDS; print(HEALTH_FIELDS)')" --format=csv \
     > "$out/health-query.csv" 2>&1; echo "nvidia-smi rc=$?"; cat "$out/health-query.csv"
   nvidia-smi nvlink -s > "$out/nvlink-s.txt" 2>&1
   ;;

@@ -1,6 +1,6 @@
 """Make a fatbin test fixture from a real library: python make_fixture.py LIB.so OUT.elf.xz
 
-The fixture is a synthetic 64-bit ELF holding only what fleetctl.fatbin reads: an ELF
+The fixture is a synthetic 64-bit ELF holding only what fleetctl.knowledge.fatbin reads: an ELF
 header, a section table, .shstrtab, and the library's .nv_fatbin / __nv_relfatbin sections
 byte for byte in their headers (every container header and every entry header is the
 real one, sizes included) with every payload byte replaced by zero, except what the
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from fleetctl.fatbin import _CONTAINER, _ELF_HEADER, _ENTRY, _SECTION, FATBIN_SECTIONS, _sections  # noqa: E402
+from fleetctl.knowledge.fatbin import _CONTAINER, _ELF_HEADER, _ENTRY, _SECTION, FATBIN_SECTIONS, _sections  # noqa: E402
 
 
 def cubin_headers(section: bytes, cubin: int) -> list[tuple[int, int]]:
