@@ -25,12 +25,12 @@ from rich.markup import escape
 
 from fleetctl import __version__, records, report
 
-from fleetctl.fleet import merge
 from fleetctl.errors import FleetError
 from fleetctl.facts.probe import gather
-from fleetctl.reach.fanout import fan_out
-from fleetctl.hosts.inventory import load_inventory
+from fleetctl.fleet import merge
 from fleetctl.fleet.slicing import Slice, take
+from fleetctl.hosts.inventory import load_inventory
+from fleetctl.reach.fanout import fan_out
 from fleetctl.status import Exit, Status, exit_code
 
 if TYPE_CHECKING:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fleetctl.facts.probe import Facts, Gpu, parse_probe
-from fleetctl.knowledge.matrix import load_matrix
-from fleetctl.hosts.playbook import load_playbook
-from fleetctl.testing import RecordedConnection, Reply
 from fleetctl.decide.resolve import Request, resolve
+from fleetctl.facts.probe import Facts, Gpu, parse_probe
+from fleetctl.hosts.playbook import load_playbook
+from fleetctl.knowledge.matrix import load_matrix
+from fleetctl.testing import RecordedConnection, Reply
 
 DATA = Path(__file__).parent / "data"
 PROBE = (DATA / "probe" / "cpu-debian12-x86_64.txt").read_text()

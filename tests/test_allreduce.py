@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from fleetctl.apply import steps
-from fleetctl.facts.probe import Gpu
 from fleetctl.decide.health import allreduce_floor, load_rules
-from fleetctl.remote import validate
 from fleetctl.decide.serving import plan_serving
+from fleetctl.facts.probe import Gpu
+from fleetctl.remote import validate
 from tests.fakes import H100, STACK
 from tests.test_steps import context
 

@@ -14,16 +14,16 @@ from dataclasses import replace
 
 import pytest
 
-from fleetctl.fleet import audit
-from fleetctl.reach.connection import Result
-from fleetctl.errors import FleetError
-from fleetctl.facts.probe import Facts, Gpu
-from fleetctl.hosts.inventory import Host
-from fleetctl.knowledge.matrix import load_matrix
+from fleetctl.apply.target import HostState
 from fleetctl.decide.plan import Lock
 from fleetctl.decide.resolve import Request, resolve
+from fleetctl.errors import FleetError
+from fleetctl.facts.probe import Facts, Gpu
+from fleetctl.fleet import audit
+from fleetctl.hosts.inventory import Host
+from fleetctl.knowledge.matrix import load_matrix
+from fleetctl.reach.connection import Result
 from fleetctl.status import exit_code
-from fleetctl.apply.target import HostState
 from tests.conftest import exec_words, fleetctl, fleetctl_json
 
 MATRIX = load_matrix()

@@ -8,12 +8,12 @@ import shlex
 
 import pytest
 
+from fleetctl.apply.execute import FLEET, SYSTEM, USER, Action, Planned, Step, execute
 from fleetctl.hosts.become import Become, become_for, judge, parse_reach, privileges, wrap
 from fleetctl.reach.connection import Escalation
-from fleetctl.apply.execute import FLEET, SYSTEM, USER, Action, Planned, Step, execute
 from fleetctl.reach.fanout import Deadline
-from fleetctl.testing import RecordedConnection, Reply
 from fleetctl.status import Status
+from fleetctl.testing import RecordedConnection, Reply
 
 
 def test_ansible_vars_make_the_become():

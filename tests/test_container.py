@@ -22,10 +22,10 @@ import yaml
 from packaging.version import Version
 
 from fleetctl.decide.container import CUDA_IMAGES, render_dockerfile, render_service
+from fleetctl.decide.resolve import Request, Stack, resolve
 from fleetctl.errors import FleetError
 from fleetctl.facts.probe import Facts, Gpu
 from fleetctl.knowledge.matrix import load_matrix
-from fleetctl.decide.resolve import Request, Stack, resolve
 from tests.conftest import exec_words
 
 H100 = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm="0.33.0", vllm_package="vllm",

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from fleetctl import cli
-from fleetctl.fleet.distribute import Placement, _run_all, place, plan, slice_argv
 from fleetctl.facts.probe import QUERY_FIELDS
-from fleetctl.hosts.inventory import Host, load_inventory
+from fleetctl.fleet.distribute import Placement, _run_all, place, plan, slice_argv
 from fleetctl.fleet.slicing import Slice, assign
+from fleetctl.hosts.inventory import Host, load_inventory
 from tests.conftest import NET_OFFSET, ROOT, fleetctl, wait_until
 from tests.lab.standins import process_tree
 

@@ -15,11 +15,11 @@ import pytest
 from rich.console import Console
 
 from fleetctl.decide.driver import DriverMove, branch_of, plan_move
+from fleetctl.decide.plan import plan_host
 from fleetctl.facts.probe import (FabricManager, Facts, GpuHealth, Health, OsRelease, PythonInfo, parse_nvidia_smi_header,
                             parse_nvidia_smi_query)
 from fleetctl.hosts.inventory import Host
 from fleetctl.knowledge.matrix import DRIVER_DISTROS, load_matrix
-from fleetctl.decide.plan import plan_host
 from fleetctl.report import plan_table
 from tests.conftest import ROOT, fleetctl
 

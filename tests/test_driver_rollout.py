@@ -81,6 +81,10 @@ def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fl
     move = check["hosts"]["a1"]["driver"]
     assert (move["from"], move["branch"], move["flavor"]) == ("570.133.20", "580", "open")
     assert any(NEW in command for command in move["install"]) and host.boots == 1 and not installs(host)
+    listed = check["hosts"]["a1"]["planned"]["driver"]  # the move's own planned actions, before provision's
+    assert [s["name"] for s in listed] == ["drain", "driver", "reboot", "undrain"], listed
+    assert [a["command"] for a in listed[1]["actions"]] == move["install"] and not log.exists()
+    assert listed[0]["actions"][0]["on"] == "controller" and listed[2]["actions"][0]["as"] == "root"
     lay_down(host, check["hosts"]["a1"]["to"])  # the new stack, installed: activate switches current to it
 
     code, out = rollout(inventory, playbook)
@@ -92,8 +96,15 @@ def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fl
     assert log.read_text().split("\n")[:2] == ["drain a1", "undrain a1"]
     assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [NEW] and NEW in host.held
 
+    code, would = fleetctl_json("rollout", "--rollback", out["run_id"], "--check", timeout=600)
+    plan = would["hosts"]["a1"]["rollback_plan"]
+    assert code == 0 and [s["name"] for s in plan["driver"]] == ["driver back", "reboot"], plan
+    assert any(OLD in a["command"] for a in plan["driver"][0]["actions"]) and host.boots == 2
+    assert plan["steps"][0]["name"] == "revert" and os.readlink(host.fleet_root / "current") != "envs/vllm-old"
+
     code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
     assert code == 0 and back["hosts"]["a1"]["state"] == "reverted", back["hosts"]["a1"]
+    assert [s["name"] for s in back["hosts"]["a1"]["driver_steps"]][-1] == "driver back"
     assert host.boots == 3 and driver(inventory, "a1") == "570.133.20"
     assert os.readlink(host.fleet_root / "current") == "envs/vllm-old"  # the stack it served before, again
     assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [OLD] and OLD in host.held

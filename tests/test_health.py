@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fleetctl.decide.health import DEGRADED, HEALTHY, UNHEALTHY, UNKNOWN, judge, load_rules
 from fleetctl.facts.probe import (HEALTH_FIELDS, HEALTH_FIELDS_OLD, Facts, FabricManager, Gpu, Health, parse_fabric_manager,
                             parse_health_query, parse_kernel_log, parse_nvlink_status, parse_nvml_health, parse_probe)
-from fleetctl.decide.health import DEGRADED, HEALTHY, UNHEALTHY, UNKNOWN, judge, load_rules
 from tests.lab.profiles import derive_health_csv, nvlink_status, xid_line
 
 H100 = Path(__file__).parent / "data" / "health" / "h100-sxm-2026-12"

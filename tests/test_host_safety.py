@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from fleetctl.apply import steps
-from fleetctl.reach.fanout import Deadline
-from fleetctl.hosts.inventory import Host
 from fleetctl.apply.provision import provision
-from fleetctl.testing import Reply
-from fleetctl.decide.resolve import Request, resolve
 from fleetctl.apply.steps import Options
 from fleetctl.apply.target import parse_state, state_script, target_for
+from fleetctl.decide.resolve import Request, resolve
+from fleetctl.hosts.inventory import Host
+from fleetctl.reach.fanout import Deadline
+from fleetctl.testing import Reply
 from tests.conftest import ROOT, needs_sshd, wait_until
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
 from tests.test_steps import context

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.reach.connection import LocalConnection, Result
 from fleetctl.apply.execute import Planned, Step, execute, failed
-from fleetctl.reach.fanout import Deadline
 from fleetctl.apply.images import (CDI_ALL, ImageState, gpu_compose, gpu_refusal, gpu_run_args, image_state_script,
                              mirrored, obtain, parse_image_state, pull_failed_detail, pull_failure)
+from fleetctl.reach.connection import LocalConnection, Result
+from fleetctl.reach.fanout import Deadline
 from fleetctl.status import Status
 
 IMAGE = "vllm/vllm-openai:v0.11.0"

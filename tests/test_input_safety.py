@@ -18,13 +18,13 @@ import yaml
 from rich.console import Console
 
 from fleetctl import records, report
-from fleetctl.errors import InventoryError, PlaybookError, StateError
 from fleetctl.apply.execute import Step
-from fleetctl.reach.fanout import Outcome
-from fleetctl.hosts.inventory import MAX_RANGE_HOSTS, Host, load_inventory
-from fleetctl.decide.plan import Lock
-from fleetctl.hosts.playbook import load_playbook
 from fleetctl.apply.provision import HostRun
+from fleetctl.decide.plan import Lock
+from fleetctl.errors import InventoryError, PlaybookError, StateError
+from fleetctl.hosts.inventory import MAX_RANGE_HOSTS, Host, load_inventory
+from fleetctl.hosts.playbook import load_playbook
+from fleetctl.reach.fanout import Outcome
 from fleetctl.status import Status
 from tests.conftest import ROOT, fleetctl, fleetctl_json
 

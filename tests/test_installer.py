@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from fleetctl.apply import steps
-from fleetctl.reach.connection import Result, connect
 from fleetctl.apply.execute import Planned, execute
-from fleetctl.reach.fanout import Deadline
 from fleetctl.apply.installer import UV_VERSION, UvBinary, extract, obtain
-from fleetctl.hosts.inventory import load_inventory
 from fleetctl.apply.target import HostState, read_state
 from fleetctl.apply.wheelhouse import Platform
+from fleetctl.hosts.inventory import load_inventory
+from fleetctl.reach.connection import Result, connect
+from fleetctl.reach.fanout import Deadline
 from tests.fakes import FACTS, STACK
 from tests.test_secrets import wheel
 from tests.test_steps import context

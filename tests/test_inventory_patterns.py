@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.fleet import rollout
 from fleetctl.errors import InventoryError
+from fleetctl.fleet import rollout
 from fleetctl.hosts.inventory import MAX_RANGE_HOSTS, load_inventory
 from tests.conftest import requires_ansible
 

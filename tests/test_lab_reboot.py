@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.reach.connection import connect
 from fleetctl.errors import Unreachable
 from fleetctl.facts.probe import parse_nvidia_smi_header, parse_nvidia_smi_query
 from fleetctl.hosts.inventory import load_inventory
+from fleetctl.reach.connection import connect
 from tests.conftest import NET_OFFSET, fleetctl_json, wait_until
 from tests.lab import HARDWARE, PORT, Lab
 from tests.lab.profiles import NO_DEVICES, derive_profile

@@ -102,3 +102,10 @@ def test_version():
     from fleetctl import __version__
     done = fleetctl("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"fleetctl {__version__}"
+
+
+def test_no_function_is_over_60_lines():
+    long = [f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for module, path in MODULES.items()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long

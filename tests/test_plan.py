@@ -7,9 +7,9 @@ import sys
 
 import yaml
 
-from fleetctl.facts.probe import Installed
 from fleetctl.decide.plan import changes
 from fleetctl.decide.resolve import Stack
+from fleetctl.facts.probe import Installed
 from tests.conftest import ROOT, fleetctl, fleetctl_json
 
 STACK = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm="0.33.0", vllm_package="vllm",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from fleetctl.errors import PlaybookError
-from fleetctl.hosts.playbook import STEPS, load_playbook
 from fleetctl.apply.provision import install_pins, mismatches
 from fleetctl.decide.resolve import Stack
+from fleetctl.errors import PlaybookError
+from fleetctl.hosts.playbook import STEPS, load_playbook
 from tests.conftest import ROOT, fleetctl
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from fleetctl.apply import steps
 from fleetctl.apply.execute import SYSTEM, Planned
-from fleetctl.facts.probe import HostPackages, parse_probe
-from fleetctl.hosts.inventory import Host
 from fleetctl.decide.plan import plan_host
 from fleetctl.decide.prerequisites import decide, knowledge
+from fleetctl.facts.probe import HostPackages, parse_probe
+from fleetctl.hosts.inventory import Host
 from fleetctl.testing import RecordedConnection, Reply
 from tests.fakes import FACTS, MATRIX, PLAY, PROBE, STACK, fake_host
 from tests.test_steps import context, run

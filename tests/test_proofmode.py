@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.facts.probe import Facts, FleetState, GpuProcess, parse_compute_apps, parse_nvidia_smi_query
 from fleetctl.decide.proofmode import decide, service_memory
-from fleetctl.remote.gpumem import parse_memory_csv
 from fleetctl.decide.resolve import Request, resolve
 from fleetctl.decide.serving import plan_serving
+from fleetctl.facts.probe import Facts, FleetState, GpuProcess, parse_compute_apps, parse_nvidia_smi_query
+from fleetctl.remote.gpumem import parse_memory_csv
 from tests.fakes import MATRIX
 
 HW = Path(__file__).parent / "lab" / "hardware"

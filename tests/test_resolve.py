@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleetctl.decide.resolve import Request, resolve
 from fleetctl.errors import MatrixError
 from fleetctl.facts.probe import Facts, Gpu
 from fleetctl.knowledge.matrix import covers, load_matrix
-from fleetctl.decide.resolve import Request, resolve
 
 CASES = yaml.safe_load((Path(__file__).parent / "data" / "resolve" / "cases.yaml").read_text())
 MATRIX = load_matrix()

@@ -19,15 +19,15 @@ from dataclasses import replace
 from fleetctl.fleet import audit, rollout
 
 from fleetctl import records
+from fleetctl.apply.steps import Options
+from fleetctl.decide.plan import Lock, plan_host
+from fleetctl.decide.resolve import Request, resolve
 from fleetctl.errors import FleetError, StateError, Unreachable
 from fleetctl.facts.probe import Facts
-from fleetctl.reach.fanout import Deadline
 from fleetctl.hosts.inventory import Host, load_inventory
-from fleetctl.decide.plan import Lock, plan_host
 from fleetctl.hosts.playbook import Play
+from fleetctl.reach.fanout import Deadline
 from fleetctl.testing import RecordedConnection, Reply
-from fleetctl.decide.resolve import Request, resolve
-from fleetctl.apply.steps import Options
 from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
 from tests.fakes import FACTS, MATRIX, PLAY, STACK, fake_host, verdict
 

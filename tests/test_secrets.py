@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from fleetctl.apply import steps
-from fleetctl.reach.connection import connect
 from fleetctl.errors import WheelhouseError
 from fleetctl.hosts.inventory import load_inventory
+from fleetctl.reach.connection import connect
 from fleetctl.redact import redact, redact_data
 from tests.conftest import fleetctl, fleetctl_json, wait_until
 from tests.test_steps import FACTS, STACK

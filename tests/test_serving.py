@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from fleetctl.facts.probe import Facts, Gpu
-from fleetctl.knowledge.matrix import load_matrix
 from fleetctl.decide.resolve import Stack
 from fleetctl.decide.serving import NO_MULTICAST_ENV, ServeConfig, backend_option, plan_serving, smoke_argv, split_problem
+from fleetctl.facts.probe import Facts, Gpu
+from fleetctl.knowledge.matrix import load_matrix
 
 GPU_STACK = Stack(python="3.12", torch="2.14.0", cuda="13.0", torch_index=None, vllm="0.33.0", vllm_package="vllm",
                   flashinfer="0.7.2.post1", flashinfer_index=None, container_image=None, attention_backend="FLASH_ATTN",

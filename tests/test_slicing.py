@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from fleetctl import cli
-from fleetctl.hosts.inventory import Host
 from fleetctl.fleet.slicing import Slice, assign, placements, region_slices, take
+from fleetctl.hosts.inventory import Host
 
 
 def hosts(n: int, prefix: str = "gpu", **placement) -> list[Host]:

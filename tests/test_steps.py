@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 
 from fleetctl.apply import steps
-from fleetctl.reach.connection import Result
 from fleetctl.apply.execute import Action, Planned, Step, execute
-from fleetctl.facts.probe import ContainerRuntime, Facts
 from fleetctl.apply.images import ImageState
-from fleetctl.reach.fanout import Deadline
-from fleetctl.hosts.inventory import Host
-from fleetctl.decide.plan import changes
 from fleetctl.apply.provision import provision
-from fleetctl.testing import RecordedConnection, Reply
-from fleetctl.decide.resolve import proofs
-from fleetctl.decide.serving import plan_serving
 from fleetctl.apply.steps import Context, Options
 from fleetctl.apply.target import HostState, parse_state, state_script, target_for
+from fleetctl.decide.plan import changes
+from fleetctl.decide.resolve import proofs
+from fleetctl.decide.serving import plan_serving
+from fleetctl.facts.probe import ContainerRuntime, Facts
+from fleetctl.hosts.inventory import Host
+from fleetctl.reach.connection import Result
+from fleetctl.reach.fanout import Deadline
+from fleetctl.testing import RecordedConnection, Reply
 from tests.fakes import FACTS, H100, MATRIX, PLAY, PROBE, STACK, fake_host
 
 def run(conn: RecordedConnection, **options):

@@ -12,8 +12,8 @@ import pytest
 
 from fleetctl.errors import FleetError
 from fleetctl.hosts.inventory import VaultText, Vaulted, load_inventory
-from fleetctl.redact import redact
 from fleetctl.hosts.vault import Secret, Vault, VaultError, load_vault
+from fleetctl.redact import redact
 from tests.conftest import fleetctl, requires_ansible
 
 ANSIBLE_VAULT = Path(sys.executable).parent / "ansible-vault"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.errors import WheelhouseError
-from fleetctl.facts.probe import Facts, Gpu
-from fleetctl.decide.resolve import Stack
 from fleetctl.apply.wheelhouse import (
     HostInput, Platform, build, class_for, closure, left_out, plan_classes, platform_tags,
     provided_by_host, read_manifest, wheel_for,
 )
+from fleetctl.decide.resolve import Stack
+from fleetctl.errors import WheelhouseError
+from fleetctl.facts.probe import Facts, Gpu
 from tests.conftest import fleetctl, fleetctl_json
 
 REPORT = Path(__file__).parent / "data" / "wheelhouse" / "pip-report-flashinfer-cp312.json"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from fleetctl.reach.connection import Connection, LocalConnection, Result
 from fleetctl.errors import CommandFailed
+from fleetctl.reach.connection import Connection, LocalConnection, Result
 from fleetctl.reach.fanout import Deadline
 from fleetctl.redact import redact, redact_data
 from fleetctl.status import Status
@@ -95,19 +95,24 @@ def failed(name: str, detail: str, result: Result | None = None, **extra) -> Ste
     return Step(name, Status.FAILED, redact(detail), tail=tail, **extra)
 
 
+def listed(plan: Step | Planned) -> Step:
+    """Check mode's step: what *plan* would run, listed, nothing run."""
+    if isinstance(plan, Step):
+        return plan
+    done = tuple(a.to_dict() for a in plan.actions)
+    if plan.proof:
+        return Step(plan.name, Status.SKIPPED, "check mode", actions=done)
+    changes = any(a.change for a in plan.actions)
+    return Step(plan.name, Status.CHANGED if changes else Status.OK, plan.would or "nothing to do", actions=done)
+
+
 def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check: bool = False,
             fleet_as_root: bool = False) -> Step:
     """Run *plan*'s actions on *conn* in order (none with *check*) and return its step; an action runs as
     root where its privilege asks (*fleet_as_root*: the fleet_root is root's, not the login user's)."""
-    if isinstance(plan, Step):
-        return plan
+    if isinstance(plan, Step) or check:
+        return listed(plan)
     done = tuple(a.to_dict() for a in plan.actions)
-    if check:
-        if plan.proof:
-            return Step(plan.name, Status.SKIPPED, "check mode", actions=done)
-        changes = any(a.change for a in plan.actions)
-        return Step(plan.name, Status.CHANGED if changes else Status.OK, plan.would or "nothing to do",
-                    actions=done)
     read: Result | None = None
     step: Step | None = None
     for number, action in enumerate(plan.actions, 1):

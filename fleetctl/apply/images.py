@@ -26,9 +26,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetctl.reach.connection import Result
-from fleetctl.decide.container import CDI_ALL, RUNTIMES, gpu_compose, gpu_refusal, gpu_run_args  # noqa: F401 - re-exported
 from fleetctl.apply.execute import Action
+from fleetctl.decide.container import CDI_ALL, RUNTIMES, gpu_compose, gpu_refusal, gpu_run_args  # noqa: F401 - re-exported
+from fleetctl.reach.connection import Result
 
 DETAIL_CHARS = 400  # of the registry's message kept in a step's detail (the tail keeps the rest)
 

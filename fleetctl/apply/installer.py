@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fleetctl.redact import redact
 from fleetctl.apply.wheelhouse import UV_VERSION, Platform, sha256 as file_sha256, uv_download_args as download_args, wheel_for
+from fleetctl.redact import redact
 
 INSTALLERS = ("auto", "uv", "pip")  # fleet_installer: auto is uv (the host's, else carried), else pip
 

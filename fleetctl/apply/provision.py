@@ -33,27 +33,27 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from fleetctl.hosts.become import facts_privileges
-from fleetctl.reach.connection import Connection
-from fleetctl.errors import HostError, WheelhouseError
 from fleetctl.apply.execute import Planned, Step, execute, failed
-from fleetctl.facts.probe import Facts, gather
-from fleetctl.reach.fanout import Deadline
-from fleetctl.hosts.inventory import Host
-from fleetctl.knowledge.matrix import Matrix
-from fleetctl.decide.plan import changes, request_for
-from fleetctl.hosts.playbook import Play
-from fleetctl.decide.proofmode import decide
-from fleetctl.decide.resolve import Request, Stack, resolve
-from fleetctl.decide.serving import backend_option, plan_serving
 from fleetctl.apply.installer import UvBinary, cache_dir, extract, obtain
-from fleetctl.status import Status
 from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
     ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
     summary, undrain, vacate, wheels_for,
 )
 from fleetctl.apply.target import MARKER, q, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
 from fleetctl.apply.wheelhouse import Platform
+from fleetctl.decide.plan import changes, request_for
+from fleetctl.decide.proofmode import decide
+from fleetctl.decide.resolve import Request, Stack, resolve
+from fleetctl.decide.serving import backend_option, plan_serving
+from fleetctl.errors import HostError, WheelhouseError
+from fleetctl.facts.probe import Facts, gather
+from fleetctl.hosts.become import facts_privileges
+from fleetctl.hosts.inventory import Host
+from fleetctl.hosts.playbook import Play
+from fleetctl.knowledge.matrix import Matrix
+from fleetctl.reach.connection import Connection
+from fleetctl.reach.fanout import Deadline
+from fleetctl.status import Status
 
 
 @dataclass
@@ -270,7 +270,7 @@ def serve_again(run: HostRun, c: Context, conn: Connection, deadline: Deadline, 
                           data={"downtime_s": run.downtime_s}))
     if command:
         try:
-            run.steps.append(execute(undrain(c, command), conn, deadline))
+            run.steps.append(execute(undrain(c.host, command), conn, deadline))
         except HostError as exc:
             run.steps.append(failed("undrain", exc.reason))
 

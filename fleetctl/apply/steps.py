@@ -22,23 +22,23 @@ from typing import Callable, Mapping
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
 
 from fleetctl import systemd
-from fleetctl.reach.connection import Result
-from fleetctl.decide.container import render_dockerfile, render_service
-from fleetctl.errors import WheelhouseError
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, failed
-from fleetctl.facts.probe import Facts
-from fleetctl.decide.health import UNHEALTHY, allreduce_floor, judge
 from fleetctl.apply.images import obtain, pull_failure
 from fleetctl.apply.installer import UvBinary
-from fleetctl.hosts.playbook import Play
-from fleetctl.decide.prerequisites import Prerequisites, decide as decide_prerequisites
-from fleetctl.decide.proofmode import ProofMode
-from fleetctl.redact import redact
-from fleetctl.decide.resolve import Stack, install_pins, proofs  # noqa: F401 - install_pins re-exported
-from fleetctl.decide.serving import ServePlan, smoke_argv
-from fleetctl.status import Status, parse_verdict
 from fleetctl.apply.target import GPUMEM, SERVICE_PID, UNIT, HostState, Target, q
 from fleetctl.apply.wheelhouse import class_for, read_manifest, sha256 as file_sha256
+from fleetctl.decide.container import render_dockerfile, render_service
+from fleetctl.decide.health import UNHEALTHY, allreduce_floor, judge
+from fleetctl.decide.prerequisites import Prerequisites, decide as decide_prerequisites
+from fleetctl.decide.proofmode import ProofMode
+from fleetctl.decide.resolve import Stack, install_pins, proofs  # noqa: F401 - install_pins re-exported
+from fleetctl.decide.serving import ServePlan, smoke_argv
+from fleetctl.errors import WheelhouseError
+from fleetctl.facts.probe import Facts
+from fleetctl.hosts.playbook import Play
+from fleetctl.reach.connection import Result
+from fleetctl.redact import redact
+from fleetctl.status import Status, parse_verdict
 
 
 @dataclass(frozen=True)
@@ -458,21 +458,26 @@ def vacate(c: Context, drain: str | None = None) -> Step | Planned:
     actions = [Action(f"proofs exclusive: {c.proof.reason if c.proof else 'fleet_proof_mode'}", stop,
                       change="stop the serving stack for the proofs", fails="the serving stack did not stop")]
     if drain:
-        actions.insert(0, Action("the host leaves its pool before its service stops", f"FLEETCTL_HOST={q(c.host)} "
-                                 f"sh -c {q(drain)}", controller=True, change="run fleet_drain_command on the controller",
-                                 fails="fleet_drain_command failed", timeout=300))
+        actions.insert(0, on_controller(c.host, "fleet_drain_command", drain,
+                                        "the host leaves its pool before its service stops"))
     detail = "stopped the serving stack for the proofs" + (" (drained first)" if drain else "")
     return Planned("vacate", tuple(actions), lambda _: Step("vacate", Status.CHANGED, detail),
                    would="would stop the serving stack for the proofs" + (", after fleet_drain_command" if drain else ""))
 
 
-def undrain(c: Context, command: str) -> Planned:
-    """After exclusive proofs: fleet_undrain_command puts the host, serving again, back in its pool."""
-    return Planned("undrain", (Action("the host serves again", f"FLEETCTL_HOST={q(c.host)} sh -c {q(command)}",
-                                      controller=True, change="run fleet_undrain_command on the controller",
-                                      fails="fleet_undrain_command failed", timeout=300),),
+def undrain(host: str, command: str) -> Planned:
+    """After exclusive proofs or a driver move: fleet_undrain_command puts the host, serving again, back in
+    its pool."""
+    return Planned("undrain", (on_controller(host, "fleet_undrain_command", command, "the host serves again"),),
                    lambda _: Step("undrain", Status.CHANGED, "fleet_undrain_command ran"),
                    would="would run fleet_undrain_command")
+
+
+def on_controller(host: str, var: str, command: str, why: str) -> Action:
+    """fleet_drain_command or fleet_undrain_command (*var*): a load balancer's or scheduler's cordon is the
+    controller's call, so it runs there, with FLEETCTL_HOST naming the host, for at most 300 s."""
+    return Action(why, f"FLEETCTL_HOST={q(host)} sh -c {q(command)}", controller=True,
+                  change=f"run {var} on the controller", fails=f"{var} failed", timeout=300)
 
 
 def revert(root: str, current: str | None, previous: str | None) -> Action:

@@ -19,14 +19,14 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
+from fleetctl.apply.images import ImageState, at_sections, image_state_script, parse_image_state
+from fleetctl.decide.container import NAME, gpu_run_args
+from fleetctl.decide.resolve import Stack
+from fleetctl.decide.serving import PYCACHE
+from fleetctl.facts.probe import ContainerRuntime, Facts
 from fleetctl.hosts.become import facts_privileges
 from fleetctl.reach.connection import Connection
-from fleetctl.decide.container import NAME, gpu_run_args
-from fleetctl.facts.probe import ContainerRuntime, Facts
-from fleetctl.apply.images import ImageState, at_sections, image_state_script, parse_image_state
-from fleetctl.decide.resolve import Stack
 from fleetctl.remote.gpumem import WEIGHT_SUFFIXES
-from fleetctl.decide.serving import PYCACHE
 
 MARKER = "fleetctl-stack.json"  # written last into an environment: it is complete
 GPUMEM = "gpumem.py"  # the proofs' GPU memory rule, imported by the two scripts from beside them

@@ -45,12 +45,12 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from fleetctl.decide.plan import request_for
+from fleetctl.decide.resolve import Stack, install_pins, resolve
 from fleetctl.errors import WheelhouseError
 from fleetctl.facts.probe import Facts
-from fleetctl.decide.plan import request_for
 from fleetctl.records import atomic_write
 from fleetctl.redact import redact
-from fleetctl.decide.resolve import Stack, install_pins, resolve
 from fleetctl.status import Status
 
 MANIFEST = "manifest.json"
@@ -462,26 +462,31 @@ def build_class(plan: ClassPlan, dest: Path, runner: Runner, uv: UvRunner | None
     if missing:
         return ClassResult(plan, error=f"{where}: pip reported success but no wheel of {', '.join(missing)} for "
                            f"{describe(plan.platform)} is in {dest} (remove stale files there and run again)")
-    uv_wheel = fetch_uv(plan, dest, runner)
-    entry = {
+    entry = manifest_entry(plan, dest, files, chosen, host, fetch_uv(plan, dest, runner))
+    entry.update(host_conflicts=conflicts, resolver=tool)
+    if chosen is None:
+        entry["left_out_error"] = f"the full dependency closure could not be resolved: {why}"
+    elif note:
+        entry["left_out_note"] = note
+    return ClassResult(plan, entry, new_files=tuple(sorted(set(files) - before)))
+
+
+def manifest_entry(plan: ClassPlan, dest: Path, files: list[str], chosen: dict | None, host: dict,
+                   uv_wheel: str | None) -> dict:
+    """A class's entry in the wheelhouse manifest: its hosts, stack and platform, each file with its sha256
+    and size, what the host provides, and what the closure had that the class leaves out."""
+    return {
         "hosts": list(plan.hosts), "stack_id": plan.stack_id, "platform": plan.platform.to_dict(),
         "requirements": list(plan.requirements), "indexes": [redact(u) for u in plan.indexes], "no_deps": plan.no_deps,
         "files": [{"name": f, "sha256": sha256(dest / f), "size": (dest / f).stat().st_size}
                   for f in sorted(set(files))],
         "provided_by_host": provided_by_host(chosen or {}, host),
-        "host_conflicts": conflicts,
-        "resolver": tool,
         # uv's wheel for the platform: the binary provision carries to hosts without uv (fleetctl.apply.installer).
         **({"installer": {"name": uv_wheel, "sha256": sha256(dest / uv_wheel),
                           "size": (dest / uv_wheel).stat().st_size}} if uv_wheel else {}),
         "left_out": (left_out(chosen, map(requirement_name, plan.requirements), host) if plan.no_deps else [])
         if chosen is not None else None,
     }
-    if chosen is None:
-        entry["left_out_error"] = f"the full dependency closure could not be resolved: {why}"
-    elif note:
-        entry["left_out_note"] = note
-    return ClassResult(plan, entry, new_files=tuple(sorted(set(files) - before)))
 
 
 def fetch_uv(plan: ClassPlan, dest: Path, runner: Runner) -> str | None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, replace
 from datetime import date
+from typing import NamedTuple
 
 from packaging.version import Version
 
-from fleetctl.hosts.become import facts_privileges
-from fleetctl.facts.probe import Facts
-from fleetctl.knowledge.matrix import DriverBranch, Matrix
 from fleetctl.decide.resolve import Request, _compat
+from fleetctl.facts.probe import Facts
+from fleetctl.hosts.become import facts_privileges
+from fleetctl.knowledge.matrix import DriverBranch, Matrix
 
 TURING, BLACKWELL = 75, 100
 UBUNTU = {"22.04": "ubuntu-22.04", "24.04": "ubuntu-24.04"}
@@ -75,9 +76,8 @@ class DriverMove:
 
 def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_compat: str = "minor",
               today: date | None = None) -> DriverMove | None:
-    """The driver move that lets *facts*' host run a CUDA *cuda* runtime, with *branch* ("auto" or "580"),
-    or None where its driver already runs it (under *cuda_compat*, as the resolver decides). *today*
-    (default: the date of the call) decides which branches NVIDIA still supports."""
+    """The driver move that lets *facts*' host run CUDA *cuda* with *branch* ("auto" or "580"), or None where its
+    driver runs it already (under *cuda_compat*); *today* decides which branches NVIDIA still supports."""
     if not facts.gpus:
         return None  # no GPU, no driver to move
     if facts.cuda_driver_version and facts.driver_version and \
@@ -109,32 +109,11 @@ def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_comp
     if toolkit is not None and not any(s in toolkit.sm for s in sms):
         return refuse(branch, f"CUDA {cuda} builds no code for sm_{lowest}: a newer driver would not let the host "
                       f"run it", "keep this host on its CUDA (leave it out of the move) or replace its GPUs")
-    fits = [d for d in sorted(matrix.drivers, key=lambda d: int(d.branch))
-            if Version(d.cuda) >= Version(cuda) and all(s in d.sm for s in sms)]
-    if branch == "auto":
-        supported = [d for d in fits if d.eol and d.eol >= month and d.kind in ("LTSB", "PB")]
-        if not supported:
-            newest = fits[-1] if fits else None
-            return refuse(branch, f"no NVIDIA-supported branch in the matrix runs CUDA {cuda} natively on sm_"
-                          f"{'/'.join(map(str, sms))}",
-                          f"name a branch with --driver {newest.branch}" if newest else "add the branch to the matrix")
-        row = supported[0]
-        why.append(f"R{row.branch}: the oldest supported branch that runs CUDA {cuda} natively "
-                   f"({_lifecycle(row, month)})")
-    else:
-        row = matrix.driver_row(branch.lstrip("Rr"))
-        if row is None:
-            return refuse(branch, f"R{branch} is not in the matrix",
-                          f"use --driver auto or one of {', '.join(d.branch for d in matrix.drivers)}")
-        if Version(row.cuda) < Version(cuda):
-            would = fits[0].branch if fits else None
-            return refuse(row.branch, f"R{row.branch} runs CUDA ≤ {row.cuda} natively, not {cuda}",
-                          f"use --driver {would} (or auto)" if would else "add a newer branch to the matrix", row)
-        if missing := [s for s in sms if s not in row.sm]:
-            return refuse(row.branch, f"R{row.branch} does not drive sm_{'/'.join(map(str, missing))}"
-                          + (" (pre-Turing GPUs end with R580)" if missing[0] < TURING else ""),
-                          f"use --driver {fits[0].branch}" if fits else "keep the host on its driver", row)
-        why.append(f"R{row.branch} as asked ({_lifecycle(row, month)})")
+    picked = _branch(branch, cuda, sms, matrix, month)
+    if isinstance(picked, Refused):
+        return refuse(*picked)
+    row, row_why = picked
+    why.append(row_why)
     flavor, flavor_why = _flavor(facts, lowest, highest, row)
     if flavor is None:
         return refuse(row.branch, flavor_why, "put the pre-Turing and the Blackwell GPUs in different hosts", row)
@@ -155,6 +134,45 @@ def plan_move(facts: Facts, cuda: str, branch: str, matrix: Matrix, *, cuda_comp
                    "reboot; the fabric must complete before the host serves")
     return DriverMove(now, row.branch, row.min_version, row.cuda, flavor, distro, source, packages,
                       install, rollback, tuple(why), fabric_manager=fabric)
+
+
+class Refused(NamedTuple):
+    """A branch that cannot be moved to: the target named, why not, and the way out."""
+
+    target: str
+    refusal: str
+    fix: str
+    row: DriverBranch | None
+
+
+def _branch(branch: str, cuda: str, sms: list[int], matrix: Matrix,
+            month: str) -> tuple[DriverBranch, str] | Refused:
+    """The branch row to move to and why: with "auto" the oldest NVIDIA-supported LTSB/PB branch that runs
+    *cuda* natively on every SM; else the one named, if it runs them."""
+    fits = [d for d in sorted(matrix.drivers, key=lambda d: int(d.branch))
+            if Version(d.cuda) >= Version(cuda) and all(s in d.sm for s in sms)]
+    if branch == "auto":
+        supported = [d for d in fits if d.eol and d.eol >= month and d.kind in ("LTSB", "PB")]
+        if not supported:
+            newest = fits[-1] if fits else None
+            return Refused(branch, f"no NVIDIA-supported branch in the matrix runs CUDA {cuda} natively on sm_"
+                    f"{'/'.join(map(str, sms))}",
+                    f"name a branch with --driver {newest.branch}" if newest else "add the branch to the matrix", None)
+        row = supported[0]
+        return row, f"R{row.branch}: the oldest supported branch that runs CUDA {cuda} natively ({_lifecycle(row, month)})"
+    row = matrix.driver_row(branch.lstrip("Rr"))
+    if row is None:
+        return Refused(branch, f"R{branch} is not in the matrix",
+                f"use --driver auto or one of {', '.join(d.branch for d in matrix.drivers)}", None)
+    if Version(row.cuda) < Version(cuda):
+        would = fits[0].branch if fits else None
+        return Refused(row.branch, f"R{row.branch} runs CUDA ≤ {row.cuda} natively, not {cuda}",
+                f"use --driver {would} (or auto)" if would else "add a newer branch to the matrix", row)
+    if missing := [s for s in sms if s not in row.sm]:
+        return Refused(row.branch, f"R{row.branch} does not drive sm_{'/'.join(map(str, missing))}"
+                + (" (pre-Turing GPUs end with R580)" if missing[0] < TURING else ""),
+                f"use --driver {fits[0].branch}" if fits else "keep the host on its driver", row)
+    return row, f"R{row.branch} as asked ({_lifecycle(row, month)})"
 
 
 def facts_after(facts: Facts, move: DriverMove) -> Facts:

@@ -20,17 +20,17 @@ from typing import Iterable, Iterator, Mapping
 import yaml
 
 from fleetctl.decide.driver import DriverMove, facts_after, plan_move
+from fleetctl.decide.prerequisites import decide as decide_prerequisites
+from fleetctl.decide.proofmode import ProofMode, decide
+from fleetctl.decide.resolve import Request, Resolution, Stack, resolve
+from fleetctl.decide.serving import plan_serving
 from fleetctl.errors import StateError
 from fleetctl.facts.probe import Facts, Installed
 from fleetctl.hosts.inventory import Host
-from fleetctl.knowledge.matrix import Matrix
 from fleetctl.hosts.playbook import Play
-from fleetctl.decide.prerequisites import decide as decide_prerequisites
-from fleetctl.decide.proofmode import ProofMode, decide
+from fleetctl.knowledge.matrix import Matrix
 from fleetctl.records import atomic_write, read_state, safe_load_yaml
 from fleetctl.redact import redact_data
-from fleetctl.decide.resolve import Request, Resolution, Stack, resolve
-from fleetctl.decide.serving import plan_serving
 from fleetctl.status import Status
 
 LOCK_VERSION = 1

@@ -15,8 +15,8 @@ from importlib import resources
 
 import yaml
 
-from fleetctl.facts.probe import Facts
 from fleetctl.decide.resolve import Stack
+from fleetctl.facts.probe import Facts
 
 # apt waits this long for another apt/dpkg (unattended-upgrades on a fresh cloud image) to let go of its lock.
 APT_LOCK = "-o DPkg::Lock::Timeout=300"

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from fleetctl.decide.serving import ServeConfig
 from fleetctl.facts.probe import Facts, Gpu
 from fleetctl.remote import gpumem
 from fleetctl.remote.gpumem import GpuMemory
-from fleetctl.decide.serving import ServeConfig
 
 MODES = ("auto", "beside", "exclusive")
 

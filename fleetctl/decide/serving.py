@@ -28,10 +28,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from fleetctl.facts.probe import Facts
 from fleetctl.decide.health import allreduce_floor
-from fleetctl.knowledge.matrix import Matrix
 from fleetctl.decide.resolve import Stack
+from fleetctl.facts.probe import Facts
+from fleetctl.knowledge.matrix import Matrix
 
 # NVLink multicast off, everywhere it can be reached from a vLLM server (shared/recipes/gpu.md,
 # "Tensor parallelism 2"): NCCL's NVLS, torch's symmetric memory, NVSHMEM, and vLLM's symmetric-

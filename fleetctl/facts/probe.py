@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from fleetctl.hosts.become import become_for, parse_reach
-from fleetctl.reach.deadline import Deadline
 from fleetctl.errors import CommandFailed
+from fleetctl.hosts.become import become_for, parse_reach
 from fleetctl.hosts.inventory import Host
+from fleetctl.reach.deadline import Deadline
 
 if TYPE_CHECKING:  # gather is handed a connection; the facts import nothing that runs commands
     from fleetctl.reach.connection import Connection

@@ -24,18 +24,18 @@ from typing import Callable, Iterable
 from xml.sax.saxutils import quoteattr
 
 from fleetctl import records, systemd
-from fleetctl.reach.connection import Connection
-from fleetctl.errors import FleetError, StateError
-from fleetctl.facts.probe import Facts, FleetState, gather
-from fleetctl.reach.fanout import Deadline, Outcome, fan_out
+from fleetctl.apply.target import UNIT, HostState, read_state, target_for
 from fleetctl.decide.health import health_drift
-from fleetctl.hosts.inventory import Host
-from fleetctl.knowledge.matrix import Matrix
 from fleetctl.decide.plan import Lock, LockedHost, class_facts
 from fleetctl.decide.prerequisites import decide as decide_prerequisites
 from fleetctl.decide.resolve import Request, flashinfer_in_use, resolve
+from fleetctl.errors import FleetError, StateError
+from fleetctl.facts.probe import Facts, FleetState, gather
+from fleetctl.hosts.inventory import Host
+from fleetctl.knowledge.matrix import Matrix
+from fleetctl.reach.connection import Connection
+from fleetctl.reach.fanout import Deadline, Outcome, fan_out
 from fleetctl.status import Status, parse_verdict
-from fleetctl.apply.target import UNIT, HostState, read_state, target_for
 
 KINDS = ("unlocked", "driver", "cuda_driver", "gpus", "python", "platform", "environment", "current",
          "package", "host_package", "service", "validation", "stack_outdated", "incompatible", "health", "xid", "ecc")

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from fleetctl.errors import FleetError
-from fleetctl.hosts.inventory import Host
 from fleetctl.fleet.merge import merge
 from fleetctl.fleet.slicing import Slice, placements
+from fleetctl.hosts.inventory import Host
 
 RESOURCE = "fleet_region:{}"
 SLIVER = 0.001  # of a node's fleet_region resource: any number of slices fit, CPUs bound them

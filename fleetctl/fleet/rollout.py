@@ -33,23 +33,23 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from fleetctl import records
-from fleetctl.hosts.become import facts_privileges
-from fleetctl.reach.connection import Connection
-from fleetctl.errors import FleetError, StateError
-from fleetctl.apply.execute import Action, Planned, Step, execute as execute_plan, failed
-from fleetctl.facts.probe import Facts, gather
-from fleetctl.reach.fanout import Deadline, Outcome, fan_out
-from fleetctl.hosts.inventory import Host, Inventory
-from fleetctl.knowledge.matrix import Matrix, load_matrix
-from fleetctl.decide.plan import HostPlan, Lock, plan_host
-from fleetctl.hosts.playbook import Play, load_playbook
+from fleetctl.apply.execute import Action, Planned, Step, execute as execute_plan, failed, listed
 from fleetctl.apply.provision import context, lock_host, provision_host, stack_at
-from fleetctl.decide.serving import backend_option, plan_serving, smoke_argv
-from fleetctl.status import Status
-from fleetctl.apply.steps import ACTIVATE, STEPS, Context, Options, proof
+from fleetctl.apply.steps import ACTIVATE, STEPS, Context, Options, proof, undrain
 from fleetctl.apply.target import q
+from fleetctl.decide.plan import HostPlan, Lock, plan_host
+from fleetctl.decide.serving import backend_option, plan_serving, smoke_argv
+from fleetctl.errors import FleetError, StateError
+from fleetctl.facts.probe import DEFAULT_ROOT, Facts, gather
+from fleetctl.fleet.upgrade import (REBOOT_TIMEOUT, Mover, back_on, back_plans, fabric_up, move_plans, old_driver_back,
+                                    packages_back, reboot, why_failed)
 from fleetctl.hosts.become import facts_privileges
-from fleetctl.fleet.upgrade import REBOOT_TIMEOUT, Mover, back_on, controller_command, fabric_up, old_driver_back, undo
+from fleetctl.hosts.inventory import Host, Inventory
+from fleetctl.hosts.playbook import Play, load_playbook
+from fleetctl.knowledge.matrix import Matrix, load_matrix
+from fleetctl.reach.connection import Connection
+from fleetctl.reach.fanout import Deadline, Outcome, fan_out
+from fleetctl.status import Status
 
 KIND = "rollouts"
 # A host in one of these states counts against the failure budget.
@@ -207,6 +207,12 @@ class Journal:
             self.data["hosts"][name].update(state=state, **extra)
             self.save()
 
+    def driver_step(self, name: str, step: Step) -> None:
+        """A driver move's (or its rollback's) step, with the actions it ran, kept in the host's entry."""
+        with self.lock:
+            self.data["hosts"][name].setdefault("driver_steps", []).append(asdict(step))
+            self.save()
+
     def record(self, outcome: Outcome) -> None:
         """A host's wave result: done, or why not (a failed gate means it kept its previous env)."""
         name = outcome.host.name
@@ -296,8 +302,11 @@ def check_actions(journal: Journal, hosts: dict[str, Host], plays: list[Play], m
     names = [n for w in journal.data["waves"] for n in w]
     for name, outcome in fan_out([hosts[n] for n in names], by_play(journal, plays, matrix, options), forks=forks,
                                  timeout=timeout).items():
-        journal.data["hosts"][name]["planned"] = (outcome.value.to_dict() if outcome.ok
-                                                  else {"status": outcome.status, "error": outcome.error})
+        entry = journal.data["hosts"][name]
+        entry["planned"] = (outcome.value.to_dict() if outcome.ok
+                            else {"status": outcome.status, "error": outcome.error})
+        if entry.get("driver"):  # the driver move's changes, before the provision above runs on the new driver
+            entry["planned"]["driver"] = [asdict(listed(p)) for p in move_plans(hosts[name], entry)]
 
 
 def resume(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: float, on_done=None) -> Journal:
@@ -422,7 +431,7 @@ def prove_previous(journal: Journal, plays: list[Play], matrix: Matrix):
     """After a failed gate: the host's current environment (untouched) must still generate tokens."""
     def task(host: Host, conn: Connection, deadline: Deadline) -> None:
         entry = journal.data["hosts"][host.name]
-        facts = entry["run"]["facts"] if entry.get("run") else None
+        facts = Facts.from_dict(entry["run"]["facts"]) if (entry.get("run") or {}).get("facts") else None
         if not entry.get("from") or not facts:
             journal.mark(host.name, Stage.FAILED, serving_again=None, rollback="no previous environment to return to")
             return
@@ -431,15 +440,14 @@ def prove_previous(journal: Journal, plays: list[Play], matrix: Matrix):
             journal.mark(host.name, Stage.ROLLED_BACK, serving_again=restored["status"] == Status.CHANGED,
                          rollback=f"kept {entry['from']}; after the exclusive proofs {restored['detail']}")
             return
-        root = shlex.quote(facts["fleet_root"])
+        root = shlex.quote(facts.fleet_root or DEFAULT_ROOT)
         # The journal says what the host runs: current as read now, not as the gate meant to leave it.
         now = conn.run(f"readlink {root}/current", timeout=deadline.left(host.name)).stdout.strip() or None
         if now != entry["from"]:
             journal.mark(host.name, Stage.FAILED, serving_again=None, current=now,
                          rollback=f"current is {now or 'nothing'}, not {entry['from']}: the host was not put back")
             return
-        verdict = prove_serving(host, conn, deadline, journal.play(plays, host.name), matrix,
-                                Facts.from_dict(facts), entry["from"])
+        verdict = prove_serving(host, conn, deadline, journal.play(plays, host.name), matrix, facts, entry["from"])
         serving, words = proof_words(entry["from"], verdict)
         journal.mark(host.name, Stage.ROLLED_BACK, serving_again=serving, current=now, rollback=words)
     return task
@@ -491,6 +499,10 @@ def rollback(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: f
     return journal
 
 
+NO_DRIVER_BACK = ("no commands put this host's previous driver branch back (the matrix does not know it): put the "
+                  "driver back by hand")
+
+
 class Reverter:
     """One rollback's work on each host: its driver back where the rollout moved it, then its previous
     environment current again and its service restarted there by the service step provision runs — every
@@ -516,8 +528,10 @@ class Reverter:
         facts = Facts.from_dict((entry.get("run") or {}).get("facts") or entry["facts_before"])
         if self.check:
             if entry.get("driver") and entry.get("phase") not in (None, "drain"):
-                self.plan(host.name, driver=list(entry["driver"]["rollback"] or ["(none known: by hand)"]),
-                          reboot=entry.get("phase") not in ("install", "reboot"))
+                if not entry["driver"]["rollback"]:
+                    return self.fail(host.name, NO_DRIVER_BACK)
+                self.plan(host.name, driver=[asdict(listed(p)) for p in back_plans(
+                    entry, rebooted=entry.get("phase") not in ("install", "reboot"))])
             return self.finish(host, conn, deadline, entry, facts)
         locked = lock_host(conn, facts, f"{self.journal.id} (rollback)", deadline.left(host.name),
                            root=facts_privileges(facts).fleet_as_root)
@@ -537,10 +551,13 @@ class Reverter:
         """The previous branch's packages back; where the new driver may be loaded, a reboot, the old branch
         verified, the lock taken again on the new session; then the environment."""
         if not entry["driver"]["rollback"]:
-            return self.fail(host.name, "no commands put this host's previous driver branch back (the matrix does "
-                                        "not know it): put the driver back by hand")
+            return self.fail(host.name, NO_DRIVER_BACK)
         rebooted = entry.get("phase") not in ("install", "reboot")  # the new driver may be loaded
-        if why := undo(conn, host, entry, deadline, restart=rebooted):
+        back = execute_plan(packages_back(entry), conn, deadline)
+        self.journal.driver_step(host.name, back)
+        if back.status == Status.FAILED:
+            return self.fail(host.name, why_failed(back))
+        if rebooted and (why := reboot(conn, host.name, deadline)):
             return self.fail(host.name, why)
         if not rebooted:
             return self.finish(host, conn, deadline, entry, facts)
@@ -569,9 +586,10 @@ class Reverter:
             self.journal.mark(host.name, Stage.REVERTED, reverted_to=None,
                               service="no environment before the rollout")
         if entry.get("driver") and not self.check and self.journal.data["hosts"][host.name]["state"] == Stage.REVERTED:
-            command = host.vars.get("fleet_undrain_command")
-            if command and (why := controller_command(str(command), host, "fleet_undrain_command")):
-                return self.fail(host.name, why)
+            if command := host.vars.get("fleet_undrain_command"):
+                back = execute_plan(undrain(host.name, str(command)), conn, deadline)
+                if back.status == Status.FAILED:
+                    return self.fail(host.name, why_failed(back))
             self.journal.mark(host.name, Stage.REVERTED, drained=False)
 
     def revert_env(self, host: Host, conn: Connection, deadline: Deadline, entry: dict, facts: Facts) -> None:

@@ -4,8 +4,8 @@ A rollout to a CUDA the host's driver cannot run moves the driver first (the pac
 :mod:`fleetctl.decide.driver`'s decision, kept in the journal). The move runs in phases, each recorded in the
 journal before it starts, so a controller that dies mid-reboot resumes where it stopped:
 
-    drain    stop the vLLM service; run the inventory's fleet_drain_command (on the controller: a
-             load balancer's or scheduler's cordon)
+    drain    run the inventory's fleet_drain_command (on the controller: a load balancer's or
+             scheduler's cordon); stop the vLLM service
     install  the branch's packages, pinned (the host's package manager)
     reboot   the host reboots; the controller waits for its session to end
     back     the controller waits for the host to answer again, within fleet_reboot_timeout
@@ -15,6 +15,11 @@ journal before it starts, so a controller that dies mid-reboot resumes where it 
     serve    provision the new stack, gated on its proofs (validate + smoke)
     undrain  fleet_undrain_command; the host is done
 
+Each phase's changes (drain, packages, reboot, fabric manager, undrain) are planned actions run by the
+one executor (:func:`fleetctl.apply.execute.execute`), their steps kept in the journal's ``driver_steps``;
+``rollout --check`` lists them (:func:`move_plans`) and ``--rollback --check`` the way back
+(:func:`back_plans`). Waiting for a host to go down, come back and train its fabric only reads.
+
 A failure anywhere stops the host where it is: drained, counted against the failure budget, the
 journal naming the phase. ``rollback`` puts the previous branch's packages back, reboots, and serves
 the environment the host had.
@@ -22,26 +27,25 @@ the environment the host had.
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
-import subprocess
 import threading
 import time
 
-from fleetctl.reach.connection import Connection, connect
+from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, execute
+from fleetctl.apply.steps import on_controller, stop_service, undrain
 from fleetctl.decide.driver import branch_of
-from fleetctl.errors import FleetError, HostError
-from fleetctl.facts.probe import Facts, gather
-from fleetctl.reach.fanout import Deadline, fan_out
 from fleetctl.decide.health import judge
+from fleetctl.errors import FleetError, HostError
+from fleetctl.facts.probe import DEFAULT_ROOT, Facts, gather
 from fleetctl.hosts.inventory import Host
+from fleetctl.reach.connection import Connection, connect
+from fleetctl.reach.fanout import Deadline, fan_out
 from fleetctl.status import Status
-from fleetctl.apply.steps import stop_service
 
 REBOOT = "nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &"  # returns at once; the session ends a second later
 REBOOT_TIMEOUT = 900.0  # seconds for a host to answer again after its reboot (fleet_reboot_timeout)
 DOWN_TIMEOUT = 180.0  # seconds for a rebooting host to end the session that asked it to
+FABRIC_START = "systemctl start nvidia-fabricmanager"
 
 
 def drain_script(root: str, port: int, python: str) -> str:
@@ -56,36 +60,93 @@ def drain_script(root: str, port: int, python: str) -> str:
         f"[ -f {r}/service.pid ] || exit 0", "echo stopped", stop_service(root, port, python)])
 
 
-def controller_command(command: str, host: Host, what: str) -> str | None:
-    """Run fleet_drain_command / fleet_undrain_command on the controller (a cordon is a controller's
-    call); None where it ran fine, else why not."""
-    proc = subprocess.Popen(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FLEETCTL_HOST": host.name}, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # its children too, which would hold the pipes open
-        proc.communicate()
-        return f"{what} did not finish within 300 s"
-    if proc.returncode != 0:
-        return f"{what} failed (exit {proc.returncode}): {(err.strip() or out.strip())[-300:]}"
-    return None
+# ---------------------------------------------------------------- the phases' changes, as planned actions
+
+def drain(host: Host, before: Facts) -> Planned:
+    """fleet_drain_command on the controller (the host leaves its pool), then the serving stack stops; the
+    step's data says whether anything was serving, which a rollback serves again."""
+    port = int(host.vars.get("fleet_service_port", 8000))
+    python = before.python.path if before.python else "python3"
+    stop = drain_script(before.fleet_root or DEFAULT_ROOT, port, python)
+    actions = [Action("the driver changes under the serving stack", stop,
+                      change="stop the serving stack", fails="the service did not stop", reads=True,
+                      privilege=SYSTEM)]
+    if command := host.vars.get("fleet_drain_command"):
+        actions.insert(0, on_controller(host.name, "fleet_drain_command", str(command),
+                                        "the host leaves its pool before its service stops"))
+    return Planned("drain", tuple(actions), lambda r: Step(
+        "drain", Status.CHANGED, "drained", data={"stopped": "stopped" in r.stdout.split()}),
+        would="would stop the serving stack" + (" after fleet_drain_command" if len(actions) > 1 else ""))
 
 
-def gpus_lost(before: list[dict], after: Facts) -> str | None:
+def packages(name: str, commands: list[str], why: str) -> Planned:
+    """The driver branch's packages (a move's install, or a rollback's previous branch), pinned and held, each
+    command as root in order."""
+    return Planned(name, tuple(Action(why, command, change="driver packages", fails=f"`{command}` failed",
+                                      privilege=SYSTEM) for command in commands),
+                   lambda _: Step(name, Status.CHANGED, f"{len(commands)} package command(s) ran"),
+                   would=f"would run {len(commands)} package command(s)")
+
+
+def restart() -> Planned:
+    """The new driver loads at the next boot."""
+    return Planned("reboot", (Action("the driver branch loads at boot", REBOOT, change="reboot the host",
+                                     fails="reboot refused", privilege=SYSTEM),),
+                   lambda _: Step("reboot", Status.CHANGED, "reboot asked"), would="would reboot the host")
+
+
+def start_fabric() -> Planned:
+    """On an NVSwitch host CUDA initialises only once nvidia-fabricmanager runs at the driver's version."""
+    return Planned("fabric manager", (Action("CUDA needs the NVSwitch fabric trained", FABRIC_START,
+                                             change="start nvidia-fabricmanager",
+                                             fails="nvidia-fabricmanager did not start", privilege=SYSTEM),),
+                   lambda _: Step("fabric manager", Status.CHANGED, "started"),
+                   would="would start nvidia-fabricmanager")
+
+
+def move_plans(host: Host, entry: dict) -> list[Planned]:
+    """A driver move's changes in the order the phases make them (what ``rollout --check`` lists)."""
+    move = entry["driver"]
+    plans = [drain(host, Facts.from_dict(entry["facts_before"])), packages("driver", move["install"], f"branch {move['branch']}"),
+             restart()]
+    plans += [start_fabric()] if move.get("fabric_manager") else []
+    if command := host.vars.get("fleet_undrain_command"):
+        plans.append(undrain(host.name, str(command)))
+    return plans
+
+
+def packages_back(entry: dict) -> Planned:
+    """A rollback's previous driver branch, pinned and held again."""
+    return packages("driver back", entry["driver"]["rollback"], f"back to branch {branch_of(entry['driver']['from'])}")
+
+
+def back_plans(entry: dict, rebooted: bool) -> list[Planned]:
+    """A rollback's driver changes: the previous branch's packages and, where the new driver may be loaded,
+    a reboot (and the fabric manager started after it) — what ``rollout --rollback --check`` lists."""
+    if not rebooted:
+        return [packages_back(entry)]
+    return [packages_back(entry), restart()] + ([start_fabric()] if entry["driver"].get("fabric_manager") else [])
+
+
+def why_failed(step: Step) -> str:
+    """A failed phase's step as the journal's one line: what failed, and the end of what it said."""
+    tail = (step.tail or "").strip().splitlines()[-3:]
+    return step.detail + (f": {' '.join(tail)[-400:]}" if tail else "")
+
+
+def gpus_lost(before: Facts, after: Facts) -> str | None:
     """Every GPU the host had (by UUID where the driver reports one, else by name) must still be there."""
-    def ids(gpus):
-        return sorted(g.get("uuid") or g.get("name") or "" for g in gpus)
-    now = [{"uuid": g.uuid, "name": g.name} for g in after.gpus]
-    if ids(now) == ids(before):
+    def ids(facts: Facts) -> list[str]:
+        return sorted(g.uuid or g.name or "" for g in facts.gpus)
+    if ids(after) == ids(before):
         return None
-    gone = sorted(set(ids(before)) - set(ids(now)))
-    return (f"the new driver runs {len(now)} of the {len(before)} GPUs the host had"
+    gone = sorted(set(ids(before)) - set(ids(after)))
+    return (f"the new driver runs {len(after.gpus)} of the {len(before.gpus)} GPUs the host had"
             + (f" (gone: {', '.join(gone)})" if gone else ""))
 
 
 class Mover:
-    """The driver moves of one wave, against one journal (rollout.Journal: mark, data)."""
+    """The driver moves of one wave, against one journal (rollout.Journal: mark, driver_step, data)."""
 
     def __init__(self, journal, *, forks: int, timeout: float, provision_task):
         self.journal, self.forks, self.timeout, self.provision_task = journal, forks, timeout, provision_task
@@ -132,28 +193,33 @@ class Mover:
     # ------------------------------------------------------------ phases over the wave's connection
 
     def until_reboot(self, host: Host, conn: Connection, deadline: Deadline) -> None:
-        name, move = host.name, self.entry(host.name)["driver"]
-        facts = self.entry(name)["facts_before"]
-        if self.entry(name).get("phase") in (None, "drain"):
+        name, entry = host.name, self.entry(host.name)
+        if entry.get("phase") in (None, "drain"):
             self.phase(name, "drain")
-            port = int(host.vars.get("fleet_service_port", 8000))
-            python = (facts.get("python") or {}).get("path") or "python3"
-            stopped = conn.run(drain_script(facts["fleet_root"], port, python), timeout=deadline.left(name), root=True)
-            if not stopped.ok:
-                return self.stop(name, "drain", f"the service did not stop: {stopped.stderr.strip()[-300:]}")
-            self.journal.mark(name, "running", drain_stopped="stopped" in stopped.stdout.split())
-            if command := host.vars.get("fleet_drain_command"):
-                if why := controller_command(str(command), host, "fleet_drain_command"):
-                    return self.stop(name, "drain", why)
+            before = Facts.from_dict(entry["facts_before"])
+            if (done := self.change(name, drain(host, before), conn, deadline)) is None:
+                return None
+            self.journal.mark(name, "running", drain_stopped=done.data["stopped"])
             self.phase(name, "install")
         if self.entry(name).get("phase") == "install":
-            if why := run_all(conn, move["install"], name, deadline):
-                return self.stop(name, "install", why)
+            if self.change(name, packages("driver", entry["driver"]["install"], f"branch {entry['driver']['branch']}"),
+                           conn, deadline) is None:
+                return None
             self.phase(name, "reboot")
         # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
         self.phase(name, "back")
         if why := reboot(conn, name, deadline):
             return self.stop(name, "reboot", why)
+
+    def change(self, name: str, plan: Planned, conn: Connection, deadline: Deadline) -> Step | None:
+        """Run one phase's planned actions through the executor, keeping the step in the journal; None (the
+        host stopped at this phase) where it failed."""
+        done = execute(plan, conn, deadline)
+        self.journal.driver_step(name, done)
+        if done.status == Status.FAILED:
+            self.stop(name, self.entry(name).get("phase") or plan.name, why_failed(done))
+            return None
+        return done
 
     def wait_back(self, host: Host) -> None:
         limit = float(host.vars.get("fleet_reboot_timeout", REBOOT_TIMEOUT))
@@ -173,7 +239,7 @@ class Mover:
             if branch_of(facts.driver_version) != move["branch"]:
                 return self.stop(name, "verify", f"the driver is {facts.driver_version or 'not running'}, not "
                                                  f"branch {move['branch']}: the new driver did not load")
-            if lost := gpus_lost(entry["facts_before"].get("gpus") or [], facts):
+            if lost := gpus_lost(Facts.from_dict(entry["facts_before"]), facts):
                 return self.stop(name, "verify", lost)
             if move.get("fabric_manager"):
                 if why := fabric_up(host, conn, deadline):
@@ -188,34 +254,18 @@ class Mover:
                 return run
             self.journal.mark(name, "running", phase="undrain", run=run.to_dict())
         if command := host.vars.get("fleet_undrain_command"):
-            if why := controller_command(str(command), host, "fleet_undrain_command"):
-                return self.stop(name, "undrain", why)
+            if self.change(name, undrain(name, str(command)), conn, deadline) is None:
+                return None
         self.journal.mark(name, "done", phase="done", drained=False)
         return None
-
-
-def undo(conn: Connection, host: Host, entry: dict, deadline: Deadline, *, restart: bool) -> str | None:
-    """Rollback's first half: the previous branch's packages back and pinned, then (where the new driver may
-    be loaded) a reboot. None where that went through, else why not."""
-    return run_all(conn, entry["driver"]["rollback"], host.name, deadline) or (
-        reboot(conn, host.name, deadline) if restart else None)
-
-
-def run_all(conn: Connection, commands, name: str, deadline: Deadline) -> str | None:
-    """Run *commands* in order on the host; None where each exited 0, else which one failed and how."""
-    for command in commands:
-        done = conn.run(command, timeout=deadline.left(name), root=True)
-        if not done.ok:
-            return f"`{command}` failed (exit {done.exited}): {(done.stderr.strip() or done.stdout.strip())[-400:]}"
-    return None
 
 
 def reboot(conn: Connection, name: str, deadline: Deadline) -> str | None:
     """Ask the host to reboot and wait until it ends this session (its sshd goes down with it); None where
     it did, else why not."""
-    asked = conn.run(REBOOT, timeout=deadline.left(name), root=True)
-    if not asked.ok:
-        return f"reboot refused (exit {asked.exited}): {asked.stderr.strip()[-300:]}"
+    asked = execute(restart(), conn, deadline)
+    if asked.status == Status.FAILED:
+        return why_failed(asked)
     end = time.monotonic() + DOWN_TIMEOUT
     while time.monotonic() < end:
         try:
@@ -248,9 +298,9 @@ def fabric_problem(facts: Facts) -> str | None:
 def fabric_up(host: Host, conn: Connection, deadline: Deadline) -> str | None:
     """After a driver move's reboot on an NVSwitch host: start the fabric manager and wait, within
     fleet_fabric_timeout, until every GPU's fabric completed; None then, else why not."""
-    started = conn.run("systemctl start nvidia-fabricmanager", timeout=deadline.left(host.name))
-    if not started.ok:
-        return f"nvidia-fabricmanager did not start: {(started.stderr.strip() or started.stdout.strip())[-300:]}"
+    started = execute(start_fabric(), conn, deadline)
+    if started.status == Status.FAILED:
+        return why_failed(started)
     end = time.monotonic() + float(host.vars.get("fleet_fabric_timeout", FABRIC_TIMEOUT))
     while (why := fabric_problem(gather(host, conn, deadline))) and time.monotonic() < end:
         time.sleep(2)  # the fabric manager trains the NVLinks: seconds to minutes

@@ -39,10 +39,10 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from fleetctl.errors import InventoryError
 from fleetctl.hosts.inventory_ini import parse_ini
-from fleetctl.records import check_yaml_expansion
-from fleetctl.redact import MASK, register_secret
 from fleetctl.hosts.templating import host_vars
 from fleetctl.hosts.vault import Vault, is_vault
+from fleetctl.records import check_yaml_expansion
+from fleetctl.redact import MASK, register_secret
 
 __all__ = ["CONNECTIONS", "Group", "Host", "Inventory", "Selection", "Unsafe", "Vaulted", "load_inventory"]
 

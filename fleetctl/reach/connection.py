@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from fleetctl.errors import CommandFailed, InventoryError, TimedOut, Unreachable
 from fleetctl.hosts.become import (NEEDS_PASSWORD, NOT_ALLOWED, Become, BecomeFailed, become_for, check_command, judge,
                      validate_command, wrap)
-from fleetctl.errors import CommandFailed, InventoryError, TimedOut, Unreachable
 from fleetctl.hosts.inventory import Host, Vaulted
 
 FALSY = {"false", "no", "off", "0", "n"}

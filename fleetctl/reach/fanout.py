@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from fleetctl.reach.connection import Connection, connect
-from fleetctl.reach.deadline import Deadline  # noqa: F401 - re-exported: the tasks' deadline
 from fleetctl.errors import FleetError, HostError
 from fleetctl.hosts.inventory import Host
+from fleetctl.reach.connection import Connection, connect
+from fleetctl.reach.deadline import Deadline  # noqa: F401 - re-exported: the tasks' deadline
 from fleetctl.status import Status
 
 GRACE = 2.0  # seconds past a host's deadline before the watchdog steps in
