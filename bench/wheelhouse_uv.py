@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fleetctl.apply import wheelhouse  # noqa: E402
 from fleetctl.hosts.inventory import load_inventory  # noqa: E402
-from fleetctl.knowledge.matrix import load_matrix  # noqa: E402
 from fleetctl.hosts.playbook import load_playbook  # noqa: E402
+from fleetctl.knowledge.matrix import load_matrix  # noqa: E402
 
 
 def plans(inventory: str, playbook: str, facts_file: str) -> list[wheelhouse.ClassPlan]:
