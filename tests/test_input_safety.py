@@ -216,13 +216,15 @@ def test_an_error_message_keeps_its_brackets(tmp_path):
 WRITER = """
 import sys
 import time
-from fleetctl.decide.plan import Lock
+from fleetctl.decide.plan import ClassFacts, Lock
+from fleetctl.facts.probe import Facts
 start, path, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+facts = ClassFacts.of(Facts()).to_dict()
 while open(start).read() != "go":
     pass
 for name in names:
     with Lock.updating(path) as lock:
-        lock.put(name, {"class": "c" + name, "facts": {}, "request": {}, "status": "refused", "stack": None,
+        lock.put(name, {"class": "c" + name, "facts": facts, "request": {}, "status": "refused", "stack": None,
                         "reasons": [], "fix": None})
 """
 

@@ -153,19 +153,41 @@ def _installed_torch(installed: Installed) -> str | None:
 
 # ---------------------------------------------------------------- the lock
 
-def class_facts(facts: Facts) -> dict:
-    """The facts a resolution depends on: hosts that agree on these get the same stack."""
-    return {
-        "gpus": sorted(([g.name, g.compute_capability, g.memory_mib, g.mig_mode] for g in facts.gpus), key=str),
-        "driver_version": facts.driver_version,
-        "cuda_driver_version": facts.cuda_driver_version,
-        "os": asdict(facts.os),
-        "arch": facts.arch,
-        "glibc": facts.glibc,
-        "python": facts.python.version if facts.python else None,
-        "nvcc": facts.nvcc,
-        "container_runtime": asdict(facts.container_runtime) if facts.container_runtime else None,
-    }
+@dataclass(frozen=True)
+class ClassFacts:
+    """The facts a resolution depends on: hosts that agree on these get the same stack (a class of fleet.lock,
+    kept there as plain data: :meth:`to_dict` and :meth:`from_dict` are its edge)."""
+
+    gpus: tuple[tuple, ...]  # (name, compute capability, memory MiB, MIG mode) per GPU, in a stable order
+    driver_version: str | None
+    cuda_driver_version: str | None
+    os: Mapping  # os-release's fields (OsRelease as data)
+    arch: str | None
+    glibc: str | None
+    python: str | None
+    nvcc: str | None
+    container_runtime: Mapping | None
+
+    @classmethod
+    def of(cls, facts: Facts) -> ClassFacts:
+        return cls.from_dict({
+            "gpus": [[g.name, g.compute_capability, g.memory_mib, g.mig_mode] for g in facts.gpus],
+            "driver_version": facts.driver_version, "cuda_driver_version": facts.cuda_driver_version,
+            "os": asdict(facts.os), "arch": facts.arch, "glibc": facts.glibc,
+            "python": facts.python.version if facts.python else None, "nvcc": facts.nvcc,
+            "container_runtime": asdict(facts.container_runtime) if facts.container_runtime else None})
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ClassFacts:
+        """From fleet.lock's (or :meth:`of`'s) plain data; a missing or malformed field raises KeyError/TypeError."""
+        gpus = tuple(tuple(g) for g in sorted((list(g) for g in data["gpus"]), key=str))
+        return cls(gpus, data["driver_version"], data["cuda_driver_version"], dict(data["os"]), data["arch"],
+                   data["glibc"], data["python"], data["nvcc"],
+                   dict(data["container_runtime"]) if data.get("container_runtime") else None)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gpus": [list(g) for g in self.gpus], "os": dict(self.os),
+                "container_runtime": dict(self.container_runtime) if self.container_runtime else None}
 
 
 def _digest(data) -> str:
@@ -176,7 +198,7 @@ def _digest(data) -> str:
 class LockedHost:
     name: str
     host_class: str
-    facts: dict
+    facts: ClassFacts
     request: dict
     status: str
     stack: Stack | None
@@ -260,17 +282,17 @@ class Lock:
                 lock.record_run(run.host, run.facts, run.request, run.stack, run.reasons, matrix)
 
     def record(self, name: str, facts: Facts, request: Request, resolution: Resolution, matrix: str) -> None:
-        cf = class_facts(facts)
+        cf = ClassFacts.of(facts)
         req = redact_data(asdict(request))
-        self.hosts[name] = LockedHost(name, _digest([cf, req]), cf, req, resolution.status, resolution.stack,
+        self.hosts[name] = LockedHost(name, _digest([cf.to_dict(), req]), cf, req, resolution.status, resolution.stack,
                                       resolution.reasons, resolution.fix)
         self.matrix = matrix
 
     def record_run(self, name: str, facts: dict, request: dict, stack: dict, reasons, matrix: str) -> None:
         """Record what a provision run resolved and installed on *name* (its run's facts, request and
         stack as plain data), as plan would have recorded it."""
-        cf = class_facts(Facts.from_dict(facts))
-        self.hosts[name] = LockedHost(name, _digest([cf, request]), cf, dict(request), "ok", Stack.from_dict(stack),
+        cf = ClassFacts.of(Facts.from_dict(facts))
+        self.hosts[name] = LockedHost(name, _digest([cf.to_dict(), request]), cf, dict(request), "ok", Stack.from_dict(stack),
                                       tuple(reasons), None)
         self.matrix = matrix
 
@@ -279,7 +301,7 @@ class Lock:
         h = self.hosts.get(name)
         if h is None:
             return None
-        return {"class": h.host_class, "facts": h.facts, "request": h.request, "status": h.status,
+        return {"class": h.host_class, "facts": h.facts.to_dict(), "request": h.request, "status": h.status,
                 "stack": h.stack.to_dict() if h.stack else None, "reasons": list(h.reasons), "fix": h.fix}
 
     def put(self, name: str, entry: dict | None) -> None:
@@ -287,14 +309,15 @@ class Lock:
         if entry is None:
             self.hosts.pop(name, None)
             return
-        self.hosts[name] = LockedHost(name, entry["class"], entry["facts"], entry["request"], entry["status"],
+        self.hosts[name] = LockedHost(name, entry["class"], ClassFacts.from_dict(entry["facts"]), entry["request"],
+                                      entry["status"],
                                       Stack.from_dict(entry["stack"]) if entry["stack"] else None,
                                       tuple(entry["reasons"]), entry["fix"])
 
     def text(self) -> str:
         classes = {}
         for h in self.hosts.values():
-            entry = {"facts": h.facts, "request": h.request, "status": h.status, "reasons": list(h.reasons)}
+            entry = {"facts": h.facts.to_dict(), "request": h.request, "status": h.status, "reasons": list(h.reasons)}
             if h.stack:
                 entry.update(stack=h.stack.to_dict(), stack_id=h.stack.id)
             if h.fix:
@@ -323,7 +346,7 @@ def _locked_hosts(data: dict) -> dict[str, LockedHost]:
         if entry["class"] not in classes:
             raise _Dangling(name)
         c = classes[entry["class"]]
-        hosts[name] = LockedHost(str(name), entry["class"], dict(c["facts"]), dict(c["request"]), c["status"],
+        hosts[name] = LockedHost(str(name), entry["class"], ClassFacts.from_dict(c["facts"]), dict(c["request"]), c["status"],
                                  Stack.from_dict(c["stack"]) if c.get("stack") else None,
                                  tuple(c.get("reasons", ())), c.get("fix"))
     return hosts

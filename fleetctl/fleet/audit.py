@@ -26,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 from fleetctl import records, systemd
 from fleetctl.apply.target import UNIT, HostState, read_state, target_for
 from fleetctl.decide.health import health_drift
-from fleetctl.decide.plan import Lock, LockedHost, class_facts
+from fleetctl.decide.plan import ClassFacts, Lock, LockedHost
 from fleetctl.decide.prerequisites import decide as decide_prerequisites
 from fleetctl.decide.resolve import Request, flashinfer_in_use, resolve
 from fleetctl.errors import FleetError, StateError
@@ -52,17 +52,14 @@ def drift(facts: Facts, locked: LockedHost | None, matrix: Matrix) -> list[Drift
     """Every way *facts* differ from the lock entry (pure)."""
     if locked is None:
         return [Drift("unlocked", "not in fleet.lock: run fleetctl plan --write-lock")]
-    now, then = class_facts(facts), locked.facts
-    out = []
-    for key, kind, what in (("driver_version", "driver", "driver"), ("cuda_driver_version", "cuda_driver",
-                                                                       "driver's CUDA"), ("python", "python", "Python")):
-        if now[key] != then[key]:
-            out.append(Drift(kind, f"{what} {then[key]} → {now[key]}"))
-    if now["gpus"] != then["gpus"]:
-        out.append(Drift("gpus", _gpu_change(then["gpus"], now["gpus"])))
-    for key in ("os", "arch", "glibc"):
-        if now[key] != then[key]:
-            out.append(Drift("platform", f"{key} {_short(then[key])} → {_short(now[key])}"))
+    now, then = ClassFacts.of(facts), locked.facts
+    out = [Drift(kind, f"{what} {getattr(then, key)} → {getattr(now, key)}") for key, kind, what in (
+        ("driver_version", "driver", "driver"), ("cuda_driver_version", "cuda_driver", "driver's CUDA"),
+        ("python", "python", "Python")) if getattr(now, key) != getattr(then, key)]
+    if now.gpus != then.gpus:
+        out.append(Drift("gpus", _gpu_change(then.gpus, now.gpus)))
+    out += [Drift("platform", f"{key} {_short(getattr(then, key))} → {_short(getattr(now, key))}")
+            for key in ("os", "arch", "glibc") if getattr(now, key) != getattr(then, key)]
     stack = locked.stack
     if stack is None:
         return out  # the lock recorded a refusal: nothing was installed to drift from
@@ -117,7 +114,7 @@ def container_drift(fleet: FleetState, stack_id: str) -> list[Drift]:
     return out
 
 
-def _gpu_change(then: list, now: list) -> str:
+def _gpu_change(then: tuple, now: tuple) -> str:
     def names(gpus):
         return {f"{g[0]} sm {g[1]}" for g in gpus}
     gone, new = names(then) - names(now), names(now) - names(then)
@@ -138,7 +135,7 @@ def since(old: dict, new: dict) -> dict[str, list[str]]:
         if host not in new or host not in old:
             changes[host] = ["host added" if host in new else "host gone"]
             continue
-        a, b = class_facts(Facts.from_dict(old[host])), class_facts(Facts.from_dict(new[host]))
+        a, b = ClassFacts.of(Facts.from_dict(old[host])).to_dict(), ClassFacts.of(Facts.from_dict(new[host])).to_dict()
         lines = [f"{k}: {_short(a[k])} → {_short(b[k])}" for k in a if a[k] != b[k]]
         ia, ib = old[host].get("installed") or {}, new[host].get("installed") or {}
         lines += [f"installed {k}: {ia.get(k)} → {ib.get(k)}" for k in ("torch", "vllm", "flashinfer", "stack_id")
