@@ -97,6 +97,23 @@ def test_stop_ends_the_services_whole_group_and_frees_its_port(tmp_path, server)
     assert sh(steps.stop_service(str(tmp_path), port, PYTHON)).returncode == 0
 
 
+def test_the_one_stop_of_a_serving_stack_stops_a_pid_file_server_and_says_so(tmp_path, server):
+    """stop_serving (exclusive proofs' vacate, a driver move's drain): where nothing serves it prints nothing
+    and succeeds; a pid-file server is stopped and "stopped" printed; a server that will not free its port
+    fails it."""
+    nothing = sh(steps.stop_serving(str(tmp_path), free_port(), PYTHON))
+    assert nothing.returncode == 0 and "stopped" not in nothing.stdout.split(), nothing
+    pgid, port = server(tmp_path)
+    stop = sh(steps.stop_serving(str(tmp_path), port, PYTHON))
+    assert stop.returncode == 0 and "stopped" in stop.stdout.split() and not group_alive(pgid), stop
+    (tmp_path / "stranger").mkdir()
+    stranger, port = server(tmp_path / "stranger", record=False)  # the port held by a process no pid file names
+    (tmp_path / "service.pid").write_text("1\n")
+    (tmp_path / "service.start").write_text("1\n")
+    held = sh(steps.stop_serving(str(tmp_path), port, PYTHON))
+    assert held.returncode == 1 and f"port {port} still answers" in held.stderr and group_alive(stranger)
+
+
 def test_stop_never_signals_a_pid_that_is_no_longer_the_service(tmp_path, server):
     """service.pid names a live process whose start time is not the recorded one: the pid was reused."""
     pgid, port = server(tmp_path)

@@ -448,13 +448,7 @@ def vacate(c: Context, drain: str | None = None) -> Step | Planned:
     if "service" not in c.play.steps:
         return failed("vacate", "exclusive proofs stop the serving stack, and this play has no service step to "
                                 "serve again after them: add the service step, or set fleet_proof_mode: beside")
-    port = int(c.play.service["port"])
-    if t.container:
-        stop = f"{t.runtime} stop {q(t.name)}"
-    elif c.state.systemd:
-        stop = f"systemctl stop {UNIT}"
-    else:
-        stop = stop_service(t.root, port, c.facts.python.path)
+    stop = stop_serving(t.root, int(c.play.service["port"]), c.facts.python.path)
     actions = [Action(f"proofs exclusive: {c.proof.reason if c.proof else 'fleet_proof_mode'}", stop,
                       change="stop the serving stack for the proofs", fails="the serving stack did not stop")]
     if drain:
@@ -939,6 +933,20 @@ print(json.dumps({{"verdict": "fail", "error": error}}))
 sys.exit(1)
 EOF
 """
+
+
+def stop_serving(root: str, port: int, python: str = "python3") -> str:
+    """The one stop of a serving stack, however it was started — the systemd unit, the container that
+    service.container names, the pid-file server — printing "stopped" where one was (a rollback serves
+    again what a drain stopped): used by exclusive proofs (vacate) and a driver move's drain. It fails where
+    the unit or the server would not stop; a container already gone is not a failure."""
+    r = q(root)
+    return "\n".join([
+        "rc=0",
+        f"if systemctl is-active --quiet {UNIT} 2>/dev/null; then systemctl stop {UNIT} && echo stopped || rc=1; fi",
+        f'if read -r rt cn 2>/dev/null < {r}/service.container; then "$rt" stop "$cn" >/dev/null 2>&1 && echo stopped; fi',
+        f"if [ -f {r}/service.pid ]; then echo stopped; (\n{stop_service(root, port, python)}\n) || rc=1; fi",
+        "exit $rc"])
 
 
 def stop_service(root: str, port: int, python: str = "python3") -> str:

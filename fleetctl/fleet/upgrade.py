@@ -27,12 +27,11 @@ the environment the host had.
 
 from __future__ import annotations
 
-import shlex
 import threading
 import time
 
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, execute
-from fleetctl.apply.steps import on_controller, stop_service, undrain
+from fleetctl.apply.steps import on_controller, stop_serving, undrain
 from fleetctl.decide.driver import branch_of
 from fleetctl.decide.health import judge
 from fleetctl.errors import FleetError, HostError
@@ -48,18 +47,6 @@ DOWN_TIMEOUT = 180.0  # seconds for a rebooting host to end the session that ask
 FABRIC_START = "systemctl start nvidia-fabricmanager"
 
 
-def drain_script(root: str, port: int, python: str) -> str:
-    """Stop whatever serves on the host, however it was started (a unit, a container, a pid file), printing
-    "stopped" where something was: a rollback serves again what the drain stopped."""
-    r = shlex.quote(root)
-    return "\n".join([
-        "systemctl is-active --quiet fleetctl-vllm.service 2>/dev/null && systemctl stop fleetctl-vllm.service && "
-        "echo stopped",
-        f"if read -r rt cn < {r}/service.container 2>/dev/null; then \"$rt\" stop \"$cn\" >/dev/null 2>&1 && "
-        "echo stopped; fi",
-        f"[ -f {r}/service.pid ] || exit 0", "echo stopped", stop_service(root, port, python)])
-
-
 # ---------------------------------------------------------------- the phases' changes, as planned actions
 
 def drain(host: Host, before: Facts) -> Planned:
@@ -67,7 +54,7 @@ def drain(host: Host, before: Facts) -> Planned:
     step's data says whether anything was serving, which a rollback serves again."""
     port = int(host.vars.get("fleet_service_port", 8000))
     python = before.python.path if before.python else "python3"
-    stop = drain_script(before.fleet_root or DEFAULT_ROOT, port, python)
+    stop = stop_serving(before.fleet_root or DEFAULT_ROOT, port, python)
     actions = [Action("the driver changes under the serving stack", stop,
                       change="stop the serving stack", fails="the service did not stop", reads=True,
                       privilege=SYSTEM)]
