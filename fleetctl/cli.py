@@ -188,8 +188,8 @@ def load(args, sources=None) -> Inventory:
 def read_secrets(args) -> None:
     """The run's vault passwords and become password, read once before any host is touched; each is
     registered with redact.py, so it is masked wherever fleetctl prints."""
-    from fleetctl.redact import register_secret
     from fleetctl.hosts.vault import load_vault
+    from fleetctl.redact import register_secret
 
     args.vault = load_vault(getattr(args, "vault_password_file", []), getattr(args, "vault_id", []))
     args.become_password = None
@@ -341,6 +341,20 @@ def other_parsers(sub) -> None:
     ref.add_argument("--write", action="store_true", help="write the refreshed matrix (default: print the diff only)")
     ref.add_argument("--arches", action="store_true",
                      help="also download each new vLLM wheel (hundreds of MB) and read its SASS/PTX from the binary")
+    wt = sub.add_parser("weights", help="a model's weights in the controller's store, and how they reach the fleet")
+    wt_sub = wt.add_subparsers(dest="weights_command", required=True)
+    pull = wt_sub.add_parser("pull", help="copy a model (a directory here, or a hub id) into the store, checksummed")
+    pull.add_argument("model", metavar="MODEL[@REV]", help="a directory on this machine, or a hub id such as org/name")
+    wplan = wt_sub.add_parser("plan", help="who copies a stored model to whom (one copy per region over this "
+                                           "machine's link, the rest host to host); contacts no host")
+    wplan.add_argument("inventory", nargs="+", action=Sources)
+    wplan.add_argument("model", metavar="NAME@REV", help="a model in the store, as pull named it")
+    wplan.add_argument("-l", "--limit", help="host pattern, as Ansible's --limit")
+    wplan.add_argument("--per-source", type=whole(1, "copies", "at least 1"), default=2,
+                       help="copies a host holding the model sends at once (default 2)")
+    for each in (pull, wplan):
+        each.add_argument("--store", help="the model store (default: $XDG_DATA_HOME/fleetctl/models)")
+        each.add_argument("--json", action="store_true", help="print the manifest or plan as JSON")
     inv = secret_options(sub.add_parser("inventory", help="show the inventory as ansible-inventory does"),
                          become=False)
     inv.add_argument("inventory", nargs="+", action=Sources)
@@ -364,7 +378,7 @@ def cmd_matrix(args, console: Console) -> int:
     from fleetctl.knowledge import refresh
     from fleetctl.knowledge.matrix import load_matrix
 
-    path = Path(args.matrix) if args.matrix else Path(str(resources.files("fleetctl.knowledge").joinpath("matrix.yaml")))
+    path = Path(args.matrix or str(resources.files("fleetctl.knowledge").joinpath("matrix.yaml")))
     old = path.read_text()
     out = refresh.refresh(old, args.package or list(refresh.SECTIONS), refresh.index_versions, refresh.pip_report,
                           today=datetime.date.today().isoformat(), since=args.since,
@@ -384,6 +398,30 @@ def cmd_matrix(args, console: Console) -> int:
             raise
         candidate.replace(path)
         console.print(f"wrote {path}", highlight=False)
+    return Exit.OK
+
+
+def cmd_weights(args, console: Console) -> int:
+    from fleetctl.decide.transfer import plan_transfer, region_of
+    from fleetctl.fleet import weights
+
+    store = Path(args.store) if args.store else weights.default_store()
+    if args.weights_command == "pull":
+        manifest = weights.pull(args.model, store)
+        if args.json:
+            print(json.dumps(manifest.to_dict(), indent=1))
+        else:
+            where = weights.manifest_path(store, manifest.key)
+        console.print(f"{escape(manifest.key)}: {len(manifest.files)} files, {manifest.size / 2**20:.1f} MiB, "
+                      f"sha256 of each in {escape(str(where))}", highlight=False)
+        return Exit.OK
+    manifest = weights.load_manifest(store, args.model.replace("/", "--"))
+    hosts = select(load(args), args.limit)
+    plan = plan_transfer({h.name: region_of(h.vars) for h in hosts}, (), manifest.size, per_source=args.per_source)
+    if args.json:
+        print(json.dumps({"model": manifest.key, **plan.to_dict()}, indent=1))
+        return Exit.OK
+    report.print_transfer(console, manifest.key, plan)
     return Exit.OK
 
 
@@ -457,8 +495,8 @@ def cmd_health(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
-    from fleetctl.knowledge.matrix import load_matrix
     from fleetctl.decide.plan import Lock, plan_host
+    from fleetctl.knowledge.matrix import load_matrix
 
     driver_needs_cuda(args)
     if args.driver and args.write_lock is not None:  # its stacks are for drivers the hosts do not run yet
@@ -510,10 +548,10 @@ def writable(path: Path, option: str) -> None:
 
 def cmd_provision(args, console: Console) -> int:
     from fleetctl.apply import wheelhouse
-    from fleetctl.knowledge.matrix import load_matrix
+    from fleetctl.apply.provision import Options, provision_host
     from fleetctl.decide.plan import Lock
     from fleetctl.hosts.playbook import load_playbook
-    from fleetctl.apply.provision import Options, provision_host
+    from fleetctl.knowledge.matrix import load_matrix
 
     inventory = load(args)
     path, plays = load_playbook(args.playbook)
@@ -566,8 +604,8 @@ def cmd_provision(args, console: Console) -> int:
 
 def cmd_wheelhouse(args, console: Console) -> int:
     from fleetctl.apply import wheelhouse
-    from fleetctl.knowledge.matrix import load_matrix
     from fleetctl.hosts.playbook import load_playbook
+    from fleetctl.knowledge.matrix import load_matrix
 
     inventory = load(args)
     _, plays = load_playbook(args.playbook)
@@ -643,9 +681,9 @@ def cmd_retry(args, console: Console) -> int:
 
 
 def cmd_audit(args, console: Console) -> int:
+    from fleetctl.decide.plan import Lock
     from fleetctl.fleet import audit
     from fleetctl.knowledge.matrix import load_matrix
-    from fleetctl.decide.plan import Lock
 
     inventory = load(args)
     if args.install_timer:
@@ -742,8 +780,8 @@ def cmd_sliced(args, console: Console) -> int:
 
 
 def cmd_rollout(args, console: Console) -> int:
-    from fleetctl.fleet import rollout
     from fleetctl.decide.plan import Lock
+    from fleetctl.fleet import rollout
 
     if args.resume or args.rollback:
         journal = rollout.Journal.load(args.resume or args.rollback)
@@ -792,7 +830,7 @@ def print_rollout(args, console: Console, journal) -> int:
 
 COMMANDS = {"facts": cmd_facts, "health": cmd_health, "audit": cmd_audit, "rollout": cmd_rollout, "inventory": cmd_inventory, "plan": cmd_plan, "provision": cmd_provision,
             "retry": cmd_retry, "merge": cmd_merge,
-            "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse}
+            "matrix": cmd_matrix, "wheelhouse": cmd_wheelhouse, "weights": cmd_weights}
 
 
 class _Warnings(logging.Handler):

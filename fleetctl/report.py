@@ -19,9 +19,10 @@ from rich.table import Table
 from fleetctl.status import Status
 
 if TYPE_CHECKING:  # only named in annotations: `fleetctl facts` does not load the planner
+    from fleetctl.decide.plan import HostPlan
+    from fleetctl.decide.transfer import TransferPlan
     from fleetctl.facts.probe import Facts
     from fleetctl.reach.fanout import Outcome
-    from fleetctl.decide.plan import HostPlan
 
 STATUS_STYLE = {Status.OK: "green", Status.CHANGED: "yellow", Status.FAILED: "red", Status.UNREACHABLE: "magenta",
                 Status.TIMEOUT: "red", Status.REFUSED: "red", Status.SKIPPED: "cyan", Status.CLEAN: "green",
@@ -292,3 +293,15 @@ def health_table(result: dict) -> Table:
         table.add_row(lit(name), f"[{HEALTH_STYLE[h['status']]}]{h['status']}[/]", gpus,
                       lit("\n".join(f["reason"] for f in v["findings"]) or "-"), lit("\n".join(v["notes"]) or "-"))
     return table
+
+
+def print_transfer(console: Console, model: str, plan: TransferPlan) -> None:
+    """A model's transfer plan: each round's copies, and the bytes over the controller's link against a push
+    of one copy per host."""
+    gib = 2 ** 30
+    for number, copies in enumerate(plan.rounds, 1):
+        console.print(f"round {number}: " + ", ".join(f"{lit(c.source)} → {lit(c.dest)}" for c in copies),
+                      highlight=False)
+    console.print(f"{lit(model)}: {plan.hosts} host(s), {plan.controller_copies} cop(ies) over this machine's link: "
+                  f"{plan.controller_bytes / gib:.2f} GiB (a copy per host: {plan.naive_bytes / gib:.2f} GiB)",
+                  highlight=False)

@@ -105,9 +105,9 @@ def test_ask_become_pass_needs_a_terminal(tmp_path):
 def test_a_root_command_that_outlives_its_timeout_is_killed_on_the_host(systemd_host, tmp_path):
     """The host's timeout(1) runs inside sudo: outside it, as the login user, it could not signal the root
     processes of a command that hangs (an install's compileall outlived its timeout so)."""
-    from fleetctl.reach.connection import connect
     from fleetctl.errors import TimedOut
     from fleetctl.hosts.inventory import load_inventory
+    from fleetctl.reach.connection import connect
     from tests.conftest import wait_until
 
     inventory = write_inventory(systemd_host.lab, [systemd_host], tmp_path, "fleetpw", ansible_become=True,

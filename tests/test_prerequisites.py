@@ -150,10 +150,10 @@ def test_plan_says_what_it_installs_and_why():
 # ---------------------------------------------------------------- audit
 
 def test_audit_notices_a_prerequisite_removed_from_an_installed_host(tmp_path):
-    from fleetctl.fleet import audit
-    from fleetctl.facts.probe import Facts
     from fleetctl.decide.plan import Lock
     from fleetctl.decide.resolve import Request, resolve
+    from fleetctl.facts.probe import Facts
+    from fleetctl.fleet import audit
     every = facts(HostPackages(True, True, True, True, "apt-get"))
     lock = Lock(tmp_path / "fleet.lock")
     lock.record("h", every, Request(), resolve(every, Request(), MATRIX), MATRIX.digest)

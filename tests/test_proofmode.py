@@ -107,8 +107,8 @@ def test_without_memory_facts_or_a_gpu_the_host_sizes_itself():
 def test_plan_says_each_hosts_proof_mode():
     from rich.console import Console
 
-    from fleetctl.hosts.inventory import Host
     from fleetctl.decide.plan import plan_host
+    from fleetctl.hosts.inventory import Host
     from fleetctl.report import plan_table
 
     plans = [plan_host(Host("h100-serving", {"fleet_vllm": "0.26.0"}), h100(), MATRIX),

@@ -46,9 +46,9 @@ def marker_host(stack: dict | None) -> RecordedConnection:
 def test_rollout_serves_the_previous_environment_as_provision_would():
     """The re-proof after a failed gate and the rollback restart pass the old stack's attention backend
     and CUDA-graph mode and the host's serving settings: the same builder as provision's."""
-    from fleetctl.facts.probe import Gpu
-    from fleetctl.decide.resolve import Stack
     from fleetctl.apply.target import HostState, target_for
+    from fleetctl.decide.resolve import Stack
+    from fleetctl.facts.probe import Gpu
     stack = Stack(python="3.12", torch="2.11.0", cuda="13.0", torch_index=None, vllm="0.26.0", vllm_package="vllm",
                   flashinfer="0.6.14", flashinfer_index=None, container_image=None, attention_backend="FLASH_ATTN",
                   cudagraph_mode="FULL_AND_PIECEWISE", torch_cuda_arch_list="9.0")

@@ -292,8 +292,8 @@ class Lock:
         """Record what a provision run resolved and installed on *name* (its run's facts, request and
         stack as plain data), as plan would have recorded it."""
         cf = ClassFacts.of(Facts.from_dict(facts))
-        self.hosts[name] = LockedHost(name, _digest([cf.to_dict(), request]), cf, dict(request), "ok", Stack.from_dict(stack),
-                                      tuple(reasons), None)
+        self.hosts[name] = LockedHost(name, _digest([cf.to_dict(), request]), cf, dict(request), "ok",
+                                      Stack.from_dict(stack), tuple(reasons), None)
         self.matrix = matrix
 
     def entry(self, name: str) -> dict | None:
@@ -346,7 +346,8 @@ def _locked_hosts(data: dict) -> dict[str, LockedHost]:
         if entry["class"] not in classes:
             raise _Dangling(name)
         c = classes[entry["class"]]
-        hosts[name] = LockedHost(str(name), entry["class"], ClassFacts.from_dict(c["facts"]), dict(c["request"]), c["status"],
+        hosts[name] = LockedHost(str(name), entry["class"], ClassFacts.from_dict(c["facts"]), dict(c["request"]),
+                                 c["status"],
                                  Stack.from_dict(c["stack"]) if c.get("stack") else None,
                                  tuple(c.get("reasons", ())), c.get("fix"))
     return hosts

@@ -94,8 +94,8 @@ def start_fabric() -> Planned:
 def move_plans(host: Host, entry: dict) -> list[Planned]:
     """A driver move's changes in the order the phases make them (what ``rollout --check`` lists)."""
     move = entry["driver"]
-    plans = [drain(host, Facts.from_dict(entry["facts_before"])), packages("driver", move["install"], f"branch {move['branch']}"),
-             restart()]
+    plans = [drain(host, Facts.from_dict(entry["facts_before"])),
+             packages("driver", move["install"], f"branch {move['branch']}"), restart()]
     plans += [start_fabric()] if move.get("fabric_manager") else []
     if command := host.vars.get("fleet_undrain_command"):
         plans.append(undrain(host.name, str(command)))

@@ -1,0 +1,179 @@
+"""The controller's model store: a model's weights pulled once, every file checksummed, ready to stage.
+
+``fleetctl weights pull MODEL[@REV] [--store DIR]`` fills ``<store>/<name>@<revision>/`` from a directory on
+the controller or from the hub, and writes ``<store>/<name>@<revision>.manifest.json``: each file's path,
+size and sha256. From the hub (huggingface_hub, imported only then: it honours ``HF_ENDPOINT`` mirrors and
+``HF_TOKEN``, which fleetctl never passes on, prints or records) the revision is the commit the hub names
+and each LFS file's sha256 is the hub's own, checked against the bytes that arrived: huggingface_hub
+reports success on a mismatch (its #3643) and safetensors carries no checksum (its #220). A pull copies
+only files that are missing or differ, each through a ``.partial`` file renamed when complete, and writes
+the manifest last: an interrupted pull is finished by the next, never taken for a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetctl.errors import FleetError
+from fleetctl.records import atomic_write
+
+CHUNK = 1 << 20
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: str  # relative to the model's directory
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a model's directory holds, file by file: what staging copies and every host verifies."""
+
+    name: str  # the hub id, or the controller directory's name
+    revision: str
+    source: str  # "hub" or the directory pulled from
+    files: tuple[ModelFile, ...]
+
+    @property
+    def key(self) -> str:
+        """The model's directory name in the store and on hosts: <name>@<revision>, "/" as "--"."""
+        return f"{self.name.replace('/', '--')}@{self.revision}"
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "revision": self.revision, "source": self.source, "size": self.size,
+                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        files = tuple(ModelFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
+        return cls(str(data["name"]), str(data["revision"]), str(data["source"]), files)
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")) / "fleetctl" / "models"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pull(spec: str, store: Path) -> Manifest:
+    """MODEL[@REV] into *store*: a directory on the controller (its revision, unless given, the digest of
+    its files), else a hub id."""
+    ref, _, revision = spec.partition("@")
+    if not ref:
+        raise FleetError(f"weights pull {spec!r}: name a model (a directory or a hub id such as org/name[@rev])")
+    if Path(ref).is_dir():
+        return from_directory(Path(ref), revision or None, store)
+    if Path(ref).exists() or not HUB_ID.match(ref):
+        raise FleetError(f"weights pull: {ref} is neither a directory on this machine nor a hub id (org/name)",
+                         fix="name the model's directory, or its hub id with an optional @revision")
+    return from_hub(ref, revision or None, store)
+
+
+def from_directory(source: Path, revision: str | None, store: Path) -> Manifest:
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(source).parts))
+    if not files:
+        raise FleetError(f"weights pull: {source} holds no files", fix="name the directory the model was saved to")
+    listed = [ModelFile(str(p.relative_to(source)), p.stat().st_size, sha256(p)) for p in files]
+    revision = revision or "sha-" + hashlib.sha256(
+        json.dumps([[f.path, f.sha256] for f in listed]).encode()).hexdigest()[:12]
+    manifest = Manifest(source.resolve().name, revision, str(source.resolve()), tuple(listed))
+    return store_files(manifest, {f.path: source / f.path for f in listed}, store)
+
+
+def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError:
+        raise FleetError("weights pull from the hub needs huggingface_hub on the controller",
+                         fix="pip install huggingface_hub, or download the model and pull its directory") from None
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        with tempfile.TemporaryDirectory(prefix="fleetctl-pull-") as tmp:
+            local = Path(snapshot_download(repo_id, revision=info.sha, local_dir=tmp))
+            expected = {s.rfilename: s.lfs.sha256 for s in info.siblings or () if getattr(s, "lfs", None)}
+            listed = []
+            for name in sorted(s.rfilename for s in info.siblings or ()):
+                path = local / name
+                got = sha256(path)
+                if name in expected and expected[name] != got:
+                    raise FleetError(f"weights pull {repo_id}@{info.sha}: {name} arrived with sha256 {got}, the hub "
+                                     f"says {expected[name]}", fix="pull again; if it repeats, the mirror serves "
+                                                                   "another file than the hub")
+                listed.append(ModelFile(name, path.stat().st_size, got))
+            manifest = Manifest(repo_id, str(info.sha), "hub", tuple(listed))
+            return store_files(manifest, {f.path: local / f.path for f in listed}, store)
+    except FleetError:
+        raise
+    except Exception as exc:  # the hub's errors (network, 401, missing revision) are one line here
+        raise FleetError(f"weights pull {repo_id}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                         fix="check the model id and revision, HF_ENDPOINT and HF_TOKEN") from None
+
+
+def store_files(manifest: Manifest, sources: dict[str, Path], store: Path) -> Manifest:
+    """Copy into ``<store>/<key>/`` each file that is missing or differs, then write the manifest."""
+    folder = store / manifest.key
+    for f in manifest.files:
+        dest = folder / f.path
+        if dest.is_file() and dest.stat().st_size == f.size and sha256(dest) == f.sha256:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        try:
+            shutil.copyfile(sources[f.path], partial)
+            os.replace(partial, dest)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise FleetError(f"weights pull: copying {f.path} into {folder}: {exc.strerror or exc}",
+                             fix="free space there or choose another --store") from None
+    atomic_write(manifest_path(store, manifest.key), json.dumps(manifest.to_dict(), indent=1) + "\n")
+    return manifest
+
+
+def manifest_path(store: Path, key: str) -> Path:
+    return store / f"{key}.manifest.json"
+
+
+def load_manifest(store: Path, key: str) -> Manifest:
+    path = manifest_path(store, key)
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FleetError(f"no model {key} in the store {store}", fix=f"fleetctl weights pull MODEL --store {store}") \
+            from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FleetError(f"{path}: not a model manifest ({exc})", fix="pull the model again") from None
+
+
+def verify(manifest: Manifest, folder: Path) -> list[str]:
+    """The files of *manifest* that are missing under *folder* or whose size or sha256 differ (empty: whole)."""
+    bad = []
+    for f in manifest.files:
+        path = folder / f.path
+        if not path.is_file():
+            bad.append(f"{f.path}: missing")
+        elif path.stat().st_size != f.size:
+            bad.append(f"{f.path}: {path.stat().st_size} bytes, not {f.size}")
+        elif sha256(path) != f.sha256:
+            bad.append(f"{f.path}: sha256 differs")
+    return bad
