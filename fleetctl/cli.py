@@ -410,8 +410,8 @@ def cmd_weights(args, console: Console) -> int:
         manifest = weights.pull(args.model, store)
         if args.json:
             print(json.dumps(manifest.to_dict(), indent=1))
-        else:
-            where = weights.manifest_path(store, manifest.key)
+            return Exit.OK
+        where = weights.manifest_path(store, manifest.key)
         console.print(f"{escape(manifest.key)}: {len(manifest.files)} files, {manifest.size / 2**20:.1f} MiB, "
                       f"sha256 of each in {escape(str(where))}", highlight=False)
         return Exit.OK
