@@ -289,7 +289,7 @@ def health_table(result: dict) -> Table:
             table.add_row(lit(name), status(h["status"]), "", f"[red]{lit(h.get('error'))}[/]", "")
             continue
         v = h["verdict"]
-        gpus = " ".join(f"[{HEALTH_STYLE[s]}]{i}[/]" for i, s in v["gpus"].items()) or "none"
+        gpus = " ".join(f"[{HEALTH_STYLE[s]}]#{i}[/]" for i, s in v["gpus"].items()) or "none"  # not a count
         table.add_row(lit(name), f"[{HEALTH_STYLE[h['status']]}]{h['status']}[/]", gpus,
                       lit("\n".join(f["reason"] for f in v["findings"]) or "-"), lit("\n".join(v["notes"]) or "-"))
     return table
