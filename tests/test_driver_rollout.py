@@ -92,6 +92,7 @@ def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fl
     assert code == 0 and entry["state"] == "done", entry
     assert os.readlink(host.fleet_root / "current") == f"envs/{entry['to']}" and entry["from"] == "envs/vllm-old"
     assert (entry["phase"], entry["drained"], entry["driver_after"]) == ("done", False, "580.65.06")
+    assert [s["name"] for s in entry["driver_steps"]] == ["drain", "driver", "reboot", "undrain"]  # what ran
     assert host.boots == 2 and driver(inventory, "a1") == "580.65.06"
     assert log.read_text().split("\n")[:2] == ["drain a1", "undrain a1"]
     assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [NEW] and NEW in host.held
@@ -104,7 +105,7 @@ def test_a_driver_move_drains_upgrades_reboots_serves_undrains_and_rolls_back(fl
 
     code, back = fleetctl_json("rollout", "--rollback", out["run_id"], timeout=600)
     assert code == 0 and back["hosts"]["a1"]["state"] == "reverted", back["hosts"]["a1"]
-    assert [s["name"] for s in back["hosts"]["a1"]["driver_steps"]][-1] == "driver back"
+    assert [s["name"] for s in back["hosts"]["a1"]["driver_steps"]][4:] == ["driver back", "reboot", "undrain"]
     assert host.boots == 3 and driver(inventory, "a1") == "570.133.20"
     assert os.readlink(host.fleet_root / "current") == "envs/vllm-old"  # the stack it served before, again
     assert [name for name in host.packages if name.startswith("nvidia-driver-")] == [OLD] and OLD in host.held

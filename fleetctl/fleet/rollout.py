@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from fleetctl import records
 from fleetctl.apply.execute import Action, Planned, Step, execute as execute_plan, failed, listed
@@ -206,6 +206,10 @@ class Journal:
         with self.lock:
             self.data["hosts"][name].update(state=state, **extra)
             self.save()
+
+    def recorder(self, name: str) -> Callable[[Step], None]:
+        """What keeps a host's driver steps (fleet.upgrade's reboot and fabric_up take one)."""
+        return lambda step: self.driver_step(name, step)
 
     def driver_step(self, name: str, step: Step) -> None:
         """A driver move's (or its rollback's) step, with the actions it ran, kept in the host's entry."""
@@ -553,11 +557,12 @@ class Reverter:
         if not entry["driver"]["rollback"]:
             return self.fail(host.name, NO_DRIVER_BACK)
         rebooted = entry.get("phase") not in ("install", "reboot")  # the new driver may be loaded
+        record = self.journal.recorder(host.name)
         back = execute_plan(packages_back(entry), conn, deadline)
-        self.journal.driver_step(host.name, back)
+        record(back)
         if back.status == Status.FAILED:
             return self.fail(host.name, why_failed(back))
-        if rebooted and (why := reboot(conn, host.name, deadline)):
+        if rebooted and (why := reboot(conn, host.name, deadline, record)):
             return self.fail(host.name, why)
         if not rebooted:
             return self.finish(host, conn, deadline, entry, facts)
@@ -568,7 +573,7 @@ class Reverter:
             return self.fail(host.name, "did not answer again after the rollback's reboot")
         try:
             if why := old_driver_back(host, conn, deadline, entry) or (
-                    entry["driver"].get("fabric_manager") and fabric_up(host, conn, deadline)):
+                    entry["driver"].get("fabric_manager") and fabric_up(host, conn, deadline, record)):
                 return self.fail(host.name, why)
             relocked = lock_host(conn, facts, f"{self.journal.id} (rollback)", deadline.left(host.name),
                                  root=facts_privileges(facts).fleet_as_root)
@@ -588,6 +593,7 @@ class Reverter:
         if entry.get("driver") and not self.check and self.journal.data["hosts"][host.name]["state"] == Stage.REVERTED:
             if command := host.vars.get("fleet_undrain_command"):
                 back = execute_plan(undrain(host.name, str(command)), conn, deadline)
+                self.journal.driver_step(host.name, back)
                 if back.status == Status.FAILED:
                     return self.fail(host.name, why_failed(back))
             self.journal.mark(host.name, Stage.REVERTED, drained=False)

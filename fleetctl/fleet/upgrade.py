@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, execute
 from fleetctl.apply.steps import on_controller, stop_serving, undrain
@@ -133,7 +134,7 @@ def gpus_lost(before: Facts, after: Facts) -> str | None:
 
 
 class Mover:
-    """The driver moves of one wave, against one journal (rollout.Journal: mark, driver_step, data)."""
+    """The driver moves of one wave, against one journal (rollout.Journal: mark, driver_step, recorder, data)."""
 
     def __init__(self, journal, *, forks: int, timeout: float, provision_task):
         self.journal, self.forks, self.timeout, self.provision_task = journal, forks, timeout, provision_task
@@ -188,14 +189,14 @@ class Mover:
                 return None
             self.journal.mark(name, "running", drain_stopped=done.data["stopped"])
             self.phase(name, "install")
+        move = entry["driver"]
         if self.entry(name).get("phase") == "install":
-            if self.change(name, packages("driver", entry["driver"]["install"], f"branch {entry['driver']['branch']}"),
-                           conn, deadline) is None:
+            if self.change(name, packages("driver", move["install"], f"branch {move['branch']}"), conn, deadline) is None:
                 return None
             self.phase(name, "reboot")
         # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
         self.phase(name, "back")
-        if why := reboot(conn, name, deadline):
+        if why := reboot(conn, name, deadline, self.journal.recorder(name)):
             return self.stop(name, "reboot", why)
 
     def change(self, name: str, plan: Planned, conn: Connection, deadline: Deadline) -> Step | None:
@@ -229,7 +230,7 @@ class Mover:
             if lost := gpus_lost(Facts.from_dict(entry["facts_before"]), facts):
                 return self.stop(name, "verify", lost)
             if move.get("fabric_manager"):
-                if why := fabric_up(host, conn, deadline):
+                if why := fabric_up(host, conn, deadline, self.journal.recorder(name)):
                     return self.stop(name, "verify", why)
             self.journal.mark(name, "running", phase="serve", driver_after=facts.driver_version)
         if self.entry(name).get("phase") == "serve":
@@ -247,10 +248,11 @@ class Mover:
         return None
 
 
-def reboot(conn: Connection, name: str, deadline: Deadline) -> str | None:
+def reboot(conn: Connection, name: str, deadline: Deadline, record: Callable[[Step], None]) -> str | None:
     """Ask the host to reboot and wait until it ends this session (its sshd goes down with it); None where
     it did, else why not."""
     asked = execute(restart(), conn, deadline)
+    record(asked)
     if asked.status == Status.FAILED:
         return why_failed(asked)
     end = time.monotonic() + DOWN_TIMEOUT
@@ -282,10 +284,11 @@ def fabric_problem(facts: Facts) -> str | None:
     return "; ".join(wrong) or None
 
 
-def fabric_up(host: Host, conn: Connection, deadline: Deadline) -> str | None:
+def fabric_up(host: Host, conn: Connection, deadline: Deadline, record: Callable[[Step], None]) -> str | None:
     """After a driver move's reboot on an NVSwitch host: start the fabric manager and wait, within
     fleet_fabric_timeout, until every GPU's fabric completed; None then, else why not."""
     started = execute(start_fabric(), conn, deadline)
+    record(started)
     if started.status == Status.FAILED:
         return why_failed(started)
     end = time.monotonic() + float(host.vars.get("fleet_fabric_timeout", FABRIC_TIMEOUT))
