@@ -229,6 +229,7 @@ gatefail)
   ;;
 exclusive)
   stamp "provision --revalidate, fleet_proof_mode: exclusive: the service stops for the proofs"
+  [ -d /root/wheelhouse-b ] || rewheel b tests/gpu/gpu-test-host-b-exclusive.yml  # straight after serve
   playbook b
   fleet provision tests/gpu/gpu-test-host-b-exclusive.yml --playbook "$out/gpu-serve-b.yml" --check \
     > "$out/check-exclusive.txt" 2>&1; echo "provision --check rc=$?"; grep -i "proof\|vacate\|stop" "$out/check-exclusive.txt" | head
