@@ -86,6 +86,9 @@ def test_an_empty_directory_and_a_missing_or_corrupt_manifest_are_one_line(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(FleetError, match="holds no files"):
         weights.pull(str(tmp_path / "empty"), tmp_path / "store")
+    for bad in ("../../etc/passwd@1", "x", ".hidden@1"):
+        with pytest.raises(FleetError, match="names no model of a store"):
+            weights.load_manifest(tmp_path / "store", bad)
     with pytest.raises(FleetError, match="no model x@1 in the store"):
         weights.load_manifest(tmp_path / "store", "x@1")
     (tmp_path / "store").mkdir()

@@ -155,6 +155,8 @@ def manifest_path(store: Path, key: str) -> Path:
 
 
 def load_manifest(store: Path, key: str) -> Manifest:
+    if not re.fullmatch(r"[\w.+-]+@[\w.+-]+", key) or key.startswith("."):
+        raise FleetError(f"{key!r} names no model of a store", fix="name it as weights pull printed it: NAME@REVISION")
     path = manifest_path(store, key)
     try:
         return Manifest.from_dict(json.loads(path.read_text()))
