@@ -339,6 +339,11 @@ def test_an_nvswitch_hosts_move_installs_its_fabric_manager_at_the_drivers_versi
     assert rhel.install[-2:] == ("dnf -y install nvidia-fabric-manager libnvidia-nscq", "systemctl enable nvidia-fabricmanager")
 
 
+def test_a_move_comes_back_whole_from_the_journals_json():
+    m = move(nvswitch(hardware("a100-sxm4-80gb", "ubuntu-22.04")))
+    assert DriverMove.from_json(json.loads(json.dumps(m.to_json()))) == m and m.fabric_manager
+
+
 def test_a_host_without_nvswitch_moves_its_driver_alone():
     plain = move(hardware("a100-sxm4-80gb", "ubuntu-22.04"))
     assert plain.fabric_manager == () and not any("fabric" in c for c in plain.install + plain.rollback)

@@ -67,6 +67,13 @@ class DriverMove:
             return f"refused: {self.refusal}"
         return f"{self.from_version or 'none'} → R{self.branch} ({self.flavor})"
 
+    @classmethod
+    def from_json(cls, data: dict) -> DriverMove:
+        """A move as a rollout's journal keeps it (:meth:`to_json`)."""
+        return cls(data["from"], data["branch"], data["min_version"], data["cuda"], data["flavor"], data["distro"],
+                   data["source"], tuple(data["packages"]), tuple(data["install"]), tuple(data["rollback"]),
+                   tuple(data["reasons"]), data["refusal"], data["fix"], tuple(data.get("fabric_manager") or ()))
+
     def to_json(self) -> dict:
         return {"from": self.from_version, "branch": self.branch, "min_version": self.min_version, "cuda": self.cuda,
                 "flavor": self.flavor, "distro": self.distro, "source": self.source, "packages": list(self.packages),

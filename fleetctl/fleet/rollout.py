@@ -41,8 +41,8 @@ from fleetctl.decide.plan import HostPlan, Lock, plan_host
 from fleetctl.decide.serving import backend_option, plan_serving, smoke_argv
 from fleetctl.errors import FleetError, StateError
 from fleetctl.facts.probe import DEFAULT_ROOT, Facts, gather
-from fleetctl.fleet.upgrade import (REBOOT_TIMEOUT, Mover, back_on, back_plans, fabric_up, move_plans, old_driver_back,
-                                    packages_back, reboot, why_failed)
+from fleetctl.fleet.upgrade import (REBOOT_TIMEOUT, Mover, back_on, back_plans, fabric_up, move_of, move_plans,
+                                    old_driver_back, packages_back, reboot, why_failed)
 from fleetctl.hosts.become import facts_privileges
 from fleetctl.hosts.inventory import Host, Inventory
 from fleetctl.hosts.playbook import Play, load_playbook
@@ -532,7 +532,7 @@ class Reverter:
         facts = Facts.from_dict((entry.get("run") or {}).get("facts") or entry["facts_before"])
         if self.check:
             if entry.get("driver") and entry.get("phase") not in (None, "drain"):
-                if not entry["driver"]["rollback"]:
+                if not move_of(entry).rollback:
                     return self.fail(host.name, NO_DRIVER_BACK)
                 self.plan(host.name, driver=[asdict(listed(p)) for p in back_plans(
                     entry, rebooted=entry.get("phase") not in ("install", "reboot"))])
@@ -554,7 +554,7 @@ class Reverter:
                     held: list) -> None:
         """The previous branch's packages back; where the new driver may be loaded, a reboot, the old branch
         verified, the lock taken again on the new session; then the environment."""
-        if not entry["driver"]["rollback"]:
+        if not move_of(entry).rollback:
             return self.fail(host.name, NO_DRIVER_BACK)
         rebooted = entry.get("phase") not in ("install", "reboot")  # the new driver may be loaded
         record = self.journal.recorder(host.name)
@@ -573,7 +573,7 @@ class Reverter:
             return self.fail(host.name, "did not answer again after the rollback's reboot")
         try:
             if why := old_driver_back(host, conn, deadline, entry) or (
-                    entry["driver"].get("fabric_manager") and fabric_up(host, conn, deadline, record)):
+                    move_of(entry).fabric_manager and fabric_up(host, conn, deadline, record)):
                 return self.fail(host.name, why)
             relocked = lock_host(conn, facts, f"{self.journal.id} (rollback)", deadline.left(host.name),
                                  root=facts_privileges(facts).fleet_as_root)

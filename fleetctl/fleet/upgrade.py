@@ -33,7 +33,7 @@ from typing import Callable
 
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, execute
 from fleetctl.apply.steps import on_controller, stop_serving, undrain
-from fleetctl.decide.driver import branch_of
+from fleetctl.decide.driver import DriverMove, branch_of
 from fleetctl.decide.health import judge
 from fleetctl.errors import FleetError, HostError
 from fleetctl.facts.probe import DEFAULT_ROOT, Facts, gather
@@ -94,18 +94,24 @@ def start_fabric() -> Planned:
 
 def move_plans(host: Host, entry: dict) -> list[Planned]:
     """A driver move's changes in the order the phases make them (what ``rollout --check`` lists)."""
-    move = entry["driver"]
+    move = move_of(entry)
     plans = [drain(host, Facts.from_dict(entry["facts_before"])),
-             packages("driver", move["install"], f"branch {move['branch']}"), restart()]
-    plans += [start_fabric()] if move.get("fabric_manager") else []
+             packages("driver", move.install, f"branch {move.branch}"), restart()]
+    plans += [start_fabric()] if move.fabric_manager else []
     if command := host.vars.get("fleet_undrain_command"):
         plans.append(undrain(host.name, str(command)))
     return plans
 
 
+def move_of(entry: dict) -> DriverMove:
+    """The driver move a rollout's journal entry keeps."""
+    return DriverMove.from_json(entry["driver"])
+
+
 def packages_back(entry: dict) -> Planned:
     """A rollback's previous driver branch, pinned and held again."""
-    return packages("driver back", entry["driver"]["rollback"], f"back to branch {branch_of(entry['driver']['from'])}")
+    move = move_of(entry)
+    return packages("driver back", move.rollback, f"back to branch {branch_of(move.from_version)}")
 
 
 def back_plans(entry: dict, rebooted: bool) -> list[Planned]:
@@ -113,7 +119,7 @@ def back_plans(entry: dict, rebooted: bool) -> list[Planned]:
     a reboot (and the fabric manager started after it) — what ``rollout --rollback --check`` lists."""
     if not rebooted:
         return [packages_back(entry)]
-    return [packages_back(entry), restart()] + ([start_fabric()] if entry["driver"].get("fabric_manager") else [])
+    return [packages_back(entry), restart()] + ([start_fabric()] if move_of(entry).fabric_manager else [])
 
 
 def why_failed(step: Step) -> str:
@@ -189,9 +195,9 @@ class Mover:
                 return None
             self.journal.mark(name, "running", drain_stopped=done.data["stopped"])
             self.phase(name, "install")
-        move = entry["driver"]
+        move = move_of(entry)
         if self.entry(name).get("phase") == "install":
-            if self.change(name, packages("driver", move["install"], f"branch {move['branch']}"), conn, deadline) is None:
+            if self.change(name, packages("driver", move.install, f"branch {move.branch}"), conn, deadline) is None:
                 return None
             self.phase(name, "reboot")
         # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
@@ -221,15 +227,15 @@ class Mover:
 
     def after_reboot(self, host: Host, conn: Connection, deadline: Deadline):
         name, entry = host.name, self.entry(host.name)
-        move = entry["driver"]
+        move = move_of(entry)
         if entry.get("phase") == "verify":
             facts = gather(host, conn, deadline)
-            if branch_of(facts.driver_version) != move["branch"]:
+            if branch_of(facts.driver_version) != move.branch:
                 return self.stop(name, "verify", f"the driver is {facts.driver_version or 'not running'}, not "
-                                                 f"branch {move['branch']}: the new driver did not load")
+                                                 f"branch {move.branch}: the new driver did not load")
             if lost := gpus_lost(Facts.from_dict(entry["facts_before"]), facts):
                 return self.stop(name, "verify", lost)
-            if move.get("fabric_manager"):
+            if move.fabric_manager:
                 if why := fabric_up(host, conn, deadline, self.journal.recorder(name)):
                     return self.stop(name, "verify", why)
             self.journal.mark(name, "running", phase="serve", driver_after=facts.driver_version)
@@ -267,7 +273,7 @@ def reboot(conn: Connection, name: str, deadline: Deadline, record: Callable[[St
 
 def old_driver_back(host: Host, conn: Connection, deadline: Deadline, entry: dict) -> str | None:
     """After the rollback's reboot the host must run the branch it ran before the move."""
-    was, now = entry["driver"]["from"], gather(host, conn, deadline).driver_version
+    was, now = move_of(entry).from_version, gather(host, conn, deadline).driver_version
     if branch_of(was) != branch_of(now):
         return f"the driver is {now or 'not running'} after the rollback's reboot, not branch {branch_of(was)}"
     return None
