@@ -415,7 +415,7 @@ def cmd_weights(args, console: Console) -> int:
         console.print(f"{escape(manifest.key)}: {len(manifest.files)} files, {manifest.size / 2**20:.1f} MiB, "
                       f"sha256 of each in {escape(str(where))}", highlight=False)
         return Exit.OK
-    manifest = weights.load_manifest(store, args.model.replace("/", "--"))
+    manifest = weights.load_manifest(store, args.model)
     hosts = select(load(args), args.limit)
     plan = plan_transfer({h.name: region_of(h.vars) for h in hosts}, (), manifest.size, per_source=args.per_source)
     if args.json:

@@ -944,7 +944,8 @@ def stop_serving(root: str, port: int, python: str = "python3") -> str:
     return "\n".join([
         "rc=0",
         f"if systemctl is-active --quiet {UNIT} 2>/dev/null; then systemctl stop {UNIT} && echo stopped || rc=1; fi",
-        f'if read -r rt cn 2>/dev/null < {r}/service.container; then "$rt" stop "$cn" >/dev/null 2>&1 && echo stopped; fi',
+        f'if read -r rt cn 2>/dev/null < {r}/service.container; then '
+        '"$rt" stop "$cn" >/dev/null 2>&1 && echo stopped; fi',
         f"if [ -f {r}/service.pid ]; then echo stopped; (\n{stop_service(root, port, python)}\n) || rc=1; fi",
         "exit $rc"])
 

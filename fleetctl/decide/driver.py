@@ -166,7 +166,8 @@ def _branch(branch: str, cuda: str, sms: list[int], matrix: Matrix,
                     f"{'/'.join(map(str, sms))}",
                     f"name a branch with --driver {newest.branch}" if newest else "add the branch to the matrix", None)
         row = supported[0]
-        return row, f"R{row.branch}: the oldest supported branch that runs CUDA {cuda} natively ({_lifecycle(row, month)})"
+        return row, (f"R{row.branch}: the oldest supported branch that runs CUDA {cuda} natively "
+                     f"({_lifecycle(row, month)})")
     row = matrix.driver_row(branch.lstrip("Rr"))
     if row is None:
         return Refused(branch, f"R{branch} is not in the matrix",

@@ -46,8 +46,7 @@ class Manifest:
 
     @property
     def key(self) -> str:
-        """The model's directory name in the store and on hosts: <name>@<revision>, "/" as "--"."""
-        return f"{self.name.replace('/', '--')}@{self.revision}"
+        return store_key(f"{self.name}@{self.revision}")
 
     @property
     def size(self) -> int:
@@ -61,6 +60,11 @@ class Manifest:
     def from_dict(cls, data: dict) -> Manifest:
         files = tuple(ModelFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
         return cls(str(data["name"]), str(data["revision"]), str(data["source"]), files)
+
+
+def store_key(model: str) -> str:
+    """NAME@REVISION as the store and hosts name the model's directory: a hub id's "/" as "--"."""
+    return model.replace("/", "--")
 
 
 def default_store() -> Path:
@@ -154,7 +158,9 @@ def manifest_path(store: Path, key: str) -> Path:
     return store / f"{key}.manifest.json"
 
 
-def load_manifest(store: Path, key: str) -> Manifest:
+def load_manifest(store: Path, model: str) -> Manifest:
+    """The manifest of NAME@REVISION (a hub id's "/" allowed, as pull printed it)."""
+    key = store_key(model)
     if not re.fullmatch(r"[\w.+-]+@[\w.+-]+", key) or key.startswith("."):
         raise FleetError(f"{key!r} names no model of a store", fix="name it as weights pull printed it: NAME@REVISION")
     path = manifest_path(store, key)
