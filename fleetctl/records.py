@@ -33,6 +33,11 @@ def state_dir() -> Path:
     return Path(base) / "fleetctl"
 
 
+def data_dir() -> Path:
+    """What fleetctl keeps for later runs on the controller (models, class caches): $XDG_DATA_HOME/fleetctl."""
+    return Path(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")) / "fleetctl"
+
+
 def new_run_id(kind: str = "run") -> str:
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Union
 
+from fleetctl.errors import CommandFailed
 from fleetctl.reach.connection import Result
 
 
@@ -52,6 +53,8 @@ class RecordedConnection:
         self.stdin: list[str | None] = []  # what each command was given on stdin
         self.as_root: list[bool] = []  # whether each command's action asked for root (become)
         self.puts: list[tuple[Path, str]] = []  # (local file, remote path), in order
+        self.files: dict[str, bytes] = {}  # what the host has for get: remote path → content
+        self.gets: list[tuple[str, Path]] = []  # (remote path, local file), in order
         self.released: list[str] = []  # commands left running (hold) that were released
         self.closed = False
 
@@ -88,6 +91,13 @@ class RecordedConnection:
 
     def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False) -> None:
         self.puts.append((Path(local), remote))
+
+    def get(self, remote: str, local: Path) -> None:
+        """Write what ``files`` holds for *remote* to *local*; a path it lacks is a copy the host refused."""
+        self.gets.append((remote, Path(local)))
+        if remote not in self.files:
+            raise CommandFailed(self.name, f"no such file on {self.name}: {remote}")
+        Path(local).write_bytes(self.files[remote])
 
     def close(self) -> None:
         self.closed = True

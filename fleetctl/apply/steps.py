@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
 
 from fleetctl import systemd
+from fleetctl.apply.caches import ClassCaches
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, failed
 from fleetctl.apply.images import obtain, pull_failure
 from fleetctl.apply.installer import UvBinary
@@ -48,6 +49,7 @@ class Options:
     overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
     run_id: str = ""  # named in the host lock this run holds
     ignore_health: bool = False  # --ignore-health: an operator who knows better provisions an unhealthy GPU host
+    caches: ClassCaches | None = None  # the run's ClassCaches (apply.caches): hosts of a class share their canary's kernels
 
 
 @dataclass(frozen=True)
@@ -524,7 +526,7 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
     prepare = [a for a in argv if a != "--keep-serving" and not a.endswith("/service.pid")]
     command, env, _ = server_command(c, prepare)
     port, timeout = int(s["port"]), float(s["timeout"])
-    unit = service_unit(c.stack.id, command, env)
+    unit = service_unit(c.stack.id, command, {**t.run_env(), **env})  # as the proofs ran: same env, same caches
     actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}",
                       privilege=SYSTEM),
                Action("one service per host: a pid-file service from before", stop_service(t.root, port,
@@ -724,9 +726,12 @@ def summary(name: str, verdict: dict) -> str:
 def observed_text(verdict: dict) -> str:
     """What vLLM's log said it used: "vLLM used FLASH_ATTN, FULL_AND_PIECEWISE" (unknown: not in its log)."""
     seen = verdict.get("observed") or {}
+    compiled = {"loaded": "; compiled graphs loaded from the cache", "compiled": "; graphs compiled",
+                "load failed": "; compiled graphs found in the cache but not loadable by this vLLM: compiled again"}
     return (f"vLLM used attention {seen.get('attention_backend') or 'unknown'}, CUDA graphs "
             f"{seen.get('cudagraph_mode') or 'unknown'}" + (" (not all named in its log)" if None in (
-                seen.get("attention_backend"), seen.get("cudagraph_mode")) else ""))
+                seen.get("attention_backend"), seen.get("cudagraph_mode")) else "")
+            + compiled.get(verdict.get("compile_cache"), ""))
 
 
 # The remote side, as small shell scripts with every value quoted by the caller.

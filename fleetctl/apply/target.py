@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from fleetctl.apply.images import ImageState, at_sections, image_state_script, parse_image_state
+from fleetctl.decide.classcache import CACHE_DIR, CACHE_MARKER, cache_env
 from fleetctl.decide.container import NAME, gpu_run_args
 from fleetctl.decide.resolve import Stack
 from fleetctl.decide.serving import PYCACHE
@@ -73,9 +74,19 @@ class Target:
         site-packages (a container's environment is not mounted where its server runs)."""
         return None if self.container else f"{self.env}/{PYCACHE}"
 
+    @property
+    def cache(self) -> str | None:
+        """Where this stack's proofs and servers keep their compiled kernels: the class cache (venv mode; a
+        proof's throwaway container keeps nothing)."""
+        return None if self.container else f"{self.env}/{CACHE_DIR}"
+
+    def run_env(self) -> dict[str, str]:
+        """The environment the stack's proofs and servers run with: the stack's own, and its cache's."""
+        return {**dict(self.proof_env), **(cache_env(self.cache) if self.cache else {})}
+
     def python_command(self) -> str:
         """The proof's Python as a shell command, every word quoted."""
-        return " ".join([*(f"{k}={q(v)}" for k, v in self.proof_env), *map(q, self.proof_python)])
+        return " ".join([*(f"{k}={q(v)}" for k, v in self.run_env().items()), *map(q, self.proof_python)])
 
 
 def engine_commands(engine: ContainerRuntime | None) -> tuple[str, tuple[str, ...]]:
@@ -127,6 +138,7 @@ class HostState:
     container: str | None = None  # container mode: the serving container's stack label, where it runs
     uv: str | None = None  # uv on the host's PATH, where it has one
     pip_config: tuple[str, ...] = ()  # where the host tells pip its index or find-links (files, PIP_* names)
+    cache: Mapping = field(default_factory=dict)  # <env>/cache/fleetctl-cache.json: the class key its cache holds
 
     @property
     def installed(self) -> bool:
@@ -180,6 +192,7 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
              f"echo @@lib; (cd {root}/lib 2>/dev/null && sha256sum -- {' '.join(LIB_SCRIPTS)} 2>/dev/null)",
              f"echo @@bin; (cd {root}/bin 2>/dev/null && sha256sum -- uv 2>/dev/null)",
              "echo @@uv; command -v uv 2>/dev/null",
+             *([f"echo @@cache; cat {q(target.cache)}/{CACHE_MARKER} 2>/dev/null; echo"] if target.cache else []),
              f"echo @@pip-config; {PIP_CONFIG}"]
     if target.container:
         lines += [image_state_script(target.runtime, target.image),
@@ -218,7 +231,8 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
                      image=parse_image_state(text) if target.container else ImageState(),
                      container=(running[0][0] if running[0] else "") if running else None,
                      uv=next((line.strip() for line in sections.get("uv", []) if line.startswith("/")), None),
-                     pip_config=tuple(line.strip() for line in sections.get("pip-config", []) if line.strip()))
+                     pip_config=tuple(line.strip() for line in sections.get("pip-config", []) if line.strip()),
+                     cache=_json("\n".join(sections.get("cache", []))))
 
 
 def _weights(lines: list[str] | None) -> int | None:

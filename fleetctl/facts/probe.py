@@ -230,6 +230,7 @@ class Facts:
     os: OsRelease = field(default_factory=OsRelease)
     kernel: str | None = None
     arch: str | None = None
+    cpu: str | None = None  # the first CPU's model and its vector extensions: "AMD EPYC [avx2 avx512f …]"
     glibc: str | None = None
     python: PythonInfo | None = None
     nvcc: str | None = None
@@ -376,7 +377,7 @@ def parse_probe(output: str) -> Facts:
         gpus=gpus, gpu_source=source, gpu_error=error, gpu_processes=apps,
         driver_version=driver, cuda_driver_version=cuda,
         os=parse_os_release(text("os-release") or ""),
-        kernel=kernel, arch=arch,
+        kernel=kernel, arch=arch, cpu=parse_cpu(text("cpu") or ""),
         glibc=parse_glibc(text("glibc") or ""),
         python=parse_python(text("python") or ""),
         nvcc=parse_nvcc(text("nvcc") or ""),
@@ -417,6 +418,23 @@ def parse_uname(text: str) -> tuple[str | None, str | None]:
     """``uname -r -m`` → (kernel release, machine)."""
     words = text.split()
     return (words[0], words[1]) if len(words) >= 2 else (None, None)
+
+
+VECTOR_FLAGS = re.compile(r"^(avx|amx|asimd|sve|fma|f16c|fp16|bf16|i8mm)")  # what compiled CPU kernels may use
+
+
+def parse_cpu(text: str) -> str | None:
+    """The first processor's ``/proc/cpuinfo`` lines (x86: model name, flags; Arm: CPU implementer, CPU part,
+    Features) → "MODEL [vector extensions]"; None where there are none."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            values.setdefault(key.strip(), value.strip())
+    model = values.get("model name") or " ".join(
+        f"{k.split()[-1]} {values[k]}" for k in ("CPU implementer", "CPU part") if k in values)
+    flags = sorted({f for f in (values.get("flags") or values.get("Features") or "").split() if VECTOR_FLAGS.match(f)})
+    return f"{model} [{' '.join(flags)}]" if model or flags else None
 
 
 def parse_glibc(text: str) -> str | None:

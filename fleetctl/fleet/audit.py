@@ -20,11 +20,13 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 from xml.sax.saxutils import quoteattr
 
 from fleetctl import records, systemd
+from fleetctl.apply.caches import Store, Stored
 from fleetctl.apply.target import UNIT, HostState, read_state, target_for
+from fleetctl.decide.classcache import CACHE_MARKER, CacheKey, stale
 from fleetctl.decide.health import health_drift
 from fleetctl.decide.plan import ClassFacts, Lock, LockedHost
 from fleetctl.decide.prerequisites import decide as decide_prerequisites
@@ -230,7 +232,7 @@ def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, l
     stack = locked.stack if locked else None
     if stack and stack.vllm and not stack.container_image:  # a container's service: container_drift
         state = read_state(conn, target_for(facts, stack), deadline.left(host.name))
-        found += service_drift(state)
+        found += service_drift(state) + cache_drift(state.cache, facts, stack.id, Store())
         if state.service_alive:
             found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
     if validate and facts.fleet and facts.fleet.current and facts.installed:
@@ -254,6 +256,27 @@ def service_drift(state: HostState) -> list[Drift]:
     if state.systemd:
         return [Drift("service", f"{UNIT} is not active (the unit stopped, failed or was disabled)")]
     return [Drift("service", "the vLLM service is not running (its pid is gone)")]
+
+
+def cache_drift(marker: Mapping, facts: Facts, stack_id: str, store: Store) -> list[Drift]:
+    """The class cache the host's environment holds (its marker): built for the machine and stack the host has
+    now, and the one the controller keeps for that class where it was pushed."""
+    if not marker.get("class"):
+        return []
+    try:
+        held = CacheKey.from_dict(marker["class"])
+    except (TypeError, AttributeError, KeyError):
+        return [Drift("class-cache", f"its cache marker ({CACHE_MARKER}) is unreadable: provision --revalidate "
+                                     "builds or receives the class's cache again")]
+    if changed := stale(held, facts, stack_id):
+        return [Drift("class-cache", f"its compiled kernels are class {held.id}'s, built for another machine or "
+                                     f"stack ({'; '.join(changed)}): provision --revalidate replaces them")]
+    stored = store.get(held)
+    if isinstance(stored, Stored) and marker.get("sha256") not in (None, stored.sha256):
+        return [Drift("class-cache", f"class {held.id}'s cache on the controller (sha256 {stored.sha256[:12]}…) is "
+                                     f"not the one pushed here ({str(marker['sha256'])[:12]}…): provision "
+                                     "--revalidate pushes it again")]
+    return []
 
 
 def service_port(host: Host) -> int:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetctl.errors import FleetError
-from fleetctl.records import atomic_write
+from fleetctl.apply.wheelhouse import sha256
+from fleetctl.records import atomic_write, data_dir
 
-CHUNK = 1 << 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -68,15 +68,7 @@ def store_key(model: str) -> str:
 
 
 def default_store() -> Path:
-    return Path(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")) / "fleetctl" / "models"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+    return data_dir() / "models"
 
 
 def pull(spec: str, store: Path) -> Manifest:

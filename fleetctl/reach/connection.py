@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,8 @@ class Connection(Protocol):
     def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]: ...
 
     def put(self, local: Path, remote: str, mode: int = ..., root: bool = False) -> None: ...
+
+    def get(self, remote: str, local: Path) -> None: ...
 
     def close(self) -> None: ...
 
@@ -216,6 +219,13 @@ class LocalConnection:
                 target.unlink()  # no partial copy is left behind
             cause = (exc.strerror or str(exc)).lower()
             raise CommandFailed(self.name, f"{cause} on {self.name} writing {remote}") from None
+
+    def get(self, remote: str, local: Path) -> None:
+        try:
+            shutil.copyfile(remote, local)
+        except OSError as exc:
+            raise CommandFailed(self.name, f"copying {remote} from {self.name} failed: "
+                                           f"{(exc.strerror or str(exc)).lower()}") from None
 
     def close(self) -> None:
         """End whatever still runs (fleetctl interrupted): TERM first, so scripts clean up."""
@@ -459,6 +469,18 @@ class SSHConnection:
             said = ""
         raise CommandFailed(self.name, f"{write_error(said) or f'copy failed ({failure})'} on {self.name} "
                                        f"writing {remote}") from None
+
+    def get(self, remote: str, local: Path) -> None:
+        """Copy the host's *remote* to *local* over SFTP, as the login user (a file it cannot read is
+        CommandFailed naming the cause); a partial copy is removed."""
+        try:
+            self._conn.get(remote, str(local))
+        except (OSError, EOFError) as exc:
+            Path(local).unlink(missing_ok=True)
+            transport = self._conn.client.get_transport()
+            if isinstance(exc, EOFError) or not (transport and transport.is_active()):
+                raise Unreachable(self.name, f"copy of {remote} failed: {exc}") from None
+            raise CommandFailed(self.name, f"copying {remote} from {self.name} failed: {exc}") from None
 
     def close(self) -> None:
         self._conn.close()

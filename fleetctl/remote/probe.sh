@@ -31,6 +31,8 @@ d=$ROOT; while [ ! -e "$d" ]; do d=$(dirname "$d"); done
 e
 s os-release; cat /etc/os-release; e
 s uname; uname -r -m; e
+# The first CPU's model and flags: a CPU-only host's compiled kernels are built for its vector extensions.
+s cpu; awk '/^$/ {exit} /^(model name|flags|Features|CPU implementer|CPU part)[[:space:]]*:/' /proc/cpuinfo; e
 s glibc; getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1; e
 # One Python start for both sections (interpreter shims can cost more than the rest of the probe).
 # It exits 0 only when NVML answered; otherwise nvidia-smi is asked below.

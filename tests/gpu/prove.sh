@@ -15,6 +15,10 @@
 #   exclusive — after beside (optional): provision --revalidate with fleet_proof_mode: exclusive
 #             (tests/gpu/gpu-test-host-b-exclusive.yml): the service stops for the proofs, serves
 #             again after them, and the record has the downtime
+#   classcache — after serve (issue 28): serve's provision was its class's canary and kept its
+#             compiled kernels in the controller's store; this host then plays a second host of the
+#             class: its caches cleared (the stack's <env>/cache, ~/.cache/flashinfer and ~/.cache/vllm),
+#             the service stopped, and `provision --revalidate` pushes the class cache before validate
 # What each phase shows goes to $OUT (the device tool brings it back), else ./gpu-proof.
 set -u
 cd "$(dirname "$0")/../.."
@@ -38,7 +42,8 @@ for name, host in record["hosts"].items():
         print(f"  downtime {host['downtime_s']} s")
     for s in host.get("steps", []):
         keep = {k: v for k, v in (s.get("data") or {}).items() if k in (
-            "time_to_healthy_s", "ttft_s", "completion_tokens", "observed", "gpus", "tensor_parallel_size")}
+            "time_to_healthy_s", "ttft_s", "completion_tokens", "observed", "gpus", "tensor_parallel_size",
+            "compile_cache", "key", "from", "bytes")}
         print(f"  {s['name']:9} {s['status']:8} {s['duration']:7.1f}s  {s['detail'][:160]}")
         if keep:
             print(f"            {json.dumps(keep)[:600]}")
@@ -149,6 +154,23 @@ serve)
   echo "rc=$?"; figures "$out/provision-1.json"
   cp /opt/fleetctl/service/server.log "$out/service-server.log" 2>/dev/null
   cp /opt/fleetctl/smoke/server.log "$out/smoke-server.log" 2>/dev/null
+  ;;
+classcache)
+  stamp "the class cache serve kept, on the controller"
+  ls -la "${XDG_DATA_HOME:-$HOME/.local/share}/fleetctl/class-caches/" > "$out/class-caches.txt" 2>&1
+  cat "$out/class-caches.txt"; cat "${XDG_DATA_HOME:-$HOME/.local/share}"/fleetctl/class-caches/*.json
+  stamp "a second host of the class: no caches of its own, nothing serving"
+  env=$(readlink -f /opt/fleetctl/current)
+  du -sh "$env/cache" "$HOME/.cache/flashinfer" "$HOME/.cache/vllm" 2>/dev/null
+  rm -rf "$env/cache" "$HOME/.cache/flashinfer" "$HOME/.cache/vllm"
+  python3 -c "import os, signal, sys; os.killpg(int(sys.argv[1]), signal.SIGTERM)" "$(cat /opt/fleetctl/service.pid)"
+  while curl -s -o /dev/null -m 2 localhost:8000/v1/models; do sleep 1; done
+  stamp "provision --revalidate: the class cache pushed before validate"
+  fleet provision "$inv" --playbook "$book" --wheelhouse "$wheels" --revalidate -T 1800 --json > "$out/provision-cache.json"
+  echo "rc=$?"; figures "$out/provision-cache.json"
+  python3 -c "import json,sys; print(open(sys.argv[1]).read())" "$env/cache/fleetctl-cache.json"
+  cp /opt/fleetctl/smoke/server.log "$out/smoke-server-cached.log" 2>/dev/null
+  cp /opt/fleetctl/service/server.log "$out/service-server-cached.log" 2>/dev/null
   ;;
 again)
   stamp "provision again"
