@@ -163,8 +163,18 @@ classcache)
   env=$(readlink -f /opt/fleetctl/current)
   du -sh "$env/cache" "$HOME/.cache/flashinfer" "$HOME/.cache/vllm" 2>/dev/null
   rm -rf "$env/cache" "$HOME/.cache/flashinfer" "$HOME/.cache/vllm"
-  python3 -c "import os, signal, sys; os.killpg(int(sys.argv[1]), signal.SIGTERM)" "$(cat /opt/fleetctl/service.pid)"
-  while curl -s -o /dev/null -m 2 localhost:8000/v1/models; do sleep 1; done
+  python3 - "$(cat /opt/fleetctl/service.pid)" <<'PY'
+import os, signal, sys, time
+pid = int(sys.argv[1])
+os.killpg(pid, signal.SIGTERM)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # until the process is gone, not only its port
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.5)
+PY
   stamp "provision --revalidate: the class cache pushed before validate"
   fleet provision "$inv" --playbook "$book" --wheelhouse "$wheels" --revalidate -T 1800 --json > "$out/provision-cache.json"
   echo "rc=$?"; figures "$out/provision-cache.json"
