@@ -53,6 +53,7 @@ class RecordedConnection:
         self.stdin: list[str | None] = []  # what each command was given on stdin
         self.as_root: list[bool] = []  # whether each command's action asked for root (become)
         self.puts: list[tuple[Path, str]] = []  # (local file, remote path), in order
+        self.resumed: list[bool] = []  # whether each put continued the host's partial copy
         self.files: dict[str, bytes] = {}  # what the host has for get: remote path → content
         self.gets: list[tuple[str, Path]] = []  # (remote path, local file), in order
         self.released: list[str] = []  # commands left running (hold) that were released
@@ -89,8 +90,9 @@ class RecordedConnection:
             raise answer
         return answer.stdout.strip(), lambda: self.released.append(command)
 
-    def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False, resume: bool = False) -> None:
         self.puts.append((Path(local), remote))
+        self.resumed.append(resume)
 
     def get(self, remote: str, local: Path) -> None:
         """Write what ``files`` holds for *remote* to *local*; a path it lacks is a copy the host refused."""

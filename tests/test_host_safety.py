@@ -351,6 +351,10 @@ def http_server():
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
         def log_message(self, *args):
             pass
 
@@ -394,7 +398,8 @@ def test_on_a_systemd_host_the_service_is_a_unit_restarted_and_proven_by_systemc
     assert restart == ("systemctl daemon-reload && systemctl enable -q fleetctl-vllm.service && "
                        "systemctl restart fleetctl-vllm.service")
     check = next(a for a in plan.actions if a.reads).command
-    assert "systemctl is-active --quiet fleetctl-vllm.service" in check and "127.0.0.1:18001/health" in check
+    assert "['systemctl', 'is-active', 'fleetctl-vllm.service']" in check and '"http://127.0.0.1:18001"' in check
+    assert "/v1/models" in check and "/v1/completions" in check  # ready: the model listed, tokens generated
     unit_text = next(a.stdin for a in plan.actions if a.change == "write fleetctl-vllm.service")
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read_string(unit_text)
@@ -416,10 +421,15 @@ def test_the_unit_check_passes_only_an_active_unit_whose_port_answers(tmp_path, 
                                        '[ "$2" = --quiet ] || echo "$s"\n[ "$s" = active ]\n')
     (bin_dir / "systemctl").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    script = lambda p: steps.UNIT_CHECK.format(unit="fleetctl-vllm.service", python=PYTHON, port=p, tries=3)  # noqa: E731
-    answers["/health"] = {}
+    script = lambda p: steps.ready_check(PYTHON, p, 3, "/opt/fleetctl/models/tiny", unit="fleetctl-vllm.service")  # noqa: E731
+    answers["/v1/models"] = {"data": [{"id": "/opt/fleetctl/models/tiny"}]}
+    answers["/v1/completions"] = {"usage": {"completion_tokens": 2}}
     ok = sh(script(port), env=env)
-    assert ok.returncode == 0 and json.loads(ok.stdout)["verdict"] == "pass"
+    assert ok.returncode == 0 and json.loads(ok.stdout)["completion_tokens"] == 2
+    answers["/v1/models"] = {"data": [{"id": "/opt/fleetctl/smoke/tiny-llama"}]}  # up, serving another model
+    other = sh(script(port), env=env)
+    assert other.returncode == 1 and json.loads(other.stdout)["error"] == (
+        f"port {port} serves /opt/fleetctl/smoke/tiny-llama, not /opt/fleetctl/models/tiny")
     state.write_text("failed")
     bad = sh(script(port), env=env)
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"].startswith("fleetctl-vllm.service is failed")

@@ -16,6 +16,7 @@ import tarfile
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from fleetctl import records
@@ -216,3 +217,39 @@ def test_the_next_host_of_a_class_serves_from_the_canarys_kernels(serve_lab, pro
             assert "./" + looked_up[1].split("/cache/", 1)[1] in tar.getnames()
     finally:  # cpu-b serves only for this test
         lab.ssh("cpu-b", "kill $(cat /opt/fleetctl/service.pid) 2>/dev/null; true")
+
+
+def test_a_stored_model_is_staged_served_audited_and_mended(serve_lab, provisioned, tmp_path):
+    """Issue 29: the tiny random-weight Llama the smoke test saved (safetensors) stands in for the hub: pulled
+    into the controller's store, staged onto cpu-a (sha256 checked there) and served from that copy; a byte
+    flipped on the host is named by audit and mended by the next provision, which sends only that file."""
+    lab, inventory = serve_lab
+    code, pulled = fleetctl_json("weights", "pull", str(host_root(lab, "cpu-a") / "smoke" / "tiny-llama"))
+    assert code == 0
+    model = f"{pulled['name']}@{pulled['revision']}"
+    staged = tmp_path / "staged.yml"
+    lab.write_inventory(staged, {"cpu": ["cpu-a"]}, fleet_torch_index="default", fleet_model=model)
+    try:
+        code, out = fleetctl_json("provision", str(staged), "--limit", "cpu-a", timeout=1800)
+        s = steps(out["hosts"]["cpu-a"])
+        assert code == 0 and s["model"]["status"] == "changed", s.get("model")
+        remote = f"/opt/fleetctl/models/{pulled['name']}@{pulled['revision']}"
+        assert s["service"]["status"] == "changed" and s["service"]["data"]["completion_tokens"] == 8
+        with urllib.request.urlopen(f"http://127.0.0.1:{SERVICE_PORT}/v1/models", timeout=30) as answer:
+            assert [m["id"] for m in json.load(answer)["data"]] == [remote]
+        assert fleetctl_json("plan", str(staged), "--limit", "cpu-a", "--write-lock")[0] == 0
+        code, audit = fleetctl_json("audit", str(staged), "--limit", "cpu-a")
+        assert code == 0, audit
+
+        with open(host_root(lab, "cpu-a") / "models" / model / "model.safetensors", "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff")
+        code, audit = fleetctl_json("audit", str(staged), "--limit", "cpu-a")
+        said = json.dumps(audit)
+        assert code != 0 and "model.safetensors changed since it was verified" in said, said[-2000:]
+        code, out = fleetctl_json("provision", str(staged), "--limit", "cpu-a", timeout=1800)
+        s = steps(out["hosts"]["cpu-a"])
+        assert code == 0 and s["model"]["detail"].startswith(f"{model}: sent 1 of {len(pulled['files'])} files")
+        assert fleetctl_json("audit", str(staged), "--limit", "cpu-a")[0] == 0
+    finally:  # cpu-a serves the smoke's own model again, as the other tests expect
+        assert fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)[0] == 0

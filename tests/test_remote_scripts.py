@@ -295,8 +295,8 @@ def test_stop_server_takes_the_whole_group(script, last_signal):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
 
-# A stand-in for vLLM's OpenAI server: FAKE_MODE ok, 500 (healthy, every completion fails), or hang
-# (never healthy). Escalation to SIGKILL is tested on stop_server itself, where the grace is short.
+# A stand-in for vLLM's OpenAI server: FAKE_MODE ok, 500 (healthy, every completion fails), other (healthy,
+# /v1/models lists another model) or hang (never healthy). Escalation to SIGKILL is tested on stop_server itself, where the grace is short.
 FAKE_SERVER = '''
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -309,6 +309,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     def do_GET(self):
         self.send_response(200); self.end_headers()
+        if self.path == "/v1/models":  # the model it was started with; FAKE_MODE other: another one
+            model = "other" if mode == "other" else sys.argv[sys.argv.index("--model") + 1]
+            self.wfile.write(json.dumps({"object": "list", "data": [{"id": model}]}).encode())
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if mode == "500":
@@ -350,6 +353,13 @@ def test_smoke_passes_against_a_server_that_generates(tmp_path):
     assert report["observed"] == {"attention_backend": None, "cudagraph_mode": None}
     assert report["observed_notes"] == ["attention backend: not named in vLLM's log",
                                         "CUDA-graph mode: not named in vLLM's log"]
+
+
+def test_smoke_fails_a_healthy_server_whose_models_lack_the_one_it_serves(tmp_path):
+    proc = start_smoke(tmp_path, "other", "--max-tokens", "2")
+    report = finish(proc)
+    assert proc.returncode == 1 and report["verdict"] == "fail" and report["models_listed"] == ["other"]
+    assert report["error"] == f"/v1/models lists other, not {tmp_path}" and report["time_to_healthy_s"] > 0
 
 
 def test_smoke_records_what_vllm_used_and_fails_when_it_differs(tmp_path):

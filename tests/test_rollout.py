@@ -328,7 +328,7 @@ def host_state(marker_stack, current: str, service: str | None, *, systemd=False
 def previous_host(name: str, state: str, marker_stack=None) -> RecordedConnection:
     marker = json.dumps({"id": "x", "stack": (marker_stack or OLD_STACK).to_dict()})
     return (fake_host(state, name=name).answer(r"fleetctl-stack\.json$", Reply(marker))
-            .answer(r"^i=0\nwhile", verdict(port=8000)))
+            .answer(r"'systemctl', 'is-active'", verdict(port=8000)))
 
 
 def test_rollback_restarts_a_systemd_unit_on_the_previous_stack(monkeypatch, tmp_path):

@@ -36,6 +36,7 @@ from typing import Callable
 from fleetctl.apply.caches import Stored, capture, clear, push
 from fleetctl.apply.execute import Planned, Step, execute, failed
 from fleetctl.apply.installer import UvBinary, cache_dir, extract, obtain
+from fleetctl.apply.models import Manifest, StagedModel, default_store, is_stored, load_manifest, stage
 from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
     ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
     summary, undrain, vacate, wheels_for,
@@ -47,7 +48,7 @@ from fleetctl.decide.plan import changes, request_for
 from fleetctl.decide.proofmode import decide
 from fleetctl.decide.resolve import Request, Stack, resolve
 from fleetctl.decide.serving import backend_option, plan_serving
-from fleetctl.errors import HostError, WheelhouseError
+from fleetctl.errors import FleetError, HostError, WheelhouseError
 from fleetctl.facts.probe import Facts, gather
 from fleetctl.hosts.become import facts_privileges
 from fleetctl.hosts.inventory import Host
@@ -115,6 +116,9 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
         served = c.state.service_alive
         key = class_key(c, play.hostvars(host.vars))
         for name in c.play.steps:
+            if c.model and name in MODEL_STEPS:  # once, before the first step that serves or proves
+                record("model", lambda: model_step(c, conn, deadline))
+                c = replace(c, model=None)
             plan = STEPS[name](c)
             if key and name in PROOF_STEPS and isinstance(plan, Planned):  # once, before the first proof that runs
                 canary, key = receive(c, key, record, conn, deadline), None
@@ -149,6 +153,17 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
         if release:
             release()
     return run
+
+
+MODEL_STEPS = ("validate", "smoke", "service")
+
+
+def model_step(c: Context, conn: Connection, deadline: Deadline) -> Step:
+    """The stored model staged onto the host (apply.models.stage), or why it cannot be."""
+    if isinstance(c.model, str):
+        return failed("model", c.model)
+    return execute(stage(c.model, c.facts.python.path if c.facts.python else "python3"), conn, deadline,
+                   check=c.options.check, fleet_as_root=c.target.fleet_as_root)
 
 
 def class_key(c: Context, hostvars: dict) -> CacheKey | None:
@@ -397,9 +412,13 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
         except WheelhouseError as exc:
             wheels = str(exc)
     smoke_model = str(hostplay.smoke["model"] or "") or None
+    stored, hostvars = stored_model(str(hostvars.get("fleet_model") or ""), facts, hostvars)
     model = str(hostvars.get("fleet_model") or smoke_model or "")
     state = read_state(conn, target, deadline.left(host.name), wheelhouse=getattr(wheels, "remote", None),
-                       model=model if model.startswith("/") else None)
+                       model=model if model.startswith("/") else None,
+                       staged=model if isinstance(stored, Manifest) else None)
+    if isinstance(stored, Manifest):
+        stored = StagedModel(stored, default_store() / stored.key, model, state.staged, state.staged_verified)
     installer = str(hostvars.get("fleet_installer") or "auto")
     uv = None
     if not (state.installed or state.uv or target.container or installer == "pip"):
@@ -410,7 +429,19 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
     proof = decide(facts, serve.config if serve and serve.ok else None, hostvars, weights_mib=state.model_weights_mib,
                    model_config=state.model_config)
     return Context(host.name, facts, stack, target, state, hostplay, options, tuple(planned_changes), serve,
-                   backend_option(matrix, stack.vllm), wheels, proof, installer, uv)
+                   backend_option(matrix, stack.vllm), wheels, proof, installer, uv, stored)
+
+
+def stored_model(value: str, facts: Facts, hostvars: dict) -> tuple[Manifest | str | None, dict]:
+    """A fleet_model naming a model of the controller's store (NAME@REVISION): its manifest, and the host
+    vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be."""
+    if not is_stored(value):
+        return None, hostvars
+    try:
+        manifest = load_manifest(default_store(), value)
+    except FleetError as exc:
+        return str(exc), hostvars
+    return manifest, {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{manifest.key}"}
 
 
 def carried_uv(facts: Facts, stack: Stack, wheel) -> UvBinary | str:

@@ -26,6 +26,7 @@ from fleetctl.apply.caches import ClassCaches
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, failed
 from fleetctl.apply.images import obtain, pull_failure
 from fleetctl.apply.installer import UvBinary
+from fleetctl.apply.models import StagedModel
 from fleetctl.apply.target import GPUMEM, SERVICE_PID, UNIT, HostState, Target, q
 from fleetctl.apply.wheelhouse import class_for, read_manifest, sha256 as file_sha256
 from fleetctl.decide.container import render_dockerfile, render_service
@@ -115,6 +116,7 @@ class Context:
     proof: ProofMode | None = None  # where the proofs run: beside the serving stack, or in its place
     installer: str = "auto"  # fleet_installer: auto (uv: the host's, else the one fleetctl carries), uv, pip
     uv: UvBinary | str | None = None  # the uv fleetctl carries for this host; str: why there is none
+    model: StagedModel | str | None = None  # fleet_model from the controller's store; str: why it cannot be staged
 
 
 # ---------------------------------------------------------------- the steps
@@ -521,10 +523,11 @@ def service(c: Context) -> Step | Planned:
 
 def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callable[[dict], Step]) -> Planned:
     """Where the host runs systemd: the server as a unit (Restart=on-failure, enabled at boot), restarted
-    by systemctl and proven by ``systemctl is-active`` and the port answering /health."""
+    by systemctl and proven by ``systemctl is-active``, the port's /v1/models listing the model and a completion."""
     s, t = c.play.service, c.target
     prepare = [a for a in argv if a != "--keep-serving" and not a.endswith("/service.pid")]
-    command, env, _ = server_command(c, prepare)
+    command, env, model = server_command(c, prepare)
+    served = c.serve.config.served_model_name or model
     port, timeout = int(s["port"]), float(s["timeout"])
     unit = service_unit(c.stack.id, command, {**t.run_env(), **env})  # as the proofs ran: same env, same caches
     actions = (Action("the unit owns the port", f"systemctl stop {UNIT} 2>/dev/null; true", change=f"stop {UNIT}",
@@ -540,9 +543,9 @@ def service_unit_plan(c: Context, argv: list[str], serving: str, passed: Callabl
                Action("started now and at boot", f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
                       f"systemctl restart {UNIT}", change=f"restart {UNIT}", fails=f"systemctl restart {UNIT} failed",
                       privilege=SYSTEM),
-               Action("the unit is active and its port answers", UNIT_CHECK.format(
-                   unit=UNIT, python=q(c.facts.python.path), port=port, tries=int(timeout)), reads=True,
-                   timeout=timeout + 30),
+               Action("the unit is active, its port lists the model and generates",
+                      ready_check(c.facts.python.path, port, int(timeout), served, unit=UNIT), reads=True,
+                      timeout=timeout + 90),
                Action("what serves, for the next run", f"echo {q(serving)} > {q(t.root)}/service.stack",
                       change="record the service's stack and settings"))
     return Planned("service", actions, verdict_outcome("service", lambda v: passed({**v, "unit": UNIT})),
@@ -578,9 +581,9 @@ def container_service(c: Context) -> Step | Planned:
     else:
         start = Action(f"the container does not serve {stack.id} with these settings", compose_up(t, t.env),
                        change=f"(re)create container {t.name}", fails=f"starting container {t.name} failed")
-    check = Action("the container runs and its port generates", CONTAINER_CHECK.format(
-        python=q(c.facts.python.path), runtime=t.runtime, name=t.name, port=port, tries=int(s["timeout"])),
-        reads=True, timeout=float(s["timeout"]) + 30)
+    check = Action("the container runs and its port generates", ready_check(
+        c.facts.python.path, port, int(s["timeout"]), None, runtime=t.runtime, name=t.name),
+        reads=True, timeout=float(s["timeout"]) + 90)
     # A venv-mode service from before (a pid file) gives the port up; the container serving it now is
     # replaced by compose itself.
     actions = (Action("one service per host: a pid-file service from before", f"[ -f {q(t.root)}/service.pid ] || "
@@ -896,48 +899,54 @@ done
 """
 
 
-
-# The unit is proven as the pid-file service is: active, and its port answering /health, within *tries* seconds.
-UNIT_CHECK = """i=0
-while [ $i -lt {tries} ]; do
-  if ! systemctl is-active --quiet {unit}; then
-    [ "$(systemctl is-active {unit})" = failed ] && break
-  elif {python} -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \\
-      http://127.0.0.1:{port}/health 2>/dev/null; then
-    echo '{{"verdict": "pass", "completion_tokens": null, "port": {port}}}'; exit 0
-  fi
-  i=$((i + 1)); sleep 1
-done
-echo "{{\\"verdict\\": \\"fail\\", \\"error\\": \\"{unit} is $(systemctl is-active {unit}), port {port} without /health\\"}}"
-exit 1
-"""
-
-
-# A container's service is up when the engine says it runs and its port generates a token (the host's Python asks).
-CONTAINER_CHECK = """{python} - <<'EOF'
+# A service is ready when its manager says it runs (systemctl is-active: active; the engine: running), its
+# port's /v1/models lists the model it was started with (vLLM's /health only says the process runs), and a
+# completion returns tokens; the host's Python asks, every second, up to *tries* times. A state in *down*
+# ends the wait at once.
+READY = """{python} - <<'EOF'
 import json, subprocess, sys, time, urllib.request
-base, tries, error = "http://127.0.0.1:{port}", {tries}, ""
-for _ in range(tries):
-    state = subprocess.run([{runtime!r}, "inspect", "--format", "{{{{.State.Status}}}}", {name!r}],
-                           capture_output=True, text=True).stdout.strip()
-    if state not in ("running", "created", "restarting"):
-        error = "container " + {name!r} + " is " + (state or "missing")
-        break
+base, want, error = "http://127.0.0.1:{port}", {model!r}, ""
+for _ in range({tries}):
+    state = subprocess.run({alive!r}, capture_output=True, text=True).stdout.strip()
+    if state != {up!r}:
+        error = {what!r} + " is " + (state or "missing")
+        if state in {down!r}:
+            break
+        time.sleep(1)
+        continue
     try:
-        model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=5))["data"][0]["id"]
-        body = json.dumps({{"model": model, "prompt": "fleet", "max_tokens": 2}}).encode()
+        listed = [m["id"] for m in json.load(urllib.request.urlopen(base + "/v1/models", timeout=5))["data"]]
+        want = want or (listed[:1] or [""])[0]
+        if want not in listed:
+            error = "port {port} serves " + (", ".join(listed) or "no model") + ", not " + want
+            time.sleep(1)
+            continue
+        body = json.dumps({{"model": want, "prompt": "fleet", "max_tokens": 2, "ignore_eos": True}}).encode()
         request = urllib.request.Request(base + "/v1/completions", body, {{"Content-Type": "application/json"}})
         out = json.load(urllib.request.urlopen(request, timeout=60))
-        print(json.dumps({{"verdict": "pass", "port": {port}, "model": model,
+        print(json.dumps({{"verdict": "pass", "port": {port}, "model": want, "models_listed": listed,
                           "completion_tokens": out["usage"]["completion_tokens"]}}))
         sys.exit(0)
     except Exception as exc:
-        error = f"port {port}: {{type(exc).__name__}}: {{exc}}"
+        error = "port {port}: " + type(exc).__name__ + ": " + str(exc)
     time.sleep(1)
 print(json.dumps({{"verdict": "fail", "error": error}}))
 sys.exit(1)
 EOF
 """
+
+
+def ready_check(python: str, port: int, tries: int, model: str | None, *, unit: str | None = None,
+                runtime: str | None = None, name: str | None = None) -> str:
+    """READY for a systemd *unit*, or for a container *name* of *runtime*; *model*: the id /v1/models must list
+    (None: any one it lists)."""
+    if unit:
+        return READY.format(python=q(python), port=port, tries=tries, model=model, what=unit, up="active",
+                            alive=["systemctl", "is-active", unit], down=("failed", "inactive"))
+    return READY.format(python=q(python), port=port, tries=tries, model=model, what=f"container {name}",
+                        up="running", alive=[runtime, "inspect", "--format", "{{.State.Status}}", name],
+                        down=("exited", "dead", "missing", ""))
+
 
 
 def stop_serving(root: str, port: int, python: str = "python3") -> str:

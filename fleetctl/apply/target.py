@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from fleetctl.apply.images import ImageState, at_sections, image_state_script, parse_image_state
+from fleetctl.apply.models import held_script, parse_held
 from fleetctl.decide.classcache import CACHE_DIR, CACHE_MARKER, cache_env
 from fleetctl.decide.container import NAME, gpu_run_args
 from fleetctl.decide.resolve import Stack
@@ -139,6 +140,8 @@ class HostState:
     uv: str | None = None  # uv on the host's PATH, where it has one
     pip_config: tuple[str, ...] = ()  # where the host tells pip its index or find-links (files, PIP_* names)
     cache: Mapping = field(default_factory=dict)  # <env>/cache/fleetctl-cache.json: the class key its cache holds
+    staged: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # a staged model's files: size, mtime
+    staged_verified: Mapping = field(default_factory=dict)  # and its marker (apply.models.VERIFIED)
 
     @property
     def installed(self) -> bool:
@@ -179,7 +182,8 @@ PIP_CONFIG = ("""[ "${PIP_CONFIG_FILE:-}" = /dev/null ] || for f in ${PIP_CONFIG
               """env | sed -n 's/^\\(PIP_\\(INDEX_URL\\|EXTRA_INDEX_URL\\|FIND_LINKS\\|NO_INDEX\\)\\)=.*/\\1/p'""")
 
 
-def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None) -> str:
+def state_script(target: Target, wheelhouse: str | None = None, model: str | None = None,
+                 staged: str | None = None) -> str:
     """One read-only command printing every section :func:`parse_state` reads."""
     root = q(target.root)
     lines = [f"echo @@marker; cat {q(target.marker)} 2>/dev/null",
@@ -204,6 +208,8 @@ def state_script(target: Target, wheelhouse: str | None = None, model: str | Non
         lines.append(f"echo @@model; cat {q(model)}/config.json 2>/dev/null")
         weights = " ".join(f"{q(model)}/*{suffix}" for suffix in WEIGHT_SUFFIXES)
         lines.append(f"[ -d {q(model)} ] && echo && echo @@weights && {{ stat -L -c %s -- {weights} 2>/dev/null; true; }}")
+    if staged:
+        lines.append(held_script(staged))
     return "\n".join([*lines, "true"])
 
 
@@ -232,7 +238,9 @@ def parse_state(text: str, target: Target, wheelhouse: str | None = None) -> Hos
                      container=(running[0][0] if running[0] else "") if running else None,
                      uv=next((line.strip() for line in sections.get("uv", []) if line.startswith("/")), None),
                      pip_config=tuple(line.strip() for line in sections.get("pip-config", []) if line.strip()),
-                     cache=_json("\n".join(sections.get("cache", []))))
+                     cache=_json("\n".join(sections.get("cache", []))),
+                     staged=parse_held(sections.get("staged", [])),
+                     staged_verified=_json("\n".join(sections.get("verified", []))))
 
 
 def _weights(lines: list[str] | None) -> int | None:
@@ -251,6 +259,7 @@ def _json(text: str) -> dict:
 
 
 def read_state(conn: Connection, target: Target, timeout: float, *, wheelhouse: str | None = None,
-               model: str | None = None) -> HostState:
+               model: str | None = None, staged: str | None = None) -> HostState:
     """The host's state now, in one round trip."""
-    return parse_state(conn.run(state_script(target, wheelhouse, model), timeout=timeout).stdout, target, wheelhouse)
+    return parse_state(conn.run(state_script(target, wheelhouse, model, staged), timeout=timeout).stdout, target,
+                       wheelhouse)

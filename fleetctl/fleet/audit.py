@@ -25,6 +25,8 @@ from xml.sax.saxutils import quoteattr
 
 from fleetctl import records, systemd
 from fleetctl.apply.caches import Store, Stored
+from fleetctl.apply.models import Manifest, StagedModel, default_store
+from fleetctl.apply.provision import stored_model
 from fleetctl.apply.target import UNIT, HostState, read_state, target_for
 from fleetctl.decide.classcache import CACHE_MARKER, CacheKey, stale
 from fleetctl.decide.health import health_drift
@@ -230,9 +232,14 @@ def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, l
     found = drift(facts, locked, matrix)
     found += [Drift(kind, detail) for kind, detail in health_drift(facts, before)]
     stack = locked.stack if locked else None
+    stored, _ = stored_model(str(host.vars.get("fleet_model") or ""), facts, host.vars)
     if stack and stack.vllm and not stack.container_image:  # a container's service: container_drift
-        state = read_state(conn, target_for(facts, stack), deadline.left(host.name))
+        remote = f"{facts.fleet_root}/models/{stored.key}" if isinstance(stored, Manifest) else None
+        state = read_state(conn, target_for(facts, stack), deadline.left(host.name), staged=remote)
         found += service_drift(state) + cache_drift(state.cache, facts, stack.id, Store())
+        if remote:
+            model = StagedModel(stored, default_store() / stored.key, remote, state.staged, state.staged_verified)
+            found += model_drift(model) + (rehashed(model, conn, deadline, facts, host.name) if validate else [])
         if state.service_alive:
             found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
     if validate and facts.fleet and facts.fleet.current and facts.installed:
@@ -256,6 +263,26 @@ def service_drift(state: HostState) -> list[Drift]:
     if state.systemd:
         return [Drift("service", f"{UNIT} is not active (the unit stopped, failed or was disabled)")]
     return [Drift("service", "the vLLM service is not running (its pid is gone)")]
+
+
+def model_drift(model: StagedModel) -> list[Drift]:
+    """Each file of the staged model that is missing, of another size, or changed since it was verified on
+    the host (size and mtime against its marker: cheap; ``--validate`` hashes them)."""
+    return [Drift("model", f"{model.manifest.key}: {f.path} {why} (the next provision sends it again)")
+            for f in model.manifest.files if (why := model.wrong(f))]
+
+
+def rehashed(model: StagedModel, conn: Connection, deadline: Deadline, facts: Facts, name: str) -> list[Drift]:
+    """``--validate``: every file of the staged model hashed on the host (reads all its bytes: costly)."""
+    python = facts.python.path if facts.python else "python3"
+    result = conn.run(f"{shlex.quote(python)} - {shlex.quote(model.remote)}", timeout=deadline.left(name),
+                      stdin=model.check_input(list(model.manifest.files), dry=True))
+    try:
+        bad = json.loads(result.stdout.strip().splitlines()[-1])["bad"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return [Drift("model", f"{model.manifest.key}: hashing its files on the host printed no verdict")]
+    return [Drift("model", f"{model.manifest.key}: {path} sha256 differs from the store's (the next provision "
+                           "sends it again once it is noticed: remove it, or touch it)") for path in bad]
 
 
 def cache_drift(marker: Mapping, facts: Facts, stack_id: str, store: Store) -> list[Drift]:

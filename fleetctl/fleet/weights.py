@@ -21,54 +21,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetctl.errors import FleetError
+from fleetctl.apply.models import (  # noqa: F401 - the store's manifest, re-exported for the CLI and tests
+    Manifest, ModelFile, default_store, load_manifest, manifest_path, store_key,
+)
 from fleetctl.apply.wheelhouse import sha256
-from fleetctl.records import atomic_write, data_dir
+from fleetctl.errors import FleetError
+from fleetctl.records import atomic_write
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    path: str  # relative to the model's directory
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a model's directory holds, file by file: what staging copies and every host verifies."""
-
-    name: str  # the hub id, or the controller directory's name
-    revision: str
-    source: str  # "hub" or the directory pulled from
-    files: tuple[ModelFile, ...]
-
-    @property
-    def key(self) -> str:
-        return store_key(f"{self.name}@{self.revision}")
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "revision": self.revision, "source": self.source, "size": self.size,
-                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
-        files = tuple(ModelFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
-        return cls(str(data["name"]), str(data["revision"]), str(data["source"]), files)
-
-
-def store_key(model: str) -> str:
-    """NAME@REVISION as the store and hosts name the model's directory: a hub id's "/" as "--"."""
-    return model.replace("/", "--")
-
-
-def default_store() -> Path:
-    return data_dir() / "models"
 
 
 def pull(spec: str, store: Path) -> Manifest:
@@ -144,25 +104,6 @@ def store_files(manifest: Manifest, sources: dict[str, Path], store: Path) -> Ma
                              fix="free space there or choose another --store") from None
     atomic_write(manifest_path(store, manifest.key), json.dumps(manifest.to_dict(), indent=1) + "\n")
     return manifest
-
-
-def manifest_path(store: Path, key: str) -> Path:
-    return store / f"{key}.manifest.json"
-
-
-def load_manifest(store: Path, model: str) -> Manifest:
-    """The manifest of NAME@REVISION (a hub id's "/" allowed, as pull printed it)."""
-    key = store_key(model)
-    if not re.fullmatch(r"[\w.+-]+@[\w.+-]+", key) or key.startswith("."):
-        raise FleetError(f"{key!r} names no model of a store", fix="name it as weights pull printed it: NAME@REVISION")
-    path = manifest_path(store, key)
-    try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise FleetError(f"no model {key} in the store {store}", fix=f"fleetctl weights pull MODEL --store {store}") \
-            from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FleetError(f"{path}: not a model manifest ({exc})", fix="pull the model again") from None
 
 
 def verify(manifest: Manifest, folder: Path) -> list[str]:

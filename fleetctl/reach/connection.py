@@ -74,7 +74,7 @@ class Connection(Protocol):
 
     def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]: ...
 
-    def put(self, local: Path, remote: str, mode: int = ..., root: bool = False) -> None: ...
+    def put(self, local: Path, remote: str, mode: int = ..., root: bool = False, resume: bool = False) -> None: ...
 
     def get(self, remote: str, local: Path) -> None: ...
 
@@ -206,13 +206,15 @@ class LocalConnection:
                 proc.wait()
         return line.strip(), release
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False) -> None:
         if root and self.escalation:
             return put_as_root(self, local, remote, mode)
         target = Path(remote)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(Path(local).read_bytes())
+            with open(local, "rb") as src, open(target, "ab" if resume else "wb") as dst:
+                src.seek(dst.tell())
+                shutil.copyfileobj(src, dst, 1 << 20)
             target.chmod(mode)
         except OSError as exc:
             if target.is_file():
@@ -446,14 +448,18 @@ class SSHConnection:
             raise Unreachable(self.name, f"connection lost: {exc}", fix="check the host is up") from None
         return out.decode(errors="replace").strip(), chan.close
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False) -> None:
         """Copy *local* to *remote* over SFTP with *mode* (not the controller file's); a host that refuses
         the write (disk full, read-only, no permission) is CommandFailed naming the cause, with the partial
-        file removed. As root: through the login user's own temporary file (see put_as_root)."""
+        file removed. As root: through the login user's own temporary file (see put_as_root), whole.
+        *resume*: continue the host's shorter copy of *remote* from its end."""
         if root and self.escalation:
             return put_as_root(self, local, remote, mode)
         try:
-            self._conn.put(str(local), remote, preserve_mode=False)
+            if resume:
+                self._append(local, remote)
+            else:
+                self._conn.put(str(local), remote, preserve_mode=False)
             self._conn.sftp().chmod(remote, mode)
         except (OSError, EOFError) as exc:
             transport = self._conn.client.get_transport()
@@ -469,6 +475,14 @@ class SSHConnection:
             said = ""
         raise CommandFailed(self.name, f"{write_error(said) or f'copy failed ({failure})'} on {self.name} "
                                        f"writing {remote}") from None
+
+    def _append(self, local: Path, remote: str) -> None:
+        sftp = self._conn.sftp()
+        with open(local, "rb") as src, sftp.open(remote, "ab") as dst:
+            src.seek(dst.stat().st_size)
+            dst.set_pipelined(True)
+            while block := src.read(1 << 20):
+                dst.write(block)
 
     def get(self, remote: str, local: Path) -> None:
         """Copy the host's *remote* to *local* over SFTP, as the login user (a file it cannot read is

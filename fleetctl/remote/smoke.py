@@ -384,6 +384,15 @@ def judge(http_status: int | None, stream: dict, max_tokens: int) -> tuple[bool,
     return True, tokens, None
 
 
+def models_listed(base: str) -> list[str]:
+    """The model ids the server's /v1/models lists ([] where it does not answer as vLLM does)."""
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as answer:
+            return [str(m.get("id")) for m in json.load(answer).get("data") or [] if isinstance(m, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def complete(base: str, model: str, max_tokens: int, timeout: float) -> dict:
     # ignore_eos: a random-weight model may pick </s> first, which is no failure of the server.
     body = {"model": model, "prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -435,6 +444,10 @@ def run(args, report: dict, server: list) -> None:
     start_server(argv, env, log, server, detach=bool(args.keep_serving))
     base = f"http://127.0.0.1:{args.port}"
     report["time_to_healthy_s"], report["time_to_first_log_s"] = wait_healthy(base, server[0], args.timeout, log)
+    report["models_listed"] = listed = models_listed(base)
+    if served not in listed:  # /health says only that the process runs
+        report["verdict"], report["error"] = "fail", f"/v1/models lists {', '.join(listed) or 'no model'}, not {served}"
+        return
     result = complete(base, served, args.max_tokens, max(30.0, args.timeout - (time.monotonic() - start)))
     ok, report["completion_tokens"], report["error"] = judge(result["http_status"], result, args.max_tokens)
     report.update(http_status=result["http_status"], ttft_s=result["ttft_s"], text=result["text"])

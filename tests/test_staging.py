@@ -1,0 +1,154 @@
+"""A stored model staged onto a host (issue 29): what is sent (only what is missing or changed, partial
+copies continued), verified on the host before a file takes its name, and audited file by file. Real files
+and a real shell through the local connection; the lab run is in tests/test_provision.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fleetctl.apply.execute import execute
+from fleetctl.apply.models import StagedModel, stage
+from fleetctl.apply.target import Target, parse_state, state_script
+from fleetctl.fleet import weights
+from fleetctl.fleet.audit import model_drift
+from fleetctl.reach.connection import LocalConnection
+from fleetctl.reach.fanout import Deadline
+from fleetctl.testing import Reply
+
+PYTHON = "python3"
+
+
+def stored(tmp_path: Path):
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (src / "model.safetensors").write_bytes(os.urandom(3_000_000))
+    (src / "tokenizer" / "vocab.txt").parent.mkdir()
+    (src / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    store = tmp_path / "store"
+    manifest = weights.pull(str(src), store)
+    return manifest, store / manifest.key
+
+
+def held(host_dir: Path) -> tuple[dict, dict]:
+    """What the host's state read says it holds (the real state script, run by a real shell)."""
+    target = Target(str(host_dir.parent.parent), "s", "envs/s", ("python3",))
+    out = LocalConnection("here").run(state_script(target, staged=str(host_dir)), timeout=30).stdout
+    state = parse_state(out, target)
+    return state.staged, state.staged_verified
+
+
+def staged(manifest, local, host_dir) -> StagedModel:
+    return StagedModel(manifest, local, str(host_dir), *held(host_dir))
+
+
+def run(model: StagedModel, check: bool = False):
+    return execute(stage(model, PYTHON), LocalConnection("here"), Deadline(120), check=check)
+
+
+def test_a_model_is_sent_verified_and_then_left_alone(tmp_path):
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    listed = run(staged(manifest, local, host_dir), check=True)
+    assert listed.detail == f"would send 3 files of {manifest.key} ({manifest.size / 1e6:.1f} MB)"
+    assert not host_dir.exists()  # --check moved nothing
+    step = run(staged(manifest, local, host_dir))
+    assert step.status.value == "changed" and step.data["verified"] == 3 and step.data["bytes"] == manifest.size
+    assert weights.verify(manifest, host_dir) == []
+    assert sorted(p.name for p in host_dir.rglob("*")) == [".fleetctl-verified.json", "config.json",
+                                                           "model.safetensors", "tokenizer", "vocab.txt"]
+    again = run(staged(manifest, local, host_dir))
+    assert again.status.value == "ok" and "3 files verified on the host" in again.detail and not again.actions
+
+
+def test_a_changed_file_is_named_by_audit_and_sent_again(tmp_path):
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    run(staged(manifest, local, host_dir))
+    weights_file = host_dir / "model.safetensors"
+    with open(weights_file, "r+b") as f:  # a flipped byte: same size, another mtime
+        f.write(b"\xff")
+    (host_dir / "tokenizer" / "vocab.txt").unlink()
+    drift = [d.detail for d in model_drift(staged(manifest, local, host_dir))]
+    assert drift == [f"{manifest.key}: model.safetensors changed since it was verified (the next provision sends "
+                     "it again)", f"{manifest.key}: tokenizer/vocab.txt missing (the next provision sends it again)"]
+    step = run(staged(manifest, local, host_dir))
+    assert step.status.value == "changed" and step.data["verified"] == 2
+    assert [a["to"] for a in step.actions if "put" in a] == [f"{host_dir}/model.safetensors.partial",
+                                                           f"{host_dir}/tokenizer/vocab.txt.partial"]
+    assert weights.verify(manifest, host_dir) == [] and model_drift(staged(manifest, local, host_dir)) == []
+
+
+def test_a_copy_stopped_half_way_is_continued_not_sent_again(tmp_path):
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    half = (local / "model.safetensors").read_bytes()[:1_000_000]
+    host_dir.mkdir(parents=True)
+    (host_dir / "model.safetensors.partial").write_bytes(half)  # what a transfer killed after 1 MB leaves
+    model = staged(manifest, local, host_dir)
+    [(f, offset)] = [(f, o) for f, o in model.pending() if f.path == "model.safetensors"]
+    assert offset == 1_000_000
+    step = run(model)
+    assert step.status.value == "changed", step.tail
+    assert step.data["bytes"] == manifest.size - 1_000_000  # what arrived was not sent again
+    assert any("continue a copy stopped at 1.0 MB" in a["why"] for a in step.actions)
+    assert weights.verify(manifest, host_dir) == []
+
+
+def test_a_copy_that_arrives_wrong_never_takes_the_files_name(tmp_path):
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    host_dir.mkdir(parents=True)
+    (host_dir / "model.safetensors.partial").write_bytes(b"\0" * 1_000_000)  # a partial copy of other bytes
+    step = run(staged(manifest, local, host_dir))
+    assert step.status.value == "failed" and "sha256 differs on the host for model.safetensors" in step.detail
+    assert not (host_dir / "model.safetensors").exists() and not (host_dir / "model.safetensors.partial").exists()
+    assert run(staged(manifest, local, host_dir)).status.value == "changed"  # the next run sends it whole
+    assert weights.verify(manifest, host_dir) == []
+
+
+def test_no_room_is_one_line_before_anything_is_sent(tmp_path):
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    model = staged(manifest, local, host_dir)
+    plan = stage(model, PYTHON)
+    room = plan.actions[0].command.replace(f"-ge {manifest.size // 1024 + 1} ]", "-ge 999999999999 ]")
+    result = LocalConnection("here").run(room, timeout=30)
+    assert result.failed and "needs 3.0 MB free in" in result.stderr and "has" in result.stderr
+
+
+# ---------------------------------------------------------------- in provision (a recorded host)
+
+def provision_model(tmp_path, monkeypatch, fleet_model: str, **options):
+    from fleetctl.apply.provision import provision
+    from fleetctl.apply.steps import Options
+    from fleetctl.hosts.inventory import Host
+    from tests.fakes import MATRIX, PLAY, fake_host
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    conn = fake_host().answer(r" - /opt/fleetctl/models/", Reply('{"verified": 1, "bad": []}\n'))
+    run = provision(Host("cpu-01", {"fleet_service_port": 18001, "fleet_model": fleet_model}), conn, Deadline(60),
+                    PLAY, MATRIX, Options(**options))
+    return run, {s.name: s for s in run.steps}, conn
+
+
+def test_provision_stages_a_stored_model_before_the_proofs_and_serves_its_path(tmp_path, monkeypatch):
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    manifest = weights.pull(str(src), tmp_path / "data" / "fleetctl" / "models")
+    run, s, conn = provision_model(tmp_path, monkeypatch, f"{manifest.name}@{manifest.revision}")
+    names = [step.name for step in run.steps]
+    assert names.index("model") < names.index("validate")
+    remote = f"/opt/fleetctl/models/{manifest.key}"
+    assert (tmp_path / "data" / "fleetctl" / "models" / manifest.key / "config.json", f"{remote}/config.json.partial") \
+        in conn.puts
+    assert conn.commands(rf"lib/smoke\.py .*--model {remote}")  # the smoke test and the service serve the staged copy
+    assert conn.commands(rf"find {remote} -type f")  # read with the host's state, in its one round trip
+
+
+def test_a_model_missing_from_the_store_fails_the_host_in_one_line(tmp_path, monkeypatch):
+    run, s, conn = provision_model(tmp_path, monkeypatch, "llama@abc123")
+    assert s["model"].status.value == "failed" and "no model llama@abc123 in the store" in s["model"].detail
+    assert "weights pull" in s["model"].detail and not conn.commands(r"lib/smoke\.py")
