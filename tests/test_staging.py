@@ -152,3 +152,16 @@ def test_a_model_missing_from_the_store_fails_the_host_in_one_line(tmp_path, mon
     run, s, conn = provision_model(tmp_path, monkeypatch, "llama@abc123")
     assert s["model"].status.value == "failed" and "no model llama@abc123 in the store" in s["model"].detail
     assert "weights pull" in s["model"].detail and not conn.commands(r"lib/smoke\.py")
+
+
+def test_the_hub_token_reaches_no_host_and_no_record(tmp_path, monkeypatch):
+    """HF_TOKEN is the controller's (weights pull from the hub reads it); staging never passes it on."""
+    monkeypatch.setenv("HF_TOKEN", "hf_secretTokenValue123")
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    manifest = weights.pull(str(src), tmp_path / "data" / "fleetctl" / "models")
+    run, s, conn = provision_model(tmp_path, monkeypatch, f"{manifest.name}@{manifest.revision}")
+    assert s["model"].status.value == "changed"
+    sent = json.dumps([conn.ran, conn.stdin, [str(p) for p in conn.puts], run.to_dict()], default=str)
+    assert "hf_secretTokenValue123" not in sent and "HF_TOKEN" not in sent

@@ -31,6 +31,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 from fleetctl.apply.caches import Stored, capture, clear, push
@@ -418,7 +419,7 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
                        model=model if model.startswith("/") else None,
                        staged=model if isinstance(stored, Manifest) else None)
     if isinstance(stored, Manifest):
-        stored = StagedModel(stored, default_store() / stored.key, model, state.staged, state.staged_verified)
+        stored = StagedModel(stored, model_store(hostvars) / stored.key, model, state.staged, state.staged_verified)
     installer = str(hostvars.get("fleet_installer") or "auto")
     uv = None
     if not (state.installed or state.uv or target.container or installer == "pip"):
@@ -432,13 +433,19 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
                    backend_option(matrix, stack.vllm), wheels, proof, installer, uv, stored)
 
 
+def model_store(hostvars: dict) -> Path:
+    """The controller's model store: fleet_model_store, else weights pull's default."""
+    return Path(str(hostvars["fleet_model_store"])).expanduser() if hostvars.get("fleet_model_store") \
+        else default_store()
+
+
 def stored_model(value: str, facts: Facts, hostvars: dict) -> tuple[Manifest | str | None, dict]:
     """A fleet_model naming a model of the controller's store (NAME@REVISION): its manifest, and the host
     vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be."""
     if not is_stored(value):
         return None, hostvars
     try:
-        manifest = load_manifest(default_store(), value)
+        manifest = load_manifest(model_store(hostvars), value)
     except FleetError as exc:
         return str(exc), hostvars
     return manifest, {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{manifest.key}"}

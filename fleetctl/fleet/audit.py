@@ -25,8 +25,8 @@ from xml.sax.saxutils import quoteattr
 
 from fleetctl import records, systemd
 from fleetctl.apply.caches import Store, Stored
-from fleetctl.apply.models import Manifest, StagedModel, default_store
-from fleetctl.apply.provision import stored_model
+from fleetctl.apply.models import Manifest, StagedModel
+from fleetctl.apply.provision import model_store, stored_model
 from fleetctl.apply.target import UNIT, HostState, read_state, target_for
 from fleetctl.decide.classcache import CACHE_MARKER, CacheKey, stale
 from fleetctl.decide.health import health_drift
@@ -238,7 +238,8 @@ def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, l
         state = read_state(conn, target_for(facts, stack), deadline.left(host.name), staged=remote)
         found += service_drift(state) + cache_drift(state.cache, facts, stack.id, Store())
         if remote:
-            model = StagedModel(stored, default_store() / stored.key, remote, state.staged, state.staged_verified)
+            model = StagedModel(stored, model_store(host.vars) / stored.key, remote, state.staged,
+                                state.staged_verified)
             found += model_drift(model) + (rehashed(model, conn, deadline, facts, host.name) if validate else [])
         if state.service_alive:
             found += served_drift(_served(host, conn, deadline, facts), service_port(host), stack)
