@@ -250,6 +250,7 @@ def test_a_stored_model_is_staged_served_audited_and_mended(serve_lab, provision
         code, out = fleetctl_json("provision", str(staged), "--limit", "cpu-a", timeout=1800)
         s = steps(out["hosts"]["cpu-a"])
         assert code == 0 and s["model"]["detail"].startswith(f"{model}: sent 1 of {len(pulled['files'])} files")
+        assert s["model"]["data"]["source"] == "controller"
         assert fleetctl_json("audit", str(staged), "--limit", "cpu-a")[0] == 0
     finally:  # cpu-a serves the smoke's own model again, as the other tests expect
         assert fleetctl_json("provision", inventory, "--limit", "cpu-a", timeout=1800)[0] == 0

@@ -165,3 +165,94 @@ def test_the_hub_token_reaches_no_host_and_no_record(tmp_path, monkeypatch):
     assert s["model"].status.value == "changed"
     sent = json.dumps([conn.ran, conn.stdin, [str(p) for p in conn.puts], run.to_dict()], default=str)
     assert "hf_secretTokenValue123" not in sent and "HF_TOKEN" not in sent
+
+
+# ---------------------------------------------------------------- host to host, within a region
+
+def test_one_copy_per_region_from_the_controller_then_from_a_holder():
+    import threading
+    from fleetctl.apply.models import Sources
+    from fleetctl.hosts.inventory import Host
+    sources, a, b, c = Sources(per_source=1), Host("a"), Host("b"), Host("c")
+    assert sources.claim("m@1", "eu", "a", timeout=5) is None  # a seeds eu from the controller
+    assert sources.claim("m@1", "us", "c", timeout=5) is None  # regions do not share
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("b", sources.claim("m@1", "eu", "b", timeout=60)))
+    waiter.start()
+    sources.done("m@1", "eu", a, holds="/opt/fleetctl/models/m@1")
+    waiter.join(30)
+    assert got["b"] == (a, "/opt/fleetctl/models/m@1") and sources.holders[("m@1", "eu")] == {"a": 1}
+    assert sources.claim("m@1", "eu", "d", timeout=0.2) is None  # a serves one at a time: d waited, then went to the controller
+    sources.done("m@1", "eu", b, a, holds="/opt/fleetctl/models/m@1")
+    assert sources.holders[("m@1", "eu")] == {"a": 0, "b": 0}
+
+
+def test_a_seed_that_fails_lets_the_next_host_seed():
+    import threading
+    from fleetctl.apply.models import Sources
+    from fleetctl.hosts.inventory import Host
+    sources, got = Sources(), {}
+    assert sources.claim("m@1", "eu", "a", timeout=5) is None
+    waiter = threading.Thread(target=lambda: got.setdefault("b", sources.claim("m@1", "eu", "b", timeout=60)))
+    waiter.start()
+    sources.done("m@1", "eu", Host("a"))  # its copy failed: it holds nothing
+    waiter.join(30)
+    assert got == {"b": None} and sources.seeding == {("m@1", "eu"): "b"}
+
+
+def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path, monkeypatch):
+    """The source host's Python serves its verified copy (SERVE, held open); the receiving host fetches what it
+    lacks (FETCH, ranges continue a .partial), hashes and names it: real processes, a real socket."""
+    from dataclasses import replace
+    from fleetctl.apply import provision as prov
+    from fleetctl.apply.steps import Options
+    from fleetctl.hosts.inventory import Host
+    from tests.fakes import FACTS
+    manifest, local = stored(tmp_path)
+    source_dir = tmp_path / "a" / "models" / manifest.key
+    run(staged(manifest, local, source_dir))  # the holder's verified copy
+    dest = tmp_path / "b" / "models" / manifest.key
+    dest.mkdir(parents=True)
+    weights_bytes = (local / "model.safetensors").read_bytes()
+    (dest / "model.safetensors.partial").write_bytes(weights_bytes[:1_000_000])  # a copy cut after 1 MB
+    model = staged(manifest, tmp_path / "nowhere", dest)  # nothing of it can come from the controller
+    monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: LocalConnection(host.name))
+    holder = Host("a", {"ansible_host": "127.0.0.1"})
+    c = prov.Context("b", FACTS, None, Target(str(tmp_path / "b"), "s", "envs/s", ("python3",)), None, None,
+                     Options(), model=model)
+    step = prov.copy_from((holder, str(source_dir)), c, LocalConnection("b"), Deadline(120), PYTHON)
+    assert step.status.value == "changed", (step.detail, step.tail)
+    assert step.data["source"] == "a" and "from a (host to host)" in step.detail
+    assert step.data["bytes"] == manifest.size - 1_000_000  # what had arrived was not fetched again
+    assert weights.verify(manifest, dest) == []
+    assert "http://" not in json.dumps(step.actions)  # the URL and its token: on stdin only, never recorded
+    assert any("continue" in json.dumps(a) or "fetch" in json.dumps(a) for a in step.actions)
+
+
+# ---------------------------------------------------------------- on lab hosts
+
+def test_three_hosts_of_two_regions_take_one_copy_per_region_over_the_controllers_link(small_lab, tmp_path):
+    """Issue 29's transfer on real sshd hosts: a play that only stages (steps: check, model) onto eu-1, eu-2
+    and us-1. One host of each region gets the model from the controller's store; the other eu host copies it
+    from the eu host that holds a verified copy; every copy is verified on its host."""
+    from tests.conftest import fleetctl_json
+    lab = small_lab(*((name, None, {"fleet_region": name[:2]}) for name in ("eu-1", "eu-2", "us-1")), net=99)
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(os.urandom(20_000_000))
+    code, pulled = fleetctl_json("weights", "pull", str(src))
+    assert code == 0
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_model=f"{pulled['name']}@{pulled['revision']}")
+    (tmp_path / "stage.yml").write_text("- name: stage the model\n  hosts: all\n  steps: [check, model]\n")
+    code, out = fleetctl_json("provision", str(inventory), "--playbook", str(tmp_path / "stage.yml"), timeout=600)
+    assert code == 0, json.dumps(out, indent=1)[-3000:]
+    model = {n: next(s for s in h["steps"] if s["name"] == "model") for n, h in out["hosts"].items()}
+    sources = {n: s["data"]["source"] for n, s in model.items()}
+    assert sources["us-1"] == "controller"
+    assert sorted(sources[n] for n in ("eu-1", "eu-2")) in (["controller", "eu-1"], ["controller", "eu-2"])
+    copied = next(n for n in ("eu-1", "eu-2") if sources[n] != "controller")
+    assert "(host to host)" in model[copied]["detail"]
+    manifest = weights.Manifest.from_dict(pulled)
+    for name in lab.hosts:
+        assert weights.verify(manifest, lab.hosts[name].fleet_root / "models" / manifest.key) == [], name

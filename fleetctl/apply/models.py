@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 import shlex
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -176,8 +178,9 @@ def stage(model: StagedModel, python: str) -> Step | Planned:
         if verdict.get("bad"):
             return Step("model", Status.FAILED, f"{m.key}: sha256 differs on the host for {', '.join(verdict['bad'])} "
                                                 "(removed: the next provision sends them again)", data=verdict)
-        return Step("model", Status.CHANGED, f"{m.key}: sent {len(todo)} of {len(m.files)} files ({mb(send)}), "
-                                             f"sha256 checked on the host", data={**verdict, "bytes": send})
+        return Step("model", Status.CHANGED, f"{m.key}: sent {len(todo)} of {len(m.files)} files ({mb(send)}) from "
+                                             "the controller, sha256 checked on the host",
+                    data={**verdict, "bytes": send, "source": "controller"})
     return Planned("model", tuple(actions), outcome, would=f"would send {len(todo)} files of {m.key} ({mb(send)})")
 
 
@@ -246,3 +249,123 @@ def parse_held(lines: list[str]) -> dict[str, tuple[int, float]]:
             except ValueError:
                 continue
     return held
+
+
+# ---------------------------------------------------------------- host to host, within a region
+
+class Sources:
+    """One run's copies of stored models, region by region (decide.transfer's rule, applied as hosts finish):
+    the first host of a region to need a model gets it from the controller (the region's seed); the others
+    wait for a host of their region that holds a verified copy and copy from it, at most *per_source* at once
+    from each. Copies never cross regions."""
+
+    def __init__(self, per_source: int = 2):
+        self.per_source = per_source
+        self.holders: dict[tuple[str, str], dict[str, int]] = {}  # (model key, region) → holder → copies now
+        self.hosts: dict[str, tuple[object, str]] = {}  # holder → its inventory Host and its copy's directory
+        self.seeding: dict[tuple[str, str], str] = {}
+        self._changed = threading.Condition()
+
+    def claim(self, key: str, region: str, host: str, timeout: float) -> tuple[object, str] | None:
+        """The host to copy from (its inventory Host and the directory of its copy), or None: from the
+        controller (*host* seeds its region, or waited *timeout* for a holder)."""
+        end, where = time.monotonic() + timeout, (key, region)
+        with self._changed:
+            while True:
+                free = sorted((n, h) for h, n in self.holders.get(where, {}).items() if n < self.per_source and h != host)
+                if free:
+                    self.holders[where][free[0][1]] += 1
+                    return self.hosts[free[0][1]]
+                if not self.holders.get(where) and self.seeding.setdefault(where, host) == host:
+                    return None
+                if not self._changed.wait(max(0.0, end - time.monotonic())):
+                    return None
+
+    def done(self, key: str, region: str, host, source=None, holds: str | None = None) -> None:
+        """*host* (an inventory Host) ended its copy (from *source*, a Host, or the controller); *holds*: the
+        directory of the verified copy it has now, which it serves to its region."""
+        where = (key, region)
+        with self._changed:
+            if source is not None:
+                self.holders[where][source.name] -= 1
+            if self.seeding.get(where) == host.name:
+                del self.seeding[where]
+            if holds:
+                self.holders.setdefault(where, {}).setdefault(host.name, 0)
+                self.hosts[host.name] = (host, holds)
+            self._changed.notify_all()
+
+
+def address_of(host) -> str:
+    """Where the hosts of its region reach *host*: fleet_transfer_address, else the inventory's address."""
+    return str(host.vars.get("fleet_transfer_address") or host.vars.get("ansible_host") or host.name)
+
+
+def fetch(model: StagedModel, python: str, url: str, source: str) -> Planned:
+    """The "model" step from a host of the region: *url* (its server's, with the transfer's one-time token:
+    given on stdin, never in argv or the record) serves the files; each pending file is fetched into its
+    ``.partial`` copy, continued from its end with an HTTP range, then hashed and named as from the controller."""
+    plan, todo = stage(model, python), model.pending()
+    if isinstance(plan, Step):
+        return plan
+    spec = json.dumps({"url": url, "dir": model.remote,
+                       "files": [{"path": f.path, "offset": offset} for f, offset in todo]})
+    get = Action(f"{len(todo)} files from {source}, a host of this region that holds a verified copy",
+                 f"{shlex.quote(python)} -", stdin=f"SPEC = {spec!r}\n{FETCH}",
+                 change=f"fetch {len(todo)} files from {source}", fails=f"fetching from {source} failed")
+    room, *_, verify = plan.actions
+    return Planned("model", (room, get, verify), lambda r: _from(plan.outcome(r), source),
+                   would=f"would fetch {len(todo)} files of {model.manifest.key} from {source}")
+
+
+def _from(step: Step, source: str) -> Step:
+    if step.status != Status.CHANGED:
+        return step
+    return Step(step.name, step.status, step.detail.replace("from the controller", f"from {source} (host to host)"),
+                data={**step.data, "source": source})
+
+
+# Run by a source host's Python, held open by the controller: serves the model's directory read-only over
+# HTTP on a port of its own, under a one-time token it prints with the port ("serving PORT TOKEN"), with
+# ranges (a cut copy continues), until its stdin closes.
+SERVE = r"""import http.server, os, secrets, shutil, sys, threading, urllib.parse
+root, token = os.path.realpath(sys.argv[1]), secrets.token_urlsafe(24)
+class Files(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        prefix = "/" + token + "/"
+        path = os.path.realpath(os.path.join(root, urllib.parse.unquote(self.path[len(prefix):])))
+        if not self.path.startswith(prefix) or not path.startswith(root + os.sep) or not os.path.isfile(path):
+            self.send_error(404)
+            return
+        size, start = os.path.getsize(path), 0
+        if (self.headers.get("Range") or "").startswith("bytes="):
+            start = min(int(self.headers["Range"][6:].split("-")[0] or 0), size)
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        with open(path, "rb") as f:
+            f.seek(start)
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Files)
+print("serving", server.server_address[1], token, flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+# Run by the receiving host's Python (stdin: SPEC, then this): each file into its .partial copy, from the
+# end of what is there (an HTTP range), until the server has sent it all.
+FETCH = r"""import json, os, shutil, urllib.parse, urllib.request
+spec = json.loads(SPEC)
+for f in spec["files"]:
+    partial = os.path.join(spec["dir"], f["path"]) + ".partial"
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    have = os.path.getsize(partial) if f["offset"] and os.path.exists(partial) else 0
+    request = urllib.request.Request(spec["url"] + urllib.parse.quote(f["path"]),
+                                     headers={"Range": "bytes=%d-" % have} if have else {})
+    with urllib.request.urlopen(request, timeout=60) as answer, open(partial, "ab" if have else "wb") as out:
+        if have and answer.status != 206:
+            out.truncate(0)
+        shutil.copyfileobj(answer, out, 1 << 20)
+"""

@@ -37,7 +37,9 @@ from typing import Callable
 from fleetctl.apply.caches import Stored, capture, clear, push
 from fleetctl.apply.execute import Planned, Step, execute, failed
 from fleetctl.apply.installer import UvBinary, cache_dir, extract, obtain
-from fleetctl.apply.models import Manifest, StagedModel, default_store, is_stored, load_manifest, stage
+from fleetctl.apply.models import (
+    SERVE, Manifest, StagedModel, address_of, default_store, fetch, is_stored, load_manifest, stage,
+)
 from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
     ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
     summary, undrain, vacate, wheels_for,
@@ -49,6 +51,7 @@ from fleetctl.decide.plan import changes, request_for
 from fleetctl.decide.proofmode import decide
 from fleetctl.decide.resolve import Request, Stack, resolve
 from fleetctl.decide.serving import backend_option, plan_serving
+from fleetctl.decide.transfer import region_of
 from fleetctl.errors import FleetError, HostError, WheelhouseError
 from fleetctl.facts.probe import Facts, gather
 from fleetctl.hosts.become import facts_privileges
@@ -56,6 +59,7 @@ from fleetctl.hosts.inventory import Host
 from fleetctl.hosts.playbook import Play
 from fleetctl.knowledge.matrix import Matrix
 from fleetctl.reach.connection import Connection
+from fleetctl.reach import fanout
 from fleetctl.reach.fanout import Deadline
 from fleetctl.status import Status
 
@@ -117,9 +121,11 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
         served = c.state.service_alive
         key = class_key(c, play.hostvars(host.vars))
         for name in c.play.steps:
-            if c.model and name in MODEL_STEPS:  # once, before the first step that serves or proves
-                record("model", lambda: model_step(c, conn, deadline))
+            if c.model and name in MODEL_STEPS:  # once: where the play says, else before the first proof or service
+                record("model", lambda: model_step(c, host, conn, deadline, region_of(play.hostvars(host.vars))))
                 c = replace(c, model=None)
+            if name == "model":
+                continue
             plan = STEPS[name](c)
             if key and name in PROOF_STEPS and isinstance(plan, Planned):  # once, before the first proof that runs
                 canary, key = receive(c, key, record, conn, deadline), None
@@ -130,13 +136,8 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
                 step = record(name, lambda: execute(plan, conn, deadline, check=options.check,
                                                     fleet_as_root=c.target.fleet_as_root))
             except Stopped:
-                if was is not None:  # the old service starts again where it served before this run
-                    before = replace(c, state=replace(c.state, service_alive=served))
-                    run.steps.extend(put_back(host, conn, deadline, play, matrix, options, before, was))
-                elif stopped is not None and not options.check:
-                    run.steps.extend(restore(host, conn, deadline, play, matrix, options, c))
-                if stopped is not None and not options.check:
-                    serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"), stopped)
+                unwind(run, host, conn, deadline, play, matrix, replace(c, state=replace(c.state, service_alive=served)
+                                                                        ) if was is not None else c, was, stopped)
                 raise
             if name == "activate" and step.status == Status.CHANGED and not options.check:
                 was = step.data.get("was")
@@ -156,15 +157,67 @@ def provision(host: Host, conn: Connection, deadline: Deadline, play: Play, matr
     return run
 
 
-MODEL_STEPS = ("validate", "smoke", "service")
+MODEL_STEPS = ("model", "validate", "smoke", "service")
 
 
-def model_step(c: Context, conn: Connection, deadline: Deadline) -> Step:
-    """The stored model staged onto the host (apply.models.stage), or why it cannot be."""
+def model_step(c: Context, host: Host, conn: Connection, deadline: Deadline, region: str) -> Step:
+    """The stored model staged onto the host, from the controller or from a host of its region that holds a
+    verified copy (the run's Sources); or why it cannot be."""
     if isinstance(c.model, str):
         return failed("model", c.model)
-    return execute(stage(c.model, c.facts.python.path if c.facts.python else "python3"), conn, deadline,
-                   check=c.options.check, fleet_as_root=c.target.fleet_as_root)
+    python, sources, key = c.facts.python.path if c.facts.python else "python3", c.options.sources, c.model.manifest.key
+    if c.options.check or not sources or not c.model.pending():
+        step = execute(stage(c.model, python), conn, deadline, check=c.options.check,
+                       fleet_as_root=c.target.fleet_as_root)
+        if sources and not c.options.check:
+            sources.done(key, region, host, holds=c.model.remote if step.status != Status.FAILED else None)
+        return step
+    source = sources.claim(key, region, host.name, timeout=deadline.left(host.name) / 2)
+    step = copy_from(source, c, conn, deadline, python) if source else None
+    if step is None or step.status == Status.FAILED:  # no host of the region holds it, or its copy failed
+        said = f"; {step.detail}, so from the controller" if step else ""
+        step = execute(stage(c.model, python), conn, deadline, fleet_as_root=c.target.fleet_as_root)
+        step = replace(step, detail=step.detail + said)
+    sources.done(key, region, host, source[0] if source else None,
+                 holds=c.model.remote if step.status != Status.FAILED else None)
+    return step
+
+
+def copy_from(source: tuple[Host, str], c: Context, conn: Connection, deadline: Deadline, python: str) -> Step:
+    """Copy the pending files from *source* (a host of the region and the directory of its verified copy): its
+    Python serves them over HTTP for as long as this copy lasts, under a token only this run knows."""
+    held, directory = source
+    try:
+        theirs = fanout.connect(held, timeout=min(30.0, deadline.left(c.host)))
+    except HostError as exc:
+        return failed("model", f"{held.name} could not be reached to copy from ({exc.reason})")
+    try:
+        answer, release = theirs.hold(f"python3 -c {q(SERVE)} {q(directory)}", timeout=60)
+        try:
+            words = answer.split()
+            if len(words) != 3 or words[0] != "serving":
+                return failed("model", f"{held.name} could not serve its copy: {answer[:200] or 'no answer'}")
+            url = f"http://{address_of(held)}:{words[1]}/{words[2]}/"
+            return execute(fetch(c.model, python, url, held.name), conn, deadline, fleet_as_root=c.target.fleet_as_root)
+        finally:
+            release()
+    except HostError as exc:
+        return failed("model", f"copying from {held.name}: {exc.reason}")
+    finally:
+        theirs.close()
+
+
+def unwind(run: HostRun, host: Host, conn: Connection, deadline: Deadline, play: Play, matrix: Matrix, c: Context,
+           was: dict | None, stopped: float | None) -> None:
+    """A step failed: after activate, current and previous go back and the old service starts again where it
+    served before this run (*c* says so); before it, exclusive proofs' stopped service serves again."""
+    options = c.options
+    if was is not None:
+        run.steps.extend(put_back(host, conn, deadline, play, matrix, options, c, was))
+    elif stopped is not None and not options.check:
+        run.steps.extend(restore(host, conn, deadline, play, matrix, options, c))
+    if stopped is not None and not options.check:
+        serve_again(run, c, conn, deadline, _drain(play, host, "fleet_undrain_command"), stopped)
 
 
 def class_key(c: Context, hostvars: dict) -> CacheKey | None:

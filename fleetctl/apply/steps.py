@@ -26,7 +26,7 @@ from fleetctl.apply.caches import ClassCaches
 from fleetctl.apply.execute import SYSTEM, Action, Planned, Step, failed
 from fleetctl.apply.images import obtain, pull_failure
 from fleetctl.apply.installer import UvBinary
-from fleetctl.apply.models import StagedModel
+from fleetctl.apply.models import Sources, StagedModel
 from fleetctl.apply.target import GPUMEM, SERVICE_PID, UNIT, HostState, Target, q
 from fleetctl.apply.wheelhouse import class_for, read_manifest, sha256 as file_sha256
 from fleetctl.decide.container import render_dockerfile, render_service
@@ -51,6 +51,7 @@ class Options:
     run_id: str = ""  # named in the host lock this run holds
     ignore_health: bool = False  # --ignore-health: an operator who knows better provisions an unhealthy GPU host
     caches: ClassCaches | None = None  # the run's ClassCaches (apply.caches): hosts of a class share their canary's kernels
+    sources: Sources | None = None  # the run's copies of stored models (apply.models): host to host within a region
 
 
 @dataclass(frozen=True)

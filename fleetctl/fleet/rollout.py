@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping
 
 from fleetctl import records
 from fleetctl.apply.caches import ClassCaches
+from fleetctl.apply.models import Sources
 from fleetctl.apply.execute import Action, Planned, Step, execute as execute_plan, failed, listed
 from fleetctl.apply.provision import context, lock_host, provision_host, stack_at
 from fleetctl.apply.steps import ACTIVATE, STEPS, Context, Options, proof, undrain
@@ -324,7 +325,8 @@ def resume(journal: Journal, hosts: dict[str, Host], *, forks: int, timeout: flo
 def run_options(journal: Journal) -> Options:
     """What every host of the rollout is provisioned with: the journal's overrides and health choice."""
     return Options(overrides={k: v for k, v in journal.data["overrides"].items() if v},
-                   ignore_health=bool(journal.data.get("ignore_health")), caches=ClassCaches())
+                   ignore_health=bool(journal.data.get("ignore_health")), caches=ClassCaches(),
+                   sources=Sources())
 
 
 def execute(journal: Journal, hosts: dict[str, Host], plays: list[Play], matrix: Matrix, options: Options, *,

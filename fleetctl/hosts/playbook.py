@@ -20,7 +20,7 @@ import yaml
 from fleetctl.errors import PlaybookError
 from fleetctl.records import safe_load_yaml
 
-STEPS = ("check", "packages", "install", "verify", "validate", "smoke", "activate", "service")
+STEPS = ("check", "packages", "install", "verify", "model", "validate", "smoke", "activate", "service")
 PLAY_KEYS = {"name", "hosts", "vars", "steps", "validate", "smoke", "install", "service"}
 SETTINGS = {
     "validate": {"tolerance": 0.02, "timeout": 900},
