@@ -320,3 +320,15 @@ def test_audit_names_a_cache_built_for_another_machine_or_pushed_before_a_rebuil
     assert rebuilt.sha256[:12] in changed.detail and stored.sha256[:12] in changed.detail
     [bad] = cache_drift({"class": {"nonsense": 1}}, FACTS, STACK.id, store)
     assert "unreadable" in bad.detail
+
+
+def test_a_stored_cache_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    import fleetctl.apply.caches as caches_module
+    store, k = Store(tmp_path / "store"), key()
+    stored = store.put(k, a_cache(tmp_path), "cpu-a")
+    hashed = []
+    real = caches_module.sha256
+    monkeypatch.setattr(caches_module, "sha256", lambda p: hashed.append(p) or real(p))
+    assert all(store.get(k) == stored for _ in range(5)) and len(hashed) == 1  # five hosts ask, one hash
+    stored.path.write_bytes(stored.path.read_bytes() + b"x")
+    assert isinstance(store.get(k), str) and len(hashed) == 2  # changed on disk: hashed again, refused

@@ -296,7 +296,8 @@ def test_stop_server_takes_the_whole_group(script, last_signal):
 
 
 # A stand-in for vLLM's OpenAI server: FAKE_MODE ok, 500 (healthy, every completion fails), other (healthy,
-# /v1/models lists another model) or hang (never healthy). Escalation to SIGKILL is tested on stop_server itself, where the grace is short.
+# /v1/models lists another model) or hang (never healthy). Escalation to SIGKILL is tested on stop_server
+# itself, where the grace is short.
 FAKE_SERVER = '''
 import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -56,6 +56,7 @@ class Store:
 
     def __init__(self, root: Path | None = None):
         self.root = root or store_dir()
+        self._hashed: dict[Path, tuple[tuple[int, int], str]] = {}  # tar → ((mtime_ns, size), sha256)
 
     def meta(self, key: CacheKey) -> Path:
         return self.root / f"{key.id}.json"
@@ -73,12 +74,20 @@ class Store:
             return f"class cache {key.id}: its record names another key; not pushed"
         tar = self.root / f"{key.id}.tar"
         try:
-            sha = sha256(tar)
+            sha = self._sha256(tar)
         except OSError:
             return f"class cache {key.id}: {tar} is missing"
         if sha != record.get("sha256"):
             return f"class cache {key.id}: {tar} does not match its recorded sha256; not pushed"
         return Stored(key.id, sha, tar.stat().st_size, str(record.get("host")), tar)
+
+    def _sha256(self, tar: Path) -> str:
+        """The tar's sha256, hashed again only where its mtime or size moved (a fleet's hosts ask once each)."""
+        st = tar.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if self._hashed.get(tar, ((), ""))[0] != stamp:
+            self._hashed[tar] = (stamp, sha256(tar))
+        return self._hashed[tar][1]
 
     def put(self, key: CacheKey, tar: Path, host: str) -> Stored:
         """Keep *tar* (moved into the store) as the cache of *key*, built on *host*; the record is written

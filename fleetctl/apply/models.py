@@ -153,7 +153,8 @@ def stage(model: StagedModel, python: str) -> Step | Planned:
     send = sum(f.size - offset for f, offset in todo)
     dirs = sorted({str(Path(model.remote, f.path).parent) for f, _ in todo})
     need_kb = send // 1024 + 1
-    room = (f"mkdir -p {' '.join(map(shlex.quote, dirs))} && avail=$(df -Pk {shlex.quote(model.remote)} | awk 'NR==2 {{print $4}}') && "
+    where = shlex.quote(model.remote)
+    room = (f"mkdir -p {' '.join(map(shlex.quote, dirs))} && avail=$(df -Pk {where} | awk 'NR==2 {{print $4}}') && "
             f"[ \"$avail\" -ge {need_kb} ] || {{ echo \"needs {mb(send)} free in {model.remote}, has "
             f"$((avail / 1024)) MB\" >&2; exit 1; }}")
     actions = [Action(f"{m.key}: {mb(send)} to send", room, change=f"create {model.remote}",
@@ -234,8 +235,9 @@ sys.exit(1 if bad else 0)
 
 def held_script(directory: str) -> str:
     """The state's sections for a staged model: each file's size, mtime and path, then the marker."""
-    return (f"echo @@staged; find {shlex.quote(directory)} -type f ! -name {VERIFIED} -printf '%s %T@ %P\\n' 2>/dev/null; "
-            f"echo @@verified; cat {shlex.quote(directory)}/{VERIFIED} 2>/dev/null; echo")
+    where = shlex.quote(directory)
+    return (f"echo @@staged; find {where} -type f ! -name {VERIFIED} -printf '%s %T@ %P\\n' 2>/dev/null; "
+            f"echo @@verified; cat {where}/{VERIFIED} 2>/dev/null; echo")
 
 
 def parse_held(lines: list[str]) -> dict[str, tuple[int, float]]:
@@ -272,7 +274,8 @@ class Sources:
         end, where = time.monotonic() + timeout, (key, region)
         with self._changed:
             while True:
-                free = sorted((n, h) for h, n in self.holders.get(where, {}).items() if n < self.per_source and h != host)
+                free = sorted((n, h) for h, n in self.holders.get(where, {}).items()
+                              if n < self.per_source and h != host)
                 if free:
                     self.holders[where][free[0][1]] += 1
                     return self.hosts[free[0][1]]

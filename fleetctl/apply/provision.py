@@ -1,9 +1,13 @@
-"""Provisioning one host: facts → resolve → check → install → verify → validate → smoke → activate → service.
+"""Provisioning one host: facts → resolve → check → install → verify → model → validate → smoke → activate →
+service.
 
 The flow, and nothing else, lives here: gather the facts, resolve the stack, decide the
 :class:`~fleetctl.apply.target.Target` and read the :class:`~fleetctl.apply.target.HostState` once, then
 for each step of the play plan it (:mod:`fleetctl.apply.steps`, pure) and run the plan
-(:func:`fleetctl.apply.execute.execute`, which in ``--check`` runs nothing). Every step's
+(:func:`fleetctl.apply.execute.execute`, which in ``--check`` runs nothing). What hosts of one run share
+is coordinated here too: a stored model's copies (:class:`~fleetctl.apply.models.Sources`: from the
+controller once per region, then host to host) and a class's compile caches
+(:class:`~fleetctl.apply.caches.ClassCaches`: the canary's, pushed before the others' first proof). Every step's
 :class:`Step` (ok, changed, failed or skipped) goes into the host's :class:`HostRun`, a value the
 recap and the run record are built from. A host's stacks live side by side under its install root::
 

@@ -50,7 +50,7 @@ class Options:
     overrides: dict = field(default_factory=dict)  # --cuda / --vllm from the command line
     run_id: str = ""  # named in the host lock this run holds
     ignore_health: bool = False  # --ignore-health: an operator who knows better provisions an unhealthy GPU host
-    caches: ClassCaches | None = None  # the run's ClassCaches (apply.caches): hosts of a class share their canary's kernels
+    caches: ClassCaches | None = None  # the run's class caches: hosts of a class share their canary's kernels
     sources: Sources | None = None  # the run's copies of stored models (apply.models): host to host within a region
 
 

@@ -216,14 +216,17 @@ def last_audit_facts() -> dict[str, dict]:
 def audit_task(lock: Lock, matrix: Matrix, validate: bool, last: dict[str, dict] | None = None):
     """The fan-out task of an audit: a host's facts against its lock entry and its GPU health against the
     *last* audit's facts (:func:`audit_host`)."""
+    store = Store()  # one for the fleet: each class cache is hashed once
+
     def task(host: Host, conn: Connection, deadline: Deadline) -> HostAudit:
         return audit_host(host, conn, deadline, gather(host, conn, deadline), lock.hosts.get(host.name), matrix,
-                          validate=validate, before=_facts_or_none((last or {}).get(host.name)))
+                          validate=validate, before=_facts_or_none((last or {}).get(host.name)), store=store)
     return task
 
 
 def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, locked: LockedHost | None,
-               matrix: Matrix, *, validate: bool, before: Facts | None = None) -> HostAudit:
+               matrix: Matrix, *, validate: bool, before: Facts | None = None,
+               store: Store | None = None) -> HostAudit:
     """A host's drift from its lock entry: the facts compared, its GPU health and how that drifted since
     *before* (the last audit's facts), the service as the host's state says it runs (a systemd unit's
     is-active, or a pid that is still the server: :class:`~fleetctl.apply.target.HostState`, read as provision
@@ -236,7 +239,7 @@ def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, l
     if stack and stack.vllm and not stack.container_image:  # a container's service: container_drift
         remote = f"{facts.fleet_root}/models/{stored.key}" if isinstance(stored, Manifest) else None
         state = read_state(conn, target_for(facts, stack), deadline.left(host.name), staged=remote)
-        found += service_drift(state) + cache_drift(state.cache, facts, stack.id, Store())
+        found += service_drift(state) + cache_drift(state.cache, facts, stack.id, store or Store())
         if remote:
             model = StagedModel(stored, model_store(host.vars) / stored.key, remote, state.staged,
                                 state.staged_verified)
