@@ -256,3 +256,48 @@ def test_three_hosts_of_two_regions_take_one_copy_per_region_over_the_controller
     manifest = weights.Manifest.from_dict(pulled)
     for name in lab.hosts:
         assert weights.verify(manifest, lab.hosts[name].fleet_root / "models" / manifest.key) == [], name
+
+
+def test_a_transfer_killed_half_way_continues_where_it_stopped(small_lab, tmp_path):
+    """The controller is killed while a 300 MB file crosses to the host; the next run continues the host's
+    .partial copy from its end (the step's bytes are what was missing) and the copy verifies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import ROOT, fleetctl_json
+    lab = small_lab(("cut-1", None, {}), net=88)
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    with open(src / "model.safetensors", "wb") as f:
+        for _ in range(300):
+            f.write(os.urandom(1_000_000))
+    code, pulled = fleetctl_json("weights", "pull", str(src))
+    assert code == 0
+    manifest = weights.Manifest.from_dict(pulled)
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_model=f"{manifest.name}@{manifest.revision}")
+    (tmp_path / "stage.yml").write_text("- name: stage the model\n  hosts: all\n  steps: [check, model]\n")
+    argv = [sys.executable, "-m", "fleetctl.cli", "provision", str(inventory), "--playbook", str(tmp_path / "stage.yml"),
+            "--json"]
+    partial = lab.hosts["cut-1"].fleet_root / "models" / manifest.key / "model.safetensors.partial"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and 0 < partial.stat().st_size < 150_000_000):
+        assert time.monotonic() < deadline and proc.poll() is None, "the copy never started, or ended first"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # the controller dies mid-copy
+    proc.wait()
+    # Until the host has written what it received: its sessions ("sshd: root@notty", whose internal sftp
+    # writes the file) have ended; only the listening sshd is left.
+    while any(c.startswith("sshd: ") and "[listener]" not in c for c in lab.hosts["cut-1"].processes().values()):
+        assert time.monotonic() < deadline, "the host's session outlived the controller"
+        time.sleep(0.05)
+    arrived = partial.stat().st_size
+    assert 0 < arrived < 300_000_000
+    code, out = fleetctl_json("provision", str(inventory), "--playbook", str(tmp_path / "stage.yml"), timeout=300)
+    step = next(s for s in out["hosts"]["cut-1"]["steps"] if s["name"] == "model")
+    assert code == 0 and step["status"] == "changed", step
+    assert step["data"]["bytes"] == manifest.size - arrived  # what had arrived was not sent again
+    assert any(a["why"].startswith("model.safetensors: continue a copy stopped at") for a in step["actions"])
+    assert weights.verify(manifest, partial.parent) == []
