@@ -332,3 +332,20 @@ def test_a_stored_cache_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     assert all(store.get(k) == stored for _ in range(5)) and len(hashed) == 1  # five hosts ask, one hash
     stored.path.write_bytes(stored.path.read_bytes() + b"x")
     assert isinstance(store.get(k), str) and len(hashed) == 2  # changed on disk: hashed again, refused
+
+
+def test_the_canary_proving_again_keeps_its_own_cache_and_a_replaced_one_is_pushed_again(tmp_path):
+    caches = ClassCaches(Store(tmp_path / "store"))
+    _, s = provision_with(caches, canary_host("cpu-a", a_cache(tmp_path).read_bytes()), "cpu-a")
+    k = s["cache"].data["class"]["id"]
+    built = json.dumps({"key": k, "class": s["cache"].data["class"], "from": "here"})
+    again = canary_host("cpu-a", b"")
+    again.answer(r"^echo @@marker", Reply(f"@@cache\n{built}\n@@uv\n/usr/local/bin/uv\n"))
+    run, _ = provision_with(caches, again, "cpu-a", revalidate=True)
+    assert "cache" not in [st.name for st in run.steps]  # its own kernels: nothing pushed back
+    assert not [p for p in again.puts if p[1].endswith("class-cache.tar")]
+    pushed = json.dumps({"key": k, "class": s["cache"].data["class"], "sha256": "0" * 64, "from": "cpu-z"})
+    older = canary_host("cpu-b", b"")
+    older.answer(r"^echo @@marker", Reply(f"@@cache\n{pushed}\n@@uv\n/usr/local/bin/uv\n"))
+    run, sb = provision_with(caches, older, "cpu-b", revalidate=True)
+    assert sb["cache"].data["sha256"] == s["cache"].data["sha256"]  # the class's cache was replaced: pushed again

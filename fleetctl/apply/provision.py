@@ -240,12 +240,12 @@ def receive(c: Context, key: CacheKey, record, conn: Connection, deadline: Deadl
     caches = c.options.caches
     if c.options.check:
         stored = caches.store.get(key)
-        if isinstance(stored, Stored) and c.state.cache.get("sha256") != stored.sha256:
+        if isinstance(stored, Stored) and not holds(c.state.cache, key, stored):
             record("cache", lambda: execute(push(key, stored, c.target.cache), conn, deadline, check=True))
         return None
     stored = caches.claim(key, c.host, timeout=deadline.left(c.host) / 2)
     if isinstance(stored, Stored):
-        if c.state.cache.get("sha256") != stored.sha256:
+        if not holds(c.state.cache, key, stored):
             record("cache", lambda: execute(push(key, stored, c.target.cache), conn, deadline,
                                             fleet_as_root=c.target.fleet_as_root))
         return None
@@ -257,6 +257,11 @@ def receive(c: Context, key: CacheKey, record, conn: Connection, deadline: Deadl
         record("cache", lambda: execute(clear(c.target.cache, str(c.state.cache["key"])), conn, deadline,
                                         fleet_as_root=c.target.fleet_as_root))
     return key
+
+
+def holds(marker: dict, key: CacheKey, stored: Stored) -> bool:
+    """Whether the host's cache (its marker) is this class's already: built here, or pushed from *stored*."""
+    return marker.get("key") == key.id and marker.get("sha256") in (None, stored.sha256)
 
 
 def keep(key: CacheKey, c: Context, run: HostRun, conn: Connection, deadline: Deadline) -> Step:
