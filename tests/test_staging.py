@@ -173,7 +173,7 @@ def test_one_copy_per_region_from_the_controller_then_from_a_holder():
     import threading
     from fleetctl.apply.models import Sources
     from fleetctl.hosts.inventory import Host
-    sources, a, b, c = Sources(per_source=1), Host("a"), Host("b"), Host("c")
+    sources, a, b = Sources(per_source=1), Host("a"), Host("b")
     assert sources.claim("m@1", "eu", "a", timeout=5) is None  # a seeds eu from the controller
     assert sources.claim("m@1", "us", "c", timeout=5) is None  # regions do not share
     got = {}
@@ -203,7 +203,6 @@ def test_a_seed_that_fails_lets_the_next_host_seed():
 def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path, monkeypatch):
     """The source host's Python serves its verified copy (SERVE, held open); the receiving host fetches what it
     lacks (FETCH, ranges continue a .partial), hashes and names it: real processes, a real socket."""
-    from dataclasses import replace
     from fleetctl.apply import provision as prov
     from fleetctl.apply.steps import Options
     from fleetctl.hosts.inventory import Host

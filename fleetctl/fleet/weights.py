@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fleetctl.apply.models import (  # noqa: F401 - the store's manifest, re-exported for the CLI and tests
