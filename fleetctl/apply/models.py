@@ -20,6 +20,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping
 
@@ -113,10 +114,14 @@ class StagedModel:
     held: Mapping[str, tuple[int, float]]  # path → (size, mtime) of the files the host has there
     verified: Mapping  # the host's VERIFIED marker: {"manifest": digest, "files": {path: [size, mtime]}}
 
+    @cached_property
+    def marks(self) -> Mapping:
+        """The marker's size and mtime of each file, where the marker is of this manifest ({} where not)."""
+        return self.verified.get("files", {}) if self.verified.get("manifest") == digest(self.manifest) else {}
+
     def wrong(self, f: ModelFile) -> str | None:
         """Why the host's copy of *f* is not known good (None: verified there, and not changed since)."""
-        marks = self.verified.get("files", {}) if self.verified.get("manifest") == digest(self.manifest) else {}
-        have, mark = self.held.get(f.path), marks.get(f.path)
+        have, mark = self.held.get(f.path), self.marks.get(f.path)
         if have is None:
             return "missing"
         if have[0] != f.size:

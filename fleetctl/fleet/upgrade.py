@@ -96,7 +96,7 @@ def move_plans(host: Host, entry: dict) -> list[Planned]:
     """A driver move's changes in the order the phases make them (what ``rollout --check`` lists)."""
     move = move_of(entry)
     plans = [drain(host, Facts.from_dict(entry["facts_before"])),
-             packages("driver", move.install, f"branch {move.branch}"), restart()]
+             packages_forth(move), restart()]
     plans += [start_fabric()] if move.fabric_manager else []
     if command := host.vars.get("fleet_undrain_command"):
         plans.append(undrain(host.name, str(command)))
@@ -106,6 +106,11 @@ def move_plans(host: Host, entry: dict) -> list[Planned]:
 def move_of(entry: dict) -> DriverMove:
     """The driver move a rollout's journal entry keeps."""
     return DriverMove.from_json(entry["driver"])
+
+
+def packages_forth(move: DriverMove) -> Planned:
+    """A driver move's new branch, pinned and held."""
+    return packages("driver", move.install, f"branch {move.branch}")
 
 
 def packages_back(entry: dict) -> Planned:
@@ -197,7 +202,7 @@ class Mover:
             self.phase(name, "install")
         move = move_of(entry)
         if self.entry(name).get("phase") == "install":
-            if self.change(name, packages("driver", move.install, f"branch {move.branch}"), conn, deadline) is None:
+            if self.change(name, packages_forth(move), conn, deadline) is None:
                 return None
             self.phase(name, "reboot")
         # Recorded before the reboot is asked for: a controller that dies from here on waits for the host.
