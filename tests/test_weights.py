@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import pytest
 
@@ -13,6 +14,7 @@ from fleetctl.decide.transfer import CONTROLLER, plan_transfer
 from fleetctl.errors import FleetError
 from fleetctl.fleet import weights
 from tests.conftest import fleetctl
+from tests.hubmirror import HubMirror
 
 
 @pytest.fixture
@@ -148,3 +150,62 @@ def test_hosts_that_hold_a_copy_serve_their_region_and_the_controller_sends_noth
     assert plan.controller_copies == 0 and plan.hosts == 2
     assert [[(c.source, c.dest) for c in r] for r in plan.rounds] == [[("a1", "a2")], [("a1", "a3")]]
     assert plan_transfer({"a1": "eu"}, ["a1"], 10).rounds == ()
+
+
+# ---------------------------------------------------------------- from the hub, through a mirror (HF_ENDPOINT)
+
+TOKEN = "hf_mirrorSecret0123456789abcdef"
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """The controller's environment for a mirror: HF_ENDPOINT set per test, HF_HOME private, the token set."""
+    pytest.importorskip("huggingface_hub", reason="bootstrap.sh --test installs huggingface_hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return monkeypatch
+
+
+def test_a_hub_model_comes_through_a_mirror_with_the_hubs_own_sha256_and_the_token_nowhere(model, tmp_path, hub_env):
+    store = tmp_path / "store"
+    with HubMirror("org/tiny-llama", model, token=TOKEN) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        done = fleetctl("weights", "pull", "org/tiny-llama@main", "--store", store, "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    pulled = json.loads(done.stdout)
+    assert (pulled["name"], pulled["revision"], pulled["source"]) == ("org/tiny-llama", hub.commit, "hub")
+    listed = {f["path"]: f["sha256"] for f in pulled["files"]}
+    assert listed == {f: hashlib.sha256((model / f).read_bytes()).hexdigest() for f in hub.files}
+    assert listed["model.safetensors"] == hub.entry("model.safetensors")["lfs"]["sha256"]
+    manifest = weights.load_manifest(store, f"org/tiny-llama@{hub.commit}")
+    assert weights.verify(manifest, store / manifest.key) == []
+    assert f"Bearer {TOKEN}" in hub.authorizations  # the token was honoured...
+    written = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    assert not any(TOKEN.encode() in b for b in [done.stdout.encode(), done.stderr.encode(), *written])  # ...and kept
+
+
+def test_a_mirror_that_serves_other_bytes_than_the_hub_lists_is_refused_by_name(model, tmp_path, hub_env):
+    store = tmp_path / "store"
+    with HubMirror("org/tiny-llama", model, corrupt="model.safetensors") as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        done = fleetctl("weights", "pull", "org/tiny-llama", "--store", store, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "model.safetensors" in done.stderr and len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    assert not list(store.glob("*.manifest.json"))  # nothing in the store names it whole
+
+
+@pytest.mark.parametrize("spec, token, words", [
+    ("org/tiny-llama@v9", TOKEN, "RevisionNotFound"),
+    ("org/other", TOKEN, "RepositoryNotFound|RepoNotFound|not found"),
+    ("org/tiny-llama", "hf_wrong", "401|Gated|gated"),
+])
+def test_a_missing_revision_repository_or_refused_token_is_one_line_without_the_token(model, tmp_path, hub_env,
+                                                                                       spec, token, words):
+    hub_env.setenv("HF_TOKEN", token)
+    with HubMirror("org/tiny-llama", model, token=TOKEN) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        done = fleetctl("weights", "pull", spec, "--store", tmp_path / "store", timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.search(words, done.stderr) and "HF_TOKEN" in done.stderr, done.stderr
+    assert token not in done.stderr + done.stdout

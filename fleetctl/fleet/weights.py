@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,9 +60,12 @@ def from_directory(source: Path, revision: str | None, store: Path) -> Manifest:
 def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
     try:
         from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError:
         raise FleetError("weights pull from the hub needs huggingface_hub on the controller",
                          fix="pip install huggingface_hub, or download the model and pull its directory") from None
+    if not sys.stderr.isatty():  # its bars are for a person watching; in a log they bury the one line that counts
+        disable_progress_bars()
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         with tempfile.TemporaryDirectory(prefix="fleetctl-pull-") as tmp:
