@@ -54,6 +54,7 @@ class RecordedConnection:
         self.as_root: list[bool] = []  # whether each command's action asked for root (become)
         self.puts: list[tuple[Path, str]] = []  # (local file, remote path), in order
         self.resumed: list[bool] = []  # whether each put continued the host's partial copy
+        self.rates: list[float | None] = []  # each put's cap in bytes a second (None: none)
         self.files: dict[str, bytes] = {}  # what the host has for get: remote path → content
         self.gets: list[tuple[str, Path]] = []  # (remote path, local file), in order
         self.released: list[str] = []  # commands left running (hold) that were released
@@ -90,9 +91,11 @@ class RecordedConnection:
             raise answer
         return answer.stdout.strip(), lambda: self.released.append(command)
 
-    def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False, resume: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = 0o644, root: bool = False, resume: bool = False,
+            rate: float | None = None) -> None:
         self.puts.append((Path(local), remote))
         self.resumed.append(resume)
+        self.rates.append(rate)
 
     def get(self, remote: str, local: Path) -> None:
         """Write what ``files`` holds for *remote* to *local*; a path it lacks is a copy the host refused."""

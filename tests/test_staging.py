@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+
+import pytest
 from pathlib import Path
 
 from fleetctl.apply.execute import execute
@@ -121,15 +124,15 @@ def test_no_room_is_one_line_before_anything_is_sent(tmp_path):
 
 # ---------------------------------------------------------------- in provision (a recorded host)
 
-def provision_model(tmp_path, monkeypatch, fleet_model: str, **options):
+def provision_model(tmp_path, monkeypatch, fleet_model: str, options: dict | None = None, **hostvars):
     from fleetctl.apply.provision import provision
     from fleetctl.apply.steps import Options
     from fleetctl.hosts.inventory import Host
     from tests.fakes import MATRIX, PLAY, fake_host
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     conn = fake_host().answer(r" - /opt/fleetctl/models/", Reply('{"verified": 1, "bad": []}\n'))
-    run = provision(Host("cpu-01", {"fleet_service_port": 18001, "fleet_model": fleet_model}), conn, Deadline(60),
-                    PLAY, MATRIX, Options(**options))
+    run = provision(Host("cpu-01", {"fleet_service_port": 18001, "fleet_model": fleet_model, **hostvars}), conn,
+                    Deadline(60), PLAY, MATRIX, Options(**(options or {})))
     return run, {s.name: s for s in run.steps}, conn
 
 
@@ -167,6 +170,40 @@ def test_the_hub_token_reaches_no_host_and_no_record(tmp_path, monkeypatch):
     assert "hf_secretTokenValue123" not in sent and "HF_TOKEN" not in sent
 
 
+def test_a_capped_copy_takes_at_least_its_bytes_over_the_cap(tmp_path):
+    """fleet_model_bandwidth caps each copy to the host: the SFTP or local put paces its blocks (a lower bound
+    on the time, which no machine's speed can break)."""
+    from dataclasses import replace
+    manifest, local = stored(tmp_path)
+    host_dir = tmp_path / "host" / "models" / manifest.key
+    model = replace(staged(manifest, local, host_dir), rate=6e6)
+    listed = run(model, check=True)
+    assert "send model.safetensors (3.0 MB at most 6.0 MB/s)" in json.dumps(listed.actions)
+    started = time.monotonic()
+    assert run(model).status.value == "changed"
+    assert time.monotonic() - started >= manifest.size / 6e6
+    assert weights.verify(manifest, host_dir) == []
+
+
+def test_the_bandwidth_var_is_read_as_a_rate_or_refused_in_one_line(tmp_path, monkeypatch):
+    from fleetctl.decide.transfer import parse_rate
+    assert parse_rate("200MB/s") == 200e6 and parse_rate("800Mbit/s") == 100e6 and parse_rate(None) is None
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    manifest = weights.pull(str(src), tmp_path / "data" / "fleetctl" / "models")
+    run, s, conn = provision_model(tmp_path, monkeypatch, f"{manifest.name}@{manifest.revision}",
+                                   fleet_model_bandwidth="1.6Gbit/s")
+    capped = {remote: rate for (_, remote), rate in zip(conn.puts, conn.rates) if rate}
+    assert s["model"].status.value == "changed" and list(capped.values()) == [200e6]
+    assert list(capped) == [f"/opt/fleetctl/models/{manifest.key}/config.json.partial"]  # the model's files only
+    for bad in ("100", "fast", "0MB/s"):
+        run, s, conn = provision_model(tmp_path, monkeypatch, f"{manifest.name}@{manifest.revision}",
+                                       fleet_model_bandwidth=bad)
+        assert s["model"].status.value == "failed" and "write a rate per copy such as 200MB/s" in s["model"].detail
+        assert not conn.puts
+
+
 # ---------------------------------------------------------------- host to host, within a region
 
 def test_one_copy_per_region_from_the_controller_then_from_a_holder():
@@ -200,9 +237,12 @@ def test_a_seed_that_fails_lets_the_next_host_seed():
     assert got == {"b": None} and sources.seeding == {("m@1", "eu"): "b"}
 
 
-def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rate", [None, 1e6])
+def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path, monkeypatch, rate):
     """The source host's Python serves its verified copy (SERVE, held open); the receiving host fetches what it
-    lacks (FETCH, ranges continue a .partial), hashes and names it: real processes, a real socket."""
+    lacks (FETCH, ranges continue a .partial, at most fleet_model_bandwidth a second), hashes and names it:
+    real processes, a real socket."""
+    from dataclasses import replace
     from fleetctl.apply import provision as prov
     from fleetctl.apply.steps import Options
     from fleetctl.hosts.inventory import Host
@@ -214,13 +254,15 @@ def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path
     dest.mkdir(parents=True)
     weights_bytes = (local / "model.safetensors").read_bytes()
     (dest / "model.safetensors.partial").write_bytes(weights_bytes[:1_000_000])  # a copy cut after 1 MB
-    model = staged(manifest, tmp_path / "nowhere", dest)  # nothing of it can come from the controller
+    model = replace(staged(manifest, tmp_path / "nowhere", dest), rate=rate)  # nothing can come from the controller
     monkeypatch.setattr("fleetctl.reach.fanout.connect", lambda host, timeout: LocalConnection(host.name))
     holder = Host("a", {"ansible_host": "127.0.0.1"})
     c = prov.Context("b", FACTS, None, Target(str(tmp_path / "b"), "s", "envs/s", ("python3",)), None, None,
                      Options(), model=model)
+    started = time.monotonic()
     step = prov.copy_from((holder, str(source_dir)), c, LocalConnection("b"), Deadline(120), PYTHON)
     assert step.status.value == "changed", (step.detail, step.tail)
+    assert not rate or time.monotonic() - started >= (manifest.size - 1_000_000) / rate
     assert step.data["source"] == "a" and "from a (host to host)" in step.detail
     assert step.data["bytes"] == manifest.size - 1_000_000  # what had arrived was not fetched again
     assert weights.verify(manifest, dest) == []
@@ -232,8 +274,9 @@ def test_a_host_copies_from_a_holder_over_http_and_continues_a_cut_copy(tmp_path
 
 def test_three_hosts_of_two_regions_take_one_copy_per_region_over_the_controllers_link(small_lab, tmp_path):
     """Issue 29's transfer on real sshd hosts: a play that only stages (steps: check, model) onto eu-1, eu-2
-    and us-1. One host of each region gets the model from the controller's store; the other eu host copies it
-    from the eu host that holds a verified copy; every copy is verified on its host."""
+    and us-1. `--check` says who would copy from whom; then one host of each region gets the model from the
+    controller's store, the other eu host copies it from the eu host that holds a verified copy, each copy
+    capped by fleet_model_bandwidth; every copy is verified on its host."""
     from tests.conftest import fleetctl_json
     lab = small_lab(*((name, None, {"fleet_region": name[:2]}) for name in ("eu-1", "eu-2", "us-1")), net=99)
     src = tmp_path / "tiny"
@@ -242,11 +285,19 @@ def test_three_hosts_of_two_regions_take_one_copy_per_region_over_the_controller
     (src / "model.safetensors").write_bytes(os.urandom(20_000_000))
     code, pulled = fleetctl_json("weights", "pull", str(src))
     assert code == 0
-    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_model=f"{pulled['name']}@{pulled['revision']}")
+    inventory = lab.write_inventory(tmp_path / "inv.yml", fleet_model=f"{pulled['name']}@{pulled['revision']}",
+                                    fleet_model_bandwidth="40MB/s")
     (tmp_path / "stage.yml").write_text("- name: stage the model\n  hosts: all\n  steps: [check, model]\n")
+    code, out = fleetctl_json("provision", str(inventory), "--playbook", str(tmp_path / "stage.yml"), "--check")
+    said = {n: next(s for s in h["steps"] if s["name"] == "model")["detail"] for n, h in out["hosts"].items()}
+    assert code == 0 and said["us-1"].startswith("would send 2 files"), said  # who would copy from whom
+    assert sorted(d.split(" from ")[-1] if "fetch" in d else "controller" for n, d in said.items() if n != "us-1") \
+        in (["controller", "eu-1"], ["controller", "eu-2"])
+    assert not any((lab.hosts[n].fleet_root / "models").exists() for n in lab.hosts)  # --check moved nothing
     code, out = fleetctl_json("provision", str(inventory), "--playbook", str(tmp_path / "stage.yml"), timeout=600)
     assert code == 0, json.dumps(out, indent=1)[-3000:]
     model = {n: next(s for s in h["steps"] if s["name"] == "model") for n, h in out["hosts"].items()}
+    assert all(s["duration"] >= 20_000_000 / 40e6 for s in model.values())  # each copy at most 40 MB/s
     sources = {n: s["data"]["source"] for n, s in model.items()}
     assert sources["us-1"] == "controller"
     assert sorted(sources[n] for n in ("eu-1", "eu-2")) in (["controller", "eu-1"], ["controller", "eu-2"])

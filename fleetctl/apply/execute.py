@@ -55,6 +55,7 @@ class Action:
     put: Path | None = None  # copy this local file to `command` instead of running it
     get: Path | None = None  # copy the host's file `command` to this local file instead of running it
     resume: bool = False  # a put that continues the host's shorter copy instead of starting again
+    rate: float | None = None  # a put's cap, in bytes a second
     sha256: str | None = None  # of the file put: the host state knows it has it afterwards
     change: str | None = None  # what it changes on the host; None where it only reads or proves
     fails: str | None = None  # a non-zero exit fails the step with this detail; None: the exit is not judged
@@ -123,7 +124,8 @@ def execute(plan: Step | Planned, conn: Connection, deadline: Deadline, *, check
         left = deadline.left(conn.name)
         if action.put:
             try:
-                conn.put(action.put, action.command, root=action.as_root(fleet_as_root), resume=action.resume)
+                conn.put(action.put, action.command, root=action.as_root(fleet_as_root), resume=action.resume,
+                         rate=action.rate)
             except CommandFailed as exc:  # the host refused the write: this step failed, the host is there
                 return replace(failed(plan.name, exc.reason), actions=ran)
             continue

@@ -113,6 +113,7 @@ class StagedModel:
     remote: str  # <fleet_root>/models/<key>
     held: Mapping[str, tuple[int, float]]  # path → (size, mtime) of the files the host has there
     verified: Mapping  # the host's VERIFIED marker: {"manifest": digest, "files": {path: [size, mtime]}}
+    rate: float | None = None  # fleet_model_bandwidth: each copy to this host at most so many bytes a second
 
     @cached_property
     def marks(self) -> Mapping:
@@ -168,7 +169,7 @@ def stage(model: StagedModel, python: str) -> Step | Planned:
         actions.append(Action(f"{f.path}: " + (f"continue a copy stopped at {mb(offset)}" if offset else
                                               "missing or changed since verified"),
                               f"{model.remote}/{f.path}.partial", put=model.local / f.path, resume=offset > 0,
-                              change=f"send {f.path} ({mb(f.size - offset)})"))
+                              rate=model.rate, change=f"send {f.path} ({mb(f.size - offset)}{capped(model.rate)})"))
     actions.append(Action("every file sent is hashed on the host before it takes its name",
                           f"{shlex.quote(python)} - {shlex.quote(model.remote)}",
                           stdin=model.check_input([f for f, _ in todo]), reads=True,
@@ -192,6 +193,10 @@ def stage(model: StagedModel, python: str) -> Step | Planned:
 
 def mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def capped(rate: float | None) -> str:
+    return f" at most {mb(rate)}/s" if rate else ""
 
 
 # Run by the host's Python (its stdin: SPEC, the JSON of what to check, then this): hashes each sent file's
@@ -316,11 +321,12 @@ def fetch(model: StagedModel, python: str, url: str, source: str) -> Planned:
     plan, todo = stage(model, python), model.pending()
     if isinstance(plan, Step):
         return plan
-    spec = json.dumps({"url": url, "dir": model.remote,
+    spec = json.dumps({"url": url, "dir": model.remote, "rate": model.rate,
                        "files": [{"path": f.path, "offset": offset} for f, offset in todo]})
     get = Action(f"{len(todo)} files from {source}, a host of this region that holds a verified copy",
                  f"{shlex.quote(python)} -", stdin=f"SPEC = {spec!r}\n{FETCH}",
-                 change=f"fetch {len(todo)} files from {source}", fails=f"fetching from {source} failed")
+                 change=f"fetch {len(todo)} files from {source}{capped(model.rate)}",
+                 fails=f"fetching from {source} failed")
     room, *_, verify = plan.actions
     return Planned("model", (room, get, verify), lambda r: _from(plan.outcome(r), source),
                    would=f"would fetch {len(todo)} files of {model.manifest.key} from {source}")
@@ -363,9 +369,10 @@ sys.stdin.read()
 """
 
 # Run by the receiving host's Python (stdin: SPEC, then this): each file into its .partial copy, from the
-# end of what is there (an HTTP range), until the server has sent it all.
-FETCH = r"""import json, os, shutil, urllib.parse, urllib.request
+# end of what is there (an HTTP range), until the server has sent it all, at most spec["rate"] bytes a second.
+FETCH = r"""import json, os, time, urllib.parse, urllib.request
 spec = json.loads(SPEC)
+start, got = time.monotonic(), 0
 for f in spec["files"]:
     partial = os.path.join(spec["dir"], f["path"]) + ".partial"
     os.makedirs(os.path.dirname(partial), exist_ok=True)
@@ -375,5 +382,10 @@ for f in spec["files"]:
     with urllib.request.urlopen(request, timeout=60) as answer, open(partial, "ab" if have else "wb") as out:
         if have and answer.status != 206:
             out.truncate(0)
-        shutil.copyfileobj(answer, out, 1 << 20)
+        while block := answer.read(1 << 18):
+            out.write(block)
+            got += len(block)
+            ahead = got / spec["rate"] - (time.monotonic() - start) if spec["rate"] else 0
+            if ahead > 0:
+                time.sleep(ahead)
 """

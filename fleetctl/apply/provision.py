@@ -55,7 +55,7 @@ from fleetctl.decide.plan import changes, request_for
 from fleetctl.decide.proofmode import decide
 from fleetctl.decide.resolve import Request, Stack, resolve
 from fleetctl.decide.serving import backend_option, plan_serving
-from fleetctl.decide.transfer import region_of
+from fleetctl.decide.transfer import parse_rate, region_of
 from fleetctl.errors import FleetError, HostError, WheelhouseError
 from fleetctl.facts.probe import Facts, gather
 from fleetctl.hosts.become import facts_privileges
@@ -170,13 +170,18 @@ def model_step(c: Context, host: Host, conn: Connection, deadline: Deadline, reg
     if isinstance(c.model, str):
         return failed("model", c.model)
     python, sources, key = c.facts.python.path if c.facts.python else "python3", c.options.sources, c.model.manifest.key
-    if c.options.check or not sources or not c.model.pending():
+    if not sources or not c.model.pending():
         step = execute(stage(c.model, python), conn, deadline, check=c.options.check,
                        fleet_as_root=c.target.fleet_as_root)
-        if sources and not c.options.check:
+        if sources:
             sources.done(key, region, host, holds=c.model.remote if step.status != Status.FAILED else None)
         return step
     source = sources.claim(key, region, host.name, timeout=deadline.left(host.name) / 2)
+    if c.options.check:  # who would copy from whom: a host that would hold the model serves its region
+        step = execute(fetch(c.model, python, "", source[0].name) if source else stage(c.model, python), conn,
+                       deadline, check=True)
+        sources.done(key, region, host, source[0] if source else None, holds=c.model.remote)
+        return step
     step = copy_from(source, c, conn, deadline, python) if source else None
     if step is None or step.status == Status.FAILED:  # no host of the region holds it, or its copy failed
         said = f"; {step.detail}, so from the controller" if step else ""
@@ -481,7 +486,11 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
                        model=model if model.startswith("/") else None,
                        staged=model if isinstance(stored, Manifest) else None)
     if isinstance(stored, Manifest):
-        stored = StagedModel(stored, model_store(hostvars) / stored.key, model, state.staged, state.staged_verified)
+        try:
+            stored = StagedModel(stored, model_store(hostvars) / stored.key, model, state.staged, state.staged_verified,
+                                 parse_rate(hostvars.get("fleet_model_bandwidth")))
+        except ValueError as exc:
+            stored = str(exc)
     installer = str(hostvars.get("fleet_installer") or "auto")
     uv = None
     if not (state.installed or state.uv or target.container or installer == "pip"):

@@ -2,14 +2,15 @@
 
 The controller's uplink is the scarce link: a hundred hosts pulling 140 GB each through it is 14 TB. So
 the controller sends one copy into each region that has none, and from then on hosts that hold a verified
-copy serve the others of their region, each to at most ``per_source`` hosts at once (a bandwidth cap per
-link); copies never cross regions (``fleet_region`` in the inventory; hosts without one share a region).
+copy serve the others of their region, each to at most ``per_source`` hosts at once, each copy at most
+``fleet_model_bandwidth`` (a cap per link, :func:`parse_rate`); copies never cross regions (``fleet_region`` in the inventory; hosts without one share a region).
 Each round the copies of the round before have landed, so a region of *n* hosts fills in about
 1 + log2(n) rounds while the controller sends once per region.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -50,6 +51,22 @@ class TransferPlan:
         return {"size": self.size, "hosts": self.hosts, "controller_bytes": self.controller_bytes,
                 "naive_bytes": self.naive_bytes,
                 "rounds": [[{"from": c.source, "to": c.dest, "region": c.region} for c in r] for r in self.rounds]}
+
+
+RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kMGT]?)(B|bit)/s")
+SI = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_rate(value) -> float | None:
+    """``fleet_model_bandwidth`` in bytes a second: "200MB/s", "1.5Gbit/s" (SI prefixes); unset: no cap. A
+    value in another form raises ValueError saying the forms it takes."""
+    if value is None or value == "":
+        return None
+    found = RATE.fullmatch(str(value).strip())
+    if not found or float(found[1]) <= 0:
+        raise ValueError(f"fleet_model_bandwidth is {str(value)[:40]!r}: write a rate per copy such as 200MB/s or "
+                         "800Mbit/s")
+    return float(found[1]) * SI[found[2]] / (8 if found[3] == "bit" else 1)
 
 
 def region_of(hostvars: Mapping) -> str:

@@ -74,7 +74,8 @@ class Connection(Protocol):
 
     def hold(self, command: str, *, timeout: float, root: bool = False) -> tuple[str, Callable[[], None]]: ...
 
-    def put(self, local: Path, remote: str, mode: int = ..., root: bool = False, resume: bool = False) -> None: ...
+    def put(self, local: Path, remote: str, mode: int = ..., root: bool = False, resume: bool = False,
+            rate: float | None = None) -> None: ...
 
     def get(self, remote: str, local: Path) -> None: ...
 
@@ -206,15 +207,17 @@ class LocalConnection:
                 proc.wait()
         return line.strip(), release
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False,
+            rate: float | None = None) -> None:
         if root and self.escalation:
-            return put_as_root(self, local, remote, mode)
+            return put_as_root(self, local, remote, mode, rate)
         target = Path(remote)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(local, "rb") as src, open(target, "ab" if resume else "wb") as dst:
                 src.seek(dst.tell())
-                shutil.copyfileobj(src, dst, 1 << 20)
+                for block in paced(src, rate):
+                    dst.write(block)
             target.chmod(mode)
         except OSError as exc:
             if target.is_file():
@@ -448,16 +451,18 @@ class SSHConnection:
             raise Unreachable(self.name, f"connection lost: {exc}", fix="check the host is up") from None
         return out.decode(errors="replace").strip(), chan.close
 
-    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False) -> None:
+    def put(self, local: Path, remote: str, mode: int = FILE_MODE, root: bool = False, resume: bool = False,
+            rate: float | None = None) -> None:
         """Copy *local* to *remote* over SFTP with *mode* (not the controller file's); a host that refuses
         the write (disk full, read-only, no permission) is CommandFailed naming the cause, with the partial
         file removed. As root: through the login user's own temporary file (see put_as_root), whole.
-        *resume*: continue the host's shorter copy of *remote* from its end."""
+        *resume*: continue the host's shorter copy of *remote* from its end; *rate*: at most that many bytes
+        a second."""
         if root and self.escalation:
-            return put_as_root(self, local, remote, mode)
+            return put_as_root(self, local, remote, mode, rate)
         try:
-            if resume:
-                self._append(local, remote)
+            if resume or rate:
+                self._send(local, remote, resume, rate)
             else:
                 self._conn.put(str(local), remote, preserve_mode=False)
             self._conn.sftp().chmod(remote, mode)
@@ -476,12 +481,12 @@ class SSHConnection:
         raise CommandFailed(self.name, f"{write_error(said) or f'copy failed ({failure})'} on {self.name} "
                                        f"writing {remote}") from None
 
-    def _append(self, local: Path, remote: str) -> None:
+    def _send(self, local: Path, remote: str, resume: bool, rate: float | None) -> None:
         sftp = self._conn.sftp()
-        with open(local, "rb") as src, sftp.open(remote, "ab") as dst:
-            src.seek(dst.stat().st_size)
+        with open(local, "rb") as src, sftp.open(remote, "ab" if resume else "wb") as dst:
+            src.seek(dst.stat().st_size if resume else 0)
             dst.set_pipelined(True)
-            while block := src.read(1 << 20):
+            for block in paced(src, rate):
                 dst.write(block)
 
     def get(self, remote: str, local: Path) -> None:
@@ -500,7 +505,18 @@ class SSHConnection:
         self._conn.close()
 
 
-def put_as_root(conn, local: Path, remote: str, mode: int) -> None:
+def paced(src, rate: float | None, size: int = 1 << 18):
+    """*src*'s blocks, no faster than *rate* bytes a second on average (None: as fast as they come)."""
+    start, sent = time.monotonic(), 0
+    while block := src.read(size):
+        yield block
+        sent += len(block)
+        ahead = sent / rate - (time.monotonic() - start) if rate else 0
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def put_as_root(conn, local: Path, remote: str, mode: int, rate: float | None = None) -> None:
     """Copy *local* where only root may write: to a file of the login user's own (mktemp, in its home),
     then moved into place by root with *mode*, owned by root. Files copied are fleetctl's scripts and
     wheels, never a secret."""
@@ -509,7 +525,7 @@ def put_as_root(conn, local: Path, remote: str, mode: int) -> None:
     if made.failed or not temp:
         raise CommandFailed(conn.name, f"cannot make a temporary file for {remote}: {made.stderr.strip()}")
     try:
-        conn.put(local, temp, mode)
+        conn.put(local, temp, mode, rate=rate)
         moved = conn.run(f"mkdir -p -- {shlex.quote(str(Path(remote).parent))} && install -m {mode:o} "
                          f"-- {shlex.quote(temp)} {shlex.quote(remote)}", timeout=120, root=True)
         if moved.failed:
