@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -180,6 +181,35 @@ def test_tiny_model_heads_follow_tensor_parallel():
         assert shape["hidden_size"] // shape["num_attention_heads"] == 64
         assert shape["num_attention_heads"] % tp == 0 and shape["num_key_value_heads"] % tp == 0
     assert smoke.tiny_model_dir(Path("/w"), 1).name == "tiny-llama" != smoke.tiny_model_dir(Path("/w"), 2).name
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_tiny_llamas_weights_are_a_safetensors_file_of_transformers_names_and_shapes(tmp_path, tp):
+    """Written without torch (it would cost the smoke test its import): read back here by the format's own
+    rule, and served by vLLM in the lab tests and on the GPU test host."""
+    import struct
+    config = {**smoke.llama_shape(tp), "head_dim": 64, "vocab_size": 512}
+    smoke.write_safetensors(tmp_path / "model.safetensors", smoke.llama_tensors(config))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    assert size % 8 == 0 and header.pop("__metadata__") == {"format": "pt"}
+    h, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * 64
+    assert header["model.layers.1.self_attn.k_proj.weight"]["shape"] == [kv, h]
+    assert header["model.layers.0.mlp.down_proj.weight"]["shape"] == [h, inter]
+    assert len(header) == 3 + 9 * config["num_hidden_layers"]
+    spans = sorted(t["data_offsets"] for t in header.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, in order
+    assert 8 + size + spans[-1][1] == len(data)
+    body = data[8 + size:]
+    for t in header.values():
+        start, end = t["data_offsets"]
+        values = struct.unpack(f"<{(end - start) // 4}f", body[start:end])
+        assert len(values) == math.prod(t["shape"])
+        if len(t["shape"]) == 1:
+            assert set(values) == {1.0}  # RMSNorm weights start at one
+        else:
+            assert all(2 ** -7 <= abs(v) < 2 ** -6 for v in values) and min(values) < 0 < max(values)
 
 
 LOGS = Path(__file__).parent / "data" / "vllm-logs"

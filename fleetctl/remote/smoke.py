@@ -28,6 +28,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,26 +108,72 @@ def tiny_model_dir(work: Path, tp: int) -> Path:
 
 
 def generate_model(path: Path, llama: dict = LLAMA) -> bool:
-    """Write the tiny Llama and its tokenizer under path, once; True when it had to be generated."""
+    """Write the tiny Llama and its tokenizer under path, once; True when it had to be generated. Only
+    `tokenizers` is imported: the config and the safetensors file are written here, so the smoke test does
+    not wait for torch and transformers to import (10 s and more on a GPU host) before vLLM starts."""
     if (path / MARKER).exists():
         return False
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus(TOKENIZER["lines"]), trainers.BpeTrainer(
         vocab_size=TOKENIZER["vocab_size"], special_tokens=TOKENIZER["special_tokens"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         **llama)
-    LlamaForCausalLM(config).save_pretrained(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama,
+              "head_dim": llama["hidden_size"] // llama["num_attention_heads"],
+              "vocab_size": tok.get_vocab_size(), "bos_token_id": tok.token_to_id("<s>"),
+              "eos_token_id": tok.token_to_id("</s>"), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": llama["max_position_embeddings"]}))
+    write_safetensors(path / "model.safetensors", llama_tensors(config))
     (path / MARKER).write_text(json.dumps({"tokenizer": TOKENIZER, "llama": llama}))
     return True
+
+
+def llama_tensors(c: dict) -> dict[str, tuple[list[int], bytes]]:
+    """A Llama's weights by name, as transformers names and shapes them: the norms 1, the rest random."""
+    h, inter, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"] * c["head_dim"]
+    kv, rng = c["num_key_value_heads"] * c["head_dim"], random.Random(0)
+    shapes = {"model.embed_tokens.weight": [c["vocab_size"], h], "model.norm.weight": [h],
+              "lm_head.weight": [c["vocab_size"], h]}
+    for n in range(c["num_hidden_layers"]):
+        for name, shape in (("self_attn.q_proj", [heads, h]), ("self_attn.k_proj", [kv, h]),
+                            ("self_attn.v_proj", [kv, h]), ("self_attn.o_proj", [h, heads]),
+                            ("mlp.gate_proj", [inter, h]), ("mlp.up_proj", [inter, h]), ("mlp.down_proj", [h, inter]),
+                            ("input_layernorm", [h]), ("post_attention_layernorm", [h])):
+            shapes[f"model.layers.{n}.{name}.weight"] = shape
+    return {name: (shape, struct.pack("<f", 1.0) * shape[0] if len(shape) == 1 else random_f32(shape[0] * shape[1], rng))
+            for name, shape in shapes.items()}
+
+
+def random_f32(count: int, rng: random.Random) -> bytes:
+    """*count* little-endian float32 values of random sign and mantissa and magnitude in [2**-7, 2**-6) (about
+    transformers' std of 0.02), drawn in bulk: random bits, the exponent's set to 120, no loop per value."""
+    bits = int.from_bytes(rng.randbytes(4 * count), "little")
+    keep = int.from_bytes(struct.pack("<I", 0x807FFFFF) * count, "little")  # the sign and the mantissa
+    exponent = int.from_bytes(struct.pack("<I", 120 << 23) * count, "little")
+    return (bits & keep | exponent).to_bytes(4 * count, "little")
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]]) -> None:
+    """The safetensors format: an 8-byte little-endian header length, the JSON header (each tensor's dtype,
+    shape and byte range), padded to 8 bytes, then the tensors' bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, data) in sorted(tensors.items()):
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for _, (_, data) in sorted(tensors.items()):
+            out.write(data)
 
 
 def on_cpu(vllm_package: str) -> bool:
