@@ -19,6 +19,9 @@
 #             compiled kernels in the controller's store; this host then plays a second host of the
 #             class: its caches cleared (the stack's <env>/cache, ~/.cache/flashinfer and ~/.cache/vllm),
 #             the service stopped, and `provision --revalidate` pushes the class cache before validate
+#   model   — after serve (issue 29): the smoke's tiny Llama pulled into the controller's store, staged
+#             by provision (tests/gpu/gpu-test-host-model.yml) and served from the staged copy; a byte
+#             flipped there is audit drift, and the next provision sends that file again
 # What each phase shows goes to $OUT (the device tool brings it back), else ./gpu-proof.
 set -u
 cd "$(dirname "$0")/../.."
@@ -272,6 +275,29 @@ exclusive)
   cp /opt/fleetctl/smoke/server.log "$out/exclusive-smoke-server.log" 2>/dev/null
   curl -s localhost:8000/v1/models | head -c 300; echo
   ;;
+model)
+  stamp "weights pull: the smoke's tiny Llama into the controller's store"
+  fleet weights pull /opt/fleetctl/smoke/tiny-llama@gpu-proof --json > "$out/pull.json"; echo "rc=$?"
+  head -c 400 "$out/pull.json"; echo
+  m=tests/gpu/gpu-test-host-model.yml
+  stamp "provision --check, then provision: staged, then served from the staged copy"
+  fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" --check > "$out/check-model.txt" 2>&1
+  echo "rc=$?"; grep -i "model" "$out/check-model.txt" | head -8
+  fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-model.json"
+  echo "rc=$?"; figures "$out/provision-model.json"
+  curl -s localhost:8000/v1/models > "$out/v1-models.json"; head -c 300 "$out/v1-models.json"; echo
+  stamp "a byte flipped on the host: audit names the file, provision sends it again"
+  python3 - <<'PY'
+path = "/opt/fleetctl/models/tiny-llama@gpu-proof/model.safetensors"
+with open(path, "r+b") as f:
+    f.seek(4096); b = f.read(1); f.seek(4096); f.write(bytes([b[0] ^ 0xFF]))
+PY
+  fleet audit "$m" --json > "$out/audit-model.json"; echo "audit rc=$?"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print([x for h in d['hosts'].values() for x in h.get('drift', []) if 'model' in json.dumps(x)][:3])" "$out/audit-model.json"
+  fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-mend.json"
+  echo "rc=$?"; figures "$out/provision-mend.json"
+  cp /opt/fleetctl/service/server.log "$out/service-server-model.log" 2>/dev/null
+  ;;
 *)
-  echo "usage: tests/gpu/prove.sh join|serve|again|beside|gatefail|exclusive" >&2; exit 2 ;;
+  echo "usage: tests/gpu/prove.sh health|join|serve|again|beside|gatefail|exclusive|classcache|model" >&2; exit 2 ;;
 esac
