@@ -19,9 +19,11 @@
 #             compiled kernels in the controller's store; this host then plays a second host of the
 #             class: its caches cleared (the stack's <env>/cache, ~/.cache/flashinfer and ~/.cache/vllm),
 #             the service stopped, and `provision --revalidate` pushes the class cache before validate
-#   model   — after serve (issue 29): the smoke's tiny Llama pulled into the controller's store, staged
-#             by provision (tests/gpu/gpu-test-host-model.yml) and served from the staged copy; a byte
-#             flipped there is audit drift, and the next provision sends that file again
+#   model   — after join or serve (issue 29): a tiny Llama pulled into the controller's store (the smoke's,
+#             or one written by smoke.py), staged by provision (tests/gpu/gpu-test-host-model.yml) and
+#             served from the staged copy; straight after join that provision is the host's first (cold)
+#   mend    — after model: a byte flipped in the staged copy is audit drift; the next provision sends
+#             that file again
 # What each phase shows goes to $OUT (the device tool brings it back), else ./gpu-proof.
 set -u
 cd "$(dirname "$0")/../.."
@@ -276,28 +278,41 @@ exclusive)
   curl -s localhost:8000/v1/models | head -c 300; echo
   ;;
 model)
-  stamp "weights pull: the smoke's tiny Llama into the controller's store"
-  fleet weights pull /opt/fleetctl/smoke/tiny-llama@gpu-proof --json > "$out/pull.json"; echo "rc=$?"
-  head -c 400 "$out/pull.json"; echo
+  # The smoke's tiny Llama where serve ran; else (straight after join) the same model written by smoke.py
+  # with the image's tokenizers: either way a model of the controller's store, tiny-llama@gpu-proof.
+  tiny=/opt/fleetctl/smoke/tiny-llama
+  if [ ! -f "$tiny/model.safetensors" ]; then
+    tiny=/root/tiny-llama
+    for py in /opt/torch/.venv/bin/python python3; do "$py" -c "import tokenizers" 2>/dev/null && break; done
+    "$py" -c "import sys; from pathlib import Path; from fleetctl.remote import smoke; smoke.generate_model(Path(sys.argv[1]))" "$tiny"
+    echo "tiny Llama written by smoke.py with $py: rc=$?"
+  fi
+  stamp "weights pull $tiny"
+  fleet weights pull "$tiny@gpu-proof" --json > "$out/pull.json"; echo "rc=$?"; head -c 300 "$out/pull.json"; echo
   m=tests/gpu/gpu-test-host-model.yml
-  stamp "provision --check, then provision: staged, then served from the staged copy"
+  stamp "provision --check, then provision: the model staged, then served from the staged copy"
   fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" --check > "$out/check-model.txt" 2>&1
   echo "rc=$?"; grep -i "model" "$out/check-model.txt" | head -8
   fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-model.json"
   echo "rc=$?"; figures "$out/provision-model.json"
   curl -s localhost:8000/v1/models > "$out/v1-models.json"; head -c 300 "$out/v1-models.json"; echo
-  stamp "a byte flipped on the host: audit names the file, provision sends it again"
+  cp /opt/fleetctl/smoke/server.log "$out/smoke-server.log" 2>/dev/null
+  cp /opt/fleetctl/service/server.log "$out/service-server-model.log" 2>/dev/null
+  ;;
+mend)
+  m=tests/gpu/gpu-test-host-model.yml
+  stamp "a byte flipped in the staged copy: audit names the file, provision sends it again"
   python3 - <<'PY'
 path = "/opt/fleetctl/models/tiny-llama@gpu-proof/model.safetensors"
 with open(path, "r+b") as f:
     f.seek(4096); b = f.read(1); f.seek(4096); f.write(bytes([b[0] ^ 0xFF]))
 PY
   fleet audit "$m" --json > "$out/audit-model.json"; echo "audit rc=$?"
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print([x for h in d['hosts'].values() for x in h.get('drift', []) if 'model' in json.dumps(x)][:3])" "$out/audit-model.json"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print([x for h in d['hosts'].values() for x in h.get('drift', []) if x.get('kind') == 'model'])" "$out/audit-model.json"
   fleet provision "$m" --playbook "$book" --wheelhouse "$wheels" -T 1800 --json > "$out/provision-mend.json"
   echo "rc=$?"; figures "$out/provision-mend.json"
-  cp /opt/fleetctl/service/server.log "$out/service-server-model.log" 2>/dev/null
+  curl -s localhost:8000/v1/models | head -c 300; echo
   ;;
 *)
-  echo "usage: tests/gpu/prove.sh health|join|serve|again|beside|gatefail|exclusive|classcache|model" >&2; exit 2 ;;
+  echo "usage: tests/gpu/prove.sh health|join|serve|again|beside|gatefail|exclusive|classcache|model|mend" >&2; exit 2 ;;
 esac
