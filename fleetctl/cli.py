@@ -552,6 +552,7 @@ def cmd_provision(args, console: Console) -> int:
     from fleetctl.apply.models import Sources
     from fleetctl.apply.provision import Options, provision_host
     from fleetctl.decide.plan import Lock
+    from fleetctl.fleet import weights
     from fleetctl.hosts.playbook import load_playbook
     from fleetctl.knowledge.matrix import load_matrix
 
@@ -566,7 +567,8 @@ def cmd_provision(args, console: Console) -> int:
         Lock.read_or_new(lock_path)  # a corrupt fleet.lock is refused now, not after the hosts changed
     run_id, started = records.new_run_id("provision"), records.now()
     options = Options(check=args.check, revalidate=args.revalidate, overrides={"cuda": args.cuda, "vllm": args.vllm},
-                      run_id=run_id, ignore_health=args.ignore_health, caches=ClassCaches(), sources=Sources())
+                      run_id=run_id, ignore_health=args.ignore_health, caches=ClassCaches(), sources=Sources(),
+                      pull=weights.Pulls())
     if args.wheelhouse:
         plays = [replace(play, install={**play.install, "wheelhouse": str(Path(args.wheelhouse).resolve())})
                  for play in plays]

@@ -25,7 +25,7 @@ class HubMirror:
         self.lfs = {f for f in self.files if any(fnmatch(f, pattern) for pattern in lfs)}
         self.commit = hashlib.sha1("".join(self.files).encode() + b"".join(
             (folder / f).read_bytes() for f in self.files)).hexdigest()
-        self.authorizations: list[str] = []  # what each request carried, to show the token arrived
+        self.asked: list[tuple[str, str, str]] = []  # each request's method, path and Authorization header
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
@@ -75,7 +75,7 @@ class HubMirror:
                     self.wfile.write(data)
 
             def answer(self, head: bool) -> None:
-                mirror.authorizations.append(self.headers.get("Authorization", ""))
+                mirror.asked.append((self.command, self.path, self.headers.get("Authorization", "")))
                 if mirror.token and self.headers.get("Authorization") != f"Bearer {mirror.token}":
                     return self.fail(401, "GatedRepo")
                 path = unquote(urlsplit(self.path).path)

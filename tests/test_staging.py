@@ -204,6 +204,28 @@ def test_the_bandwidth_var_is_read_as_a_rate_or_refused_in_one_line(tmp_path, mo
         assert not conn.puts
 
 
+def test_a_hub_model_the_store_lacks_is_pulled_by_provision_then_staged(tmp_path, monkeypatch):
+    """fleet_model: org/name@rev, not yet in the store: provision pulls it (through HF_ENDPOINT's mirror, once
+    per run) and stages the commit it named; --check says it would pull and pulls nothing."""
+    pytest.importorskip("huggingface_hub", reason="bootstrap.sh --test installs huggingface_hub")
+    from tests.hubmirror import HubMirror
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(os.urandom(100_000))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with HubMirror("org/tiny", src) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        run, s, conn = provision_model(tmp_path, monkeypatch, "org/tiny@main", {"check": True, "pull": weights.Pulls()})
+        assert s["model"].status.value == "changed" and s["model"].detail.startswith("would pull org/tiny@main")
+        assert hub.asked == [] and not conn.puts
+        run, s, conn = provision_model(tmp_path, monkeypatch, "org/tiny@main", {"pull": weights.Pulls()})
+    remote = f"/opt/fleetctl/models/org--tiny@{hub.commit}"
+    assert s["model"].status.value == "changed", s["model"].detail
+    assert {r for _, r in conn.puts} >= {f"{remote}/config.json.partial", f"{remote}/model.safetensors.partial"}
+    assert conn.commands(rf"lib/smoke\.py .*--model {remote}")  # served from the commit main named
+
+
 # ---------------------------------------------------------------- host to host, within a region
 
 def test_one_copy_per_region_from_the_controller_then_from_a_holder():

@@ -180,7 +180,7 @@ def test_a_hub_model_comes_through_a_mirror_with_the_hubs_own_sha256_and_the_tok
     assert listed["model.safetensors"] == hub.entry("model.safetensors")["lfs"]["sha256"]
     manifest = weights.load_manifest(store, f"org/tiny-llama@{hub.commit}")
     assert weights.verify(manifest, store / manifest.key) == []
-    assert f"Bearer {TOKEN}" in hub.authorizations  # the token was honoured...
+    assert f"Bearer {TOKEN}" in {auth for _, _, auth in hub.asked}  # the token was honoured...
     written = [p.read_bytes() for p in store.rglob("*") if p.is_file()]
     assert not any(TOKEN.encode() in b for b in [done.stdout.encode(), done.stderr.encode(), *written])  # ...and kept
 
@@ -209,3 +209,43 @@ def test_a_missing_revision_repository_or_refused_token_is_one_line_without_the_
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert re.search(words, done.stderr) and "HF_TOKEN" in done.stderr, done.stderr
     assert token not in done.stderr + done.stdout
+
+
+def test_a_second_pull_of_a_commit_in_the_store_downloads_nothing(model, tmp_path, hub_env):
+    store = tmp_path / "store"
+    with HubMirror("org/tiny-llama", model) as hub:
+        hub_env.setenv("HF_ENDPOINT", hub.url)
+        first = weights.pull("org/tiny-llama@main", store)
+        hub.asked.clear()
+        assert weights.pull("org/tiny-llama@main", store) == first
+        assert [path for _, path, _ in hub.asked if "/resolve/" in path] == []  # only "main is this commit"
+        (store / first.key / "config.json").write_text("{}")  # no longer the size the manifest says
+        hub.asked.clear()
+        weights.pull("org/tiny-llama@main", store)
+    assert weights.verify(first, store / first.key) == [] and any("/resolve/" in path for _, path, _ in hub.asked)
+
+
+def test_a_runs_hosts_naming_one_hub_model_pull_it_once(tmp_path):
+    import threading
+    calls, gate = [], threading.Event()
+
+    def slow_pull(spec, store):
+        calls.append(spec)
+        gate.wait(30)
+        if spec.startswith("org/bad"):
+            raise FleetError("weights pull org/bad: RepositoryNotFound")
+        return spec
+
+    pulls = weights.Pulls(slow_pull)
+    got = {}
+    threads = [threading.Thread(target=lambda n=n: got.setdefault(n, pulls("org/m@main", tmp_path))) for n in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert calls == ["org/m@main"] and set(got.values()) == {"org/m@main"}
+    for _ in range(2):  # a failed pull is said to each host that names the model, not tried again
+        with pytest.raises(FleetError, match="RepositoryNotFound"):
+            pulls("org/bad@main", tmp_path)
+    assert calls == ["org/m@main", "org/bad@main"]

@@ -95,6 +95,14 @@ def load_manifest(store: Path, model: str) -> Manifest:
         raise FleetError(f"{path}: not a model manifest ({exc})", fix="pull the model again") from None
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether MODEL[@REV] names a hub repository (org/name): one `weights pull` can bring it to the store."""
+    return bool(HUB_ID.match(model.partition("@")[0]))
+
+
 def is_stored(value: str) -> bool:
     """Whether a fleet_model names a model of the store (NAME@REVISION), not a path on the host or a hub id."""
     return "@" in value and not value.startswith(("/", "."))

@@ -42,7 +42,8 @@ from fleetctl.apply.caches import Stored, capture, clear, push
 from fleetctl.apply.execute import Planned, Step, execute, failed
 from fleetctl.apply.installer import UvBinary, cache_dir, extract, obtain
 from fleetctl.apply.models import (
-    SERVE, Manifest, StagedModel, address_of, default_store, fetch, is_stored, load_manifest, stage,
+    SERVE, Manifest, StagedModel, address_of, default_store, fetch, is_hub_id, is_stored, load_manifest, manifest_path,
+    stage, store_key,
 )
 from fleetctl.apply.steps import (  # noqa: F401 - re-exported: rollout, wheelhouse and the tests use them from here
     ACTIVATE, MARK_VALIDATED, STEPS, STOP_SERVICE, Context, Options, install_pins, mismatches, observed_text, revert,
@@ -167,8 +168,8 @@ MODEL_STEPS = ("model", "validate", "smoke", "service")
 def model_step(c: Context, host: Host, conn: Connection, deadline: Deadline, region: str) -> Step:
     """The stored model staged onto the host, from the controller or from a host of its region that holds a
     verified copy (the run's Sources); or why it cannot be."""
-    if isinstance(c.model, str):
-        return failed("model", c.model)
+    if isinstance(c.model, (str, Step)):
+        return failed("model", c.model) if isinstance(c.model, str) else c.model
     python, sources, key = c.facts.python.path if c.facts.python else "python3", c.options.sources, c.model.manifest.key
     if not sources or not c.model.pending():
         step = execute(stage(c.model, python), conn, deadline, check=c.options.check,
@@ -480,7 +481,7 @@ def context(host: Host, conn: Connection, deadline: Deadline, play: Play, matrix
         except WheelhouseError as exc:
             wheels = str(exc)
     smoke_model = str(hostplay.smoke["model"] or "") or None
-    stored, hostvars = stored_model(str(hostvars.get("fleet_model") or ""), facts, hostvars)
+    stored, hostvars = stored_model(str(hostvars.get("fleet_model") or ""), facts, hostvars, options)
     model = str(hostvars.get("fleet_model") or smoke_model or "")
     state = read_state(conn, target, deadline.left(host.name), wheelhouse=getattr(wheels, "remote", None),
                        model=model if model.startswith("/") else None,
@@ -510,13 +511,20 @@ def model_store(hostvars: dict) -> Path:
         else default_store()
 
 
-def stored_model(value: str, facts: Facts, hostvars: dict) -> tuple[Manifest | str | None, dict]:
+def stored_model(value: str, facts: Facts, hostvars: dict, options: Options
+                 ) -> tuple[Manifest | Step | str | None, dict]:
     """A fleet_model naming a model of the controller's store (NAME@REVISION): its manifest, and the host
-    vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be."""
+    vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be. A
+    hub model (org/name@rev) the store lacks is pulled first, once per run (--check: said, not pulled)."""
     if not is_stored(value):
         return None, hostvars
+    store, staged = model_store(hostvars), {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{store_key(value)}"}
+    missing = is_hub_id(value) and not manifest_path(store, store_key(value)).exists()
+    if missing and options.check:
+        return Step("model", Status.CHANGED, f"would pull {value} from the hub into {store} first, then send it "
+                                             "(its files are listed once it is there: fleetctl weights pull)"), staged
     try:
-        manifest = load_manifest(model_store(hostvars), value)
+        manifest = options.pull(value, store) if missing and options.pull else load_manifest(store, value)
     except FleetError as exc:
         return str(exc), hostvars
     return manifest, {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{manifest.key}"}

@@ -52,6 +52,7 @@ class Options:
     ignore_health: bool = False  # --ignore-health: an operator who knows better provisions an unhealthy GPU host
     caches: ClassCaches | None = None  # the run's class caches: hosts of a class share their canary's kernels
     sources: Sources | None = None  # the run's copies of stored models (apply.models): host to host within a region
+    pull: Callable | None = None  # (MODEL@REV, store) → Manifest: the run's pulls of hub models the store lacks
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class Context:
     proof: ProofMode | None = None  # where the proofs run: beside the serving stack, or in its place
     installer: str = "auto"  # fleet_installer: auto (uv: the host's, else the one fleetctl carries), uv, pip
     uv: UvBinary | str | None = None  # the uv fleetctl carries for this host; str: why there is none
-    model: StagedModel | str | None = None  # fleet_model from the controller's store; str: why it cannot be staged
+    model: StagedModel | Step | str | None = None  # fleet_model from the controller's store; str: why it cannot
+    # be staged; a Step: what --check says of a hub model the store lacks (pulled first)
 
 
 # ---------------------------------------------------------------- the steps

@@ -43,6 +43,7 @@ from fleetctl.decide.plan import HostPlan, Lock, plan_host
 from fleetctl.decide.serving import backend_option, plan_serving, smoke_argv
 from fleetctl.errors import FleetError, StateError
 from fleetctl.facts.probe import DEFAULT_ROOT, Facts, gather
+from fleetctl.fleet import weights
 from fleetctl.fleet.upgrade import (REBOOT_TIMEOUT, Mover, back_on, back_plans, fabric_up, move_of, move_plans,
                                     old_driver_back, packages_back, reboot, why_failed)
 from fleetctl.hosts.become import facts_privileges
@@ -326,7 +327,7 @@ def run_options(journal: Journal) -> Options:
     """What every host of the rollout is provisioned with: the journal's overrides and health choice."""
     return Options(overrides={k: v for k, v in journal.data["overrides"].items() if v},
                    ignore_health=bool(journal.data.get("ignore_health")), caches=ClassCaches(),
-                   sources=Sources())
+                   sources=Sources(), pull=weights.Pulls())
 
 
 def execute(journal: Journal, hosts: dict[str, Host], plays: list[Play], matrix: Matrix, options: Options, *,

@@ -15,20 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from fleetctl.apply.models import (  # noqa: F401 - the store's manifest, re-exported for the CLI and tests
-    Manifest, ModelFile, default_store, load_manifest, manifest_path, store_key,
+    HUB_ID, Manifest, ModelFile, default_store, load_manifest, manifest_path, store_key,
 )
 from fleetctl.apply.wheelhouse import sha256
 from fleetctl.errors import FleetError
 from fleetctl.records import atomic_write
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def pull(spec: str, store: Path) -> Manifest:
@@ -67,9 +65,13 @@ def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
     if not sys.stderr.isatty():  # its bars are for a person watching; in a log they bury the one line that counts
         disable_progress_bars()
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it once, at import
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+        held = stored(store, f"{repo_id}@{info.sha}")
+        if held:  # the commit the revision names now is in the store already: nothing to download
+            return held
         with tempfile.TemporaryDirectory(prefix="fleetctl-pull-") as tmp:
-            local = Path(snapshot_download(repo_id, revision=info.sha, local_dir=tmp))
+            local = Path(snapshot_download(repo_id, revision=info.sha, local_dir=tmp, endpoint=endpoint))
             expected = {s.rfilename: s.lfs.sha256 for s in info.siblings or () if getattr(s, "lfs", None)}
             listed = []
             for name in sorted(s.rfilename for s in info.siblings or ()):
@@ -87,6 +89,39 @@ def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
     except Exception as exc:  # the hub's errors (network, 401, missing revision) are one line here
         raise FleetError(f"weights pull {repo_id}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                          fix="check the model id and revision, HF_ENDPOINT and HF_TOKEN") from None
+
+
+def stored(store: Path, model: str) -> Manifest | None:
+    """The store's manifest of NAME@REVISION where each of its files is there at its size (None: pull it)."""
+    try:
+        manifest = load_manifest(store, model)
+    except FleetError:
+        return None
+    folder = store / manifest.key
+    whole = all((folder / f.path).is_file() and (folder / f.path).stat().st_size == f.size for f in manifest.files)
+    return manifest if whole else None
+
+
+class Pulls:
+    """One run's pulls from the hub for hosts whose fleet_model names a hub model not yet in the store: each
+    model once, the other hosts naming it waiting for that pull (and its failure, said to each)."""
+
+    def __init__(self, pull=pull):
+        self._pull, self._lock, self._each, self._done = pull, threading.Lock(), {}, {}
+
+    def __call__(self, spec: str, store: Path) -> Manifest:
+        with self._lock:
+            one = self._each.setdefault((spec, store), threading.Lock())
+        with one:
+            if (spec, store) not in self._done:
+                try:
+                    self._done[spec, store] = self._pull(spec, store)
+                except FleetError as exc:
+                    self._done[spec, store] = exc
+        got = self._done[spec, store]
+        if isinstance(got, FleetError):
+            raise got
+        return got
 
 
 def store_files(manifest: Manifest, sources: dict[str, Path], store: Path) -> Manifest:
