@@ -511,15 +511,16 @@ def model_store(hostvars: dict) -> Path:
         else default_store()
 
 
-def stored_model(value: str, facts: Facts, hostvars: dict, options: Options
+def stored_model(value: str, facts: Facts, hostvars: dict, options: Options | None = None
                  ) -> tuple[Manifest | Step | str | None, dict]:
     """A fleet_model naming a model of the controller's store (NAME@REVISION): its manifest, and the host
-    vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be. A
-    hub model (org/name@rev) the store lacks is pulled first, once per run (--check: said, not pulled)."""
+    vars serving it from where it is staged, <fleet_root>/models/<name>@<revision>; or why it cannot be. With
+    the run's *options*, a hub model (org/name@rev) the store lacks is pulled first, once per run (--check:
+    said, not pulled); without them (audit) only the store is read."""
     if not is_stored(value):
         return None, hostvars
     store, staged = model_store(hostvars), {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{store_key(value)}"}
-    missing = is_hub_id(value) and not manifest_path(store, store_key(value)).exists()
+    missing = options and is_hub_id(value) and not manifest_path(store, store_key(value)).exists()
     if missing and options.check:
         return Step("model", Status.CHANGED, f"would pull {value} from the hub into {store} first, then send it "
                                              "(its files are listed once it is there: fleetctl weights pull)"), staged
