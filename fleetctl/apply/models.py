@@ -104,7 +104,8 @@ def is_hub_id(model: str) -> bool:
 
 
 def is_stored(value: str) -> bool:
-    """Whether a fleet_model names a model of the store (NAME@REVISION), not a path on the host or a hub id."""
+    """Whether a fleet_model names a model of the store (NAME@REVISION; a hub model's org/name@rev is one, pulled
+    first), not a path on the host or a hub id without a revision (vLLM's own to download)."""
     return "@" in value and not value.startswith(("/", "."))
 
 

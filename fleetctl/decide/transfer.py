@@ -3,7 +3,8 @@
 The controller's uplink is the scarce link: a hundred hosts pulling 140 GB each through it is 14 TB. So
 the controller sends one copy into each region that has none, and from then on hosts that hold a verified
 copy serve the others of their region, each to at most ``per_source`` hosts at once, each copy at most
-``fleet_model_bandwidth`` (a cap per link, :func:`parse_rate`); copies never cross regions (``fleet_region`` in the inventory; hosts without one share a region).
+``fleet_model_bandwidth`` (a cap per link, :func:`parse_rate`); copies never cross regions
+(``fleet_region`` in the inventory; hosts without one share a region).
 Each round the copies of the round before have landed, so a region of *n* hosts fills in about
 1 + log2(n) rounds while the controller sends once per region.
 """

@@ -7,7 +7,9 @@ size and sha256. From the hub (huggingface_hub, imported only then: it honours `
 and each LFS file's sha256 is the hub's own, checked against the bytes that arrived: huggingface_hub
 reports success on a mismatch (its #3643) and safetensors carries no checksum (its #220). A pull copies
 only files that are missing or differ, each through a ``.partial`` file renamed when complete, and writes
-the manifest last: an interrupted pull is finished by the next, never taken for a whole one.
+the manifest last: an interrupted pull is finished by the next, never taken for a whole one; a pull of a
+hub commit the store holds whole downloads nothing. Provision and rollout pull a host's hub fleet_model
+the store lacks through :class:`Pulls`, once per run.
 """
 
 from __future__ import annotations
