@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -307,9 +308,12 @@ def running(pid: int) -> bool:
 
 
 def timeless(value):
-    """*value* without what differs from run to run of the same hosts: how long things took."""
+    """*value* without what differs from run to run of the same hosts: how long things took, and how much disk
+    is free (the lab's hosts share this machine's disk, which a Ray cluster's start fills by a GiB)."""
     if isinstance(value, dict):
-        return {k: timeless(v) for k, v in value.items() if k != "duration"}
+        return {k: timeless(v) for k, v in value.items() if k not in ("duration", "disk_free_gib")}
+    if isinstance(value, str):
+        return re.sub(r"[\d.]+ GiB free", "… GiB free", value)
     return [timeless(v) for v in value] if isinstance(value, list) else value
 
 
