@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from fleetctl.apply.execute import execute
 from fleetctl.apply.models import StagedModel, stage
