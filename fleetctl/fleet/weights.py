@@ -69,7 +69,7 @@ def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
     try:
         endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it once, at import
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
-        held = stored(store, f"{repo_id}@{info.sha}")
+        held = whole_in(store, f"{repo_id}@{info.sha}")
         if held:  # the commit the revision names now is in the store already: nothing to download
             return held
         with tempfile.TemporaryDirectory(prefix="fleetctl-pull-") as tmp:
@@ -93,7 +93,7 @@ def from_hub(repo_id: str, revision: str | None, store: Path) -> Manifest:
                          fix="check the model id and revision, HF_ENDPOINT and HF_TOKEN") from None
 
 
-def stored(store: Path, model: str) -> Manifest | None:
+def whole_in(store: Path, model: str) -> Manifest | None:
     """The store's manifest of NAME@REVISION where each of its files is there at its size (None: pull it)."""
     try:
         manifest = load_manifest(store, model)
