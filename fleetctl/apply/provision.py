@@ -519,16 +519,20 @@ def stored_model(value: str, facts: Facts, hostvars: dict, options: Options | No
     said, not pulled); without them (audit) only the store is read."""
     if not is_stored(value):
         return None, hostvars
-    store, staged = model_store(hostvars), {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{store_key(value)}"}
+
+    def staged(key: str) -> dict:
+        return {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{key}"}
+    store = model_store(hostvars)
     missing = options and is_hub_id(value) and not manifest_path(store, store_key(value)).exists()
     if missing and options.check:
         return Step("model", Status.CHANGED, f"would pull {value} from the hub into {store} first, then send it "
-                                             "(its files are listed once it is there: fleetctl weights pull)"), staged
+                                             "(its files are listed once it is there: fleetctl weights pull)"), \
+            staged(store_key(value))
     try:
         manifest = options.pull(value, store) if missing and options.pull else load_manifest(store, value)
     except FleetError as exc:
         return str(exc), hostvars
-    return manifest, {**hostvars, "fleet_model": f"{facts.fleet_root}/models/{manifest.key}"}
+    return manifest, staged(manifest.key)
 
 
 def carried_uv(facts: Facts, stack: Stack, wheel) -> UvBinary | str:

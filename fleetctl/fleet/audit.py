@@ -235,9 +235,9 @@ def audit_host(host: Host, conn: Connection, deadline: Deadline, facts: Facts, l
     found = drift(facts, locked, matrix)
     found += [Drift(kind, detail) for kind, detail in health_drift(facts, before)]
     stack = locked.stack if locked else None
-    stored, _ = stored_model(str(host.vars.get("fleet_model") or ""), facts, host.vars)
+    stored, served = stored_model(str(host.vars.get("fleet_model") or ""), facts, host.vars)
     if stack and stack.vllm and not stack.container_image:  # a container's service: container_drift
-        remote = f"{facts.fleet_root}/models/{stored.key}" if isinstance(stored, Manifest) else None
+        remote = served["fleet_model"] if isinstance(stored, Manifest) else None
         state = read_state(conn, target_for(facts, stack), deadline.left(host.name), staged=remote)
         found += service_drift(state) + cache_drift(state.cache, facts, stack.id, store or Store())
         if remote:
